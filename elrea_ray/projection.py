@@ -1,0 +1,212 @@
+"""Random projections of flattened LoRA gradients, D -> d_proj (ELREA eq. 5.6).
+
+Every random choice (a sign, a bucket) is a pure function of (kind, seed, index): a
+splitmix64 hash evaluated with int64 tensor ops on whatever device the gradients live on.
+Integer arithmetic is exact, so a CPU and a GPU, or two torch versions, build the same
+projection from the same `ProjectorSpec` (unlike a torch RNG stream, or TRAK's fast_jl whose
+matrix depends on the GPU's SM count; notes/performance.md §2). No projector ever holds a
+D x d_proj matrix unless it is small (< 64M entries).
+
+All three kinds satisfy E<Px, Py> = <x, y>:
+- `rademacher`: the paper's dense JL, R_ij = ±1/sqrt(d_proj), regenerated tile by tile
+  on every call; O(D * d_proj) per batch, the faithful but slow reference.
+- `countsketch`: coordinate i goes to bucket h(i) with sign s(i); O(D) per example.
+- `sparse_jl`: `nnz` independent countsketches summed, scaled by 1/sqrt(nnz).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+import torch
+
+KINDS = ("countsketch", "sparse_jl", "rademacher")
+
+_MASK64 = (1 << 64) - 1
+_CACHE_LIMIT = 64 * 2**20  # dense R is cached only below this many entries (256 MiB fp32)
+_TILE_ENTRIES = 8 * 2**20  # entries of one generated sign tile (32 MiB fp32)
+_STREAM = {"countsketch": 1, "sparse_jl": 2, "rademacher": 3}
+
+
+def _signed(u: int) -> int:
+    """The int64 with the same 64 bits as the unsigned integer u."""
+    u &= _MASK64
+    return u - (1 << 64) if u >= 1 << 63 else u
+
+
+def _shr(x: torch.Tensor, k: int) -> torch.Tensor:
+    """Logical right shift of int64 bits (torch's >> is arithmetic for signed ints)."""
+    return (x >> k) & ((1 << (64 - k)) - 1)
+
+
+_GOLDEN, _M1, _M2 = (_signed(c) for c in (0x9E3779B97F4A7C15, 0xBF58476D1CE4E5B9, 0x94D049BB133111EB))
+
+
+def splitmix64(x: torch.Tensor) -> torch.Tensor:
+    """splitmix64 finaliser on int64 tensors (two's-complement wraparound = arithmetic mod 2^64)."""
+    z = x + _GOLDEN
+    z = (z ^ _shr(z, 30)) * _M1
+    z = (z ^ _shr(z, 27)) * _M2
+    return z ^ _shr(z, 31)
+
+
+def _mix_int(x: int) -> int:
+    """splitmix64 on a Python int, used to derive per-stream keys from (seed, kind, repeat)."""
+    z = (x + 0x9E3779B97F4A7C15) & _MASK64
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return z ^ (z >> 31)
+
+
+def stream_key(seed: int, kind: str, repeat: int = 0) -> int:
+    """64-bit key (as int64) of one random stream; different kinds/repeats never share one."""
+    return _signed(_mix_int(_mix_int(_mix_int(seed) ^ _STREAM[kind]) ^ repeat))
+
+
+def hash64(key: int, index: torch.Tensor) -> torch.Tensor:
+    """Counter-based random 64 bits for each int64 index: splitmix64(index ^ key)."""
+    return splitmix64(index ^ key)
+
+
+@dataclass(frozen=True)
+class ProjectorSpec:
+    """Everything that defines a projection; stored in `bundle.json` so test features match."""
+
+    kind: str  # "countsketch" | "sparse_jl" | "rademacher"
+    d_in: int  # D, the flattened LoRA gradient length
+    d_proj: int  # output dimension (paper: 8192)
+    seed: int = 0
+    nnz: int = 4  # non-zeros per input coordinate, sparse_jl only
+    block_size: int = 1024  # output columns generated per tile, rademacher only
+
+    def __post_init__(self) -> None:
+        if self.kind not in KINDS:
+            raise ValueError(f"ProjectorSpec.kind must be one of {KINDS}, got {self.kind!r}")
+        for name in ("d_in", "d_proj", "nnz", "block_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"ProjectorSpec.{name} must be >= 1, got {getattr(self, name)}")
+        if self.d_proj >= 2**31:
+            raise ValueError(f"ProjectorSpec.d_proj must be < 2**31, got {self.d_proj}")
+        if not 0 <= self.seed < 2**63:
+            raise ValueError(f"ProjectorSpec.seed must be in [0, 2**63), got {self.seed}")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ProjectorSpec":
+        return cls(**d)
+
+
+class Projector:
+    """Maps gradients [B, D] (or [D]) to float32 [B, d_proj] (or [d_proj]) on their own device."""
+
+    spec: ProjectorSpec
+
+    def __init__(self, spec: ProjectorSpec, device: torch.device | str = "cpu") -> None:
+        self.spec, self.device = spec, torch.device(device)
+
+    def project(self, grads: torch.Tensor) -> torch.Tensor:
+        if grads.shape[-1] != self.spec.d_in or grads.dim() not in (1, 2):
+            raise ValueError(
+                f"grads must have shape [B, {self.spec.d_in}] or [{self.spec.d_in}], got {list(grads.shape)}"
+            )
+        x = grads.to(torch.float32)
+        out = self._project(x.unsqueeze(0) if x.dim() == 1 else x)
+        return out[0] if grads.dim() == 1 else out
+
+    def _project(self, x: torch.Tensor) -> torch.Tensor:  # x [B, D] float32
+        raise NotImplementedError
+
+
+def _sketch_tables(key: int, d_in: int, d_proj: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Bucket [D] int32 in [0, d_proj) and sign [D] float32 in {-1, +1} for one countsketch."""
+    buckets = torch.empty(d_in, dtype=torch.int32, device=device)
+    signs = torch.empty(d_in, dtype=torch.float32, device=device)
+    step = 1 << 22  # chunked so that the int64 temporaries stay small for huge D
+    for lo in range(0, d_in, step):
+        h = hash64(key, torch.arange(lo, min(lo + step, d_in), dtype=torch.int64, device=device))
+        # Lemire's multiply-shift on the high 32 bits: uniform bucket without a modulo.
+        buckets[lo : lo + step] = ((_shr(h, 32) * d_proj) >> 32).to(torch.int32)
+        signs[lo : lo + step] = 1.0 - 2.0 * (h & 1).to(torch.float32)
+    return buckets, signs
+
+
+class SketchProjector(Projector):
+    """countsketch (nnz=1) and sparse_jl (nnz sketches summed, scaled by 1/sqrt(nnz)); O(nnz * D)."""
+
+    def __init__(self, spec: ProjectorSpec, device: torch.device | str = "cpu") -> None:
+        super().__init__(spec, device)
+        repeats = 1 if spec.kind == "countsketch" else spec.nnz
+        self.tables = [
+            _sketch_tables(stream_key(spec.seed, spec.kind, r), spec.d_in, spec.d_proj, self.device)
+            for r in range(repeats)
+        ]
+        self.scale = 1.0 / math.sqrt(repeats)
+
+    def _project(self, x: torch.Tensor) -> torch.Tensor:
+        out = torch.zeros(x.shape[0], self.spec.d_proj, dtype=torch.float32, device=x.device)
+        for buckets, signs in self.tables:
+            # Each row is summed on its own, so the result does not depend on the batch size.
+            out.index_add_(1, buckets.to(x.device), x * signs.to(x.device))
+        return out * self.scale if self.scale != 1.0 else out
+
+
+_BYTE_SIGNS_CACHE: dict[torch.device, torch.Tensor] = {}
+
+
+def _byte_signs(device: torch.device) -> torch.Tensor:
+    """[256, 8] float32: entry [b, k] = +1 if bit k of byte b is 0 else -1."""
+    if device not in _BYTE_SIGNS_CACHE:
+        b = torch.arange(256, device=device).unsqueeze(1)
+        bits = (b >> torch.arange(8, device=device)) & 1
+        _BYTE_SIGNS_CACHE[device] = 1.0 - 2.0 * bits.to(torch.float32)
+    return _BYTE_SIGNS_CACHE[device]
+
+
+class RademacherProjector(Projector):
+    """Dense JL with R_ij = ±1/sqrt(d_proj) (ELREA eq. 5.6), never stored unless small.
+
+    Sign R_ij is bit (j mod 64) of hash64(key, i * W + j // 64), W = ceil(d_proj / 64): one
+    hash gives 64 signs. The matrix is a function of the spec alone; `block_size` only sets
+    the tile width, so changing it changes memory, not the result.
+    """
+
+    def __init__(self, spec: ProjectorSpec, device: torch.device | str = "cpu") -> None:
+        super().__init__(spec, device)
+        self.key = stream_key(spec.seed, spec.kind)
+        self.words_per_row = -(-spec.d_proj // 64)
+        self._cached: torch.Tensor | None = None
+        if spec.d_in * spec.d_proj < _CACHE_LIMIT:
+            self._cached = self.signs(0, spec.d_in, 0, spec.d_proj, self.device)
+
+    def signs(self, row0: int, row1: int, col0: int, col1: int, device: torch.device) -> torch.Tensor:
+        """The unscaled ±1 tile R[row0:row1, col0:col1] as float32 [rows, cols]."""
+        w0, w1 = col0 // 64, -(-col1 // 64)
+        rows = torch.arange(row0, row1, dtype=torch.int64, device=device).unsqueeze(1)
+        words = hash64(self.key, rows * self.words_per_row + torch.arange(w0, w1, device=device))
+        # Split each word into its 8 bytes (low byte first) and look the 8 signs of each up.
+        byte_idx = (words.unsqueeze(-1) >> torch.arange(0, 64, 8, device=device)) & 255
+        tile = _byte_signs(device)[byte_idx].reshape(row1 - row0, (w1 - w0) * 64)
+        return tile[:, col0 - w0 * 64 : col1 - w0 * 64]
+
+    def _project(self, x: torch.Tensor) -> torch.Tensor:
+        spec, scale = self.spec, 1.0 / math.sqrt(self.spec.d_proj)
+        if self._cached is not None:
+            return (x @ self._cached.to(x.device)) * scale
+        out = torch.zeros(x.shape[0], spec.d_proj, dtype=torch.float32, device=x.device)
+        cols = min(spec.block_size, spec.d_proj)
+        rows = max(1, _TILE_ENTRIES // cols)
+        for c0 in range(0, spec.d_proj, cols):
+            c1 = min(c0 + cols, spec.d_proj)
+            for r0 in range(0, spec.d_in, rows):
+                r1 = min(r0 + rows, spec.d_in)
+                out[:, c0:c1] += x[:, r0:r1] @ self.signs(r0, r1, c0, c1, x.device)
+        return out * scale
+
+
+def make_projector(spec: ProjectorSpec, device: torch.device | str = "cpu") -> Projector:
+    """The projector for `spec`, with its tables (if any) built on `device`."""
+    cls = RademacherProjector if spec.kind == "rademacher" else SketchProjector
+    return cls(spec, device)
