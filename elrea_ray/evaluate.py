@@ -1,0 +1,121 @@
+"""Stage 5 statistics: per-source accuracy with n and 95% intervals, paired bootstrap differences
+against M+Q_base, and the routing figures a small demo can show robustly. Pure functions, no Ray.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import Counter, defaultdict
+
+import numpy as np
+
+METHOD_TITLES = {
+    "backbone": "backbone M (no adapter)",
+    "base": "M+Q_base",
+    "elrea": "ELREA",
+    "uniform": "uniform weights",
+    "top1": "top-1 expert + base",
+}
+
+
+def wilson_interval(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """95% Wilson score interval for k successes out of n (well behaved at 0 and n)."""
+    if n == 0:
+        return (float("nan"), float("nan"))
+    p = k / n
+    denom = 1 + z * z / n
+    centre = (p + z * z / (2 * n)) / denom
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
+    return (max(0.0, centre - half), min(1.0, centre + half))
+
+
+def paired_bootstrap(a: np.ndarray, b: np.ndarray, resamples: int, seed: int = 0) -> tuple[float, float, float]:
+    """Mean of a - b and its 95% percentile interval, resampling items (paired)."""
+    a, b = np.asarray(a, float), np.asarray(b, float)
+    diff = a - b
+    if resamples == 0 or len(diff) == 0:
+        return (float(diff.mean()) if len(diff) else float("nan"), float("nan"), float("nan"))
+    rng = np.random.default_rng(seed)
+    idx = rng.integers(0, len(diff), size=(resamples, len(diff)))
+    means = diff[idx].mean(axis=1)
+    return (float(diff.mean()), float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5)))
+
+
+def accuracy_table(sources: list[str], scores: dict[str, list[float]], resamples: int = 1000,
+                   seed: int = 0) -> dict:
+    """{method: {"per_source": {src: {acc, n, ci}}, "micro": {...}, "vs_base": {diff, ci}}}"""
+    out: dict = {}
+    src = np.asarray(sources)
+    for method, s in scores.items():
+        s = np.asarray(s, float)
+        per = {}
+        for name in sorted(set(sources)):
+            m = src == name
+            k, n = int(s[m].sum()), int(m.sum())
+            per[name] = {"acc": k / n if n else float("nan"), "n": n, "ci": wilson_interval(k, n)}
+        k, n = int(s.sum()), len(s)
+        entry = {"per_source": per, "micro": {"acc": k / n if n else float("nan"), "n": n,
+                                              "ci": wilson_interval(k, n)}}
+        if "base" in scores and method != "base":
+            d, lo, hi = paired_bootstrap(s, np.asarray(scores["base"], float), resamples, seed)
+            entry["vs_base"] = {"diff": d, "ci": (lo, hi)}
+        out[method] = entry
+    return out
+
+
+def majority_source(labels: np.ndarray, sources: list[str]) -> dict[int, str]:
+    """Each cluster's most common training source."""
+    counts: dict[int, Counter] = defaultdict(Counter)
+    for c, s in zip(labels.tolist(), sources):
+        counts[int(c)][s] += 1
+    return {c: cnt.most_common(1)[0][0] for c, cnt in counts.items()}
+
+
+def own_source_routing_rate(expert_weights: np.ndarray, test_sources: list[str],
+                            cluster_majority: dict[int, str]) -> dict:
+    """How often a test item's top-weighted expert is a cluster whose majority source is its own.
+
+    Chance level is reported beside it: the fraction of clusters whose majority is that source,
+    averaged over the test items."""
+    top = expert_weights.argmax(axis=1)
+    hits = [cluster_majority.get(int(c)) == s for c, s in zip(top, test_sources)]
+    C = expert_weights.shape[1]
+    chance = [sum(1 for c in range(C) if cluster_majority.get(c) == s) / C for s in test_sources]
+    return {"rate": float(np.mean(hits)) if hits else float("nan"), "n": len(hits),
+            "ci": wilson_interval(int(sum(hits)), len(hits)),
+            "chance": float(np.mean(chance)) if chance else float("nan")}
+
+
+def _pct(x: float) -> str:
+    return "nan" if x != x else f"{100 * x:.1f}"
+
+
+def results_markdown(table: dict, routing: dict | None = None, clusters: dict | None = None) -> str:
+    """The results table as markdown: one row per method, a column per source and the micro average."""
+    methods = list(table)
+    sources = list(next(iter(table.values()))["per_source"]) if table else []
+    head = "| method | " + " | ".join(f"{s} (n={table[methods[0]]['per_source'][s]['n']})" for s in sources)
+    head += f" | micro (n={table[methods[0]]['micro']['n']}) | vs M+Q_base |\n" if methods else "\n"
+    lines = [head, "|" + "---|" * (len(sources) + 3) + "\n"]
+    for m in methods:
+        row = table[m]
+        cells = []
+        for s in sources:
+            e = row["per_source"][s]
+            cells.append(f"{_pct(e['acc'])} [{_pct(e['ci'][0])}, {_pct(e['ci'][1])}]")
+        mi = row["micro"]
+        vs = row.get("vs_base")
+        vs_txt = "—" if vs is None else f"{100 * vs['diff']:+.1f} [{100 * vs['ci'][0]:+.1f}, {100 * vs['ci'][1]:+.1f}]"
+        lines.append(f"| {METHOD_TITLES.get(m, m)} | " + " | ".join(cells)
+                     + f" | {_pct(mi['acc'])} [{_pct(mi['ci'][0])}, {_pct(mi['ci'][1])}] | {vs_txt} |\n")
+    text = "".join(lines)
+    text += "\nAccuracy in %, 95% Wilson interval in brackets; the last column is the paired bootstrap " \
+            "difference from M+Q_base (points, 95% interval).\n"
+    if clusters:
+        text += (f"\nClusters: {clusters['num_clusters']} (sizes {clusters['sizes']}); against the "
+                 f"sources NMI {clusters['nmi']:.3f}, ARI {clusters['ari']:.3f}, purity {clusters['purity']:.3f}.\n")
+    if routing:
+        text += (f"Own-source routing: the top-weighted expert is a cluster of the item's own source for "
+                 f"{_pct(routing['rate'])}% of {routing['n']} test items "
+                 f"[{_pct(routing['ci'][0])}, {_pct(routing['ci'][1])}] (chance {_pct(routing['chance'])}%).\n")
+    return text

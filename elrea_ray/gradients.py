@@ -1,0 +1,289 @@
+"""ELREA gradient features (paper step 2, eq. 5.5-5.7), batched.
+
+For an instruction x (its chat-formatted prompt tokens only; the response is never seen):
+
+    g_e(x)   = grad over the LoRA A/B parameters of L(x) at epoch checkpoint e, where L(x) is
+               the mean next-token cross-entropy over x's own tokens
+    gamma_e  = m' / (sqrt(v') + eps),  m' = (b1 m + (1-b1) g) / (1-b1^t),
+               v' = (b2 v + (1-b2) g^2) / (1-b2^t),  t = step_e + 1      (eq. 5.5, Adam state of e)
+    delta'   = sum_e w_e R gamma_e        (eq. 5.6-5.7; w_e normalised to sum 1, e.g. mean LR)
+    delta    = delta' / ||delta'||
+
+The per-example gradients of a whole batch come from ONE backward (`per_example_grads`): a
+forward hook on every lora_A / lora_B `nn.Linear` keeps its input a [B, T, d_in], a hook on its
+output receives the output gradient g [B, T, d_out], and the per-example weight gradient is
+sum_t g_t a_t^T, a batched matmul (Opacus' Linear grad sampler). PEFT applies the scale
+alpha/r after lora_B, so the hooks see exactly the factors of d loss / d weight
+(notes/performance.md §4). The batch costs one forward+backward plus 2*T*D flops per example.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from elrea_ray.checkpoints import check_epoch_checkpoint, load_adam_state, parameter_layout, unwrap
+from elrea_ray.config import ModelConfig
+from elrea_ray.model import load_adapters, lora_parameters
+from elrea_ray.projection import ProjectorSpec, make_projector
+
+_ADAPTER = "default"  # the name every epoch adapter is loaded under (and the layout refers to)
+_BLOCK = 1 << 20  # columns of the Adam transform done at once (keeps its scratch at B x 1M floats)
+
+
+def _hook_plan(model, params) -> list[tuple[torch.nn.Linear, int]]:
+    """(module, flat offset) of every LoRA parameter, in layout order; each must be a Linear weight."""
+    owner = {id(m.weight): m for m in model.modules() if isinstance(m, torch.nn.Linear)}
+    plan, offset = [], 0
+    for name, p in params:
+        m = owner.get(id(p))
+        if m is None or m.bias is not None:
+            raise NotImplementedError(
+                f"per-example gradients support LoRA A/B weights of nn.Linear modules without bias; "
+                f"{name} is not one (DoRA, embedding LoRA and LoRA biases are not supported)")
+        plan.append((m, offset))
+        offset += p.numel()
+    return plan
+
+
+def per_example_grads(peft_model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                      labels: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Per-example gradients [B, D] float32 of loss_i = mean NTP cross-entropy over example i's
+    labelled tokens (labels -100 are ignored), flattened in `lora_parameters` order.
+
+    One forward and one backward for the whole batch; the model's `.grad`s are left untouched.
+    Position ids follow the attention mask, so left or right padding both work. `out`, if given,
+    is a [>=B, D] float32 buffer on the model's device that receives the result.
+    """
+    model = unwrap(peft_model)
+    params = lora_parameters(model)
+    if not params:
+        raise ValueError("per_example_grads: the model has no trainable LoRA parameters "
+                         "(load the adapter with is_trainable=True)")
+    if model.training:
+        raise ValueError("per_example_grads needs model.eval() (dropout off, as in LESS)")
+    plan = _hook_plan(model, params)
+    batch, d = input_ids.shape[0], sum(p.numel() for _, p in params)
+    device = params[0][1].device
+    if out is None:
+        grads = torch.empty(batch, d, dtype=torch.float32, device=device)
+    else:
+        if out.shape[0] < batch or out.shape[1] != d or out.dtype != torch.float32:
+            raise ValueError(f"out must be float32 [>= {batch}, {d}], got {out.dtype} {list(out.shape)}")
+        grads = out[:batch]
+    input_ids, attention_mask, labels = (t.to(device) for t in (input_ids, attention_mask, labels))
+    keep = attention_mask.bool().unsqueeze(-1)  # [B, T, 1]; pads contribute nothing, by construction
+    targets = labels[:, 1:]
+    counts = (targets != -100).sum(1)
+    if bool((counts == 0).any()):
+        bad = (counts == 0).nonzero().flatten().tolist()
+        raise ValueError(f"examples {bad} have no labelled token after the first; an instruction needs >= 2 tokens")
+
+    calls, fired = [0] * len(plan), [0] * len(plan)
+
+    def forward_hook(i: int, module: torch.nn.Linear, offset: int):
+        def hook(_module, inputs, output):
+            act = inputs[0]
+            # Mask the factor that carries the rank dimension: it is the smaller of the two.
+            mask_out = module.out_features <= module.in_features
+
+            def grad_hook(g: torch.Tensor) -> None:
+                with torch.no_grad():
+                    go, a = g.float(), act.float()
+                    if mask_out:
+                        go = go.masked_fill(~keep, 0.0)
+                    else:
+                        a = a.masked_fill(~keep, 0.0)
+                    w = torch.bmm(go.transpose(1, 2), a)  # [B, d_out, d_in] = sum_t g_t a_t^T
+                    n = w.shape[1] * w.shape[2]
+                    grads[:, offset:offset + n].view(batch, w.shape[1], w.shape[2]).copy_(w)
+                    fired[i] += 1
+
+            calls[i] += 1
+            if calls[i] > 1 or output.grad_fn is None:
+                raise RuntimeError("per_example_grads: a LoRA module ran twice or without autograd")
+            output.register_hook(grad_hook)
+        return hook
+
+    handles = [m.register_forward_hook(forward_hook(i, m, off)) for i, (m, off) in enumerate(plan)]
+    try:
+        with torch.enable_grad():
+            position_ids = (attention_mask.long().cumsum(-1) - 1).clamp_min(0)
+            logits = model(input_ids=input_ids, attention_mask=attention_mask,
+                           position_ids=position_ids, use_cache=False).logits
+            ce = F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]), targets.reshape(-1),
+                                 ignore_index=-100, reduction="none").view(batch, -1)
+            # Per-example normalisation (notes/performance.md §4.1): sum_i mean_t CE_i, not HF's batch mean.
+            loss = (ce.sum(1) / counts).sum()
+            del logits, ce
+            torch.autograd.grad(loss, [p for _, p in params])
+    finally:
+        for h in handles:
+            h.remove()
+    if fired != [1] * len(plan):
+        missing = [params[i][0] for i, f in enumerate(fired) if f != 1]
+        raise RuntimeError(f"per_example_grads: no gradient reached {missing[:3]} (inactive adapter?)")
+    return grads
+
+
+@dataclass
+class _Epoch:
+    """What one epoch checkpoint contributes, flattened in layout order on the model's device."""
+
+    folder: str
+    weight: float
+    params: torch.Tensor  # [D] adapter weights of this epoch
+    m_hat: torch.Tensor  # [D] b1 * m / (1 - b1^t)
+    v_hat: torch.Tensor  # [D] b2 * v / (1 - b2^t)
+    c1: float  # (1 - b1) / (1 - b1^t)
+    c2: float  # (1 - b2) / (1 - b2^t)
+    eps: float
+
+
+def _saved_key(name: str) -> str:
+    """Parameter name -> key in adapter_model.safetensors (PEFT drops the adapter name)."""
+    return re.sub(rf"\.(lora_[A-Za-z_]+)\.{_ADAPTER}\.", r".\1.", name)
+
+
+def _adapter_shape(folder: Path) -> dict:
+    cfg = json.loads((folder / "adapter_config.json").read_text())
+    return {k: cfg.get(k) for k in ("r", "lora_alpha", "use_rslora", "target_modules", "peft_type")}
+
+
+class FeatureExtractor:
+    """Unit-norm gradient features [N, d_proj] float32 of instructions, from the base adapter's
+    epoch checkpoints (written by `checkpoints.save_epoch_checkpoint`).
+
+    The backbone is loaded once; the adapter of each epoch is copied into the same LoRA
+    parameters before that epoch's pass. Train and test instructions go through exactly this
+    code (the paper applies the Adam transform to test features as well).
+    """
+
+    def __init__(self, model_cfg: ModelConfig, epoch_checkpoints: Sequence[str | Path],
+                 epoch_weights: Sequence[float], projector: str | ProjectorSpec = "countsketch",
+                 d_proj: int = 8192, projector_seed: int = 0, device: torch.device | str = "cpu",
+                 batch_size: int = 8) -> None:
+        if len(epoch_checkpoints) == 0 or len(epoch_checkpoints) != len(epoch_weights):
+            raise ValueError(f"need one weight per epoch checkpoint and at least one checkpoint, got "
+                             f"{len(epoch_checkpoints)} checkpoints and {len(epoch_weights)} weights")
+        w = np.asarray(epoch_weights, dtype=np.float64)
+        if not np.all(np.isfinite(w)) or np.any(w < 0) or w.sum() <= 0:
+            raise ValueError(f"epoch weights must be non-negative with a positive sum, got {list(epoch_weights)}")
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        w = w / w.sum()
+        self.batch_size = batch_size
+        self.device = torch.device(device)
+        folders = [check_epoch_checkpoint(f) for f in epoch_checkpoints]
+        first = _adapter_shape(folders[0])
+        for f in folders[1:]:
+            if _adapter_shape(f) != first:
+                raise ValueError(f"epoch checkpoint {f} has adapter config {_adapter_shape(f)}, "
+                                 f"unlike {folders[0]} ({first})")
+        self.model = load_adapters(model_cfg, {_ADAPTER: str(folders[0])}, self.device, is_trainable=True).eval()
+        self._params = [p for _, p in lora_parameters(self.model)]
+        self.layout: list[tuple[str, list[int]]] = parameter_layout(self.model)
+        self.d_in = sum(p.numel() for p in self._params)
+        if isinstance(projector, ProjectorSpec):
+            if projector.d_in != self.d_in:
+                raise ValueError(f"projector spec has d_in={projector.d_in} but the adapter has "
+                                 f"D={self.d_in} LoRA parameters")
+            self.projector_spec = projector
+        else:
+            self.projector_spec = ProjectorSpec(kind=projector, d_in=self.d_in, d_proj=d_proj, seed=projector_seed)
+        self.projector = make_projector(self.projector_spec, self.device)
+        # Epochs with weight 0 are checked but not computed (they add nothing to eq. 5.7).
+        self.epochs = [self._load_epoch(f, float(we)) for f, we in zip(folders, w) if we > 0]
+        self._loaded: int | None = None
+        self._grads = torch.empty(batch_size, self.d_in, dtype=torch.float32, device=self.device)
+        self._scratch = torch.empty(batch_size, min(_BLOCK, self.d_in), dtype=torch.float32, device=self.device)
+
+    def _load_epoch(self, folder: Path, weight: float) -> _Epoch:
+        from safetensors.torch import load_file
+
+        saved = load_file(str(folder / "adapter_model.safetensors"))
+        state = load_adam_state(folder)
+        names = [n for n, _ in self.layout]
+        if set(state.exp_avg) != set(names):
+            extra, lack = set(state.exp_avg) - set(names), set(names) - set(state.exp_avg)
+            raise ValueError(f"epoch checkpoint {folder}: Adam state does not match the adapter's parameters "
+                             f"(missing {sorted(lack)[:3]}, unexpected {sorted(extra)[:3]})")
+        flat = {k: [] for k in ("params", "m", "v")}
+        for name, shape in self.layout:
+            key = _saved_key(name)
+            if key not in saved:
+                raise ValueError(f"epoch checkpoint {folder}: adapter_model.safetensors lacks {key}")
+            for k, t in (("params", saved[key]), ("m", state.exp_avg[name]), ("v", state.exp_avg_sq[name])):
+                if list(t.shape) != shape:
+                    raise ValueError(f"epoch checkpoint {folder}: {k} of {name} has shape {list(t.shape)}, "
+                                     f"expected {shape}")
+                flat[k].append(t.reshape(-1).float())
+        params, m, v = (torch.cat(flat[k]).to(self.device) for k in ("params", "m", "v"))
+        t = state.step + 1  # the feature is the update Adam would take next (eq. 5.5)
+        bc1, bc2 = 1.0 - state.beta1 ** t, 1.0 - state.beta2 ** t
+        return _Epoch(folder=str(folder), weight=weight, params=params, m_hat=m.mul_(state.beta1 / bc1),
+                      v_hat=v.mul_(state.beta2 / bc2), c1=(1.0 - state.beta1) / bc1,
+                      c2=(1.0 - state.beta2) / bc2, eps=state.eps)
+
+    @torch.no_grad()
+    def _set_epoch(self, i: int) -> None:
+        if self._loaded == i:
+            return
+        flat, offset = self.epochs[i].params, 0
+        for p in self._params:
+            p.copy_(flat[offset:offset + p.numel()].view_as(p))
+            offset += p.numel()
+        self._loaded = i
+
+    @torch.no_grad()
+    def _adam(self, g: torch.Tensor, e: _Epoch) -> torch.Tensor:
+        """In place: g [B, D] -> gamma = m' / (sqrt(v') + eps), column block by column block."""
+        for lo in range(0, g.shape[1], _BLOCK):
+            hi = min(lo + _BLOCK, g.shape[1])
+            gb, s = g[:, lo:hi], self._scratch[: g.shape[0], : hi - lo]
+            torch.mul(gb, gb, out=s)
+            s.mul_(e.c2).add_(e.v_hat[lo:hi]).sqrt_().add_(e.eps)  # sqrt(v') + eps
+            gb.mul_(e.c1).add_(e.m_hat[lo:hi]).div_(s)  # m' / (sqrt(v') + eps)
+        return g
+
+    def _batch(self, ids: list[list[int]]) -> torch.Tensor:
+        b, t = len(ids), max(len(x) for x in ids)
+        input_ids = torch.zeros(b, t, dtype=torch.long)  # right padding; the pad id is never seen
+        mask = torch.zeros(b, t, dtype=torch.long)
+        for i, x in enumerate(ids):
+            input_ids[i, : len(x)] = torch.as_tensor(x, dtype=torch.long)
+            mask[i, : len(x)] = 1
+        labels = input_ids.masked_fill(mask == 0, -100)  # loss on every instruction token
+        acc = torch.zeros(b, self.projector_spec.d_proj, dtype=torch.float32, device=self.device)
+        for i, e in enumerate(self.epochs):
+            self._set_epoch(i)
+            g = per_example_grads(self.model, input_ids, mask, labels, out=self._grads)
+            acc.add_(self.projector.project(self._adam(g, e)), alpha=e.weight)
+        norms = acc.norm(dim=1, keepdim=True)
+        if not bool(torch.isfinite(norms).all()) or bool((norms == 0).any()):
+            raise FloatingPointError("a gradient feature is zero or not finite; check the epoch checkpoints")
+        return acc.div_(norms)
+
+    def features(self, instruction_ids: Sequence[Sequence[int]]) -> np.ndarray:
+        """[N, d_proj] float32 unit-norm features (eq. 5.7) of N instructions (token id lists).
+
+        Instructions are grouped by length into batches of `batch_size` (less padding); an
+        example's feature does not depend on the others in its batch.
+        """
+        ids = [list(map(int, x)) for x in instruction_ids]
+        for i, x in enumerate(ids):
+            if len(x) < 2:
+                raise ValueError(f"instruction {i} has {len(x)} tokens; a gradient feature needs >= 2")
+        out = np.empty((len(ids), self.projector_spec.d_proj), dtype=np.float32)
+        order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
+        for lo in range(0, len(order), self.batch_size):
+            chunk = order[lo:lo + self.batch_size]
+            out[chunk] = self._batch([ids[i] for i in chunk]).cpu().numpy()
+        return out

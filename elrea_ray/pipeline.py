@@ -1,0 +1,446 @@
+"""The ELREA pipeline as six content-addressed stages over one run directory.
+
+    data -> base (Ray Train) -> gradients (Ray Data actors) -> clusters (Ray task)
+         -> experts (concurrent Ray Train runs) + bundle.json -> eval (Ray Data actors)
+
+Each stage is a function `(cfg, run, keys) -> info` that reads only what earlier stages wrote.
+Its key hashes the config slice it depends on plus its inputs' keys, so a rerun skips finished
+stages and a changed setting reruns exactly the stages downstream of it (see `artifacts.py`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import platform
+import time
+from pathlib import Path
+
+import numpy as np
+import yaml
+
+from elrea_ray.artifacts import ArtifactError, RunDir, stage_key, write_json_atomic
+from elrea_ray.config import Config
+
+BUNDLE_FORMAT_VERSION = 1
+SPLITS = ("train", "validation", "test")
+
+
+def _asdict(x) -> dict:
+    return json.loads(json.dumps(dataclasses.asdict(x)))
+
+
+def stage_keys(cfg: Config) -> dict[str, str]:
+    """Every stage's key, from the config alone (so they are known before anything runs)."""
+    k: dict[str, str] = {}
+    seed = cfg.run.seed
+    k["data"] = stage_key("data", {"data": _asdict(cfg.data), "seed": seed}, [])
+    model = _asdict(cfg.model)
+    k["base"] = stage_key("base", {"model": model, "train": _asdict(cfg.train), "seed": seed}, [k["data"]])
+    k["gradients"] = stage_key("gradients", {"model": model, "gradients": _asdict(cfg.gradients)},
+                               [k["data"], k["base"]])
+    k["clusters"] = stage_key("clusters", {"clustering": _asdict(cfg.clustering), "seed": seed},
+                              [k["gradients"]])
+    k["experts"] = stage_key("experts", {"experts": _asdict(cfg.experts), "train": _asdict(cfg.train),
+                                         "seed": seed}, [k["base"], k["clusters"]])
+    k["eval"] = stage_key("eval", {"eval": _asdict(cfg.eval), "routing": _asdict(cfg.routing)},
+                          [k["experts"], k["gradients"]])
+    return k
+
+
+def _versions() -> dict:
+    import importlib.metadata as md
+
+    out = {"python": platform.python_version()}
+    for pkg in ("torch", "transformers", "peft", "ray", "datasets", "scikit-learn", "pyarrow", "reasoning-gym"):
+        try:
+            out[pkg] = md.version(pkg)
+        except md.PackageNotFoundError:
+            pass
+    return out
+
+
+# -- stage 0: data ---------------------------------------------------------------------------------
+
+def build_data(cfg: Config, out: Path) -> dict:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from elrea_ray.data import build_splits
+
+    splits = build_splits(cfg.data, cfg.run.seed)
+    counts = {}
+    for split in SPLITS:
+        rows = splits.get(split, [])
+        pq.write_table(pa.Table.from_pylist(rows) if rows else pa.table({}), out / f"{split}.parquet")
+        per = {}
+        for r in rows:
+            per[r["source"]] = per.get(r["source"], 0) + 1
+        counts[split] = {"rows": len(rows), "per_source": per}
+    info = {"counts": counts}
+    if "skipped" in splits:
+        info["skipped"] = splits["skipped"]
+    (out / "counts.json").write_text(json.dumps(info, indent=2))
+    return info
+
+
+# -- stage 1: base adapter --------------------------------------------------------------------------
+
+def build_base(cfg: Config, run: RunDir, keys: dict, out: Path) -> dict:
+    from elrea_ray.train import fit_adapter
+
+    tc = cfg.train
+    loop = {"name": "base", "seed": cfg.run.seed, "model": _asdict(cfg.model), "train": _asdict(tc),
+            "data_file": str(run.data_file("train")), "example_ids": None, "init_adapter": None,
+            "out_dir": str(out), "save_epochs": True}
+    result = fit_adapter(f"base-{keys['base']}", loop, tc, run.ray_storage, tc.num_workers,
+                         tc.cpus_per_worker, tc.use_gpu)
+    for e in range(1, tc.epochs + 1):
+        if not (out / f"epoch-{e}" / "adam_state.safetensors").exists():
+            raise ArtifactError(f"base adapter: epoch {e} checkpoint missing in {out}")
+    return result
+
+
+# -- stage 2: gradient features ---------------------------------------------------------------------
+
+def epoch_weights(cfg: Config, run: RunDir) -> list[float]:
+    """DESIGN decision: weight epoch e by its mean learning rate (as LESS), since under linear
+    decay the end-of-epoch rate of the last epoch is 0; 'equal' or an explicit list also work."""
+    from elrea_ray.checkpoints import load_adam_state
+
+    g = cfg.gradients
+    if isinstance(g.epoch_weights, str):
+        if g.epoch_weights == "equal":
+            return [1.0] * cfg.train.epochs
+        return [load_adam_state(run.base_epoch(e)).mean_lr for e in range(1, cfg.train.epochs + 1)]
+    if len(g.epoch_weights) != cfg.train.epochs:
+        raise ValueError(f"gradients.epoch_weights has {len(g.epoch_weights)} values but train.epochs "
+                         f"is {cfg.train.epochs}")
+    return list(g.epoch_weights)
+
+
+class FeatureMapper:
+    """Ray Data callable: one model copy per actor; prompt rows in, unit-norm features out."""
+
+    def __init__(self, model_cfg: dict, checkpoints: list[str], weights: list[float], kind: str,
+                 d_proj: int, seed: int, batch_size: int, use_gpu: bool):
+        import torch
+
+        from elrea_ray.config import ModelConfig
+        from elrea_ray.gradients import FeatureExtractor
+        from elrea_ray.model import load_tokenizer
+
+        self.mc = ModelConfig(**model_cfg)
+        self.tok = load_tokenizer(self.mc)
+        device = "cuda" if use_gpu and torch.cuda.is_available() else "cpu"
+        self.fx = FeatureExtractor(self.mc, checkpoints, weights, kind, d_proj, seed, device=device,
+                                   batch_size=batch_size)
+
+    def __call__(self, batch):
+        import pyarrow as pa
+
+        ids = [instruction_ids(self.tok, p, self.mc.max_length) for p in batch.column("prompt").to_pylist()]
+        feats = self.fx.features(ids).astype(np.float32)
+        d = feats.shape[1]
+        return pa.table({
+            "example_id": batch.column("example_id"), "source": batch.column("source"),
+            "feature": pa.FixedSizeListArray.from_arrays(pa.array(feats.reshape(-1)), d)})
+
+
+def instruction_ids(tok, prompt_json: str, max_length: int) -> list[int]:
+    """The chat-formatted instruction (generation prompt included), at most max_length tokens."""
+    from elrea_ray.data import encode
+
+    enc = encode(tok, json.loads(prompt_json), None, 10**9)
+    return enc["input_ids"][:max_length]
+
+
+def build_gradients(cfg: Config, run: RunDir, out: Path) -> dict:
+    import ray
+
+    from elrea_ray.checkpoints import parameter_layout  # noqa: F401  (layout is recorded in the bundle)
+
+    g = cfg.gradients
+    weights = epoch_weights(cfg, run)
+    ckpts = [str(run.base_epoch(e)) for e in range(1, cfg.train.epochs + 1)]
+    info = {"epoch_weights": weights, "rows": {}}
+    for split in SPLITS:
+        path = run.data_file(split)
+        import pyarrow.parquet as pq
+        if pq.read_metadata(path).num_rows == 0:
+            info["rows"][split] = 0
+            continue
+        ds = ray.data.read_parquet(str(path), columns=["example_id", "source", "prompt"])
+        feats = ds.map_batches(
+            FeatureMapper, batch_format="pyarrow", batch_size=g.batch_size * 4,
+            fn_constructor_kwargs={"model_cfg": _asdict(cfg.model), "checkpoints": ckpts,
+                                   "weights": weights, "kind": g.projector, "d_proj": g.d_proj,
+                                   "seed": g.projector_seed, "batch_size": g.batch_size,
+                                   "use_gpu": g.use_gpu},
+            compute=ray.data.ActorPoolStrategy(size=g.num_actors),
+            num_cpus=g.cpus_per_actor, num_gpus=1 if g.use_gpu else 0)
+        feats.write_parquet(str(out / split))
+        info["rows"][split] = pq.read_metadata(path).num_rows
+    return info
+
+
+def read_features(folder: Path) -> tuple[list[str], list[str], np.ndarray]:
+    import pyarrow.parquet as pq
+
+    if not folder.exists():
+        raise ArtifactError(f"missing gradient features {folder}")
+    t = pq.read_table(folder)
+    col = t.column("feature").combine_chunks()
+    d = col.type.list_size
+    X = col.flatten().to_numpy().reshape(-1, d).astype(np.float32)
+    return t.column("example_id").to_pylist(), t.column("source").to_pylist(), X
+
+
+# -- stage 3: clusters ------------------------------------------------------------------------------
+
+def _fit_remote(X: np.ndarray, cc: dict, seed: int):
+    from elrea_ray.clustering import fit_clusters
+
+    kw = dict(cc)
+    method = kw.pop("method")
+    fit_sample = kw.pop("fit_sample")  # noqa: F841  (sampling is done by the caller)
+    if method == "kmeans":
+        return fit_clusters(X, "kmeans", num_clusters=kw["initial_clusters"], seed=seed)
+    return fit_clusters(X, "balanced_birch", initial_clusters=kw["initial_clusters"],
+                        max_ratio=kw["max_ratio"], max_rounds=kw["max_rounds"],
+                        min_cluster_size=kw["min_cluster_size"], threshold=kw["threshold"], seed=seed)
+
+
+def build_clusters(cfg: Config, run: RunDir, out: Path) -> dict:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    import ray
+    from safetensors.numpy import save_file
+
+    from elrea_ray.clustering import assign, cluster_source_report, normalized_centroids
+
+    ids, sources, X = read_features(run.gradient_dir("train"))
+    cc = cfg.clustering
+    rng = np.random.default_rng(cfg.run.seed)
+    # Paper: fit on 5,000 randomly sampled training points, then assign every point.
+    sample = np.sort(rng.choice(len(X), size=min(cc.fit_sample, len(X)), replace=False))
+    fit = ray.get(ray.remote(num_cpus=1)(_fit_remote).remote(X[sample], _asdict(cc), cfg.run.seed))
+    labels = assign(X, fit.centroids)
+    C = fit.centroids.shape[0]
+    # Re-number so clusters are 0..C-1 with no empty ones, and centroids are over all members (eq. 5.8).
+    used = sorted(set(labels.tolist()))
+    remap = {c: i for i, c in enumerate(used)}
+    labels = np.array([remap[c] for c in labels.tolist()], dtype=np.int64)
+    C = len(used)
+    centroids = normalized_centroids(X, labels, C).astype(np.float32)
+    save_file({"centroids": centroids}, str(out / "centroids.safetensors"))
+    pq.write_table(pa.table({"example_id": ids, "source": sources, "cluster": labels}),
+                   out / "assignments.parquet")
+    report = {"num_clusters": C, "sizes": np.bincount(labels, minlength=C).tolist(),
+              "rounds": fit.rounds, "threshold": fit.threshold, "fit_sample": int(len(sample)),
+              "method": cc.method}
+    report.update(cluster_source_report(labels, sources))
+    (out / "report.json").write_text(json.dumps(report, indent=2, default=str))
+    return {k: report[k] for k in ("num_clusters", "sizes", "nmi", "ari", "purity") if k in report}
+
+
+# -- stage 4: experts and the bundle ----------------------------------------------------------------
+
+def build_experts(cfg: Config, run: RunDir, keys: dict, out: Path) -> dict:
+    import pyarrow.parquet as pq
+
+    from elrea_ray.train import fit_many
+
+    assignments = pq.read_table(run.clusters_file("assignments.parquet")).to_pylist()
+    C = max(r["cluster"] for r in assignments) + 1
+    ec = cfg.experts
+    # Experts reuse the base recipe (batch, Adam, schedule) with their own lr and epochs.
+    tc = dataclasses.replace(cfg.train, lr=ec.lr, epochs=ec.epochs, num_workers=ec.num_workers,
+                             cpus_per_worker=ec.cpus_per_worker, use_gpu=ec.use_gpu)
+    jobs = []
+    for c in range(C):
+        folder = out / f"expert-{c:02d}"
+        if (folder / "adapter_config.json").exists():
+            continue  # finished before an interruption
+        members = [r["example_id"] for r in assignments if r["cluster"] == c]
+        loop = {"name": f"expert-{c:02d}", "seed": cfg.run.seed + 1 + c, "model": _asdict(cfg.model),
+                "train": _asdict(tc), "data_file": str(run.data_file("train")), "example_ids": members,
+                "init_adapter": str(run.base_epoch(cfg.train.epochs) ), "out_dir": str(folder),
+                "save_epochs": False}
+        jobs.append({"run_name": f"expert-{keys['experts']}-{c:02d}", "loop_cfg": loop, "tc": tc,
+                     "storage": run.ray_storage, "num_workers": ec.num_workers,
+                     "cpus_per_worker": ec.cpus_per_worker, "use_gpu": ec.use_gpu})
+    results = fit_many(jobs, ec.max_concurrent)
+    return {"num_experts": C, "trained_now": len(jobs),
+            "final_loss": [r.get("final_loss") for r in results]}
+
+
+def write_bundle(cfg: Config, run: RunDir, keys: dict) -> dict:
+    """bundle.json: everything serving needs, paths relative to the run directory."""
+    from elrea_ray.checkpoints import load_adam_state  # noqa: F401
+    from elrea_ray.projection import ProjectorSpec
+
+    report = json.loads(run.clusters_file("report.json").read_text())
+    C = report["num_clusters"]
+    layout = json.loads((run.base_epoch(1) / "parameter_layout.json").read_text()) \
+        if (run.base_epoch(1) / "parameter_layout.json").exists() else None
+    d_in = sum(int(np.prod(s)) for _, s in layout) if layout else None
+    rel = lambda p: str(Path(p).relative_to(run.root))  # noqa: E731
+    bundle = {
+        "format_version": BUNDLE_FORMAT_VERSION,
+        "model": _asdict(cfg.model),
+        "adapters": {"base": rel(run.base_epoch(cfg.train.epochs)),
+                     **{f"expert-{c:02d}": rel(run.expert(c)) for c in range(C)}},
+        "epoch_checkpoints": [rel(run.base_epoch(e)) for e in range(1, cfg.train.epochs + 1)],
+        "epoch_weights": epoch_weights(cfg, run),
+        "projector": ProjectorSpec(kind=cfg.gradients.projector, d_in=d_in or 1,
+                                   d_proj=cfg.gradients.d_proj, seed=cfg.gradients.projector_seed).to_dict()
+        if d_in else {"kind": cfg.gradients.projector, "d_proj": cfg.gradients.d_proj,
+                      "seed": cfg.gradients.projector_seed},
+        "parameter_layout": layout,
+        "centroids": rel(run.clusters_file("centroids.safetensors")),
+        "num_clusters": C,
+        "routing": _asdict(cfg.routing),
+        "keys": keys,
+    }
+    write_json_atomic(run.bundle, bundle)
+    return bundle
+
+
+# -- stage 5: evaluation ----------------------------------------------------------------------------
+
+class EvalMapper:
+    """Ray Data callable: the backbone with all C+1 adapters loaded once per actor; decodes every
+    method for a batch of test prompts (ensembles as ONE batched forward with a KV cache)."""
+
+    def __init__(self, model_cfg: dict, adapters: dict[str, str], methods: list[str], max_new_tokens: int,
+                 use_gpu: bool):
+        import torch
+
+        from elrea_ray.config import ModelConfig
+        from elrea_ray.model import load_adapters, load_tokenizer
+
+        self.mc = ModelConfig(**model_cfg)
+        self.tok = load_tokenizer(self.mc)
+        device = "cuda" if use_gpu and torch.cuda.is_available() else "cpu"
+        self.model = load_adapters(self.mc, adapters, device)
+        self.names = list(adapters)  # "base", "expert-00", ...
+        self.methods = methods
+        self.max_new_tokens = max_new_tokens
+
+    def __call__(self, batch: dict) -> dict:
+        from elrea_ray.data import score
+        from elrea_ray.ensemble import ensemble_generate, single_generate
+
+        prompts = [instruction_ids(self.tok, p, self.mc.max_length) for p in batch["prompt"]]
+        eos, pad = self.tok.eos_token_id, self.tok.pad_token_id
+        out = {"example_id": batch["example_id"], "source": batch["source"]}
+        rows = [{"answer": a, "meta": m, "source": s} for a, m, s in
+                zip(batch["answer"], batch["meta"], batch["source"])]
+        for method in self.methods:
+            if method == "backbone":
+                gen = single_generate(self.model, prompts, "__base__", self.max_new_tokens, eos, pad)
+            elif method == "base":
+                gen = single_generate(self.model, prompts, "base", self.max_new_tokens, eos, pad)
+            else:
+                w = np.stack([np.asarray(x, dtype=np.float64) for x in batch[f"w_{method}"]])
+                gen = ensemble_generate(self.model, prompts, self.names, w, self.max_new_tokens, eos, pad)
+            text = [self.tok.decode(g, skip_special_tokens=True) for g in gen]
+            out[f"pred_{method}"] = np.array(text, dtype=object)
+            out[f"score_{method}"] = np.array([score(r, t) for r, t in zip(rows, text)], dtype=np.float64)
+        return out
+
+
+def routing_weights(cfg: Config, run: RunDir, features: np.ndarray) -> dict[str, np.ndarray]:
+    """[N, 1 + C] weight matrices (column 0 = base adapter) for every ensemble method."""
+    from safetensors.numpy import load_file
+
+    from elrea_ray.routing import route, uniform_weights
+
+    centroids = load_file(str(run.clusters_file("centroids.safetensors")))["centroids"]
+    N, C = len(features), centroids.shape[0]
+    rc = cfg.routing
+    out = {}
+    ew, bw = route(features, centroids, temperature=rc.temperature, top_k=rc.top_k)
+    out["elrea"] = np.concatenate([bw[:, None], ew], axis=1)
+    ew1, bw1 = route(features, centroids, temperature=rc.temperature, top_k=1)
+    out["top1"] = np.concatenate([bw1[:, None], ew1], axis=1)
+    uw, ub = uniform_weights(N, C)
+    out["uniform"] = np.concatenate([ub[:, None], uw], axis=1)
+    return out
+
+
+def build_eval(cfg: Config, run: RunDir, out: Path) -> dict:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    import ray
+
+    from elrea_ray.evaluate import (accuracy_table, majority_source, own_source_routing_rate,
+                                    results_markdown)
+
+    bundle = json.loads(run.bundle.read_text())
+    test = pq.read_table(run.data_file("test")).to_pylist()
+    ids, _, feats = read_features(run.gradient_dir("test"))
+    order = {e: i for i, e in enumerate(ids)}
+    missing = [r["example_id"] for r in test if r["example_id"] not in order]
+    if missing:
+        raise ArtifactError(f"test features are missing for {len(missing)} examples, e.g. {missing[0]}")
+    feats = feats[[order[r["example_id"]] for r in test]]
+    weights = routing_weights(cfg, run, feats)
+    ec = cfg.eval
+    items = []
+    for i, r in enumerate(test):
+        item = {k: r[k] for k in ("example_id", "source", "prompt", "answer", "meta")}
+        for m in ("elrea", "uniform", "top1"):
+            item[f"w_{m}"] = weights[m][i].tolist()
+        items.append(item)
+    adapters = {n: str(run.root / p) for n, p in bundle["adapters"].items()}
+    ds = ray.data.from_items(items).map_batches(
+        EvalMapper, batch_size=ec.batch_size, batch_format="numpy",
+        fn_constructor_kwargs={"model_cfg": bundle["model"], "adapters": adapters,
+                               "methods": list(ec.methods), "max_new_tokens": ec.max_new_tokens,
+                               "use_gpu": ec.use_gpu},
+        compute=ray.data.ActorPoolStrategy(size=ec.num_actors), num_cpus=ec.cpus_per_actor,
+        num_gpus=1 if ec.use_gpu else 0)
+    preds = ds.to_pandas()
+    preds = preds.set_index("example_id").loc[[r["example_id"] for r in test]].reset_index()
+    pq.write_table(pa.Table.from_pandas(preds, preserve_index=False), out / "predictions.parquet")
+    sources = preds["source"].tolist()
+    table = accuracy_table(sources, {m: preds[f"score_{m}"].tolist() for m in ec.methods},
+                           resamples=ec.bootstrap, seed=cfg.run.seed)
+    assignments = pq.read_table(run.clusters_file("assignments.parquet"))
+    majority = majority_source(np.asarray(assignments.column("cluster").to_pylist()),
+                               assignments.column("source").to_pylist())
+    routing = own_source_routing_rate(weights["elrea"][:, 1:], [r["source"] for r in test], majority)
+    clusters = json.loads(run.clusters_file("report.json").read_text())
+    metrics = {"methods": table, "own_source_routing": routing,
+               "clusters": {k: clusters.get(k) for k in ("num_clusters", "sizes", "nmi", "ari", "purity")},
+               "cluster_majority_source": {str(k): v for k, v in majority.items()},
+               "mean_base_weight": float(weights["elrea"][:, 0].mean())}
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    md = results_markdown(table, routing, metrics["clusters"])
+    (out / "results.md").write_text("# ELREA evaluation (test split)\n\n" + md)
+    return {"micro": {m: table[m]["micro"]["acc"] for m in table}, "own_source_routing": routing["rate"]}
+
+
+# -- the whole run ----------------------------------------------------------------------------------
+
+def run_pipeline(cfg: Config, log=print) -> RunDir:
+    """Run (or resume) every stage; returns the run directory. Needs a connected Ray."""
+    run = RunDir.at(cfg.run.run_dir)
+    keys = stage_keys(cfg)
+    with run.lock():
+        (run.root / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+        run.update_manifest(lambda m: m.update({"config": cfg.to_dict(), "versions": _versions(),
+                                                "keys": keys, "updated": time.time()}))
+        t0 = time.time()
+        run.run_stage("data", keys["data"], lambda out: build_data(cfg, out), log)
+        run.run_stage("base", keys["base"], lambda out: build_base(cfg, run, keys, out), log)
+        run.run_stage("gradients", keys["gradients"], lambda out: build_gradients(cfg, run, out), log)
+        run.run_stage("clusters", keys["clusters"], lambda out: build_clusters(cfg, run, out), log)
+        _, ran = run.run_stage("experts", keys["experts"], lambda out: build_experts(cfg, run, keys, out), log)
+        if ran or not run.bundle.exists() or json.loads(run.bundle.read_text()).get("keys") != keys:
+            write_bundle(cfg, run, keys)
+        run.run_stage("eval", keys["eval"], lambda out: build_eval(cfg, run, out), log)
+        log(f"pipeline finished in {time.time() - t0:.0f} s; run directory {run.root}")
+    return run

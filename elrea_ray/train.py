@@ -1,0 +1,224 @@
+"""Stages 1 and 4: LoRA SFT with Ray Train (`TorchTrainer`, DDP over `num_workers`).
+
+One training loop serves both the base adapter (fresh LoRA, all data, keeps every epoch's adapter
+and Adam state for the gradient stage) and the experts (warm-started from the final base adapter,
+one cluster's examples). Mid-epoch checkpoints go through `ray.train.report`, so a killed worker or
+a rerun of the same stage key resumes from the last one instead of step 0.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import tempfile
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from elrea_ray.config import ModelConfig, TrainConfig
+
+
+def _lr_lambda(total_steps: int, warmup_steps: int):
+    # Paper: linear decay to 0 (warmup not stated; 0 by default).
+    def f(step: int) -> float:
+        if warmup_steps and step < warmup_steps:
+            return (step + 1) / warmup_steps
+        return max(0.0, (total_steps - step) / max(1, total_steps - warmup_steps))
+    return f
+
+
+def _load_examples(data_file: str, example_ids: list[str] | None, tok, max_length: int):
+    import json
+    import pyarrow.parquet as pq
+
+    from elrea_ray.data import encode, sft_labels
+
+    table = pq.read_table(data_file, columns=["example_id", "prompt", "response"]).to_pylist()
+    if example_ids is not None:
+        keep = set(example_ids)
+        table = [r for r in table if r["example_id"] in keep]
+    ids, labels, dropped = [], [], 0
+    for r in table:
+        enc = encode(tok, json.loads(r["prompt"]), r["response"], max_length)
+        if enc is None:
+            dropped += 1
+            continue
+        ids.append(enc["input_ids"])
+        labels.append(sft_labels(enc["input_ids"], enc["instruction_len"]))
+    return ids, labels, dropped
+
+
+def train_loop(cfg: dict) -> dict:
+    """Runs on every Ray Train worker. `cfg` holds plain values only (paths, dicts)."""
+    import ray.train
+    import ray.train.torch
+
+    from elrea_ray.checkpoints import save_epoch_checkpoint
+    from elrea_ray.data import collate, length_bucketed_batches
+    from elrea_ray.model import load_adapters, load_tokenizer, lora_parameters, new_lora_model
+
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    tc = TrainConfig(**cfg["train"])
+    mc = ModelConfig(**cfg["model"])
+    name, seed = cfg["name"], cfg["seed"]
+    device = ray.train.torch.get_device() if tc.use_gpu else torch.device("cpu")
+    torch.manual_seed(seed)
+
+    tok = load_tokenizer(mc)
+    ids, labels, dropped = _load_examples(cfg["data_file"], cfg.get("example_ids"), tok, mc.max_length)
+    if not ids:
+        raise ValueError(f"{name}: no training examples left (dropped {dropped} longer than "
+                         f"model.max_length={mc.max_length})")
+    if cfg.get("init_adapter"):
+        model = load_adapters(mc, {"default": cfg["init_adapter"]}, device, is_trainable=True)
+    else:
+        model = new_lora_model(mc, device, seed=seed)
+    model.train()
+    params = [p for _, p in lora_parameters(model)]
+    opt = torch.optim.Adam(params, lr=tc.lr, betas=(tc.adam_beta1, tc.adam_beta2), eps=tc.adam_eps,
+                           weight_decay=tc.weight_decay)
+    # e.g. 2000 examples / batch 16 = 125 steps per epoch, x 2 epochs = 250 steps
+    steps_per_epoch = math.ceil(len(ids) / tc.batch_size)
+    total = steps_per_epoch * tc.epochs
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(total, int(tc.warmup_ratio * total)))
+    net = model
+    if world > 1:
+        net = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None)
+
+    step, lr_sum = 0, 0.0
+    start = ray.train.get_checkpoint()
+    if start is not None:
+        with start.as_directory() as d:
+            state = torch.load(Path(d) / "train_state.pt", weights_only=False)
+        with torch.no_grad():
+            for (n, p), saved in zip(lora_parameters(model), state["params"]):
+                p.copy_(saved.to(p.device))
+        opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["scheduler"])
+        step, lr_sum = state["step"], state["lr_sum"]
+        if rank == 0:
+            print(f"[{name}] resumed from step {step}/{total}", flush=True)
+
+    lengths = [len(x) for x in ids]
+    loss_window: list[float] = []
+    last_loss = float("nan")
+    for epoch in range(step // steps_per_epoch, tc.epochs):
+        batches = length_bucketed_batches(lengths, tc.batch_size, seed=seed + epoch)
+        for b_idx, batch in enumerate(batches):
+            if epoch * steps_per_epoch + b_idx < step:
+                continue  # done before the resume point
+            mine = batch[rank::world]
+            # Loss = mean over all response tokens of the global batch (what one process
+            # computing the whole batch would get); DDP averages gradients over ranks, so x world.
+            n_tokens = sum(sum(1 for t in labels[i][1:] if t != -100) for i in batch)
+            total_loss = 0.0
+            for m0 in range(0, len(mine), tc.micro_batch_size):
+                micro = mine[m0:m0 + tc.micro_batch_size]
+                b = collate([ids[i] for i in micro], [labels[i] for i in micro], tok.pad_token_id)
+                b = {k: v.to(device) for k, v in b.items()}
+                logits = net(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
+                ce = torch.nn.functional.cross_entropy(
+                    logits[:, :-1].flatten(0, 1).float(), b["labels"][:, 1:].flatten(),
+                    ignore_index=-100, reduction="sum")
+                (ce * world / max(1, n_tokens)).backward()
+                total_loss += ce.item()
+            if not mine:  # a rank without examples this step still joins the all-reduce
+                sum(p.sum() for p in params).mul(0.0).backward()
+            lr_sum += sched.get_last_lr()[0]
+            opt.step()
+            sched.step()
+            opt.zero_grad(set_to_none=True)
+            step += 1
+            loss_window.append(total_loss / max(1, n_tokens) * world)
+            epoch_end = step % steps_per_epoch == 0
+            if epoch_end and rank == 0 and cfg.get("save_epochs"):
+                # Written before the resume checkpoint below, so a kill in between redoes it.
+                save_epoch_checkpoint(Path(cfg["out_dir"]) / f"epoch-{epoch + 1}", model, opt,
+                                      step=step, lr=sched.get_last_lr()[0],
+                                      mean_lr=lr_sum / steps_per_epoch, epoch=epoch + 1)
+            if epoch_end:
+                lr_sum = 0.0
+            if step % tc.logging_steps == 0 or epoch_end:
+                last_loss = sum(loss_window) / len(loss_window)
+                loss_window.clear()
+                metrics = {"loss": last_loss, "step": step, "epoch": epoch + 1, "lr": sched.get_last_lr()[0]}
+                if rank == 0:
+                    print(f"[{name}] step {step}/{total} epoch {epoch + 1} loss {last_loss:.4f} "
+                          f"lr {metrics['lr']:.2e}", flush=True)
+                if step % tc.checkpoint_every_steps == 0 or epoch_end:
+                    _report_with_checkpoint(metrics, model, opt, sched, step, lr_sum, rank)
+                else:
+                    ray.train.report(metrics)
+    if rank == 0:
+        final = Path(cfg["out_dir"]) if not cfg.get("save_epochs") else Path(cfg["out_dir"]) / "final"
+        model.save_pretrained(final)
+    return {"final_loss": last_loss, "steps": step, "examples": len(ids), "dropped_too_long": dropped}
+
+
+def _report_with_checkpoint(metrics, model, opt, sched, step, lr_sum, rank) -> None:
+    import ray.train
+
+    from elrea_ray.model import lora_parameters
+
+    with tempfile.TemporaryDirectory() as d:
+        ck = None
+        if rank == 0:
+            torch.save({"params": [p.detach().cpu() for _, p in lora_parameters(model)],
+                        "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+                        "step": step, "lr_sum": lr_sum}, Path(d) / "train_state.pt")
+            ck = ray.train.Checkpoint.from_directory(d)
+        ray.train.report(metrics, checkpoint=ck)
+
+
+def check_resources(num_workers: int, cpus_per_worker: float, use_gpu: bool, what: str) -> None:
+    """Fail at once with a message naming the resource, instead of Ray waiting forever."""
+    import ray
+
+    have = ray.cluster_resources()
+    need_cpu = num_workers * cpus_per_worker
+    if have.get("CPU", 0) < need_cpu:
+        raise RuntimeError(f"{what}: needs {need_cpu:g} CPUs ({num_workers} workers x {cpus_per_worker:g}) "
+                           f"but the Ray cluster has {have.get('CPU', 0):g}")
+    if use_gpu and have.get("GPU", 0) < num_workers:
+        raise RuntimeError(f"{what}: use_gpu=true needs {num_workers} GPUs but the Ray cluster has "
+                           f"{have.get('GPU', 0):g}; set use_gpu=false on a CPU cluster")
+
+
+def fit_adapter(run_name: str, loop_cfg: dict, tc: TrainConfig, storage: Path,
+                num_workers: int, cpus_per_worker: float, use_gpu: bool) -> dict:
+    """One `TorchTrainer.fit()`; the same (storage, run_name) resumes a run killed earlier."""
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    check_resources(num_workers, cpus_per_worker, use_gpu, run_name)
+    trainer = TorchTrainer(
+        train_loop,
+        train_loop_config=loop_cfg,
+        scaling_config=ray.train.ScalingConfig(num_workers=num_workers, use_gpu=use_gpu,
+                                               resources_per_worker={"CPU": cpus_per_worker}),
+        run_config=ray.train.RunConfig(
+            name=run_name, storage_path=str(storage),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=1),
+            failure_config=ray.train.FailureConfig(max_failures=tc.max_failures)),
+    )
+    result = trainer.fit()
+    if result.error:
+        raise RuntimeError(f"training {run_name} failed: {result.error}")
+    return dict(result.return_value or {})
+
+
+def fit_many(jobs: list[dict[str, Any]], max_concurrent: int) -> list[dict]:
+    """Run several `fit_adapter` calls at once (one thread each, at most `max_concurrent`)."""
+    sem = threading.Semaphore(max_concurrent)
+
+    def one(job):
+        with sem:
+            return fit_adapter(**job)
+
+    with ThreadPoolExecutor(max_workers=max(1, min(max_concurrent, len(jobs)))) as ex:
+        return list(ex.map(one, jobs))

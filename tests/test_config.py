@@ -1,0 +1,53 @@
+from pathlib import Path
+
+import pytest
+
+from elrea_ray.config import Config, ConfigError, load_config
+
+CONFIGS = sorted((Path(__file__).resolve().parents[1] / "jobs" / "configs").glob("*.yaml"))
+
+
+def test_defaults_are_the_papers():
+    c = Config()
+    assert (c.model.lora_r, c.model.lora_alpha, c.model.lora_dropout) == (8, 32, 0.1)
+    assert (c.train.lr, c.train.epochs, c.train.batch_size) == (5e-5, 2, 16)
+    assert c.experts.lr == 2e-5 and c.gradients.d_proj == 8192
+    assert (c.clustering.method, c.clustering.initial_clusters, c.clustering.fit_sample,
+            c.clustering.max_ratio, c.clustering.max_rounds) == ("balanced_birch", 5, 5000, 5.0, 3)
+    assert c.routing.temperature == 1.0 and c.routing.top_k is None
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=[p.name for p in CONFIGS])
+def test_every_shipped_yaml_loads(path):
+    assert isinstance(load_config(path), Config)
+
+
+def test_expected_configs_ship():
+    assert {p.name for p in CONFIGS} >= {"default.yaml", "smoke.yaml", "paper.yaml"}
+
+
+def test_overrides_parse_yaml_values(tmp_path):
+    c = load_config(None, ["experts.lr=1e-4", "data.sources=[chain_sum,products]", "routing.top_k=2",
+                           "run.run_dir=" + str(tmp_path)])
+    assert c.experts.lr == 1e-4 and c.data.sources == ("chain_sum", "products")
+    assert c.routing.top_k == 2 and c.run.run_dir == str(tmp_path)
+
+
+@pytest.mark.parametrize("override,needle", [
+    (["experts.lrr=1"], "experts.lrr"),
+    (["nosuch.x=1"], "nosuch"),
+    (["train.lr=-1"], "train.lr"),
+    (["train.epochs=two"], "train.epochs"),
+    (["clustering.method=dbscan"], "clustering.method"),
+    (["routing.temperature=0"], "routing.temperature"),
+    (["eval.methods=[elrea,magic]"], "eval.methods"),
+    (["badoverride"], "section.key=value"),
+])
+def test_bad_config_names_the_key(override, needle):
+    with pytest.raises(ConfigError, match=needle.replace(".", r"\.")):
+        load_config(None, override)
+
+
+def test_missing_config_file_is_named(tmp_path):
+    with pytest.raises(ConfigError, match="nope.yaml"):
+        load_config(tmp_path / "nope.yaml")
