@@ -148,6 +148,12 @@ class RunDir:
         """
         out = self.stage_dir(stage)
         if self.completed_key(stage) == key:
+            recorded = self.read_manifest()["stages"].get(stage, {}).get("outputs", [])
+            lost = [p for p in recorded if not (self.root / p).exists()]
+            if lost:
+                raise ArtifactError(
+                    f"stage {stage!r} is recorded complete but {len(lost)} of its files are missing "
+                    f"(e.g. {self.root / lost[0]}); delete {out} to rebuild that stage")
             log(f"[{stage}] up to date (key {key}), skipping")
             return out, False
         partial = out.with_name(out.name + ".partial")

@@ -158,8 +158,6 @@ def instruction_ids(tok, prompt_json: str, max_length: int) -> list[int]:
 def build_gradients(cfg: Config, run: RunDir, out: Path) -> dict:
     import ray
 
-    from elrea_ray.checkpoints import parameter_layout  # noqa: F401  (layout is recorded in the bundle)
-
     g = cfg.gradients
     weights = epoch_weights(cfg, run)
     ckpts = [str(run.base_epoch(e)) for e in range(1, cfg.train.epochs + 1)]
@@ -277,14 +275,12 @@ def build_experts(cfg: Config, run: RunDir, keys: dict, out: Path) -> dict:
 
 def write_bundle(cfg: Config, run: RunDir, keys: dict) -> dict:
     """bundle.json: everything serving needs, paths relative to the run directory."""
-    from elrea_ray.checkpoints import load_adam_state  # noqa: F401
     from elrea_ray.projection import ProjectorSpec
 
     report = json.loads(run.clusters_file("report.json").read_text())
     C = report["num_clusters"]
-    layout = json.loads((run.base_epoch(1) / "parameter_layout.json").read_text()) \
-        if (run.base_epoch(1) / "parameter_layout.json").exists() else None
-    d_in = sum(int(np.prod(s)) for _, s in layout) if layout else None
+    layout = json.loads((run.base_epoch(1) / "parameter_layout.json").read_text())
+    d_in = sum(int(np.prod(s)) for _, s in layout)
     rel = lambda p: str(Path(p).relative_to(run.root))  # noqa: E731
     bundle = {
         "format_version": BUNDLE_FORMAT_VERSION,
@@ -293,10 +289,8 @@ def write_bundle(cfg: Config, run: RunDir, keys: dict) -> dict:
                      **{f"expert-{c:02d}": rel(run.expert(c)) for c in range(C)}},
         "epoch_checkpoints": [rel(run.base_epoch(e)) for e in range(1, cfg.train.epochs + 1)],
         "epoch_weights": epoch_weights(cfg, run),
-        "projector": ProjectorSpec(kind=cfg.gradients.projector, d_in=d_in or 1,
-                                   d_proj=cfg.gradients.d_proj, seed=cfg.gradients.projector_seed).to_dict()
-        if d_in else {"kind": cfg.gradients.projector, "d_proj": cfg.gradients.d_proj,
-                      "seed": cfg.gradients.projector_seed},
+        "projector": ProjectorSpec(kind=cfg.gradients.projector, d_in=d_in, d_proj=cfg.gradients.d_proj,
+                                   seed=cfg.gradients.projector_seed).to_dict(),
         "parameter_layout": layout,
         "centroids": rel(run.clusters_file("centroids.safetensors")),
         "num_clusters": C,

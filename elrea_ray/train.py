@@ -8,6 +8,7 @@ a rerun of the same stage key resumes from the last one instead of step 0.
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import tempfile
@@ -56,7 +57,7 @@ def train_loop(cfg: dict) -> dict:
     import ray.train
     import ray.train.torch
 
-    from elrea_ray.checkpoints import save_epoch_checkpoint
+    from elrea_ray.checkpoints import parameter_layout, save_epoch_checkpoint
     from elrea_ray.data import collate, length_bucketed_batches
     from elrea_ray.model import load_adapters, load_tokenizer, lora_parameters, new_lora_model
 
@@ -141,6 +142,8 @@ def train_loop(cfg: dict) -> dict:
                 save_epoch_checkpoint(Path(cfg["out_dir"]) / f"epoch-{epoch + 1}", model, opt,
                                       step=step, lr=sched.get_last_lr()[0],
                                       mean_lr=lr_sum / steps_per_epoch, epoch=epoch + 1)
+                (Path(cfg["out_dir"]) / f"epoch-{epoch + 1}" / "parameter_layout.json").write_text(
+                    json.dumps(parameter_layout(model)))
             if epoch_end:
                 lr_sum = 0.0
             if step % tc.logging_steps == 0 or epoch_end:

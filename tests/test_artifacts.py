@@ -67,3 +67,12 @@ def test_corrupt_manifest_is_a_clear_error(tmp_path):
     (tmp_path / "manifest.json").write_text('{"stages": {')
     with pytest.raises(ArtifactError, match="manifest.json"):
         RunDir.at(tmp_path).read_manifest()
+
+
+def test_missing_file_of_a_finished_stage_is_named_on_resume(tmp_path):
+    run = RunDir.at(tmp_path)
+    run.run_stage("data", "k", lambda out: (out / "train.parquet").write_text("x") and None,
+                  log=lambda s: None)
+    (run.stage_dir("data") / "train.parquet").unlink()
+    with pytest.raises(ArtifactError, match="train.parquet"):
+        run.run_stage("data", "k", lambda out: None, log=lambda s: None)

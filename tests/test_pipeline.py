@@ -1,0 +1,103 @@
+"""Integration tests over the ONE shared smoke run (tests/conftest.py::smoke_run), plus the few
+that rerun stages in a private copy of it."""
+
+import json
+
+import pyarrow.parquet as pq
+import pytest
+
+from conftest import smoke_config
+
+pytestmark = pytest.mark.slow
+
+METHODS = ("backbone", "base", "elrea", "uniform", "top1")
+
+
+def _files(root):
+    return {str(p.relative_to(root)) for p in root.rglob("*") if p.is_file()}
+
+
+def test_smoke_run_writes_exactly_the_expected_artifacts(smoke_run):
+    root = smoke_run.root
+    files = {f for f in _files(root) if not f.startswith("ray/")}
+    report = json.loads((root / "clusters" / "report.json").read_text())
+    C = report["num_clusters"]
+    expected = {"manifest.json", "config.yaml", "bundle.json",
+                "data/train.parquet", "data/validation.parquet", "data/test.parquet", "data/counts.json",
+                "clusters/centroids.safetensors", "clusters/assignments.parquet", "clusters/report.json",
+                "eval/predictions.parquet", "eval/metrics.json", "eval/results.md"}
+    for e in (1, 2):
+        expected |= {f"adapters/base/epoch-{e}/{n}" for n in
+                     ("adapter_config.json", "adapter_model.safetensors", "adam_state.safetensors",
+                      "optimizer_state.json", "parameter_layout.json")}
+    expected |= {f"adapters/base/final/{n}" for n in ("adapter_config.json", "adapter_model.safetensors")}
+    expected |= {f"adapters/experts/expert-{c:02d}/{n}" for c in range(C)
+                 for n in ("adapter_config.json", "adapter_model.safetensors")}
+    stage_markers = {f"{d}/_COMPLETE" for d in ("data", "adapters/base", "gradients", "clusters",
+                                                  "adapters/experts", "eval")}
+    got = {f for f in files if not f.startswith("gradients/") and "README.md" not in f}
+    assert expected | stage_markers <= got, sorted((expected | stage_markers) - got)
+    extra = got - expected - stage_markers
+    assert not extra, sorted(extra)
+    for split in ("train", "validation", "test"):
+        assert any(f.startswith(f"gradients/{split}/") and f.endswith(".parquet") for f in files)
+    assert not any(".partial" in f for f in files)
+
+
+def test_features_cover_every_example_once_and_are_unit_norm(smoke_run):
+    import numpy as np
+
+    from elrea_ray.pipeline import read_features
+
+    for split in ("train", "test"):
+        ids, _, X = read_features(smoke_run.gradient_dir(split))
+        data_ids = pq.read_table(smoke_run.data_file(split)).column("example_id").to_pylist()
+        assert sorted(ids) == sorted(data_ids)
+        assert X.shape[1] == 512
+        assert np.allclose(np.linalg.norm(X, axis=1), 1.0, atol=1e-4)
+
+
+def test_metrics_have_every_method_with_n_and_intervals(smoke_run):
+    m = json.loads((smoke_run.root / "eval" / "metrics.json").read_text())
+    assert set(m["methods"]) == set(METHODS)
+    n_test = pq.read_metadata(smoke_run.data_file("test")).num_rows
+    for method in METHODS:
+        micro = m["methods"][method]["micro"]
+        assert micro["n"] == n_test and 0.0 <= micro["acc"] <= 1.0
+        lo, hi = micro["ci"]
+        assert lo <= micro["acc"] <= hi
+    assert 0.0 <= m["own_source_routing"]["rate"] <= 1.0
+    assert "nmi" in m["clusters"]
+    text = (smoke_run.root / "eval" / "results.md").read_text()
+    assert "ELREA" in text and "M+Q_base" in text and "NMI" in text
+
+
+def test_bundle_lists_everything_serving_needs(smoke_run):
+    b = json.loads(smoke_run.bundle.read_text())
+    assert b["format_version"] == 1
+    assert set(b["adapters"]) == {"base"} | {f"expert-{c:02d}" for c in range(b["num_clusters"])}
+    for p in list(b["adapters"].values()) + b["epoch_checkpoints"] + [b["centroids"]]:
+        assert (smoke_run.root / p).exists(), p
+    assert b["projector"]["kind"] == "countsketch" and b["projector"]["d_proj"] == 512
+    assert b["parameter_layout"] and b["projector"]["d_in"] == sum(
+        int(__import__("math").prod(s)) for _, s in b["parameter_layout"])
+
+
+def test_rerun_skips_finished_stages(smoke_run):
+    from elrea_ray.pipeline import run_pipeline
+
+    before = json.loads(smoke_run.manifest.read_text())["stages"]
+    lines = []
+    run_pipeline(smoke_config(smoke_run.root), log=lines.append)
+    after = json.loads(smoke_run.manifest.read_text())["stages"]
+    assert {s: v["started"] for s, v in before.items()} == {s: v["started"] for s, v in after.items()}
+    assert sum("skipping" in ln for ln in lines) == 6
+
+
+def test_changed_expert_setting_reruns_only_experts_and_eval(copy_of_smoke):
+    from elrea_ray.pipeline import run_pipeline
+
+    lines = []
+    run_pipeline(smoke_config(copy_of_smoke, "experts.lr=3e-3"), log=lines.append)
+    ran = {ln.split("]")[0].strip("[") for ln in lines if "running (key" in ln}
+    assert ran == {"experts", "eval"}
