@@ -80,7 +80,8 @@ def per_example_grads(peft_model, input_ids: torch.Tensor, attention_mask: torch
         grads = out[:batch]
     input_ids, attention_mask, labels = (t.to(device) for t in (input_ids, attention_mask, labels))
     keep = attention_mask.bool().unsqueeze(-1)  # [B, T, 1]; pads contribute nothing, by construction
-    targets = labels[:, 1:]
+    # Position t predicts token t+1; a prediction made from a pad position (left padding) is void.
+    targets = labels[:, 1:].masked_fill(attention_mask[:, :-1] == 0, -100)
     counts = (targets != -100).sum(1)
     if bool((counts == 0).any()):
         bad = (counts == 0).nonzero().flatten().tolist()

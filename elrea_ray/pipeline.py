@@ -66,22 +66,19 @@ def build_data(cfg: Config, out: Path) -> dict:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from elrea_ray.data import build_splits
+    from elrea_ray.data import build_splits_with_report
 
-    splits = build_splits(cfg.data, cfg.run.seed)
-    counts = {}
+    splits, report = build_splits_with_report(cfg.data, cfg.run.seed)
     for split in SPLITS:
         rows = splits.get(split, [])
-        pq.write_table(pa.Table.from_pylist(rows) if rows else pa.table({}), out / f"{split}.parquet")
-        per = {}
-        for r in rows:
-            per[r["source"]] = per.get(r["source"], 0) + 1
-        counts[split] = {"rows": len(rows), "per_source": per}
-    info = {"counts": counts}
-    if "skipped" in splits:
-        info["skipped"] = splits["skipped"]
-    (out / "counts.json").write_text(json.dumps(info, indent=2))
-    return info
+        if rows:
+            table = pa.Table.from_pylist(rows)
+        else:
+            table = pa.table({c: pa.array([], pa.string()) for c in
+                              ("example_id", "source", "prompt", "response", "answer", "meta")})
+        pq.write_table(table, out / f"{split}.parquet")
+    (out / "counts.json").write_text(json.dumps(report, indent=2))
+    return report
 
 
 # -- stage 1: base adapter --------------------------------------------------------------------------

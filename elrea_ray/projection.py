@@ -1,11 +1,13 @@
 """Random projections of flattened LoRA gradients, D -> d_proj (ELREA eq. 5.6).
 
-Every random choice (a sign, a bucket) is a pure function of (kind, seed, index): a
-splitmix64 hash evaluated with int64 tensor ops on whatever device the gradients live on.
-Integer arithmetic is exact, so a CPU and a GPU, or two torch versions, build the same
-projection from the same `ProjectorSpec` (unlike a torch RNG stream, or TRAK's fast_jl whose
-matrix depends on the GPU's SM count; notes/performance.md §2). No projector ever holds a
-D x d_proj matrix unless it is small (< 64M entries).
+Every random choice (a sign, a bucket) is a pure function of (kind, seed, index): output
+number `index` of SplitMix64 seeded with a key derived from (seed, kind). Integer arithmetic
+is exact, so a CPU and a GPU, or two torch versions, build the same projection from the same
+`ProjectorSpec` (unlike a torch RNG stream, or TRAK's fast_jl whose matrix depends on the
+GPU's SM count; notes/performance.md §2). The sketches' O(D) tables are built once with numpy
+uint64 on the CPU and moved to the device; the dense signs are regenerated on the device
+with int64 torch ops (wraparound multiplication, checked against plain integers in the tests).
+No projector ever holds a D x d_proj matrix unless it is small (< 64M entries).
 
 All three kinds satisfy E<Px, Py> = <x, y>:
 - `rademacher`: the paper's dense JL, R_ij = ±1/sqrt(d_proj), regenerated tile by tile
@@ -17,8 +19,9 @@ All three kinds satisfy E<Px, Py> = <x, y>:
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 
+import numpy as np
 import torch
 
 KINDS = ("countsketch", "sparse_jl", "rademacher")
@@ -36,20 +39,22 @@ def _signed(u: int) -> int:
     return u - (1 << 64) if u >= 1 << 63 else u
 
 
-def _shr(x: torch.Tensor, k: int) -> torch.Tensor:
-    """Logical right shift of int64 bits (torch's >> is arithmetic for signed ints)."""
-    return (x >> k) & ((1 << (64 - k)) - 1)
+_GOLDEN_U, _M1_U, _M2_U = 0x9E3779B97F4A7C15, 0xBF58476D1CE4E5B9, 0x94D049BB133111EB  # splitmix64
+_GOLDEN, _M1, _M2 = (_signed(c) for c in (_GOLDEN_U, _M1_U, _M2_U))  # the same bits as int64
 
 
-_GOLDEN, _M1, _M2 = (_signed(c) for c in (0x9E3779B97F4A7C15, 0xBF58476D1CE4E5B9, 0x94D049BB133111EB))
+def _mix64_(z: torch.Tensor, scratch: torch.Tensor) -> torch.Tensor:
+    """splitmix64's output function, in place on int64 z (wraparound = arithmetic mod 2^64).
 
-
-def splitmix64(x: torch.Tensor) -> torch.Tensor:
-    """splitmix64 finaliser on int64 tensors (two's-complement wraparound = arithmetic mod 2^64)."""
-    z = x + _GOLDEN
-    z = (z ^ _shr(z, 30)) * _M1
-    z = (z ^ _shr(z, 27)) * _M2
-    return z ^ _shr(z, 31)
+    torch's >> is arithmetic for signed ints, so each logical shift masks off the copied sign
+    bits; `scratch` (same shape) holds the shifted value, so nothing is allocated.
+    """
+    for shift, mult in ((30, _M1), (27, _M2), (31, None)):
+        torch.bitwise_right_shift(z, shift, out=scratch).bitwise_and_((1 << (64 - shift)) - 1)
+        z.bitwise_xor_(scratch)
+        if mult is not None:
+            z.mul_(mult)
+    return z
 
 
 def _mix_int(x: int) -> int:
@@ -65,9 +70,19 @@ def stream_key(seed: int, kind: str, repeat: int = 0) -> int:
     return _signed(_mix_int(_mix_int(_mix_int(seed) ^ _STREAM[kind]) ^ repeat))
 
 
+def _counter_(index: torch.Tensor, key: int) -> torch.Tensor:
+    """In place: int64 index -> SplitMix64 state key + (index + 1) * golden."""
+    return index.mul_(_GOLDEN).add_(_signed(key + _GOLDEN))
+
+
 def hash64(key: int, index: torch.Tensor) -> torch.Tensor:
-    """Counter-based random 64 bits for each int64 index: splitmix64(index ^ key)."""
-    return splitmix64(index ^ key)
+    """Random 64 bits (as int64) per index: output number `index` of SplitMix64 seeded with `key`.
+
+    That is mix(key + (index + 1) * golden), a counter-based generator, so any entry can be
+    produced on its own, on any device, in any order.
+    """
+    z = _counter_(index.to(torch.int64, copy=True), key)
+    return _mix64_(z, torch.empty_like(z))
 
 
 @dataclass(frozen=True)
@@ -97,6 +112,9 @@ class ProjectorSpec:
 
     @classmethod
     def from_dict(cls, d: dict) -> "ProjectorSpec":
+        unknown = set(d) - {f.name for f in fields(cls)}
+        if unknown:
+            raise ValueError(f"ProjectorSpec.from_dict got unknown keys {sorted(unknown)}")
         return cls(**d)
 
 
@@ -121,17 +139,36 @@ class Projector:
         raise NotImplementedError
 
 
-def _sketch_tables(key: int, d_in: int, d_proj: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Bucket [D] int32 in [0, d_proj) and sign [D] float32 in {-1, +1} for one countsketch."""
-    buckets = torch.empty(d_in, dtype=torch.int32, device=device)
-    signs = torch.empty(d_in, dtype=torch.float32, device=device)
-    step = 1 << 22  # chunked so that the int64 temporaries stay small for huge D
+def _sketch_tables(key: int, d_in: int, d_proj: int, device: torch.device) -> tuple[torch.Tensor, ...]:
+    """Bucket [D] int32 in [0, d_proj) and sign [D] float32 in {-1, +1} for one countsketch.
+
+    h = hash64(key, i); sign = 1 - 2 * (h & 1); bucket = ((h >> 32) * d_proj) >> 32, Lemire's
+    multiply-shift on the high 32 bits (uniform without a modulo). Built with numpy uint64 on
+    the CPU, in chunks with reused buffers, then moved: numpy is single-threaded, and torch's
+    many small parallel ops were 5-20x slower on a 2-core machine that other processes shared
+    (measured: D = 5e7 took 0.7 s single-threaded, 4-15 s with 2 contended OpenMP threads).
+    """
+    buckets = np.empty(d_in, dtype=np.int32)
+    signs = np.empty(d_in, dtype=np.float32)
+    step = min(d_in, 1 << 18)
+    offsets = np.arange(1, step + 1, dtype=np.uint64) * np.uint64(_GOLDEN_U) + np.uint64(key & _MASK64)
+    z, t = np.empty(step, dtype=np.uint64), np.empty(step, dtype=np.uint64)
     for lo in range(0, d_in, step):
-        h = hash64(key, torch.arange(lo, min(lo + step, d_in), dtype=torch.int64, device=device))
-        # Lemire's multiply-shift on the high 32 bits: uniform bucket without a modulo.
-        buckets[lo : lo + step] = ((_shr(h, 32) * d_proj) >> 32).to(torch.int32)
-        signs[lo : lo + step] = 1.0 - 2.0 * (h & 1).to(torch.float32)
-    return buckets, signs
+        n = min(step, d_in - lo)
+        h, tn = z[:n], t[:n]
+        # SplitMix64 state key + (i + 1) * golden, i = lo + offset (uint64 arithmetic wraps mod 2^64).
+        np.add(offsets[:n], np.uint64((lo * _GOLDEN_U) & _MASK64), out=h)
+        for shift, mult in ((30, _M1_U), (27, _M2_U), (31, None)):
+            np.bitwise_xor(h, np.right_shift(h, np.uint64(shift), out=tn), out=h)
+            if mult is not None:
+                np.multiply(h, np.uint64(mult), out=h)
+        signs[lo : lo + n] = np.bitwise_and(h, np.uint64(1), out=tn)
+        signs[lo : lo + n] *= -2.0
+        signs[lo : lo + n] += 1.0
+        np.right_shift(h, np.uint64(32), out=tn)
+        np.multiply(tn, np.uint64(d_proj), out=tn)
+        buckets[lo : lo + n] = np.right_shift(tn, np.uint64(32), out=tn)
+    return torch.from_numpy(buckets).to(device), torch.from_numpy(signs).to(device)
 
 
 class SketchProjector(Projector):

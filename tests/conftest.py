@@ -18,12 +18,13 @@ os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
 
 @pytest.fixture(scope="session", autouse=True)
-def model_cache(tmp_path_factory):
-    """Built-in models are built into a per-session cache unless ELREA_CACHE is already set
-    (CI sets it so SmolLM2 is converted once)."""
-    if "ELREA_CACHE" not in os.environ:
-        os.environ["ELREA_CACHE"] = str(tmp_path_factory.mktemp("elrea-cache"))
-    return Path(os.environ["ELREA_CACHE"])
+def model_cache():
+    """Built-in models live in the user's cache (~/.cache/elrea-ray or $ELREA_CACHE), where
+    scripts/setup.sh already converted SmolLM2; the tiny model is built there in a second."""
+    from elrea_ray.model import cache_dir
+
+    os.environ["ELREA_CACHE"] = str(cache_dir())
+    return cache_dir()
 
 
 @pytest.fixture(scope="session")

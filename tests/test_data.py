@@ -1,0 +1,269 @@
+"""Data rows, tokenisation marks and scoring (fast: a tiny tokenizer, small files)."""
+
+import json
+import os
+import random
+
+import pytest
+
+from elrea_ray.config import DataConfig, ModelConfig
+from elrea_ray.data import (FAMILY_CONFIGS, DataError, build_splits, build_splits_with_report, collate,
+                            encode, extract_answer, instruction_labels, length_bucketed_batches,
+                            read_rows, reasoning_gym_rows, score, sft_labels)
+
+
+@pytest.fixture(scope="session")
+def tok(tmp_path_factory):
+    """The tiny tokenizer (ChatML template with a default system prompt), built in a temp cache.
+    ELREA_CACHE is restored at once, so later test modules still find the shared model cache."""
+    from elrea_ray.model import load_tokenizer
+
+    old = os.environ.get("ELREA_CACHE")
+    os.environ["ELREA_CACHE"] = str(tmp_path_factory.mktemp("elrea-cache"))
+    try:
+        return load_tokenizer(ModelConfig(name_or_path="tiny-random-llama"))
+    finally:
+        if old is None:
+            os.environ.pop("ELREA_CACHE", None)
+        else:
+            os.environ["ELREA_CACHE"] = old
+
+
+SMALL = DataConfig(sources=("chain_sum", "products", "spell_backward", "letter_counting"),
+                   train_per_source=40, validation_per_source=8, test_per_source=10)
+
+
+# -- splits ---------------------------------------------------------------------------------------
+
+def _questions(rows):
+    return {json.loads(r["prompt"])[-1]["content"] for r in rows}
+
+
+def test_build_splits_deterministic_disjoint_and_sourced():
+    a, b = build_splits(SMALL, seed=0), build_splits(SMALL, seed=0)
+    assert a == b
+    c = build_splits(SMALL, seed=1)
+    assert [r["prompt"] for r in a["train"]] != [r["prompt"] for r in c["train"]]
+    for split, n in (("train", 40), ("validation", 8), ("test", 10)):
+        assert {r["source"] for r in a[split]} == set(SMALL.sources)
+        assert len(a[split]) == n * len(SMALL.sources)
+    tr, va, te = (_questions(a[s]) for s in ("train", "validation", "test"))
+    assert not (tr & va) and not (tr & te) and not (va & te)
+    ids = [r["example_id"] for s in a.values() for r in s]
+    assert len(ids) == len(set(ids))
+    row = a["train"][0]
+    assert set(row) == {"example_id", "source", "prompt", "response", "answer", "meta"}
+    assert all(isinstance(v, str) for v in row.values())
+    meta = json.loads(row["meta"])
+    assert meta["family"] == row["source"] and meta["entry"]["answer"] == row["answer"] == row["response"]
+    assert meta["dataset_config"] == FAMILY_CONFIGS[row["source"]]
+    assert json.loads(row["prompt"]) == [{"role": "user", "content": meta["entry"]["question"]}]
+
+
+def test_dedupe_fills_a_small_item_space():
+    # products with 2 one-digit factors has 100 distinct questions: train takes most of them, and
+    # validation/test may only hold what is left, never a train question
+    cfg = {"min_terms": 2, "max_terms": 2, "min_digits": 1, "max_digits": 1}
+    train = reasoning_gym_rows("products", "train", 300, 0, cfg)
+    test = reasoning_gym_rows("products", "test", 50, 0, cfg, exclude_questions=_questions(train))
+    assert len(_questions(test)) == len(test) and not (_questions(train) & _questions(test))
+    assert len(test) <= 100 - len(_questions(train))
+
+
+def test_system_prompt_and_bad_family():
+    rows = reasoning_gym_rows("gcd", "train", 2, 0, system_prompt="Be brief.")
+    assert json.loads(rows[0]["prompt"])[0] == {"role": "system", "content": "Be brief."}
+    with pytest.raises(DataError, match="unknown reasoning-gym task family"):
+        reasoning_gym_rows("no_such_family", "train", 2, 0)
+    with pytest.raises(DataError, match="rejects the config"):
+        reasoning_gym_rows("gcd", "train", 2, 0, {"max_digits": 3})
+
+
+# -- scoring --------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("family", sorted(FAMILY_CONFIGS))
+def test_gold_scores_one_and_wrong_scores_zero(family):
+    rows = reasoning_gym_rows(family, "test", 20, 3)
+    assert len(rows) == 20
+    for r in rows:
+        r = json.loads(json.dumps(r))  # as read back from Parquet
+        assert score(r, r["answer"]) == 1.0, (family, r["answer"])
+        assert score(r, f"The answer is {r['answer']}.") == 1.0, (family, r["answer"])
+        assert score(r, "zzz 98765") == 0.0
+
+
+def test_extract_answer_on_chatty_text():
+    assert extract_answer("The answer is 12.", "12") == "12"
+    assert extract_answer("\\boxed{7}", "7") == "7"
+    assert extract_answer("so we get \\boxed{\\frac{1}{2}} in the end", "1/2") == "\\frac{1}{2}"
+    assert extract_answer("  olleh\nmore text", "olleh") == "olleh"
+    assert extract_answer("Answer: \"olleh\".", "olleh") == "olleh"
+    assert extract_answer("It is -4, I think", "-4") == "-4"
+    assert extract_answer("total 1,234 legs", "1234") == "1234"
+    assert extract_answer("12.0", "12") == "12"
+    assert extract_answer("3.5 apples", "2") == "3.5"
+    assert extract_answer("no digits here", "5") == "no digits here"
+
+
+def test_score_file_rows():
+    row = {"answer": "1,234", "meta": "{}"}
+    assert score(row, "It is 1234.") == 1.0 and score(row, "1235") == 0.0
+    assert score({"answer": "Paris", "meta": "{}"}, "paris.\nThe capital.") == 1.0
+    assert score({"answer": "\\boxed{42}", "meta": "{}"}, "so \\boxed{42}") == 1.0
+    assert score({"answer": "#### 72", "meta": "{}"}, "72 clips") == 1.0
+    assert score({"answer": "", "meta": "{}"}, "anything") == 0.0
+
+
+# -- tokenisation ---------------------------------------------------------------------------------
+
+def test_encode_marks_instruction_and_response(tok):
+    prompt = [{"role": "user", "content": "What is 3 + 4?"}]
+    enc = encode(tok, prompt, "7", 256)
+    ids, n = enc["input_ids"], enc["instruction_len"]
+    templated = tok.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
+    assert tok.decode(ids[:n]) == templated
+    assert tok.decode(ids[n:]) == "7" + tok.eos_token and ids[-1] == tok.eos_token_id
+    sft, ins = sft_labels(ids, n), instruction_labels(ids, n)
+    assert sft == [-100] * n + ids[n:]
+    assert ins == ids[:n] + [-100] * (len(ids) - n)
+    other = encode(tok, prompt, "a much longer answer", 256)
+    assert other["input_ids"][:other["instruction_len"]] == ids[:n] and other["instruction_len"] == n
+    only = encode(tok, prompt, None, 256)
+    assert only == {"input_ids": ids[:n], "instruction_len": n}
+    assert encode(tok, prompt, "7", n) is None
+    assert encode(tok, prompt, "7", len(ids)) == enc
+
+
+def test_collate_pads_both_sides():
+    ids, labels = [[5, 6, 7], [8]], [[-100, 6, 7], [8]]
+    right = collate(ids, labels, pad_id=0)
+    assert right["input_ids"].tolist() == [[5, 6, 7], [8, 0, 0]]
+    assert right["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
+    assert right["labels"].tolist() == [[-100, 6, 7], [8, -100, -100]]
+    left = collate(ids, labels, pad_id=0, side="left")
+    assert left["input_ids"].tolist() == [[5, 6, 7], [0, 0, 8]]
+    assert left["attention_mask"].tolist() == [[1, 1, 1], [0, 0, 1]]
+    assert left["labels"].tolist() == [[-100, 6, 7], [-100, -100, 8]]
+
+
+def test_length_bucketed_batches_cover_once_and_are_homogeneous():
+    rng = random.Random(0)
+    lengths = [rng.choice([rng.randint(40, 60), rng.randint(200, 230)]) for _ in range(1000)]
+    batches = length_bucketed_batches(lengths, 16, seed=0)
+    flat = sorted(i for b in batches for i in b)
+    assert flat == list(range(1000)) and all(len(b) <= 16 for b in batches)
+    mixed = [b for b in batches if min(lengths[i] for i in b) < 100 < max(lengths[i] for i in b)]
+    assert len(mixed) <= 2  # at most one straddling batch per chunk of 50 batches (800 items)
+    assert batches == length_bucketed_batches(lengths, 16, seed=0)
+    assert batches != length_bucketed_batches(lengths, 16, seed=1)
+    unshuffled = length_bucketed_batches(lengths, 16, seed=0, shuffle=False)
+    assert sorted(i for b in unshuffled for i in b) == list(range(1000))
+
+
+# -- files ----------------------------------------------------------------------------------------
+
+def _jsonl(path, records):
+    path.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
+    return str(path)
+
+
+def test_read_instruction_jsonl(tmp_path):
+    f = _jsonl(tmp_path / "mix.jsonl", [
+        {"instruction": "Add 2 and 3.", "response": "5", "source": "math"},
+        {"instruction": "Say hi.", "response": "Hi!\nHow are you?", "system": "Be kind."},
+    ])
+    rows, counts = read_rows(f, "train", system_prompt="Default system.")
+    assert counts == {"read": 2, "skipped": {}}
+    assert [r["example_id"] for r in rows] == ["train-mix-000001", "train-mix-000002"]
+    assert [r["source"] for r in rows] == ["math", "mix"]
+    assert json.loads(rows[0]["prompt"]) == [{"role": "system", "content": "Default system."},
+                                             {"role": "user", "content": "Add 2 and 3."}]
+    assert json.loads(rows[1]["prompt"])[0] == {"role": "system", "content": "Be kind."}
+    assert rows[0]["response"] == "5" and rows[0]["answer"] == "5" and rows[1]["answer"] == ""
+
+
+def test_read_alpaca_messages_and_parquet(tmp_path):
+    f = _jsonl(tmp_path / "alp.jsonl", [
+        {"instruction": "Translate.", "input": "chat", "output": "cat"},
+        {"instruction": "Count to 3.", "input": "", "output": "1 2 3"},
+    ])
+    rows, _ = read_rows(f, "train")
+    assert json.loads(rows[0]["prompt"]) == [{"role": "user", "content": "Translate.\n\nchat"}]
+    assert json.loads(rows[1]["prompt"]) == [{"role": "user", "content": "Count to 3."}]
+    assert rows[0]["response"] == "cat"
+
+    conv = [{"role": "system", "content": "S"}, {"role": "user", "content": "Q1"},
+            {"role": "assistant", "content": "A1"}, {"role": "user", "content": "Q2"},
+            {"role": "assistant", "content": "A2"}]
+    f = _jsonl(tmp_path / "chat.jsonl", [{"messages": conv}])
+    rows, _ = read_rows(f, "train")
+    assert json.loads(rows[0]["prompt"]) == conv[:-1] and rows[0]["response"] == "A2"
+    f = _jsonl(tmp_path / "chat_test.jsonl", [{"messages": conv[:-1], "answer": 9}])
+    rows, _ = read_rows(f, "test")
+    assert json.loads(rows[0]["prompt"]) == conv[:-1]
+    assert rows[0]["response"] == "" and rows[0]["answer"] == "9"
+    with pytest.raises(DataError, match=r"chat_test\.jsonl, line 1: .*last message"):
+        read_rows(f, "train")
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    path = tmp_path / "pc.parquet"
+    pq.write_table(pa.table({"prompt": ["2+2=", "Capital of France?"], "completion": ["4", "Paris"]}), path)
+    rows, counts = read_rows(str(path), "validation")
+    assert counts["read"] == 2 and rows[1]["example_id"] == "validation-pc-000002"
+    assert json.loads(rows[1]["prompt"]) == [{"role": "user", "content": "Capital of France?"}]
+    assert rows[1]["response"] == "Paris" and rows[1]["answer"] == "Paris"
+
+
+def test_bad_rows_error_or_skip(tmp_path):
+    records = [{"instruction": "ok", "response": "fine"}, {"response": "no instruction"},
+               {"instruction": "  ", "response": "x"}, {"instruction": 5, "response": "x"}]
+    path = tmp_path / "bad.jsonl"
+    path.write_text(json.dumps(records[0]) + "\n\n" + "\n".join(json.dumps(r) for r in records[1:])
+                    + "\n{not json\n", encoding="utf-8")
+    with pytest.raises(DataError, match=r"bad\.jsonl, line 3: missing field 'instruction'"):
+        read_rows(str(path), "train")
+    rows, counts = read_rows(str(path), "train", bad_rows="skip")
+    assert len(rows) == 1 and counts == {"read": 5, "skipped": {"missing_field": 1, "empty_text": 1,
+                                                                "wrong_type": 1, "invalid_json": 1}}
+    msgs = tmp_path / "turns.jsonl"
+    _jsonl(msgs, [{"messages": [{"role": "assistant", "content": "A"}, {"role": "user", "content": "Q"}]}])
+    with pytest.raises(DataError, match=r"turns\.jsonl, line 1: messages must alternate"):
+        read_rows(str(msgs), "train")
+
+
+def test_unreadable_files(tmp_path):
+    latin = tmp_path / "latin.jsonl"
+    latin.write_bytes(b'{"instruction": "ok", "response": "x"}\n'
+                      b'{"instruction": "caf\xe9", "response": "x"}\n')  # Latin-1, not UTF-8
+    with pytest.raises(DataError, match=r"latin\.jsonl is not UTF-8 text \(undecodable byte at line 2\)"):
+        read_rows(str(latin), "train")
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    with pytest.raises(DataError, match=r"empty\.jsonl is empty"):
+        read_rows(str(empty), "train")
+    blank = tmp_path / "blank.json"
+    blank.write_text("  \n")
+    with pytest.raises(DataError, match=r"blank\.json is empty"):
+        read_rows(str(blank), "train")
+    with pytest.raises(DataError, match="does not exist"):
+        read_rows(str(tmp_path / "missing.jsonl"), "train")
+    with pytest.raises(DataError, match="unknown data format 'csv'"):
+        read_rows(str(latin), "train", fmt="csv")
+    odd = _jsonl(tmp_path / "odd.jsonl", [{"text": "hello"}])
+    with pytest.raises(DataError, match="cannot tell the format"):
+        read_rows(odd, "train")
+
+
+def test_json_array_and_file_splits(tmp_path):
+    train = tmp_path / "train.json"
+    train.write_text(json.dumps([{"instruction": f"q{i}", "response": f"a{i}", "source": "s" + str(i % 2)}
+                                 for i in range(40)]), encoding="utf-8")
+    test = _jsonl(tmp_path / "test.jsonl", [{"instruction": "q", "response": ""}])
+    cfg = DataConfig(kind="files", train_files=(str(train),), test_files=(test,), validation_per_source=2)
+    splits, report = build_splits_with_report(cfg, seed=0)
+    assert len(splits["train"]) == 36 and len(splits["validation"]) == 4 and len(splits["test"]) == 1
+    assert report["files"][str(train)]["read"] == 40
+    assert {r["source"] for r in splits["validation"]} == {"s0", "s1"}
+    assert splits == build_splits(cfg, seed=0)

@@ -1,0 +1,163 @@
+"""Routed-ensemble greedy decoding (paper eq. 5.10) on the tiny random Llama."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from elrea_ray.checkpoints import save_epoch_checkpoint
+from elrea_ray.config import ModelConfig
+from elrea_ray.ensemble import ensemble_generate, single_generate
+from elrea_ray.model import load_adapters, load_tokenizer, lora_parameters, new_lora_model
+
+CFG = ModelConfig(name_or_path="tiny-random-llama", lora_dropout=0.0)
+NAMES = ["base", "expert-00", "expert-01"]
+NEW = 10
+
+
+@pytest.fixture(scope="session", autouse=True)
+def elrea_cache(tmp_path_factory):
+    old = os.environ.get("ELREA_CACHE")
+    os.environ["ELREA_CACHE"] = str(tmp_path_factory.mktemp("elrea-cache"))
+    yield
+    if old is None:
+        os.environ.pop("ELREA_CACHE", None)
+    else:
+        os.environ["ELREA_CACHE"] = old
+
+
+def train_adapters(folder):
+    """A base adapter after a few Adam steps (an epoch checkpoint) and experts that perturb it.
+    Every adapter gets random noise too: the tiny random backbone alone repeats one token, and
+    the tests need adapters whose greedy outputs differ."""
+    model = new_lora_model(CFG, seed=0)
+    opt = torch.optim.Adam([p for _, p in lora_parameters(model)], lr=1e-2)
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(4):
+        ids = torch.randint(3, model.config.vocab_size, (4, 12), generator=gen)
+        model(input_ids=ids, labels=ids).loss.backward()
+        opt.step()
+        opt.zero_grad()
+    for name in NAMES:
+        with torch.no_grad():
+            for _, p in lora_parameters(model):
+                p.add_(torch.randn(p.shape, generator=gen) * 0.5)
+        if name == NAMES[0]:
+            save_epoch_checkpoint(folder / name, model, opt, step=4, lr=1e-2, mean_lr=1e-2, epoch=1)
+        else:
+            model.save_pretrained(str(folder / name))
+    return {n: str(folder / n) for n in NAMES}
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    return load_adapters(CFG, train_adapters(tmp_path_factory.mktemp("adapters")))
+
+
+@pytest.fixture(scope="module")
+def prompts():
+    tok = load_tokenizer(CFG)
+    texts = ["What is 3 + 4?", "Spell this word backward: hello", "berry",
+             "How many times does the letter r appear in the text: berry? Solve 12 * 7 = 84."]
+    return [tok.apply_chat_template([{"role": "user", "content": t}], add_generation_prompt=True)["input_ids"]
+            for t in texts]
+
+
+def hf_generate(model, prompts, adapter, eos, pad, new=NEW):
+    """Reference: HF generate (greedy), batched with left padding, with that adapter active."""
+    width = max(map(len, prompts))
+    ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts])
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+    kwargs = dict(attention_mask=mask, max_new_tokens=new, do_sample=False, eos_token_id=eos, pad_token_id=pad)
+    if adapter == "__base__":
+        with model.disable_adapter():
+            out = model.generate(input_ids=ids, **kwargs)
+    else:
+        model.set_adapter(adapter)
+        out = model.generate(input_ids=ids, **kwargs)
+        model.set_adapter(NAMES[0])
+    eos_set = {eos} if isinstance(eos, int) else set(eos)
+    result = []
+    for row in out[:, width:].tolist():
+        cut = next((i for i, t in enumerate(row) if t in eos_set), len(row))
+        result.append(row[:cut])
+    return result
+
+
+def naive_ensemble(model, prompts, names, weights, eos, new=NEW):
+    """Reference: per step, each adapter alone over the whole sequence, no KV cache, no padding."""
+    eos_set = {eos} if isinstance(eos, int) else set(eos)
+    results = []
+    with torch.no_grad():
+        for b, p in enumerate(prompts):
+            seq, out = list(p), []
+            for _ in range(new):
+                mixed = 0
+                for a, name in enumerate(names):
+                    if name == "__base__":
+                        with model.disable_adapter():
+                            logits = model(input_ids=torch.tensor([seq])).logits[0, -1]
+                    else:
+                        model.set_adapter(name)
+                        logits = model(input_ids=torch.tensor([seq])).logits[0, -1]
+                    mixed = mixed + float(weights[b, a]) * logits
+                nxt = int(mixed.argmax())
+                if nxt in eos_set:
+                    break
+                out.append(nxt)
+                seq.append(nxt)
+            results.append(out)
+    model.set_adapter(names[0] if names[0] != "__base__" else NAMES[0])
+    return results
+
+
+def an_eos_mid_generation(model, prompts, pad):
+    """A token expert-00 emits in the middle of prompt 0's greedy output, so that using
+    it as EOS makes that prompt stop early while others (likely) go on."""
+    free = hf_generate(model, prompts, NAMES[1], eos=[], pad=pad)
+    return free[0][NEW // 2]
+
+
+@pytest.mark.parametrize("adapter", NAMES + ["__base__"])
+def test_one_hot_weights_equal_hf_generate_of_that_adapter(model, prompts, adapter):
+    pad = 0
+    for eos in (2, [an_eos_mid_generation(model, prompts, pad), 2]):
+        names = NAMES + ["__base__"]
+        w = np.zeros((len(prompts), len(names)))
+        w[:, names.index(adapter)] = 1.0
+        got = ensemble_generate(model, prompts, names, w, NEW, eos, pad)
+        want = hf_generate(model, prompts, adapter, eos, pad)
+        assert got == want
+        assert single_generate(model, prompts, adapter, NEW, eos, pad) == want
+
+
+def test_weighted_ensemble_equals_naive_reference(model, prompts):
+    rng = np.random.default_rng(0)
+    names = NAMES + ["__base__"]
+    w = rng.uniform(0.1, 1.5, size=(len(prompts), len(names)))  # need not sum to 1
+    eos = [an_eos_mid_generation(model, prompts, 0), 2]
+    got = ensemble_generate(model, prompts, names, w, NEW, eos, pad_token_id=0)
+    assert got == naive_ensemble(model, prompts, names, w, eos)
+    assert len({len(g) for g in got}) > 1  # some prompts stopped early (EOS), others did not
+    # The ensemble really mixes: it differs from each adapter alone on some prompt.
+    alone = [single_generate(model, prompts, n, NEW, 2, 0) for n in names]
+    assert all(a != ensemble_generate(model, prompts, names, w, NEW, 2, 0) for a in alone)
+
+
+def test_adapters_with_zero_weight_everywhere_are_skipped(model, prompts):
+    w = np.array([[0.7, 0.3, 0.0]] * len(prompts))
+    with_zero = ensemble_generate(model, prompts, NAMES, w, NEW, 2, 0)
+    assert with_zero == ensemble_generate(model, prompts, NAMES[:2], w[:, :2], NEW, 2, 0)
+
+
+def test_bad_arguments_are_explained(model, prompts):
+    with pytest.raises(ValueError, match="shape"):
+        ensemble_generate(model, prompts, NAMES, np.ones((len(prompts), 2)), NEW, 2, 0)
+    with pytest.raises(ValueError, match="not loaded"):
+        ensemble_generate(model, prompts, ["nope"], np.ones((len(prompts), 1)), NEW, 2, 0)
+    with pytest.raises(ValueError, match="weight 0"):
+        ensemble_generate(model, prompts, NAMES, np.zeros((len(prompts), 3)), NEW, 2, 0)
+    assert ensemble_generate(model, [], NAMES, np.zeros((0, 3)), NEW, 2, 0) == []

@@ -1,0 +1,53 @@
+import pytest
+import torch
+
+from elrea_ray.config import ModelConfig
+from elrea_ray.model import load_adapters, load_tokenizer, lora_parameters, new_lora_model
+
+TINY = ModelConfig(name_or_path="tiny-random-llama", lora_dropout=0.0)
+
+
+def test_tiny_model_has_lora_on_every_linear_layer():
+    model = new_lora_model(TINY)
+    names = {n.split(".lora_")[0].rsplit(".", 1)[-1] for n, _ in lora_parameters(model)}
+    assert names == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+    # LoRA B starts at zero: the adapted model equals the backbone at initialisation
+    assert all(p.abs().sum() == 0 for n, p in lora_parameters(model) if "lora_B" in n)
+
+
+def test_tokenizer_has_chat_template_and_pad():
+    tok = load_tokenizer(TINY)
+    text = tok.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False,
+                                   add_generation_prompt=True)
+    assert text.endswith("<|im_start|>assistant\n") and "system" in text
+    assert tok.pad_token_id is not None and tok.eos_token == "<|im_end|>"
+
+
+def test_saved_adapters_load_side_by_side(tmp_path):
+    a = new_lora_model(TINY, seed=1)
+    with torch.no_grad():
+        for _, p in lora_parameters(a):
+            p.add_(0.01)
+    a.save_pretrained(tmp_path / "a")
+    new_lora_model(TINY, seed=2).save_pretrained(tmp_path / "b")
+    m = load_adapters(TINY, {"base": str(tmp_path / "a"), "expert-00": str(tmp_path / "b")})
+    assert set(m.peft_config) == {"base", "expert-00"}
+    with pytest.raises(FileNotFoundError, match="expert-01"):
+        load_adapters(TINY, {"expert-01": str(tmp_path / "missing")})
+
+
+def test_4bit_on_cpu_is_a_clear_error():
+    with pytest.raises(ValueError, match="load_in_4bit"):
+        new_lora_model(ModelConfig(name_or_path="tiny-random-llama", load_in_4bit=True))
+
+
+@pytest.mark.smollm2
+def test_smollm2_loads_from_the_wheel_and_answers():
+    cfg = ModelConfig(name_or_path="smollm2-135m-instruct")
+    tok = load_tokenizer(cfg)
+    model = new_lora_model(cfg)
+    assert sum(p.numel() for _, p in lora_parameters(model)) > 1_000_000
+    ids = tok.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}],
+                                  add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    out = model.generate(**ids, max_new_tokens=12, do_sample=False)
+    assert "Paris" in tok.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True)
