@@ -30,20 +30,30 @@ def _asdict(x) -> dict:
     return json.loads(json.dumps(dataclasses.asdict(x)))
 
 
+# Settings that decide where and how fast a stage runs but not what it computes; they stay out of
+# the stage keys, so giving a stage more CPUs or actors does not invalidate finished work.
+_EXECUTION_ONLY = {"cpus_per_worker", "cpus_per_actor", "num_actors", "max_concurrent", "logging_steps",
+                   "checkpoint_every_steps", "max_failures"}
+
+
+def _slice(x) -> dict:
+    return {k: v for k, v in _asdict(x).items() if k not in _EXECUTION_ONLY}
+
+
 def stage_keys(cfg: Config) -> dict[str, str]:
     """Every stage's key, from the config alone (so they are known before anything runs)."""
     k: dict[str, str] = {}
     seed = cfg.run.seed
     k["data"] = stage_key("data", {"data": _asdict(cfg.data), "seed": seed}, [])
     model = _asdict(cfg.model)
-    k["base"] = stage_key("base", {"model": model, "train": _asdict(cfg.train), "seed": seed}, [k["data"]])
-    k["gradients"] = stage_key("gradients", {"model": model, "gradients": _asdict(cfg.gradients)},
+    k["base"] = stage_key("base", {"model": model, "train": _slice(cfg.train), "seed": seed}, [k["data"]])
+    k["gradients"] = stage_key("gradients", {"model": model, "gradients": _slice(cfg.gradients)},
                                [k["data"], k["base"]])
-    k["clusters"] = stage_key("clusters", {"clustering": _asdict(cfg.clustering), "seed": seed},
+    k["clusters"] = stage_key("clusters", {"clustering": _slice(cfg.clustering), "seed": seed},
                               [k["gradients"]])
-    k["experts"] = stage_key("experts", {"experts": _asdict(cfg.experts), "train": _asdict(cfg.train),
+    k["experts"] = stage_key("experts", {"experts": _slice(cfg.experts), "train": _slice(cfg.train),
                                          "seed": seed}, [k["base"], k["clusters"]])
-    k["eval"] = stage_key("eval", {"eval": _asdict(cfg.eval), "routing": _asdict(cfg.routing)},
+    k["eval"] = stage_key("eval", {"eval": _slice(cfg.eval), "routing": _slice(cfg.routing)},
                           [k["experts"], k["gradients"]])
     return k
 

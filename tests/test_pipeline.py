@@ -102,3 +102,14 @@ def test_changed_expert_setting_reruns_only_experts_and_eval(copy_of_smoke):
     run_pipeline(smoke_config(copy_of_smoke, "experts.lr=3e-3"), log=lines.append)
     ran = {ln.split("]")[0].strip("[") for ln in lines if "running (key" in ln}
     assert ran == {"experts", "eval"}
+
+
+def test_resource_settings_do_not_change_stage_keys(tmp_path):
+    from elrea_ray.pipeline import stage_keys
+
+    a = stage_keys(smoke_config(tmp_path))
+    b = stage_keys(smoke_config(tmp_path, "train.cpus_per_worker=2", "gradients.num_actors=2",
+                                "experts.max_concurrent=1", "eval.cpus_per_actor=0.5"))
+    assert a == b
+    c = stage_keys(smoke_config(tmp_path, "gradients.d_proj=256"))
+    assert [s for s in a if a[s] != c[s]] == ["gradients", "clusters", "experts", "eval"]
