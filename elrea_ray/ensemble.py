@@ -13,7 +13,7 @@ the prompt is prefilled once and each step feeds one token per row (paper §5 ef
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -30,16 +30,32 @@ def _eos_set(eos_token_id: int | Sequence[int] | None) -> list[int]:
 
 
 def ensemble_generate(peft_model, prompts: Sequence[Sequence[int]], adapter_names: Sequence[str],
-                      weights: np.ndarray, max_new_tokens: int, eos_token_id: int | Sequence[int] | None,
-                      pad_token_id: int) -> list[list[int]]:
+                      weights: np.ndarray, max_new_tokens: int | Sequence[int],
+                      eos_token_id: int | Sequence[int] | None, pad_token_id: int,
+                      sampler: Callable | None = None) -> list[list[int]]:
     """Greedy routed-ensemble decoding of B prompts over A adapters.
 
     prompts: B token id lists (chat-formatted, generation prompt included); adapter_names: A
     adapters loaded in `peft_model` ("__base__" = the bare backbone); weights: [B, A] logit
     weights. Returns B lists of generated ids, without the prompt, stopped at the first EOS
-    (which is not included) or after max_new_tokens. Adapters whose weight is 0 for every
-    prompt are not run. A prompt that reaches EOS leaves the batch.
+    (which is not included) or after max_new_tokens (one number, or one per prompt). Adapters
+    whose weight is 0 for every prompt are not run. A prompt that reaches EOS leaves the batch.
+    `sampler(mixed_logits [B_active, V], prompt_indices) -> ids [B_active]` replaces argmax.
     """
+    results: list[list[int]] = [[] for _ in prompts]
+    for step in ensemble_stream(peft_model, prompts, adapter_names, weights, max_new_tokens,
+                                eos_token_id, pad_token_id, sampler):
+        for b, tok in step:
+            results[b].append(tok)
+    return results
+
+
+def ensemble_stream(peft_model, prompts: Sequence[Sequence[int]], adapter_names: Sequence[str],
+                    weights: np.ndarray, max_new_tokens: int | Sequence[int],
+                    eos_token_id: int | Sequence[int] | None, pad_token_id: int,
+                    sampler: Callable | None = None) -> Iterator[list[tuple[int, int]]]:
+    """`ensemble_generate` one step at a time: yields [(prompt index, new token id), ...] for the
+    prompts still generating (for streaming responses)."""
     b_total, names = len(prompts), list(adapter_names)
     w = np.asarray(weights, dtype=np.float64)
     if w.shape != (b_total, len(names)):
@@ -47,10 +63,11 @@ def ensemble_generate(peft_model, prompts: Sequence[Sequence[int]], adapter_name
                          f"got {list(w.shape)}")
     if not np.all(np.isfinite(w)):
         raise ValueError("weights must be finite")
-    if max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    limits = [int(max_new_tokens)] * b_total if np.isscalar(max_new_tokens) else [int(m) for m in max_new_tokens]
+    if len(limits) != b_total or any(m < 1 for m in limits):
+        raise ValueError(f"max_new_tokens must be >= 1 (one value or one per prompt), got {max_new_tokens}")
     if b_total == 0:
-        return []
+        return
     if any(len(p) == 0 for p in prompts):
         raise ValueError("every prompt needs at least one token")
     model = unwrap(peft_model)
@@ -64,15 +81,15 @@ def ensemble_generate(peft_model, prompts: Sequence[Sequence[int]], adapter_name
     model.eval()  # PEFT refuses adapter_names in training mode; greedy decoding wants no dropout
     try:
         with torch.inference_mode():
-            return _decode(model, [list(map(int, p)) for p in prompts], [names[a] for a in used],
-                           w[:, used], max_new_tokens, _eos_set(eos_token_id), int(pad_token_id))
+            yield from _decode(model, [list(map(int, p)) for p in prompts], [names[a] for a in used],
+                               w[:, used], limits, _eos_set(eos_token_id), int(pad_token_id), sampler)
     finally:
         if was_training:
             model.train()
 
 
-def _decode(model, prompts: list[list[int]], names: list[str], w: np.ndarray, max_new_tokens: int,
-            eos: list[int], pad_token_id: int) -> list[list[int]]:
+def _decode(model, prompts: list[list[int]], names: list[str], w: np.ndarray, limits: list[int],
+            eos: list[int], pad_token_id: int, sampler) -> Iterator[list[tuple[int, int]]]:
     device = next(model.parameters()).device
     n_adapters, width = len(names), max(len(p) for p in prompts)
     ids = torch.full((len(prompts), width), pad_token_id, dtype=torch.long)
@@ -85,19 +102,25 @@ def _decode(model, prompts: list[list[int]], names: list[str], w: np.ndarray, ma
     weights = torch.as_tensor(w, dtype=torch.float32, device=device)  # [B_active, A]
     eos_t = torch.as_tensor(eos, dtype=torch.long, device=device)
     active = list(range(len(prompts)))  # prompt index of each active prompt, in row order
-    results: list[list[int]] = [[] for _ in prompts]
+    produced = [0] * len(prompts)
 
     out = model(input_ids=ids, attention_mask=mask, position_ids=position_ids, use_cache=True,
                 adapter_names=names * len(active), logits_to_keep=1)
     cache, last_pos = out.cache, position_ids[:, -1]
-    for step in range(max_new_tokens):
+    for _ in range(max(limits)):
         logits = out.logits[:, -1, :].float().view(len(active), n_adapters, -1)
-        next_ids = torch.einsum("ba,bav->bv", weights, logits).argmax(-1)  # eq. 5.10
+        mixed = torch.einsum("ba,bav->bv", weights, logits)  # eq. 5.10
+        next_ids = mixed.argmax(-1) if sampler is None else sampler(mixed, active).to(device)
         done = torch.isin(next_ids, eos_t)
-        for b, tok, fin in zip(active, next_ids.tolist(), done.tolist()):
+        emitted = []
+        for i, (b, tok, fin) in enumerate(zip(active, next_ids.tolist(), done.tolist())):
             if not fin:
-                results[b].append(tok)
-        if step == max_new_tokens - 1 or bool(done.all()):
+                emitted.append((b, tok))
+                produced[b] += 1
+                if produced[b] >= limits[b]:
+                    done[i] = True
+        yield emitted
+        if bool(done.all()):
             break
         if bool(done.any()):  # drop finished prompts (all A rows of each) from the batch and cache
             alive = (~done).nonzero().flatten()
@@ -111,7 +134,6 @@ def _decode(model, prompts: list[list[int]], names: list[str], w: np.ndarray, ma
                     position_ids=last_pos[:, None], cache=cache, use_cache=True,
                     adapter_names=names * len(active))
         cache = out.cache
-    return results
 
 
 def single_generate(peft_model, prompts: Sequence[Sequence[int]], adapter_name: str, max_new_tokens: int,

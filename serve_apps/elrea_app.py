@@ -1,0 +1,185 @@
+"""Ray Serve application: a run's routed ensemble behind an OpenAI-compatible HTTP API.
+
+    serve run serve_apps.elrea_app:build_app run_dir=runs/default
+    serve run serve_apps/serve_config.yaml
+
+Each replica holds the backbone and all C+1 adapters once and mixes their logits inside one
+batched forward (DESIGN.md §2: per-expert deployments or model multiplexing do not fit that).
+Concurrent non-streaming requests are batched with `@serve.batch` for the routing gradients and
+for decoding; streaming requests decode on their own.
+
+Routes: POST /v1/completions, POST /v1/chat/completions (both with "stream": true as SSE),
+GET /v1/models, GET /health. Extra request fields: "top_k" (experts kept), "adapter" (force
+"base" or "expert-XX"); responses carry a "routing" object (weights, top clusters, adapters run).
+"""
+
+
+import asyncio
+import hmac
+import json
+import logging
+import time
+import uuid
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+from pydantic import BaseModel
+from ray import serve
+
+from elrea_ray.serving import RequestError, completion_body, parse_request, stream_chunk
+
+log = logging.getLogger("ray.serve")
+app = FastAPI(title="elrea-ray", docs_url=None, redoc_url=None)
+
+
+class AppArgs(BaseModel):
+    """`serve run ... key=value` arguments or the `args:` block of a Serve config file."""
+
+    run_dir: str
+    api_key: str | None = None  # bearer key required on every route but /health
+    num_replicas: int = 1
+    num_cpus: float = 1.0
+    num_gpus: float = 0.0
+    max_ongoing_requests: int = 32
+    max_queued_requests: int = 64  # beyond this: 503 with Retry-After
+    max_batch_size: int = 8
+    batch_wait_timeout_s: float = 0.02
+    request_timeout_s: float = 120.0
+
+
+def _error(e: RequestError) -> JSONResponse:
+    return JSONResponse(e.body(), status_code=e.status)
+
+
+@serve.deployment
+@serve.ingress(app)
+class ELREAServer:
+    def __init__(self, args: dict):
+        from elrea_ray.serving import Engine
+
+        self.args = AppArgs(**args)
+        self.engine = Engine(self.args.run_dir, device="cuda" if self.args.num_gpus > 0 else "cpu")
+        self.batches_served = 0
+        self.requests_batched = 0
+        self.max_batch_seen = 0
+        self._lock = asyncio.Lock()  # one decode at a time per replica (the model is not reentrant)
+        self.set_batch_params()
+
+    def set_batch_params(self):
+        self.generate_batch.set_max_batch_size(self.args.max_batch_size)
+        self.generate_batch.set_batch_wait_timeout_s(self.args.batch_wait_timeout_s)
+
+    def _authorised(self, request: Request) -> bool:
+        if not self.args.api_key:
+            return True
+        got = request.headers.get("authorization", "")
+        return hmac.compare_digest(got.encode(), f"Bearer {self.args.api_key}".encode())
+
+    async def _body(self, request: Request) -> dict:
+        raw = await request.body()
+        if len(raw) > 1_000_000:
+            raise RequestError("the request body is larger than 1 MB", status=413)
+        try:
+            return json.loads(raw)
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise RequestError(f"the request body is not valid JSON: {e}") from None
+
+    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.02)
+    async def generate_batch(self, reqs: list) -> list:
+        async with self._lock:
+            results = await asyncio.get_running_loop().run_in_executor(None, self.engine.generate, reqs)
+        self.batches_served += 1
+        self.requests_batched += len(reqs)
+        self.max_batch_seen = max(self.max_batch_seen, len(reqs))
+        return results
+
+    async def _handle(self, request: Request, chat: bool):
+        if not self._authorised(request):
+            return _error(RequestError("missing or wrong API key (Authorization: Bearer ...)", status=401,
+                                       code="authentication_error"))
+        try:
+            req, meta = parse_request(await self._body(request), self.engine, chat)
+        except RequestError as e:
+            return _error(e)
+        except Exception as e:  # e.g. a chat template that rejects the turns: still the client's input
+            log.warning("request rejected: %s", type(e).__name__)
+            return _error(RequestError(f"the request could not be processed: {type(e).__name__}"))
+        if meta["stream"]:
+            return StreamingResponse(self._stream(req, meta), media_type="text/event-stream")
+        try:
+            res = await asyncio.wait_for(self.generate_batch(req), timeout=self.args.request_timeout_s)
+        except asyncio.TimeoutError:
+            return _error(RequestError(f"the request took longer than {self.args.request_timeout_s} s",
+                                       status=504, code="timeout"))
+        return JSONResponse(completion_body(res, req, meta))
+
+    async def _stream(self, req, meta):
+        rid = ("chatcmpl-" if meta["chat"] else "cmpl-") + uuid.uuid4().hex[:24]
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue = asyncio.Queue()
+
+        def run():
+            try:
+                for step in self.engine.stream([req]):
+                    for _, delta in step:
+                        loop.call_soon_threadsafe(queue.put_nowait, ("delta", delta))
+                loop.call_soon_threadsafe(queue.put_nowait, ("done", self.engine.last_results[0]))
+            except Exception as e:  # surfaces as a final error event, never a torn stream
+                loop.call_soon_threadsafe(queue.put_nowait, ("error", str(e)))
+
+        async with self._lock:
+            if meta["chat"]:
+                yield stream_chunk(rid, meta, None, role=True)
+            fut = loop.run_in_executor(None, run)
+            while True:
+                kind, value = await queue.get()
+                if kind == "delta":
+                    yield stream_chunk(rid, meta, value)
+                elif kind == "done":
+                    usage = {"prompt_tokens": len(req.prompt_ids), "completion_tokens": len(value.token_ids),
+                             "total_tokens": len(req.prompt_ids) + len(value.token_ids)}
+                    yield stream_chunk(rid, meta, None, value.finish_reason,
+                                       extra={"usage": usage, "routing": value.routing})
+                    break
+                else:
+                    yield f"data: {json.dumps({'error': {'message': value, 'type': 'server_error'}})}\n\n"
+                    break
+            await fut
+        yield "data: [DONE]\n\n"
+
+    @app.post("/v1/completions")
+    async def completions(self, request: Request):
+        return await self._handle(request, chat=False)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(self, request: Request):
+        return await self._handle(request, chat=True)
+
+    @app.get("/v1/models")
+    async def models(self, request: Request):
+        if not self._authorised(request):
+            return _error(RequestError("missing or wrong API key", status=401, code="authentication_error"))
+        now = int(time.time())
+        return {"object": "list", "data": [{"id": m, "object": "model", "created": now, "owned_by": "elrea-ray"}
+                                           for m in self.engine.model_ids()]}
+
+    @app.get("/health")
+    async def health(self):
+        return {"status": "ok"}
+
+    @app.get("/v1/stats")
+    async def stats(self, request: Request):
+        if not self._authorised(request):
+            return _error(RequestError("missing or wrong API key", status=401, code="authentication_error"))
+        return {"batches_served": self.batches_served, "requests_batched": self.requests_batched,
+                "max_batch_seen": self.max_batch_seen}
+
+
+def build_app(args: dict) -> serve.Application:
+    """Typed builder for `serve run serve_apps.elrea_app:build_app run_dir=...`."""
+    a = AppArgs(**args)
+    return ELREAServer.options(
+        num_replicas=a.num_replicas, max_ongoing_requests=a.max_ongoing_requests,
+        max_queued_requests=a.max_queued_requests,
+        ray_actor_options={"num_cpus": a.num_cpus, "num_gpus": a.num_gpus},
+    ).bind(a.model_dump())

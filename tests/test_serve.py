@@ -1,0 +1,152 @@
+"""The Serve app on a real local Ray, over real HTTP, from the shared smoke run's bundle."""
+
+import json
+import random
+import socket
+import string
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import numpy as np
+import pytest
+
+pytestmark = pytest.mark.slow
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(smoke_run):
+    from ray import serve
+
+    from serve_apps.elrea_app import build_app
+
+    port = _free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    serve.run(build_app({"run_dir": str(smoke_run.root), "num_cpus": 0.5, "max_batch_size": 8,
+                         "batch_wait_timeout_s": 0.2}), name="elrea", route_prefix="/")
+    yield f"http://127.0.0.1:{port}"
+    serve.delete("elrea")
+    serve.shutdown()
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    import openai
+
+    return openai.OpenAI(base_url=server + "/v1", api_key="unused")
+
+
+def test_models_lists_ensemble_and_adapters(client, smoke_run):
+    ids = [m.id for m in client.models.list().data]
+    b = json.loads(smoke_run.bundle.read_text())
+    assert ids[0].startswith("elrea-") and set(ids[1:]) == set(b["adapters"])
+
+
+def test_chat_and_completion_with_openai_client(client):
+    r = client.chat.completions.create(model=client.models.list().data[0].id, max_tokens=4,
+                                       messages=[{"role": "user", "content": "What is 2 + 3?"}])
+    assert r.choices[0].message.role == "assistant" and r.usage.completion_tokens <= 4
+    routing = r.model_extra["routing"]
+    assert abs(sum(routing["expert_weights"].values()) - 1.0) < 1e-6 and 0 <= routing["base_weight"] <= 2
+    c = client.completions.create(model=client.models.list().data[0].id, prompt="Spell cat backward.",
+                                  max_tokens=3)
+    assert c.usage.prompt_tokens > 0 and c.choices[0].finish_reason in ("stop", "length")
+
+
+def test_streaming_equals_non_streaming(client):
+    model = client.models.list().data[0].id
+    msgs = [{"role": "user", "content": "Count the letters in apple."}]
+    full = client.chat.completions.create(model=model, messages=msgs, max_tokens=5)
+    parts = [c.choices[0].delta.content or "" for c in
+             client.chat.completions.create(model=model, messages=msgs, max_tokens=5, stream=True)]
+    assert "".join(parts) == full.choices[0].message.content
+    text = "".join(c.choices[0].text for c in
+                   client.completions.create(model=model, prompt="3 * 4 =", max_tokens=4, stream=True))
+    assert text == client.completions.create(model=model, prompt="3 * 4 =", max_tokens=4).choices[0].text
+
+
+def test_routing_equals_the_library_and_forcing_base_equals_base_adapter(client, smoke_run):
+    from elrea_ray.config import ModelConfig
+    from elrea_ray.ensemble import single_generate
+    from elrea_ray.gradients import FeatureExtractor
+    from elrea_ray.model import load_adapters, load_tokenizer
+    from elrea_ray.projection import ProjectorSpec
+    from elrea_ray.routing import route
+    from safetensors.numpy import load_file
+
+    b = json.loads(smoke_run.bundle.read_text())
+    mc = ModelConfig(**b["model"])
+    tok = load_tokenizer(mc)
+    msgs = [{"role": "user", "content": "What is 7 + 1 + 2?"}]
+    ids = tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"]
+    fx = FeatureExtractor(mc, [str(smoke_run.root / p) for p in b["epoch_checkpoints"]], b["epoch_weights"],
+                          ProjectorSpec.from_dict(b["projector"]))
+    ew, bw = route(fx.features([ids]), load_file(str(smoke_run.root / b["centroids"]))["centroids"])
+    r = client.chat.completions.create(model=client.models.list().data[0].id, messages=msgs, max_tokens=3)
+    got = r.model_extra["routing"]
+    assert got["base_weight"] == pytest.approx(float(bw[0]), abs=1e-5)
+    assert [got["expert_weights"][f"expert-{c:02d}"] for c in range(ew.shape[1])] == pytest.approx(
+        ew[0].tolist(), abs=1e-5)
+
+    forced = client.chat.completions.create(model="base", messages=msgs, max_tokens=4)
+    model = load_adapters(mc, {"base": str(smoke_run.root / b["adapters"]["base"])})
+    ref = single_generate(model, [ids], "base", 4, tok.eos_token_id, tok.pad_token_id)[0]
+    assert forced.choices[0].message.content == tok.decode(ref, skip_special_tokens=True)
+    assert forced.model_extra["routing"]["adapters_run"] == ["base"]
+
+
+def test_32_concurrent_requests_succeed_in_batches(server):
+    body = {"prompt": "What is 1 + 1?", "max_tokens": 3}
+
+    def one(i):
+        return httpx.post(server + "/v1/completions", json={**body, "prompt": f"What is {i} + 1?"}, timeout=120)
+
+    with ThreadPoolExecutor(32) as ex:
+        codes = [r.status_code for r in ex.map(one, range(32))]
+    assert codes == [200] * 32
+    stats = httpx.get(server + "/v1/stats").json()
+    assert stats["max_batch_seen"] > 1 and stats["requests_batched"] >= 32
+
+
+@pytest.mark.parametrize("body,status,param", [
+    (b"{not json", 400, None),
+    (json.dumps({"prompt": ""}).encode(), 400, "prompt"),
+    (json.dumps({"prompt": 3}).encode(), 400, "prompt"),
+    (json.dumps({"prompt": "hi", "max_tokens": 0}).encode(), 400, "max_tokens"),
+    (json.dumps({"prompt": "hi", "max_tokens": "5"}).encode(), 400, "max_tokens"),
+    (json.dumps({"prompt": "hi", "model": "gpt-9"}).encode(), 404, "model"),
+    (json.dumps({"prompt": "hi", "adapter": "expert-99"}).encode(), 404, "adapter"),
+    (json.dumps({"prompt": "hi", "temperature": 5}).encode(), 400, "temperature"),
+    (json.dumps({"prompt": "hi " * 400}).encode(), 400, "prompt"),
+])
+def test_bad_requests_get_openai_style_4xx(server, body, status, param):
+    r = httpx.post(server + "/v1/completions", content=body, headers={"content-type": "application/json"})
+    assert r.status_code == status
+    err = r.json()["error"]
+    assert err["message"] and err["param"] == param
+
+
+def test_fuzzed_bodies_never_500(server):
+    rng = random.Random(0)
+    values = [None, True, -1, 0, 10**12, 1.5, "", "x" * 50, [], [1, 2], {}, {"a": 1}, ["hi"], "\u0000\ud7ff"]
+    keys = ["prompt", "messages", "max_tokens", "temperature", "top_p", "stop", "model", "adapter", "top_k",
+            "seed", "stream", "n"]
+    codes = []
+    with httpx.Client(timeout=60) as http:
+        for i in range(500):
+            if i % 5 == 0:
+                raw = "".join(rng.choice(string.printable) for _ in range(rng.randint(0, 40))).encode()
+            else:
+                body = {k: rng.choice(values) for k in rng.sample(keys, rng.randint(1, 5))}
+                if rng.random() < 0.5:
+                    body["max_tokens"] = rng.choice([0, -3, "a", None, 10**9])
+                raw = json.dumps(body).encode()
+            path = "/v1/chat/completions" if i % 2 else "/v1/completions"
+            codes.append(http.post(server + path, content=raw, headers={"content-type": "application/json"}).status_code)
+    assert not [c for c in codes if c >= 500], sorted(set(codes))
+    assert httpx.post(server + "/v1/completions", json={"prompt": "hi", "max_tokens": 2}, timeout=60).status_code == 200
