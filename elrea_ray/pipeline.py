@@ -163,6 +163,7 @@ def instruction_ids(tok, prompt_json: str, max_length: int) -> list[int]:
 
 
 def build_gradients(cfg: Config, run: RunDir, out: Path) -> dict:
+    import pyarrow.parquet as pq
     import ray
 
     g = cfg.gradients
@@ -171,11 +172,13 @@ def build_gradients(cfg: Config, run: RunDir, out: Path) -> dict:
     info = {"epoch_weights": weights, "rows": {}}
     for split in SPLITS:
         path = run.data_file(split)
-        import pyarrow.parquet as pq
-        if pq.read_metadata(path).num_rows == 0:
-            info["rows"][split] = 0
+        rows = pq.read_metadata(path).num_rows
+        info["rows"][split] = rows
+        if rows == 0:
             continue
-        ds = ray.data.read_parquet(str(path), columns=["example_id", "source", "prompt"])
+        # Blocks of ~64 rows: progress is visible per block and a lost actor redoes little.
+        ds = ray.data.read_parquet(str(path), columns=["example_id", "source", "prompt"],
+                                   override_num_blocks=max(1, rows // 64))
         feats = ds.map_batches(
             FeatureMapper, batch_format="pyarrow", batch_size=g.batch_size * 4,
             fn_constructor_kwargs={"model_cfg": _asdict(cfg.model), "checkpoints": ckpts,
@@ -185,7 +188,6 @@ def build_gradients(cfg: Config, run: RunDir, out: Path) -> dict:
             compute=ray.data.ActorPoolStrategy(size=g.num_actors),
             num_cpus=g.cpus_per_actor, num_gpus=1 if g.use_gpu else 0)
         feats.write_parquet(str(out / split))
-        info["rows"][split] = pq.read_metadata(path).num_rows
     return info
 
 
