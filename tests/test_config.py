@@ -51,3 +51,14 @@ def test_bad_config_names_the_key(override, needle):
 def test_missing_config_file_is_named(tmp_path):
     with pytest.raises(ConfigError, match="nope.yaml"):
         load_config(tmp_path / "nope.yaml")
+
+
+def test_serve_config_args_validate():
+    import yaml
+
+    from serve_apps.elrea_app import AppArgs
+
+    cfg = yaml.safe_load((Path(__file__).resolve().parents[1] / "serve_apps" / "serve_config.yaml").read_text())
+    app = cfg["applications"][0]
+    assert app["import_path"] == "serve_apps.elrea_app:build_app"
+    assert AppArgs(**app["args"]).run_dir

@@ -150,3 +150,24 @@ def test_fuzzed_bodies_never_500(server):
             codes.append(http.post(server + path, content=raw, headers={"content-type": "application/json"}).status_code)
     assert not [c for c in codes if c >= 500], sorted(set(codes))
     assert httpx.post(server + "/v1/completions", json={"prompt": "hi", "max_tokens": 2}, timeout=60).status_code == 200
+
+
+def test_api_key_guards_every_route_but_health(smoke_run, server):
+    from ray import serve
+
+    from serve_apps.elrea_app import build_app
+
+    serve.run(build_app({"run_dir": str(smoke_run.root), "num_cpus": 0.25, "api_key": "s3cret"}),
+              name="secure", route_prefix="/secure")
+    u = server + "/secure"
+    try:
+        assert httpx.get(u + "/health").status_code == 200
+        for path in ("/v1/models", "/v1/stats"):
+            assert httpx.get(u + path).status_code == 401
+            assert httpx.get(u + path, headers={"Authorization": "Bearer wrong"}).status_code == 401
+        body = {"prompt": "hi", "max_tokens": 2}
+        assert httpx.post(u + "/v1/completions", json=body).status_code == 401
+        ok = httpx.post(u + "/v1/completions", json=body, headers={"Authorization": "Bearer s3cret"}, timeout=60)
+        assert ok.status_code == 200
+    finally:
+        serve.delete("secure")
