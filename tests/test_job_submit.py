@@ -6,6 +6,7 @@ import os
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -26,17 +27,25 @@ def test_ray_job_submit_runs_the_smoke_pipeline(tmp_path):
            "HF_HUB_OFFLINE": "1"}
     env.pop("RAY_ADDRESS", None)
     gcs, dash = _free_port(), _free_port()
+    # Every port of its own: another Ray on this machine (the test session's) holds the defaults.
+    ports = [f"--dashboard-agent-listen-port={_free_port()}", f"--dashboard-agent-grpc-port={_free_port()}",
+             f"--runtime-env-agent-port={_free_port()}", f"--metrics-export-port={_free_port()}",
+             f"--ray-client-server-port={_free_port()}", f"--node-manager-port={_free_port()}",
+             f"--object-manager-port={_free_port()}"]
     temp = Path("/tmp") / f"ray-job-{os.getpid()}"  # short: Ray's socket paths have a length limit
     subprocess.run([str(bindir / "ray"), "start", "--head", f"--port={gcs}", f"--dashboard-port={dash}",
-                    "--num-cpus=4", f"--temp-dir={temp}", "--disable-usage-stats"],
+                    "--num-cpus=4", f"--temp-dir={temp}", "--disable-usage-stats", *ports],
                    env=env, check=True, capture_output=True, timeout=120)
     try:
         run_dir = tmp_path / "run"
-        job = subprocess.run(
-            [str(bindir / "ray"), "job", "submit", f"--address=http://127.0.0.1:{dash}", "--working-dir", ".",
-             "--", "python", "jobs/full_pipeline.py", "--config", "jobs/configs/smoke.yaml",
-             "--run-dir", str(run_dir)],
-            cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+        cmd = [str(bindir / "ray"), "job", "submit", f"--address=http://127.0.0.1:{dash}", "--working-dir", ".",
+               "--", "python", "jobs/full_pipeline.py", "--config", "jobs/configs/smoke.yaml",
+               "--run-dir", str(run_dir)]
+        for _ in range(30):  # the head's job agent takes a few seconds to come up after `ray start`
+            job = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+            if "No available agent" not in job.stderr + job.stdout:
+                break
+            time.sleep(2)
         assert job.returncode == 0, job.stdout[-3000:] + job.stderr[-3000:]
         assert "succeeded" in job.stdout + job.stderr
         metrics = json.loads((run_dir / "eval" / "metrics.json").read_text())
