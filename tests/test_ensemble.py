@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 
 import numpy as np
 import pytest
@@ -16,17 +15,6 @@ from elrea_ray.model import load_adapters, load_tokenizer, lora_parameters, new_
 CFG = ModelConfig(name_or_path="tiny-random-llama", lora_dropout=0.0)
 NAMES = ["base", "expert-00", "expert-01"]
 NEW = 10
-
-
-@pytest.fixture(scope="session", autouse=True)
-def elrea_cache(tmp_path_factory):
-    old = os.environ.get("ELREA_CACHE")
-    os.environ["ELREA_CACHE"] = str(tmp_path_factory.mktemp("elrea-cache"))
-    yield
-    if old is None:
-        os.environ.pop("ELREA_CACHE", None)
-    else:
-        os.environ["ELREA_CACHE"] = old
 
 
 def train_adapters(folder):

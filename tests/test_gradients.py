@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
 
 import numpy as np
@@ -18,17 +17,6 @@ from elrea_ray.projection import ProjectorSpec, make_projector
 
 CFG = ModelConfig(name_or_path="tiny-random-llama", lora_dropout=0.0)
 D_PROJ = 512
-
-
-@pytest.fixture(scope="session", autouse=True)
-def elrea_cache(tmp_path_factory):
-    old = os.environ.get("ELREA_CACHE")
-    os.environ["ELREA_CACHE"] = str(tmp_path_factory.mktemp("elrea-cache"))
-    yield
-    if old is None:
-        os.environ.pop("ELREA_CACHE", None)
-    else:
-        os.environ["ELREA_CACHE"] = old
 
 
 def train_epochs(folder, epochs=2, steps_per_epoch=3, seed=0):
