@@ -332,6 +332,11 @@ def _parse_messages(value: Any, split: str) -> tuple[list[dict], str]:
     raise _BadRow("bad_messages", "the last message must be the assistant's reply (the training target)")
 
 
+# formats that are one user turn and one response, by (instruction field, response field)
+_SIMPLE_FIELDS = {"instruction": ("instruction", "response"), "prompt_completion": ("prompt", "completion"),
+                  "question_answer": ("question", "answer")}
+
+
 def _row_from_record(rec: Any, fmt: str, split: str) -> tuple[list[dict], str, str | None, str | None]:
     """(prompt messages, response, system or None, gold answer or None) of one record."""
     if not isinstance(rec, dict):
@@ -339,26 +344,19 @@ def _row_from_record(rec: Any, fmt: str, split: str) -> tuple[list[dict], str, s
     need_response = split != "test"  # test rows may come without a reference response
     system = _text(rec, "system", required=False) or None
     gold = None
-    if fmt == "instruction":
-        user = _text(rec, "instruction", required=True, nonempty=True)
-        response = _text(rec, "response", required=need_response, nonempty=need_response)
+    if fmt in _SIMPLE_FIELDS:
+        user_field, response_field = _SIMPLE_FIELDS[fmt]
+        user = _text(rec, user_field, required=True, nonempty=True)
+        response = _text(rec, response_field, required=need_response, nonempty=need_response)
         messages = [{"role": "user", "content": user}]
+        if fmt == "question_answer":  # GSM8K style: the gold answer follows "####"
+            gold = response.rsplit("####", 1)[1].strip() if "####" in response else response.strip()
     elif fmt == "alpaca":
         instruction = _text(rec, "instruction", required=True, nonempty=True)
         extra = _text(rec, "input", required=False)
         response = _text(rec, "output", required=need_response, nonempty=need_response)
         user = instruction + "\n\n" + extra if extra.strip() else instruction
         messages = [{"role": "user", "content": user}]
-    elif fmt == "prompt_completion":
-        user = _text(rec, "prompt", required=True, nonempty=True)
-        response = _text(rec, "completion", required=need_response, nonempty=need_response)
-        messages = [{"role": "user", "content": user}]
-    elif fmt == "question_answer":
-        user = _text(rec, "question", required=True, nonempty=True)
-        response = _text(rec, "answer", required=need_response, nonempty=need_response)
-        messages = [{"role": "user", "content": user}]
-        gold = response.rsplit("####", 1)[1].strip() if "####" in response else response.strip()
-        return messages, response, system, gold
     elif fmt == "messages":
         if "messages" not in rec or rec["messages"] is None:
             raise _BadRow("missing_field", "missing field 'messages'")
@@ -368,7 +366,7 @@ def _row_from_record(rec: Any, fmt: str, split: str) -> tuple[list[dict], str, s
         system = None  # a system message, if any, is already in the list
     else:
         raise DataError(f"unknown data format {fmt!r}; use one of {', '.join(FORMATS)}")
-    if rec.get("answer") is not None:
+    if fmt != "question_answer" and rec.get("answer") is not None:  # there "answer" is the response
         a = rec["answer"]
         if isinstance(a, bool) or not isinstance(a, (str, int, float)):
             raise _BadRow("wrong_type",

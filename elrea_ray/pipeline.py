@@ -208,14 +208,11 @@ def read_features(folder: Path) -> tuple[list[str], list[str], np.ndarray]:
 def _fit_remote(X: np.ndarray, cc: dict, seed: int):
     from elrea_ray.clustering import fit_clusters
 
-    kw = dict(cc)
-    method = kw.pop("method")
-    fit_sample = kw.pop("fit_sample")  # noqa: F841  (sampling is done by the caller)
-    if method == "kmeans":
-        return fit_clusters(X, "kmeans", num_clusters=kw["initial_clusters"], seed=seed)
-    return fit_clusters(X, "balanced_birch", initial_clusters=kw["initial_clusters"],
-                        max_ratio=kw["max_ratio"], max_rounds=kw["max_rounds"],
-                        min_cluster_size=kw["min_cluster_size"], threshold=kw["threshold"], seed=seed)
+    if cc["method"] == "kmeans":
+        return fit_clusters(X, "kmeans", num_clusters=cc["initial_clusters"], seed=seed)
+    return fit_clusters(X, "balanced_birch", initial_clusters=cc["initial_clusters"],
+                        max_ratio=cc["max_ratio"], max_rounds=cc["max_rounds"],
+                        min_cluster_size=cc["min_cluster_size"], threshold=cc["threshold"], seed=seed)
 
 
 def build_clusters(cfg: Config, run: RunDir, out: Path) -> dict:
@@ -233,7 +230,6 @@ def build_clusters(cfg: Config, run: RunDir, out: Path) -> dict:
     sample = np.sort(rng.choice(len(X), size=min(cc.fit_sample, len(X)), replace=False))
     fit = ray.get(ray.remote(num_cpus=1)(_fit_remote).remote(X[sample], _asdict(cc), cfg.run.seed))
     labels = assign(X, fit.centroids)
-    C = fit.centroids.shape[0]
     # Re-number so clusters are 0..C-1 with no empty ones, and centroids are over all members (eq. 5.8).
     used = sorted(set(labels.tolist()))
     remap = {c: i for i, c in enumerate(used)}
@@ -272,7 +268,7 @@ def build_experts(cfg: Config, run: RunDir, keys: dict, out: Path) -> dict:
         members = [r["example_id"] for r in assignments if r["cluster"] == c]
         loop = {"name": f"expert-{c:02d}", "seed": cfg.run.seed + 1 + c, "model": _asdict(cfg.model),
                 "train": _asdict(tc), "data_file": str(run.data_file("train")), "example_ids": members,
-                "init_adapter": str(run.base_epoch(cfg.train.epochs) ), "out_dir": str(folder),
+                "init_adapter": str(run.base_epoch(cfg.train.epochs)), "out_dir": str(folder),
                 "save_epochs": False}
         jobs.append({"run_name": f"expert-{keys['experts']}-{c:02d}", "loop_cfg": loop, "tc": tc,
                      "storage": run.ray_storage, "num_workers": ec.num_workers,

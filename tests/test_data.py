@@ -267,3 +267,15 @@ def test_json_array_and_file_splits(tmp_path):
     assert report["files"][str(train)]["read"] == 40
     assert {r["source"] for r in splits["validation"]} == {"s0", "s1"}
     assert splits == build_splits(cfg, seed=0)
+
+
+def test_gsm8k_style_rows_take_the_gold_after_hashes(tmp_path):
+    import json as _json
+
+    from elrea_ray.data import read_rows
+
+    f = tmp_path / "gsm.jsonl"
+    f.write_text(_json.dumps({"question": "How many clips?", "answer": "48 + 24 = 72\n#### 72"}) + "\n")
+    rows, _ = read_rows(str(f), "train")
+    assert rows[0]["answer"] == "72" and rows[0]["response"].endswith("#### 72")
+    assert _json.loads(rows[0]["prompt"])[-1]["content"] == "How many clips?"
