@@ -222,9 +222,13 @@ class RoutingConfig:
 
     temperature: float = 1.0
     top_k: int | None = None  # None: all experts (the paper's main method)
+    # Sparse routing: adapters (experts or base) whose weight is below this are not run for that
+    # prompt; the top expert always runs. 0: every adapter runs (the paper's eq. 5.10).
+    min_weight: float = 0.0
 
     def validate(self, p: str) -> None:
         _check(self.temperature > 0, f"{p}.temperature", "> 0", self.temperature)
+        _check(0.0 <= self.min_weight < 1.0, f"{p}.min_weight", "in [0, 1)", self.min_weight)
         _check(self.top_k is None or self.top_k >= 1, f"{p}.top_k", ">= 1 or null", self.top_k)
 
 

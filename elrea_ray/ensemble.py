@@ -1,14 +1,21 @@
-"""Routed-ensemble greedy decoding in ONE batched forward per step (paper step 5, eq. 5.10).
+"""Routed-ensemble decoding: C+1 adapters, one batched forward per step (paper step 5, eq. 5.10).
 
 At every step the next token of prompt b is
 
     argmax_v  sum_a weights[b, a] * logits_a(v | prompt_b, generated so far)
 
 (pre-softmax logits; the weights are fixed for the whole generation and need not sum to 1),
-and it is appended to the context of every adapter. The A streams of a prompt run in the same
-forward: the prompt is replicated A times along the batch (row b*A + a carries adapter a,
-through PEFT's mixed-adapter batch `adapter_names=[...]`), left padded, with a KV cache, so
-the prompt is prefilled once and each step feeds one token per row (paper §5 efficiency trick).
+and it is appended to the context of every adapter. Prompt b gets one batch row per adapter it
+uses (weight != 0), left padded, with a KV cache, so each prompt is prefilled once per adapter
+and each step feeds one token per row (paper §5 efficiency trick). Two back-ends run the rows:
+
+* "stacked" (default): every LoRA module runs all rows' adapters in three fixed ops
+  (`elrea_ray.stacked`), and since the LM head is linear, sum_a w_a (W h_a) = W (sum_a w_a h_a):
+  the rows' final hidden states are mixed first and the head runs once per prompt, not once
+  per adapter. Rows are per (prompt, adapter) pair, so a prompt whose weight for an expert is
+  exactly 0 does not run that expert at all (sparse routing: `routing.min_weight`, top-k).
+* "peft": PEFT's mixed-adapter batch (`adapter_names=[...]`), every prompt on every adapter
+  that any prompt uses; the reference the stacked path is tested against.
 """
 
 from __future__ import annotations
@@ -17,10 +24,12 @@ from typing import Callable, Iterator, Sequence
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from elrea_ray.checkpoints import unwrap
+from elrea_ray.stacked import BACKBONE, UnsupportedAdapter, stacked_for
 
-BACKBONE = "__base__"  # PEFT's name for "no adapter" in a mixed batch
+BACKENDS = ("auto", "stacked", "peft")
 
 
 def _eos_set(eos_token_id: int | Sequence[int] | None) -> list[int]:
@@ -32,19 +41,22 @@ def _eos_set(eos_token_id: int | Sequence[int] | None) -> list[int]:
 def ensemble_generate(peft_model, prompts: Sequence[Sequence[int]], adapter_names: Sequence[str],
                       weights: np.ndarray, max_new_tokens: int | Sequence[int],
                       eos_token_id: int | Sequence[int] | None, pad_token_id: int,
-                      sampler: Callable | None = None) -> list[list[int]]:
-    """Greedy routed-ensemble decoding of B prompts over A adapters.
+                      sampler: Callable | None = None, backend: str = "auto") -> list[list[int]]:
+    """Routed-ensemble decoding of B prompts over A adapters (greedy unless `sampler`).
 
     prompts: B token id lists (chat-formatted, generation prompt included); adapter_names: A
     adapters loaded in `peft_model` ("__base__" = the bare backbone); weights: [B, A] logit
     weights. Returns B lists of generated ids, without the prompt, stopped at the first EOS
-    (which is not included) or after max_new_tokens (one number, or one per prompt). Adapters
-    whose weight is 0 for every prompt are not run. A prompt that reaches EOS leaves the batch.
+    (which is not included) or after max_new_tokens (one number, or one per prompt). A weight of
+    exactly 0 means the adapter is not run for that prompt (stacked back-end) or, for the PEFT
+    back-end, not run when it is 0 for every prompt. A prompt that reaches EOS leaves the batch.
     `sampler(mixed_logits [B_active, V], prompt_indices) -> ids [B_active]` replaces argmax.
+    backend: "stacked", "peft", or "auto" (stacked unless the adapters use a LoRA feature it
+    does not implement, such as DoRA).
     """
     results: list[list[int]] = [[] for _ in prompts]
     for step in ensemble_stream(peft_model, prompts, adapter_names, weights, max_new_tokens,
-                                eos_token_id, pad_token_id, sampler):
+                                eos_token_id, pad_token_id, sampler, backend):
         for b, tok in step:
             results[b].append(tok)
     return results
@@ -53,10 +65,12 @@ def ensemble_generate(peft_model, prompts: Sequence[Sequence[int]], adapter_name
 def ensemble_stream(peft_model, prompts: Sequence[Sequence[int]], adapter_names: Sequence[str],
                     weights: np.ndarray, max_new_tokens: int | Sequence[int],
                     eos_token_id: int | Sequence[int] | None, pad_token_id: int,
-                    sampler: Callable | None = None) -> Iterator[list[tuple[int, int]]]:
+                    sampler: Callable | None = None, backend: str = "auto") -> Iterator[list[tuple[int, int]]]:
     """`ensemble_generate` one step at a time: yields [(prompt index, new token id), ...] for the
     prompts still generating (for streaming responses)."""
     b_total, names = len(prompts), list(adapter_names)
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     w = np.asarray(weights, dtype=np.float64)
     if w.shape != (b_total, len(names)):
         raise ValueError(f"weights must have shape [num_prompts={b_total}, num_adapters={len(names)}], "
@@ -74,29 +88,147 @@ def ensemble_stream(peft_model, prompts: Sequence[Sequence[int]], adapter_names:
     unknown = sorted(set(names) - set(getattr(model, "peft_config", {})) - {BACKBONE})
     if unknown:
         raise ValueError(f"adapters {unknown} are not loaded; loaded: {sorted(model.peft_config)} (or {BACKBONE!r})")
+    idle = [b for b in range(b_total) if not np.any(w[b] != 0)]
+    if idle:
+        raise ValueError(f"prompts {idle[:5]} have weight 0 for every adapter; nothing to decode with")
     used = [a for a in range(len(names)) if np.any(w[:, a] != 0)]
-    if not used:
-        raise ValueError("every adapter has weight 0 for every prompt; nothing to decode with")
+    prompts = [list(map(int, p)) for p in prompts]
+    stacked = None
+    if backend != "peft":
+        try:
+            stacked = stacked_for(model, [names[a] for a in used])
+        except UnsupportedAdapter:
+            if backend == "stacked":
+                raise
     was_training = model.training
-    model.eval()  # PEFT refuses adapter_names in training mode; greedy decoding wants no dropout
+    model.eval()  # PEFT refuses adapter_names in training mode; decoding wants no dropout
     try:
         with torch.inference_mode():
-            yield from _decode(model, [list(map(int, p)) for p in prompts], [names[a] for a in used],
-                               w[:, used], limits, _eos_set(eos_token_id), int(pad_token_id), sampler)
+            if stacked is not None:
+                yield from _decode_stacked(model, stacked, prompts, w[:, used], limits,
+                                           _eos_set(eos_token_id), int(pad_token_id), sampler)
+            else:
+                yield from _decode_peft(model, prompts, [names[a] for a in used], w[:, used], limits,
+                                        _eos_set(eos_token_id), int(pad_token_id), sampler)
     finally:
         if was_training:
             model.train()
 
 
-def _decode(model, prompts: list[list[int]], names: list[str], w: np.ndarray, limits: list[int],
-            eos: list[int], pad_token_id: int, sampler) -> Iterator[list[tuple[int, int]]]:
-    device = next(model.parameters()).device
-    n_adapters, width = len(names), max(len(p) for p in prompts)
+def _left_pad(prompts: list[list[int]], pad_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ids, attention mask) [B, width], left padded so every row's next token is the last column."""
+    width = max(len(p) for p in prompts)
     ids = torch.full((len(prompts), width), pad_token_id, dtype=torch.long)
     mask = torch.zeros(len(prompts), width, dtype=torch.long)
-    for b, p in enumerate(prompts):  # left padding: every row's next token sits at the last column
+    for b, p in enumerate(prompts):
         ids[b, width - len(p):] = torch.as_tensor(p, dtype=torch.long)
         mask[b, width - len(p):] = 1
+    return ids, mask
+
+
+def _emit(active: list[int], next_ids: torch.Tensor, eos_t: torch.Tensor, produced: list[int],
+          limits: list[int]) -> tuple[list[tuple[int, int]], torch.Tensor]:
+    """The step's (prompt, token) pairs, and which active prompts are done after it."""
+    done = torch.isin(next_ids, eos_t)
+    emitted = []
+    for i, (b, tok, fin) in enumerate(zip(active, next_ids.tolist(), done.tolist())):
+        if not fin:
+            emitted.append((b, tok))
+            produced[b] += 1
+            if produced[b] >= limits[b]:
+                done[i] = True
+    return emitted, done
+
+
+# Model types whose causal-LM forward is `logits = lm_head(final hidden state)`, nothing after:
+# for them the mix can move before the head (it is linear). Others (logit soft-capping, logit
+# scales) mix logits, computed per row by the model's own forward.
+_PLAIN_HEAD = {"llama", "mistral", "mixtral", "qwen2", "qwen2_moe", "qwen3", "qwen3_moe", "gemma",
+               "phi3", "olmo", "olmo2", "smollm3", "starcoder2", "stablelm"}
+
+
+def _plain_head(hf_model) -> torch.nn.Linear | None:
+    from peft.tuners.lora.layer import LoraLayer
+
+    head = hf_model.get_output_embeddings()
+    if (getattr(hf_model.config, "model_type", None) in _PLAIN_HEAD and isinstance(head, torch.nn.Linear)
+            and not isinstance(head, LoraLayer)):
+        return head
+    return None
+
+
+def _decode_stacked(model, stacked, prompts: list[list[int]], w: np.ndarray, limits: list[int],
+                    eos: list[int], pad_token_id: int, sampler) -> Iterator[list[tuple[int, int]]]:
+    hf_model = model.get_base_model()  # the HF model with the LoRA layers injected
+    head, decoder = _plain_head(hf_model), hf_model.get_decoder()
+    device = next(model.parameters()).device
+    # One row per (prompt, adapter) with a nonzero weight: a skipped expert costs nothing. When
+    # every prompt runs every adapter, rows go adapter-major (a * B + b): the grouped layout.
+    if np.all(w != 0):
+        pairs = np.argwhere(w.T != 0)[:, ::-1]  # [R, (prompt, adapter)], sorted by adapter
+    else:
+        pairs = np.argwhere(w != 0)  # [R, (prompt, adapter)], sorted by prompt
+    row_prompt = torch.as_tensor(pairs[:, 0], device=device)  # position of the row's prompt in `active`
+    row_adapter = torch.as_tensor(pairs[:, 1], device=device)
+    row_weight = torch.as_tensor(w[pairs[:, 0], pairs[:, 1]], dtype=torch.float32, device=device)
+    ids, mask = _left_pad(prompts, pad_token_id)
+    ids, mask = ids.to(device)[row_prompt], mask.to(device)[row_prompt]
+    position_ids = (mask.cumsum(-1) - 1).clamp_min(0)  # as HF generate: pads get 0, tokens 0..len-1
+    eos_t = torch.as_tensor(eos, dtype=torch.long, device=device)
+    active = list(range(len(prompts)))  # prompt index of each active prompt, in order
+    produced = [0] * len(prompts)
+
+    def step(input_ids, attention_mask, positions, cache):
+        """Mixed next-token logits [B_active, V] (eq. 5.10) and the cache."""
+        if head is not None:
+            out = decoder(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions,
+                          cache=cache, use_cache=True)
+            last = out.last_hidden_state[:, -1, :]
+        else:
+            out = hf_model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions,
+                           cache=cache, use_cache=True, logits_to_keep=1)
+            last = out.logits[:, -1, :]
+        mixed = torch.zeros(len(active), last.shape[-1], dtype=torch.float32, device=device)
+        mixed.index_add_(0, row_prompt, last.float() * row_weight[:, None])
+        if head is not None:  # W (sum_a w_a h_a) + (sum_a w_a) b == sum_a w_a (W h_a + b)
+            logits = F.linear(mixed.to(head.weight.dtype), head.weight).float()
+            if head.bias is not None:
+                total = torch.zeros(len(active), device=device).index_add_(0, row_prompt, row_weight)
+                logits = logits + total[:, None] * head.bias.float()
+            mixed = logits
+        return mixed, out.cache
+
+    stacked.set_rows(row_adapter)
+    with stacked.active():
+        logits, cache = step(ids, mask, position_ids, None)
+        last_pos = position_ids[:, -1]
+        for _ in range(max(limits)):
+            next_ids = logits.argmax(-1) if sampler is None else sampler(logits, active).to(device)
+            emitted, done = _emit(active, next_ids, eos_t, produced, limits)
+            yield emitted
+            if bool(done.all()):
+                break
+            if bool(done.any()):  # drop finished prompts' rows from the batch and the cache
+                alive = (~done).nonzero().flatten()
+                remap = torch.full((len(active),), -1, dtype=torch.long, device=device)
+                remap[alive] = torch.arange(len(alive), device=device)
+                rows = (remap[row_prompt] >= 0).nonzero().flatten()
+                cache.batch_select_indices(rows)
+                row_prompt, row_adapter, row_weight = remap[row_prompt[rows]], row_adapter[rows], row_weight[rows]
+                mask, last_pos, next_ids = mask[rows], last_pos[rows], next_ids[alive]
+                active = [active[i] for i in alive.tolist()]
+                stacked.set_rows(row_adapter)
+            mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
+            last_pos = last_pos + 1
+            logits, cache = step(next_ids[row_prompt][:, None], mask, last_pos[:, None], cache)
+
+
+def _decode_peft(model, prompts: list[list[int]], names: list[str], w: np.ndarray, limits: list[int],
+                 eos: list[int], pad_token_id: int, sampler) -> Iterator[list[tuple[int, int]]]:
+    device = next(model.parameters()).device
+    n_adapters = len(names)
+    ids, mask = _left_pad(prompts, pad_token_id)
+    # row b*A + a carries adapter a of prompt b
     ids, mask = ids.repeat_interleave(n_adapters, 0).to(device), mask.repeat_interleave(n_adapters, 0).to(device)
     position_ids = (mask.cumsum(-1) - 1).clamp_min(0)  # as HF generate: pads get 0, tokens 0..len-1
     weights = torch.as_tensor(w, dtype=torch.float32, device=device)  # [B_active, A]
@@ -111,14 +243,7 @@ def _decode(model, prompts: list[list[int]], names: list[str], w: np.ndarray, li
         logits = out.logits[:, -1, :].float().view(len(active), n_adapters, -1)
         mixed = torch.einsum("ba,bav->bv", weights, logits)  # eq. 5.10
         next_ids = mixed.argmax(-1) if sampler is None else sampler(mixed, active).to(device)
-        done = torch.isin(next_ids, eos_t)
-        emitted = []
-        for i, (b, tok, fin) in enumerate(zip(active, next_ids.tolist(), done.tolist())):
-            if not fin:
-                emitted.append((b, tok))
-                produced[b] += 1
-                if produced[b] >= limits[b]:
-                    done[i] = True
+        emitted, done = _emit(active, next_ids, eos_t, produced, limits)
         yield emitted
         if bool(done.all()):
             break
@@ -137,8 +262,9 @@ def _decode(model, prompts: list[list[int]], names: list[str], w: np.ndarray, li
 
 
 def single_generate(peft_model, prompts: Sequence[Sequence[int]], adapter_name: str, max_new_tokens: int,
-                    eos_token_id: int | Sequence[int] | None, pad_token_id: int) -> list[list[int]]:
+                    eos_token_id: int | Sequence[int] | None, pad_token_id: int,
+                    backend: str = "auto") -> list[list[int]]:
     """Greedy decoding with one adapter ("__base__": the backbone alone), same conventions as
     `ensemble_generate` (the base-only and backbone-only baselines)."""
     return ensemble_generate(peft_model, prompts, [adapter_name], np.ones((len(prompts), 1)),
-                             max_new_tokens, eos_token_id, pad_token_id)
+                             max_new_tokens, eos_token_id, pad_token_id, backend=backend)

@@ -360,7 +360,7 @@ def routing_weights(cfg: Config, run: RunDir, features: np.ndarray) -> dict[str,
     N, C = len(features), centroids.shape[0]
     rc = cfg.routing
     out = {}
-    ew, bw = route(features, centroids, temperature=rc.temperature, top_k=rc.top_k)
+    ew, bw = route(features, centroids, temperature=rc.temperature, top_k=rc.top_k, min_weight=rc.min_weight)
     out["elrea"] = np.concatenate([bw[:, None], ew], axis=1)
     ew1, bw1 = route(features, centroids, temperature=rc.temperature, top_k=1)
     out["top1"] = np.concatenate([bw1[:, None], ew1], axis=1)

@@ -31,11 +31,15 @@ def route(
     centroids: np.ndarray | torch.Tensor,
     temperature: float = 1.0,
     top_k: int | None = None,
+    min_weight: float = 0.0,
 ) -> tuple[np.ndarray, np.ndarray]:
     """(expert_weights [B, C] float64, base_weight [B] float64) for features [B, d] (unit norm).
 
     `top_k` keeps the k largest expert weights and zeroes the rest without renormalising;
     the base adapter keeps its weight (DESIGN.md §3; the paper's Figure 5.3b variant).
+    `min_weight` zeroes every weight (experts and base) below it, again without renormalising,
+    except a row's largest expert weight, which always stays. A zero weight means the decoder
+    does not run that adapter for that prompt, so both knobs trade fidelity to eq. 5.10 for speed.
     If a row's cosines are all equal (std 0), every expert gets 1/C.
     """
     x, c = _as_array(features, "features"), _as_array(centroids, "centroids")
@@ -44,6 +48,8 @@ def route(
         raise ValueError(f"features have d={x.shape[1]} but centroids have d={c.shape[1]}")
     if not temperature > 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
+    if not 0.0 <= min_weight < 1.0:
+        raise ValueError(f"min_weight must be in [0, 1), got {min_weight}")
     if top_k is not None and not 1 <= top_k <= num_clusters:
         raise ValueError(f"top_k must be None or in [1, C={num_clusters}], got {top_k}")
 
@@ -60,6 +66,12 @@ def route(
         # Stable sort so that ties keep the lower expert index, deterministically.
         drop = np.argsort(-expert_weights, axis=1, kind="stable")[:, top_k:]
         np.put_along_axis(expert_weights, drop, 0.0, axis=1)
+    if min_weight > 0:
+        top = expert_weights.argmax(axis=1)
+        keep_top = expert_weights[np.arange(len(top)), top]
+        expert_weights = np.where(expert_weights < min_weight, 0.0, expert_weights)
+        expert_weights[np.arange(len(top)), top] = keep_top
+        base_weight = np.where(base_weight < min_weight, 0.0, base_weight)
     return expert_weights, base_weight
 
 

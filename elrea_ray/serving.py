@@ -123,7 +123,8 @@ class Engine:
         for k in set(top_k):
             rows = [i for i, t in enumerate(top_k) if t == k]
             ew, bw = route(feats[rows], self.centroids, temperature=self.routing["temperature"],
-                           top_k=k if k is not None else self.routing.get("top_k"))
+                           top_k=k if k is not None else self.routing.get("top_k"),
+                           min_weight=self.routing.get("min_weight", 0.0))
             out[rows, 0], out[rows, 1:] = bw, ew
         return out
 

@@ -149,3 +149,70 @@ def test_bad_arguments_are_explained(model, prompts):
     with pytest.raises(ValueError, match="weight 0"):
         ensemble_generate(model, prompts, NAMES, np.zeros((len(prompts), 3)), NEW, 2, 0)
     assert ensemble_generate(model, [], NAMES, np.zeros((0, 3)), NEW, 2, 0) == []
+
+
+def recorded(model, prompts, names, w, backend, eos=2):
+    """Greedy tokens and every step's mixed logits (through the sampler hook) of one back-end."""
+    steps = []
+
+    def greedy(mixed, active):
+        steps.append((list(active), mixed.clone()))
+        return mixed.argmax(-1)
+
+    tokens = ensemble_generate(model, prompts, names, w, NEW, eos, 0, sampler=greedy, backend=backend)
+    return tokens, steps
+
+
+def test_stacked_path_equals_peft_mixed_batch(model, prompts):
+    rng = np.random.default_rng(1)
+    names = NAMES + ["__base__"]
+    w = rng.uniform(0.1, 1.5, size=(len(prompts), len(names)))
+    eos = [an_eos_mid_generation(model, prompts, 0), 2]  # prompts leave the batch at different steps
+    got, got_steps = recorded(model, prompts, names, w, "stacked", eos)
+    assert model._elrea_stacked._grouped[0]  # dense routing took the grouped (bmm) layout
+    want, want_steps = recorded(model, prompts, names, w, "peft", eos)
+    assert got == want
+    assert len(got_steps) == len(want_steps)
+    for (active_s, logits_s), (active_p, logits_p) in zip(got_steps, want_steps):
+        assert active_s == active_p
+        torch.testing.assert_close(logits_s, logits_p, rtol=1e-4, atol=1e-4)
+
+
+def test_zero_weight_expert_is_not_run_for_that_prompt(model, prompts):
+    """Sparse routing: a per-prompt weight of exactly 0 drops that (prompt, adapter) row, and
+    the result equals decoding that prompt without the adapter at all."""
+    w = np.array([[0.6, 0.4, 0.0], [0.0, 0.5, 0.5], [1.0, 0.0, 0.0], [0.2, 0.3, 0.5]])
+    got = ensemble_generate(model, prompts, NAMES, w, NEW, 2, 0, backend="stacked")
+    assert not model._elrea_stacked._grouped[0]  # per-prompt rows: the masked layout
+    for b, p in enumerate(prompts):
+        keep = [a for a in range(len(NAMES)) if w[b, a] != 0]
+        alone = ensemble_generate(model, [p], [NAMES[a] for a in keep], w[b:b + 1, keep], NEW, 2, 0,
+                                  backend="peft")
+        assert got[b] == alone[0]
+
+
+def test_stacked_forward_does_the_same_ops_whatever_the_number_of_adapters(model, prompts):
+    """Per decoding step, the stacked path issues the same number of matmuls for 2 adapters as
+    for 4 (no Python loop over adapters inside a LoRA module), dense or sparse routing."""
+    from torch.overrides import TorchFunctionMode
+
+    class CountLinear(TorchFunctionMode):
+        def __init__(self):
+            super().__init__()
+            self.n = 0
+
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            if func in (torch.nn.functional.linear, torch.bmm):
+                self.n += 1
+            return func(*args, **(kwargs or {}))
+
+    for sparse in (False, True):
+        counts = []
+        for names in (NAMES[:2], NAMES + ["__base__"]):
+            w = np.ones((2, len(names)))
+            w[0, 0] = 0.0 if sparse else 1.0
+            with CountLinear() as mode:
+                ensemble_generate(model, prompts[:2], names, w, 3, eos_token_id=None, pad_token_id=0,
+                                  backend="stacked")
+            counts.append(mode.n)
+        assert counts[0] == counts[1] > 0

@@ -92,3 +92,22 @@ def test_uniform_and_one_hot_weights():
     assert np.array_equal(experts, [[0, 1, 0], [0, 1, 0]]) and not base.any()
     with pytest.raises(ValueError, match="index"):
         one_hot_weights(2, 3, 3)
+
+
+def test_min_weight_zeroes_small_weights_but_keeps_the_top_expert():
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((6, 16))
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    c = rng.standard_normal((4, 16))
+    c /= np.linalg.norm(c, axis=1, keepdims=True)
+    dense_e, dense_b = route(x, c)
+    e, b = route(x, c, min_weight=0.3)
+    kept = dense_e >= 0.3
+    kept[np.arange(6), dense_e.argmax(1)] = True
+    assert np.array_equal(e, np.where(kept, dense_e, 0.0))  # survivors keep their exact weight
+    assert np.array_equal(b, np.where(dense_b >= 0.3, dense_b, 0.0))
+    assert (e > 0).sum(1).min() >= 1 and (e == 0).any()
+    e_all, _ = route(x, c, min_weight=0.99)  # nothing reaches it: only each row's top expert runs
+    assert np.array_equal((e_all > 0).sum(1), np.ones(6))
+    with pytest.raises(ValueError, match="min_weight"):
+        route(x, c, min_weight=1.0)
