@@ -18,12 +18,13 @@ import asyncio
 import hmac
 import json
 import logging
+import math
 import time
 import uuid
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
-from pydantic import BaseModel
+from pydantic import BaseModel, model_validator
 from ray import serve
 
 from elrea_ray.serving import RequestError, completion_body, parse_request, stream_chunk
@@ -37,14 +38,27 @@ class AppArgs(BaseModel):
 
     run_dir: str
     api_key: str | None = None  # bearer key required on every route but /health
-    num_replicas: int = 1
+    num_replicas: int = 1  # fixed replica count, unless max_replicas turns autoscaling on
+    min_replicas: int = 1
+    max_replicas: int | None = None  # set (> min_replicas) for Serve autoscaling
+    target_ongoing_requests: float = 8.0  # autoscaling target per replica
     num_cpus: float = 1.0
-    num_gpus: float = 0.0
-    max_ongoing_requests: int = 32
-    max_queued_requests: int = 64  # beyond this: 503 with Retry-After
+    num_gpus: float = 0.0  # per replica; > 0 decodes on the GPU
+    max_ongoing_requests: int = 64  # Serve's per-replica cap; beyond it requests queue in Serve
+    max_queued_requests: int = 128  # beyond this Serve answers 503
+    max_inflight: int = 48  # requests a replica admits at once; beyond: 429 with Retry-After
     max_batch_size: int = 8
     batch_wait_timeout_s: float = 0.02
-    request_timeout_s: float = 120.0
+    request_timeout_s: float = 120.0  # beyond: 504
+
+    @model_validator(mode="after")
+    def _check(self):
+        if not 1 <= self.max_inflight <= self.max_ongoing_requests:
+            raise ValueError(f"max_inflight={self.max_inflight} must be in [1, max_ongoing_requests="
+                             f"{self.max_ongoing_requests}] (requests beyond Serve's cap never reach the replica)")
+        if self.max_replicas is not None and self.max_replicas < self.min_replicas:
+            raise ValueError(f"max_replicas={self.max_replicas} is below min_replicas={self.min_replicas}")
+        return self
 
 
 def _error(e: RequestError) -> JSONResponse:
@@ -62,6 +76,9 @@ class ELREAServer:
         self.batches_served = 0
         self.requests_batched = 0
         self.max_batch_seen = 0
+        self.inflight = 0
+        self.rejected_overload = 0
+        self._batch_seconds = 1.0  # running mean of one decoding batch, for Retry-After
         self._lock = asyncio.Lock()  # one decode at a time per replica (the model is not reentrant)
         self.set_batch_params()
 
@@ -87,16 +104,39 @@ class ELREAServer:
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.02)
     async def generate_batch(self, reqs: list) -> list:
         async with self._lock:
+            t0 = time.monotonic()
             results = await asyncio.get_running_loop().run_in_executor(None, self.engine.generate, reqs)
+            self._batch_seconds = 0.8 * self._batch_seconds + 0.2 * (time.monotonic() - t0)
         self.batches_served += 1
         self.requests_batched += len(reqs)
         self.max_batch_seen = max(self.max_batch_seen, len(reqs))
         return results
 
+    def _overloaded(self) -> JSONResponse:
+        """429 with an honest Retry-After: the batches ahead of a new request, times a batch's time."""
+        self.rejected_overload += 1
+        wait = math.ceil(self._batch_seconds * (1 + self.inflight / self.args.max_batch_size))
+        e = RequestError(f"the server is at its limit of {self.args.max_inflight} requests in flight; "
+                         f"retry in about {wait} s", status=429, code="rate_limit_exceeded")
+        return JSONResponse(e.body(), status_code=429, headers={"Retry-After": str(wait)})
+
     async def _handle(self, request: Request, chat: bool):
         if not self._authorised(request):
             return _error(RequestError("missing or wrong API key (Authorization: Bearer ...)", status=401,
                                        code="authentication_error"))
+        if self.inflight >= self.args.max_inflight:
+            return self._overloaded()
+        self.inflight += 1
+        streaming = False
+        try:
+            response = await self._admitted(request, chat)
+            streaming = isinstance(response, StreamingResponse)
+            return response
+        finally:
+            if not streaming:  # a stream releases its slot when it ends
+                self.inflight -= 1
+
+    async def _admitted(self, request: Request, chat: bool):
         try:
             req, meta = parse_request(await self._body(request), self.engine, chat)
         except RequestError as e:
@@ -114,6 +154,13 @@ class ELREAServer:
         return JSONResponse(completion_body(res, req, meta))
 
     async def _stream(self, req, meta):
+        try:
+            async for chunk in self._stream_chunks(req, meta):
+                yield chunk
+        finally:
+            self.inflight -= 1
+
+    async def _stream_chunks(self, req, meta):
         rid = ("chatcmpl-" if meta["chat"] else "cmpl-") + uuid.uuid4().hex[:24]
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue = asyncio.Queue()
@@ -172,14 +219,18 @@ class ELREAServer:
         if not self._authorised(request):
             return _error(RequestError("missing or wrong API key", status=401, code="authentication_error"))
         return {"batches_served": self.batches_served, "requests_batched": self.requests_batched,
-                "max_batch_seen": self.max_batch_seen}
+                "max_batch_seen": self.max_batch_seen, "inflight": self.inflight,
+                "rejected_overload": self.rejected_overload}
 
 
 def build_app(args: dict) -> serve.Application:
     """Typed builder for `serve run serve_apps.elrea_app:build_app run_dir=...`."""
     a = AppArgs(**args)
+    scale: dict = {"num_replicas": a.num_replicas}
+    if a.max_replicas is not None:
+        scale = {"autoscaling_config": {"min_replicas": a.min_replicas, "max_replicas": a.max_replicas,
+                                        "target_ongoing_requests": a.target_ongoing_requests}}
     return ELREAServer.options(
-        num_replicas=a.num_replicas, max_ongoing_requests=a.max_ongoing_requests,
-        max_queued_requests=a.max_queued_requests,
+        **scale, max_ongoing_requests=a.max_ongoing_requests, max_queued_requests=a.max_queued_requests,
         ray_actor_options={"num_cpus": a.num_cpus, "num_gpus": a.num_gpus},
     ).bind(a.model_dump())

@@ -171,3 +171,46 @@ def test_api_key_guards_every_route_but_health(smoke_run, server):
         assert ok.status_code == 200
     finally:
         serve.delete("secure")
+
+
+def test_overload_gets_429_with_retry_after_and_the_rest_succeed(smoke_run, server):
+    from ray import serve
+
+    from serve_apps.elrea_app import build_app
+
+    serve.run(build_app({"run_dir": str(smoke_run.root), "num_cpus": 0.25, "max_inflight": 2,
+                         "max_batch_size": 2, "batch_wait_timeout_s": 0.2}), name="small", route_prefix="/small")
+    u = server + "/small"
+    try:
+        def one(i):
+            return httpx.post(u + "/v1/completions", json={"prompt": f"What is {i} + 2?", "max_tokens": 8},
+                              timeout=120)
+
+        with ThreadPoolExecutor(12) as ex:
+            responses = list(ex.map(one, range(12)))
+        codes = [r.status_code for r in responses]
+        assert set(codes) <= {200, 429} and codes.count(200) >= 2 and codes.count(429) >= 1, codes
+        for r in responses:
+            if r.status_code == 429:
+                assert int(r.headers["Retry-After"]) >= 1
+                assert r.json()["error"]["type"] == "rate_limit_exceeded"
+        stats = httpx.get(u + "/v1/stats").json()
+        assert stats["inflight"] == 0 and stats["rejected_overload"] == codes.count(429)
+        assert one(0).status_code == 200  # the slots were given back
+    finally:
+        serve.delete("small")
+
+
+def test_app_args_are_checked():
+    from pydantic import ValidationError
+
+    from serve_apps.elrea_app import AppArgs, build_app
+
+    with pytest.raises(ValidationError, match="max_inflight"):
+        AppArgs(run_dir="x", max_inflight=100, max_ongoing_requests=64)
+    with pytest.raises(ValidationError, match="max_replicas"):
+        AppArgs(run_dir="x", min_replicas=3, max_replicas=2)
+    app = build_app({"run_dir": "x", "max_replicas": 4, "num_gpus": 0.5})
+    deployment = app._bound_deployment  # the deployment the application binds
+    assert deployment._deployment_config.autoscaling_config.max_replicas == 4
+    assert deployment.ray_actor_options["num_gpus"] == 0.5
