@@ -16,7 +16,8 @@ Layout (every path comes from `RunDir`; no other module builds artifact paths):
       ray/                     Ray Train storage (mid-epoch checkpoints for resume)
 
 A stage writes into `<output>.partial/`, drops a `_COMPLETE` marker holding its key, and is renamed
-into place; the manifest is then updated atomically. A stage is skipped when its output holds a
+into place (an older version is renamed to `<output>.old` first and deleted after); the manifest
+is then updated atomically. A stage is skipped when its output holds a
 marker with the same key, so a rerun resumes and a changed setting reruns exactly what depends on it.
 """
 

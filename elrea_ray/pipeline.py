@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import platform
+import shutil
 import time
 from pathlib import Path
 
@@ -195,10 +197,11 @@ def build_gradients(cfg: Config, run: RunDir, out: Path) -> dict:
         path = run.data_file(split)
         rows = pq.read_metadata(path).num_rows
         info["rows"][split] = rows
-        if rows == 0:
-            continue
         # Blocks of ~64 rows: progress is visible per block and a lost actor redoes little.
         blocks = info["reproducibility"]["blocks"][split] = max(1, rows // 64)
+        dest = out / split
+        if rows == 0 or dest.exists():
+            continue  # nothing to do, or written in full before an interruption (renamed below)
         ds = ray.data.read_parquet(str(path), columns=["example_id", "source", "prompt"],
                                    override_num_blocks=blocks)
         feats = ds.map_batches(
@@ -209,7 +212,13 @@ def build_gradients(cfg: Config, run: RunDir, out: Path) -> dict:
                                    "use_gpu": g.use_gpu, "threads": threads},
             compute=ray.data.ActorPoolStrategy(size=g.num_actors),
             num_cpus=g.cpus_per_actor, num_gpus=1 if g.use_gpu else 0)
-        feats.write_parquet(str(out / split))
+        # Into a fresh folder renamed when complete: Ray's write_parquet appends, so shards left by
+        # a killed run in the same folder would otherwise be counted twice.
+        tmp = out / f"{split}.writing"
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        feats.write_parquet(str(tmp))
+        os.rename(tmp, dest)
     return info
 
 

@@ -14,6 +14,7 @@ import os
 import shutil
 import tempfile
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -185,9 +186,9 @@ def train_loop(cfg: dict) -> dict:
 
 
 def _maybe_inject_fault(cfg: dict, step: int, rank: int) -> None:
-    """Test hook (never set by the pipeline): `fault = {"after_step": N, "rank": r, "marker": path}`
-    in the loop config makes that rank's process die after step N, once (the marker file records
-    that it already happened), as a crashed worker would."""
+    """Test hook (never set by the pipeline): `fault = {"after_step": N, "rank": r, "marker": path,
+    "wait_s": s}` in the loop config makes that rank's process die s seconds after step N, once
+    (the marker file records that it already happened), as a crashed worker would."""
     fault = cfg.get("fault")
     if not fault or step != fault["after_step"] or rank != fault.get("rank", 0):
         return
@@ -195,6 +196,7 @@ def _maybe_inject_fault(cfg: dict, step: int, rank: int) -> None:
     if marker.exists():
         return
     marker.write_text(str(step))
+    time.sleep(fault.get("wait_s", 0))
     os._exit(1)
 
 
