@@ -115,7 +115,7 @@ def build_base(cfg: Config, run: RunDir, keys: dict, out: Path) -> dict:
             "data_file": str(run.data_file("train")), "example_ids": None, "init_adapter": None,
             "out_dir": str(out), "save_epochs": True}
     result = fit_adapter(f"base-{keys['base']}", loop, tc, run.ray_storage, tc.num_workers,
-                         tc.cpus_per_worker, tc.use_gpu)
+                         tc.cpus_per_worker, tc.use_gpu, check=cfg.ray.check_resources)
     for e in range(1, tc.epochs + 1):
         if not (out / f"epoch-{e}" / "adam_state.safetensors").exists():
             raise ArtifactError(f"base adapter: epoch {e} checkpoint missing in {out}")
@@ -303,7 +303,8 @@ def build_experts(cfg: Config, run: RunDir, keys: dict, out: Path) -> dict:
                 "save_epochs": False}
         jobs.append({"run_name": f"expert-{keys['experts']}-{c:02d}", "loop_cfg": loop, "tc": tc,
                      "storage": run.ray_storage, "num_workers": ec.num_workers,
-                     "cpus_per_worker": ec.cpus_per_worker, "use_gpu": ec.use_gpu})
+                     "cpus_per_worker": ec.cpus_per_worker, "use_gpu": ec.use_gpu,
+                     "check": cfg.ray.check_resources})
     results = fit_many(jobs, ec.max_concurrent)
     return {"num_experts": C, "trained_now": len(jobs),
             "final_loss": [r.get("final_loss") for r in results]}

@@ -230,7 +230,6 @@ def check_resources(num_workers: int, cpus_per_worker: float, use_gpu: bool, wha
 
     have = ray.cluster_resources()
     nodes = [n.get("Resources", {}) for n in ray.nodes() if n.get("Alive")]
-    k = keys or "the trainer"
     workers = f"{keys}.num_workers" if keys in ("train", "experts") else f"{keys}.num_actors"
     cpu_key = f"{keys}.cpus_per_worker" if keys in ("train", "experts") else f"{keys}.cpus_per_actor"
     need_cpu = num_workers * cpus_per_worker
@@ -244,16 +243,17 @@ def check_resources(num_workers: int, cpus_per_worker: float, use_gpu: bool, wha
                            + f" but the largest node has {max(n.get('CPU', 0) for n in nodes):g}")
     if use_gpu and have.get("GPU", 0) < num_workers:
         raise RuntimeError(f"{what}: use_gpu=true needs {num_workers} GPUs but the Ray cluster has "
-                           f"{have.get('GPU', 0):g} GPUs; set {k}.use_gpu=false on a CPU cluster")
+                           f"{have.get('GPU', 0):g} GPUs; set {keys + '.' if keys else ''}use_gpu=false on a CPU cluster")
 
 
 def fit_adapter(run_name: str, loop_cfg: dict, tc: TrainConfig, storage: Path,
-                num_workers: int, cpus_per_worker: float, use_gpu: bool) -> dict:
+                num_workers: int, cpus_per_worker: float, use_gpu: bool, check: bool = True) -> dict:
     """One `TorchTrainer.fit()`; the same (storage, run_name) resumes a run killed earlier."""
     import ray.train
     from ray.train.torch import TorchTrainer
 
-    check_resources(num_workers, cpus_per_worker, use_gpu, f"training {run_name}")
+    if check:  # ray.check_resources: off on autoscaling clusters that add nodes on demand
+        check_resources(num_workers, cpus_per_worker, use_gpu, f"training {run_name}")
     trainer = TorchTrainer(
         train_loop,
         train_loop_config=loop_cfg,
