@@ -16,7 +16,8 @@ Layout (every path comes from `RunDir`; no other module builds artifact paths):
       ray/                     Ray Train storage (mid-epoch checkpoints for resume)
 
 A stage writes into `<output>.partial/`, drops a `_COMPLETE` marker holding its key, and is renamed
-into place; the manifest is then updated atomically. A stage is skipped when its output holds a
+into place (an older version is renamed to `<output>.old` first and deleted after); the manifest
+is then updated atomically. A stage is skipped when its output holds a
 marker with the same key, so a rerun resumes and a changed setting reruns exactly what depends on it.
 """
 
@@ -48,8 +49,13 @@ def stage_key(name: str, config_slice: Any, input_keys: list[str]) -> str:
 
 
 def write_json_atomic(path: Path, obj: Any) -> None:
+    """Write beside, flush to disk, rename over: readers see the old file or the new one, never
+    half of one (also after a power cut, hence the fsync)."""
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=False, default=str))
+    with open(tmp, "w") as f:
+        f.write(json.dumps(obj, indent=2, sort_keys=False, default=str))
+        f.flush()
+        os.fsync(f.fileno())
     os.replace(tmp, path)
 
 
@@ -147,13 +153,23 @@ class RunDir:
         can (stage 1 epochs) resume inside it; with another key it is wiped first.
         """
         out = self.stage_dir(stage)
+        old = out.with_name(out.name + ".old")
+        if old.exists():  # a replaced version whose deletion was interrupted
+            shutil.rmtree(old)
         if self.completed_key(stage) == key:
-            recorded = self.read_manifest()["stages"].get(stage, {}).get("outputs", [])
+            entry = self.read_manifest()["stages"].get(stage, {})
+            recorded = entry.get("outputs", [])
             lost = [p for p in recorded if not (self.root / p).exists()]
             if lost:
                 raise ArtifactError(
                     f"stage {stage!r} is recorded complete but {len(lost)} of its files are missing "
                     f"(e.g. {self.root / lost[0]}); delete {out} to rebuild that stage")
+            if entry.get("status") != "complete" or entry.get("key") != key:
+                # Killed between the rename and the manifest update: the folder is complete (it
+                # holds the marker), so record it instead of redoing the work.
+                self.update_manifest(lambda m: m["stages"].__setitem__(stage, {
+                    **entry, "key": key, "status": "complete", "outputs": self._outputs(out),
+                    "info": entry.get("info", {}), "recovered": True}))
             log(f"[{stage}] up to date (key {key}), skipping")
             return out, False
         partial = out.with_name(out.name + ".partial")
@@ -169,45 +185,115 @@ class RunDir:
         info = build(partial) or {}
         partial_key.unlink()
         (partial / MARKER).write_text(key)
+        # Swap by renames: an older version is moved aside whole (deleting it in place could be
+        # cut short, leaving its marker beside half its files) and deleted once replaced.
+        old = out.with_name(out.name + ".old")
+        if old.exists():
+            shutil.rmtree(old)
         if out.exists():
-            shutil.rmtree(out)
+            os.rename(out, old)
         os.rename(partial, out)
+        shutil.rmtree(old, ignore_errors=True)
         seconds = round(time.time() - started, 1)
         self.update_manifest(lambda m: m["stages"].__setitem__(stage, {
             "key": key, "status": "complete", "started": started, "seconds": seconds,
-            "outputs": sorted(str(p.relative_to(self.root)) for p in out.rglob("*") if p.is_file()
-                              and p.name != MARKER)[:200], "info": info}))
+            "outputs": self._outputs(out), "info": info}))
         log(f"[{stage}] done in {seconds:.0f} s -> {out}")
         return out, True
 
+    def _outputs(self, out: Path) -> list[str]:
+        return sorted(str(p.relative_to(self.root)) for p in out.rglob("*")
+                      if p.is_file() and p.name != MARKER)[:200]
+
     # -- one writer at a time ----------------------------------------------------------------
+    @property
+    def lock_file(self) -> Path:
+        return self.root / "run.lock"
+
+    def check_unlocked(self) -> None:
+        """Raise the lock's ArtifactError now if a live pipeline holds this run directory (the
+        entry script calls it before starting Ray, so a second run is refused in a second)."""
+        owner = self._lock_owner()
+        if owner is not None and not _is_stale(owner):
+            raise self._in_use(owner)
+
+    def _lock_owner(self) -> dict | None:
+        try:
+            text = self.lock_file.read_text()
+        except FileNotFoundError:
+            return None
+        try:
+            owner = json.loads(text)
+            return owner if isinstance(owner, dict) else {}
+        except json.JSONDecodeError:
+            return {}
+
+    def _in_use(self, owner: dict) -> ArtifactError:
+        if not owner:
+            return ArtifactError(f"run directory {self.root} has an unreadable lock {self.lock_file}; "
+                                 "if no pipeline is running on it, delete that file")
+        return ArtifactError(
+            f"run directory {self.root} is in use by pid {owner.get('pid')} on {owner.get('host')} "
+            f"(lock {self.lock_file}, since {time.ctime(owner.get('since', 0))}); wait for it to "
+            "finish or choose another run.run_dir")
+
     @contextlib.contextmanager
     def lock(self) -> Iterator[None]:
-        """Refuse a second pipeline on the same run directory; take over a lock whose owner died."""
+        """Refuse a second pipeline on the same run directory; take over a lock whose owner died.
+
+        The lock's content is written to a private file first and hard-linked into place, so
+        the lock appears atomically and complete (link fails if it already exists): a process
+        killed while taking it leaves no empty lock behind. Owner = host, pid and the pid's start
+        time, so a pid reused by an unrelated process after a kill is not mistaken for the owner.
+        """
         self.root.mkdir(parents=True, exist_ok=True)
-        path = self.root / "run.lock"
-        me = {"pid": os.getpid(), "host": socket.gethostname(), "since": time.time()}
-        for _ in range(2):
-            try:
-                fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-            except FileExistsError:
+        path = self.lock_file
+        me = {"pid": os.getpid(), "host": socket.gethostname(), "since": time.time(),
+              "pid_start": _pid_start(os.getpid())}
+        tmp = path.with_name(f".run.lock.{os.getpid()}")
+        tmp.write_text(json.dumps(me))
+        try:
+            for _ in range(3):
                 try:
-                    owner = json.loads(path.read_text() or "{}")
-                except (OSError, json.JSONDecodeError):
-                    owner = {}
-                if owner.get("host") == me["host"] and not _pid_alive(owner.get("pid", -1)):
+                    os.link(tmp, path)
+                    break
+                except FileExistsError:
+                    owner = self._lock_owner()
+                    if owner is None:
+                        continue  # released in between
+                    if not _is_stale(owner):
+                        raise self._in_use(owner) from None
                     path.unlink(missing_ok=True)  # stale: its owner is gone
-                    continue
-                raise ArtifactError(
-                    f"run directory {self.root} is in use by pid {owner.get('pid')} on "
-                    f"{owner.get('host')} (lock {path}); wait for it or choose another run.run_dir")
-            with os.fdopen(fd, "w") as f:
-                json.dump(me, f)
-            break
+            else:
+                raise ArtifactError(f"could not take the lock {path} (it keeps changing hands)")
+        finally:
+            tmp.unlink(missing_ok=True)
         try:
             yield
         finally:
-            path.unlink(missing_ok=True)
+            owner = self._lock_owner()
+            if owner and owner.get("pid") == me["pid"] and owner.get("host") == me["host"]:
+                path.unlink(missing_ok=True)
+
+
+def _pid_start(pid: int) -> str | None:
+    """The process's start time in clock ticks since boot (Linux /proc), or None elsewhere."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return stat.rsplit(")", 1)[1].split()[19]  # field 22 of stat(5), counted after the comm field
+
+
+def _is_stale(owner: dict) -> bool:
+    """A lock is stale when its owner ran on this host and that process no longer exists."""
+    if not owner or owner.get("host") != socket.gethostname():
+        return False  # unreadable, or another host's process we cannot check
+    pid = owner.get("pid", -1)
+    if not _pid_alive(pid):
+        return True
+    start = owner.get("pid_start")
+    return start is not None and _pid_start(pid) not in (None, start)
 
 
 def _pid_alive(pid: int) -> bool:

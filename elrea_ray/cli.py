@@ -16,6 +16,9 @@ def connect_ray(cfg: Config) -> None:
     if ray.is_initialized():
         return
     address = cfg.ray.address or os.environ.get("RAY_ADDRESS")
+    if address == "local":
+        ray.init(address="local", num_cpus=cfg.ray.num_cpus)
+        return
     if address:
         ray.init(address=address)
         return

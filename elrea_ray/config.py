@@ -41,8 +41,11 @@ class RunConfig:
 class RayConfig:
     """How the job attaches to Ray."""
 
-    address: str | None = None  # None: RAY_ADDRESS or a running cluster if any, else start locally
+    address: str | None = None  # None: RAY_ADDRESS or a running cluster if any, else start locally;
+    # "local": always start a private local Ray in-process
     num_cpus: int | None = None  # logical CPUs for a locally started Ray (None: the machine's)
+    check_resources: bool = True  # fail before a stage starts when it asks for CPUs/GPUs the cluster
+    # lacks (Ray would wait forever); false on autoscaling clusters that add nodes on demand
 
     def validate(self, p: str) -> None:
         _check(self.num_cpus is None or self.num_cpus >= 1, f"{p}.num_cpus", ">= 1 or null", self.num_cpus)

@@ -424,7 +424,7 @@ def read_rows(path: str, split: str, fmt: str = "auto", bad_rows: str = "error",
             "prompt": json.dumps(messages, ensure_ascii=False),
             "response": response,
             "answer": gold if gold is not None else _gold_from_response(response),
-            "meta": "{}",
+            "meta": json.dumps({"file": str(path), "row": where}),  # for errors found later
         })
     return rows, {"read": len(records), "skipped": skipped}
 
@@ -524,6 +524,30 @@ def encode(tokenizer, prompt_messages: list[dict], response: str | None, max_len
     if len(ids) > max_length:
         return None
     return {"input_ids": ids, "instruction_len": instruction_len}
+
+
+def too_long_rows(tokenizer, splits: dict[str, list[dict]], max_length: int, bad_rows: str) -> dict:
+    """Rows longer than max_length tokens: per split, how many (train and validation count the
+    whole example, test its instruction, which decoding starts from). bad_rows "error" raises a
+    DataError naming the file and row (or the example id); "skip" only counts them: training
+    drops them (as the paper does) and feature/decoding prompts are cut to max_length."""
+    counts = {}
+    for split, rows in splits.items():
+        n = 0
+        for r in rows:
+            response = None if split == "test" else r["response"]
+            if encode(tokenizer, json.loads(r["prompt"]), response, max_length) is not None:
+                continue
+            if bad_rows == "error":
+                meta = json.loads(r.get("meta") or "{}")
+                where = (f"{meta['file']}, {meta['row']}" if "file" in meta
+                         else f"{split} example {r['example_id']}")
+                raise DataError(f"{where}: longer than model.max_length={max_length} tokens "
+                                f"({'instruction' if response is None else 'instruction + response'}); "
+                                "raise model.max_length or set data.bad_rows=skip to drop such rows")
+            n += 1
+        counts[split] = n
+    return counts
 
 
 def sft_labels(input_ids: list[int], instruction_len: int) -> list[int]:

@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import platform
+import shutil
 import time
 from pathlib import Path
 
@@ -93,19 +95,31 @@ def build_data(cfg: Config, out: Path) -> dict:
 
 # -- stage 1: base adapter --------------------------------------------------------------------------
 
+def check_lengths(cfg: Config, run: RunDir) -> dict:
+    """Too-long rows per split (an error naming file and row unless data.bad_rows=skip)."""
+    import pyarrow.parquet as pq
+
+    from elrea_ray.data import too_long_rows
+    from elrea_ray.model import load_tokenizer
+
+    splits = {s: pq.read_table(run.data_file(s)).to_pylist() for s in SPLITS}
+    return too_long_rows(load_tokenizer(cfg.model), splits, cfg.model.max_length, cfg.data.bad_rows)
+
+
 def build_base(cfg: Config, run: RunDir, keys: dict, out: Path) -> dict:
     from elrea_ray.train import fit_adapter
 
+    too_long = check_lengths(cfg, run)  # before any trainer starts
     tc = cfg.train
     loop = {"name": "base", "seed": cfg.run.seed, "model": _asdict(cfg.model), "train": _asdict(tc),
             "data_file": str(run.data_file("train")), "example_ids": None, "init_adapter": None,
             "out_dir": str(out), "save_epochs": True}
     result = fit_adapter(f"base-{keys['base']}", loop, tc, run.ray_storage, tc.num_workers,
-                         tc.cpus_per_worker, tc.use_gpu)
+                         tc.cpus_per_worker, tc.use_gpu, check=cfg.ray.check_resources)
     for e in range(1, tc.epochs + 1):
         if not (out / f"epoch-{e}" / "adam_state.safetensors").exists():
             raise ArtifactError(f"base adapter: epoch {e} checkpoint missing in {out}")
-    return result
+    return {**result, "too_long": too_long}
 
 
 # -- stage 2: gradient features ---------------------------------------------------------------------
@@ -130,8 +144,11 @@ class FeatureMapper:
     """Ray Data callable: one model copy per actor; prompt rows in, unit-norm features out."""
 
     def __init__(self, model_cfg: dict, checkpoints: list[str], weights: list[float], kind: str,
-                 d_proj: int, seed: int, batch_size: int, use_gpu: bool):
+                 d_proj: int, seed: int, batch_size: int, use_gpu: bool, threads: int | None = None):
         import torch
+
+        if threads:
+            torch.set_num_threads(threads)  # features are bitwise reproducible per thread count
 
         from elrea_ray.config import ModelConfig
         from elrea_ray.gradients import FeatureExtractor
@@ -169,25 +186,39 @@ def build_gradients(cfg: Config, run: RunDir, out: Path) -> dict:
     g = cfg.gradients
     weights = epoch_weights(cfg, run)
     ckpts = [str(run.base_epoch(e)) for e in range(1, cfg.train.epochs + 1)]
-    info = {"epoch_weights": weights, "rows": {}}
+    # Bitwise-identical features need the same batching and intra-op thread count (float sums
+    # are reduced in a different order otherwise); the manifest records both.
+    threads = max(1, int(g.cpus_per_actor))
+    map_batch = g.batch_size * 4
+    info = {"epoch_weights": weights, "rows": {},
+            "reproducibility": {"batch_size": g.batch_size, "map_batch_size": map_batch,
+                                "blocks": {}, "torch_threads": threads, "use_gpu": g.use_gpu}}
     for split in SPLITS:
         path = run.data_file(split)
         rows = pq.read_metadata(path).num_rows
         info["rows"][split] = rows
-        if rows == 0:
-            continue
         # Blocks of ~64 rows: progress is visible per block and a lost actor redoes little.
+        blocks = info["reproducibility"]["blocks"][split] = max(1, rows // 64)
+        dest = out / split
+        if rows == 0 or dest.exists():
+            continue  # nothing to do, or written in full before an interruption (renamed below)
         ds = ray.data.read_parquet(str(path), columns=["example_id", "source", "prompt"],
-                                   override_num_blocks=max(1, rows // 64))
+                                   override_num_blocks=blocks)
         feats = ds.map_batches(
-            FeatureMapper, batch_format="pyarrow", batch_size=g.batch_size * 4,
+            FeatureMapper, batch_format="pyarrow", batch_size=map_batch,
             fn_constructor_kwargs={"model_cfg": _asdict(cfg.model), "checkpoints": ckpts,
                                    "weights": weights, "kind": g.projector, "d_proj": g.d_proj,
                                    "seed": g.projector_seed, "batch_size": g.batch_size,
-                                   "use_gpu": g.use_gpu},
+                                   "use_gpu": g.use_gpu, "threads": threads},
             compute=ray.data.ActorPoolStrategy(size=g.num_actors),
             num_cpus=g.cpus_per_actor, num_gpus=1 if g.use_gpu else 0)
-        feats.write_parquet(str(out / split))
+        # Into a fresh folder renamed when complete: Ray's write_parquet appends, so shards left by
+        # a killed run in the same folder would otherwise be counted twice.
+        tmp = out / f"{split}.writing"
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        feats.write_parquet(str(tmp))
+        os.rename(tmp, dest)
     return info
 
 
@@ -272,7 +303,8 @@ def build_experts(cfg: Config, run: RunDir, keys: dict, out: Path) -> dict:
                 "save_epochs": False}
         jobs.append({"run_name": f"expert-{keys['experts']}-{c:02d}", "loop_cfg": loop, "tc": tc,
                      "storage": run.ray_storage, "num_workers": ec.num_workers,
-                     "cpus_per_worker": ec.cpus_per_worker, "use_gpu": ec.use_gpu})
+                     "cpus_per_worker": ec.cpus_per_worker, "use_gpu": ec.use_gpu,
+                     "check": cfg.ray.check_resources})
     results = fit_many(jobs, ec.max_concurrent)
     return {"num_experts": C, "trained_now": len(jobs),
             "final_loss": [r.get("final_loss") for r in results]}
@@ -424,11 +456,29 @@ def build_eval(cfg: Config, run: RunDir, out: Path) -> dict:
 
 # -- the whole run ----------------------------------------------------------------------------------
 
+def check_stage_resources(cfg: Config) -> None:
+    """Every stage's CPU/GPU demand against the connected cluster, before stage 0 starts: a
+    request that can never be placed (GPUs on a CPU cluster, more CPUs than exist) fails now,
+    naming the resource and the config keys, instead of a trainer or actor pool waiting forever."""
+    from elrea_ray.train import check_resources
+
+    if not cfg.ray.check_resources:
+        return
+    t, g, x, e = cfg.train, cfg.gradients, cfg.experts, cfg.eval
+    check_resources(t.num_workers, t.cpus_per_worker, t.use_gpu, "stage base (Ray Train)", "train")
+    check_resources(g.num_actors, g.cpus_per_actor, g.use_gpu, "stage gradients (Ray Data actors)",
+                    "gradients")
+    check_resources(1, 1.0, False, "stage clusters (one Ray task)")
+    check_resources(x.num_workers, x.cpus_per_worker, x.use_gpu, "stage experts (Ray Train)", "experts")
+    check_resources(e.num_actors, e.cpus_per_actor, e.use_gpu, "stage eval (Ray Data actors)", "eval")
+
+
 def run_pipeline(cfg: Config, log=print) -> RunDir:
     """Run (or resume) every stage; returns the run directory. Needs a connected Ray."""
     run = RunDir.at(cfg.run.run_dir)
     keys = stage_keys(cfg)
     with run.lock():
+        check_stage_resources(cfg)
         (run.root / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
         run.update_manifest(lambda m: m.update({"config": cfg.to_dict(), "versions": _versions(),
                                                 "keys": keys, "updated": time.time()}))

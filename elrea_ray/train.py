@@ -11,8 +11,10 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import tempfile
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -92,22 +94,32 @@ def train_loop(cfg: dict) -> dict:
             model, device_ids=[device.index] if device.type == "cuda" else None)
 
     step, lr_sum = 0, 0.0
+    last_loss = float("nan")
     start = ray.train.get_checkpoint()
     if start is not None:
         with start.as_directory() as d:
             state = torch.load(Path(d) / "train_state.pt", weights_only=False)
+            rng_file = Path(d) / f"rng-rank{rank}.pt"
+            rng_state = torch.load(rng_file, weights_only=False) if rng_file.exists() else None
         with torch.no_grad():
             for (n, p), saved in zip(lora_parameters(model), state["params"]):
                 p.copy_(saved.to(p.device))
         opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"])
         step, lr_sum = state["step"], state["lr_sum"]
+        last_loss = state.get("last_loss", float("nan"))
+        # Each rank's RNG (dropout masks) continues where it was, so a resumed run computes the
+        # same steps as one that was never interrupted (bitwise on CPU).
+        if rng_state is not None:
+            torch.set_rng_state(rng_state["cpu"])
+            if rng_state.get("cuda") is not None and device.type == "cuda":
+                torch.cuda.set_rng_state(rng_state["cuda"], device)
         if rank == 0:
             print(f"[{name}] resumed from step {step}/{total}", flush=True)
+    resumed_from = step
 
     lengths = [len(x) for x in ids]
     loss_window: list[float] = []
-    last_loss = float("nan")
     for epoch in range(step // steps_per_epoch, tc.epochs):
         batches = length_bucketed_batches(lengths, tc.batch_size, seed=seed + epoch)
         for b_idx, batch in enumerate(batches):
@@ -136,6 +148,7 @@ def train_loop(cfg: dict) -> dict:
             opt.zero_grad(set_to_none=True)
             step += 1
             loss_window.append(total_loss / max(1, n_tokens) * world)
+            _maybe_inject_fault(cfg, step, rank)
             epoch_end = step % steps_per_epoch == 0
             if epoch_end and rank == 0 and cfg.get("save_epochs"):
                 # Written before the resume checkpoint below, so a kill in between redoes it.
@@ -154,51 +167,93 @@ def train_loop(cfg: dict) -> dict:
                     print(f"[{name}] step {step}/{total} epoch {epoch + 1} loss {last_loss:.4f} "
                           f"lr {metrics['lr']:.2e}", flush=True)
                 if step % tc.checkpoint_every_steps == 0 or epoch_end:
-                    _report_with_checkpoint(metrics, model, opt, sched, step, lr_sum, rank)
+                    _report_with_checkpoint(metrics, model, opt, sched, step, lr_sum, rank, last_loss)
                 else:
                     ray.train.report(metrics)
     if rank == 0:
         final = Path(cfg["out_dir"]) if not cfg.get("save_epochs") else Path(cfg["out_dir"]) / "final"
-        model.save_pretrained(final)
-    return {"final_loss": last_loss, "steps": step, "examples": len(ids), "dropped_too_long": dropped}
+        # Saved beside and renamed into place: a kill mid-save never leaves a folder that looks
+        # finished (the experts stage skips experts whose folder exists after a driver restart).
+        tmp = final.with_name(final.name + ".saving")
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        model.save_pretrained(tmp)
+        if final.exists():
+            shutil.rmtree(final)
+        os.rename(tmp, final)
+    return {"final_loss": last_loss, "steps": step, "examples": len(ids), "dropped_too_long": dropped,
+            "resumed_from_step": resumed_from}
 
 
-def _report_with_checkpoint(metrics, model, opt, sched, step, lr_sum, rank) -> None:
+def _maybe_inject_fault(cfg: dict, step: int, rank: int) -> None:
+    """Test hook (never set by the pipeline): `fault = {"after_step": N, "rank": r, "marker": path,
+    "wait_s": s}` in the loop config makes that rank's process die s seconds after step N, once
+    (the marker file records that it already happened), as a crashed worker would."""
+    fault = cfg.get("fault")
+    if not fault or step != fault["after_step"] or rank != fault.get("rank", 0):
+        return
+    marker = Path(fault["marker"])
+    if marker.exists():
+        return
+    marker.write_text(str(step))
+    time.sleep(fault.get("wait_s", 0))
+    os._exit(1)
+
+
+def _report_with_checkpoint(metrics, model, opt, sched, step, lr_sum, rank, last_loss) -> None:
     import ray.train
 
     from elrea_ray.model import lora_parameters
 
     with tempfile.TemporaryDirectory() as d:
-        ck = None
+        # Every rank adds its own RNG state (Ray merges the ranks' checkpoint folders); rank 0
+        # adds the LoRA weights, Adam and the schedule.
+        torch.save({"cpu": torch.get_rng_state(),
+                    "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None},
+                   Path(d) / f"rng-rank{rank}.pt")
         if rank == 0:
             torch.save({"params": [p.detach().cpu() for _, p in lora_parameters(model)],
                         "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-                        "step": step, "lr_sum": lr_sum}, Path(d) / "train_state.pt")
-            ck = ray.train.Checkpoint.from_directory(d)
-        ray.train.report(metrics, checkpoint=ck)
+                        "step": step, "lr_sum": lr_sum, "last_loss": last_loss}, Path(d) / "train_state.pt")
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
 
 
-def check_resources(num_workers: int, cpus_per_worker: float, use_gpu: bool, what: str) -> None:
-    """Fail at once with a message naming the resource, instead of Ray waiting forever."""
+def check_resources(num_workers: int, cpus_per_worker: float, use_gpu: bool, what: str,
+                    keys: str | None = None) -> None:
+    """Fail at once with a message naming the resource, instead of Ray waiting forever (a worker
+    group or actor pool that cannot be placed is retried without end in Ray 2.60).
+
+    Checks the cluster's totals and that one node can hold one worker. `keys` is the config
+    section the numbers come from (e.g. "train"), named in the message.
+    """
     import ray
 
     have = ray.cluster_resources()
+    nodes = [n.get("Resources", {}) for n in ray.nodes() if n.get("Alive")]
+    workers = f"{keys}.num_workers" if keys in ("train", "experts") else f"{keys}.num_actors"
+    cpu_key = f"{keys}.cpus_per_worker" if keys in ("train", "experts") else f"{keys}.cpus_per_actor"
     need_cpu = num_workers * cpus_per_worker
     if have.get("CPU", 0) < need_cpu:
-        raise RuntimeError(f"{what}: needs {need_cpu:g} CPUs ({num_workers} workers x {cpus_per_worker:g}) "
-                           f"but the Ray cluster has {have.get('CPU', 0):g}")
+        raise RuntimeError(f"{what}: needs {need_cpu:g} CPUs ({num_workers} x {cpus_per_worker:g}"
+                           + (f"; {workers}, {cpu_key}" if keys else "")
+                           + f") but the Ray cluster has {have.get('CPU', 0):g} CPUs")
+    if nodes and max(n.get("CPU", 0) for n in nodes) < cpus_per_worker:
+        raise RuntimeError(f"{what}: one worker needs {cpus_per_worker:g} CPUs"
+                           + (f" ({cpu_key})" if keys else "")
+                           + f" but the largest node has {max(n.get('CPU', 0) for n in nodes):g}")
     if use_gpu and have.get("GPU", 0) < num_workers:
         raise RuntimeError(f"{what}: use_gpu=true needs {num_workers} GPUs but the Ray cluster has "
-                           f"{have.get('GPU', 0):g}; set use_gpu=false on a CPU cluster")
+                           f"{have.get('GPU', 0):g} GPUs; set {keys + '.' if keys else ''}use_gpu=false on a CPU cluster")
 
 
 def fit_adapter(run_name: str, loop_cfg: dict, tc: TrainConfig, storage: Path,
-                num_workers: int, cpus_per_worker: float, use_gpu: bool) -> dict:
+                num_workers: int, cpus_per_worker: float, use_gpu: bool, check: bool = True) -> dict:
     """One `TorchTrainer.fit()`; the same (storage, run_name) resumes a run killed earlier."""
     import ray.train
     from ray.train.torch import TorchTrainer
 
-    check_resources(num_workers, cpus_per_worker, use_gpu, run_name)
+    if check:  # ray.check_resources: off on autoscaling clusters that add nodes on demand
+        check_resources(num_workers, cpus_per_worker, use_gpu, f"training {run_name}")
     trainer = TorchTrainer(
         train_loop,
         train_loop_config=loop_cfg,

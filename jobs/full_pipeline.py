@@ -14,6 +14,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from elrea_ray.artifacts import RunDir  # noqa: E402
 from elrea_ray.cli import connect_ray, print_results  # noqa: E402
 from elrea_ray.config import load_config  # noqa: E402
 from elrea_ray.pipeline import run_pipeline  # noqa: E402
@@ -29,6 +30,7 @@ def main() -> None:
     args = ap.parse_args()
     overrides = list(args.overrides) + ([f"run.run_dir={args.run_dir}"] if args.run_dir else [])
     cfg = load_config(args.config, overrides)
+    RunDir.at(cfg.run.run_dir).check_unlocked()  # refuse a second run before starting Ray
     connect_ray(cfg)
     run = run_pipeline(cfg)
     print_results(run)
