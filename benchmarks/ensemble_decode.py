@@ -95,6 +95,8 @@ def build_model(args, n_adapters: int):
 def routing_weights(b: int, n_adapters: int) -> tuple[np.ndarray, np.ndarray]:
     """Dense weights of the shape routing produces (base small, experts softmax-like), and the
     top-1-plus-base sparse version of them."""
+    if n_adapters == 1:  # the single-adapter contender
+        return np.ones((b, 1)), np.ones((b, 1))
     rng = np.random.default_rng(0)
     experts = rng.dirichlet(np.ones(n_adapters - 1), size=b)
     dense = np.concatenate([np.full((b, 1), 0.05), experts], axis=1)

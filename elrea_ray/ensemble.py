@@ -95,8 +95,8 @@ def ensemble_stream(peft_model, prompts: Sequence[Sequence[int]], adapter_names:
     prompts = [list(map(int, p)) for p in prompts]
     stacked = None
     if backend != "peft":
-        try:
-            stacked = stacked_for(model, [names[a] for a in used])
+        try:  # all of `names`, so that one cached stack serves every routing of these adapters
+            stacked = stacked_for(model, names)
         except UnsupportedAdapter:
             if backend == "stacked":
                 raise
@@ -105,7 +105,7 @@ def ensemble_stream(peft_model, prompts: Sequence[Sequence[int]], adapter_names:
     try:
         with torch.inference_mode():
             if stacked is not None:
-                yield from _decode_stacked(model, stacked, prompts, w[:, used], limits,
+                yield from _decode_stacked(model, stacked, prompts, w, limits,
                                            _eos_set(eos_token_id), int(pad_token_id), sampler)
             else:
                 yield from _decode_peft(model, prompts, [names[a] for a in used], w[:, used], limits,

@@ -158,12 +158,18 @@ class StackedAdapters:
         return forward
 
 
+_CACHE_SIZE = 4  # adapter lists kept stacked per model (e.g. the ensemble and single adapters)
+
+
 def stacked_for(peft_model, names: Sequence[str]) -> StackedAdapters:
     """The cached `StackedAdapters` of this model and adapter list, rebuilt when stale."""
     model = unwrap(peft_model)
-    cached = getattr(model, "_elrea_stacked", None)
-    if cached is not None and cached.is_current(model, names):
-        return cached
-    stacked = StackedAdapters(model, names)
-    model._elrea_stacked = stacked
+    cache: dict = model.__dict__.setdefault("_elrea_stacked", {})
+    key = tuple(names)
+    stacked = cache.pop(key, None)
+    if stacked is None or not stacked.is_current(model, names):
+        stacked = StackedAdapters(model, names)
+    cache[key] = stacked  # most recently used last
+    while len(cache) > _CACHE_SIZE:
+        cache.pop(next(iter(cache)))
     return stacked

@@ -46,13 +46,17 @@ class AppArgs(BaseModel):
     num_gpus: float = 0.0  # per replica; > 0 decodes on the GPU
     max_ongoing_requests: int = 64  # Serve's per-replica cap; beyond it requests queue in Serve
     max_queued_requests: int = 128  # beyond this Serve answers 503
-    max_inflight: int = 48  # requests a replica admits at once; beyond: 429 with Retry-After
+    # Requests a replica admits at once; beyond: 429 with Retry-After. Below max_ongoing_requests
+    # so that overload is answered at once; None: max_ongoing_requests (overload queues in Serve).
+    max_inflight: int | None = None
     max_batch_size: int = 8
     batch_wait_timeout_s: float = 0.02
     request_timeout_s: float = 120.0  # beyond: 504
 
     @model_validator(mode="after")
     def _check(self):
+        if self.max_inflight is None:
+            self.max_inflight = self.max_ongoing_requests
         if not 1 <= self.max_inflight <= self.max_ongoing_requests:
             raise ValueError(f"max_inflight={self.max_inflight} must be in [1, max_ongoing_requests="
                              f"{self.max_ongoing_requests}] (requests beyond Serve's cap never reach the replica)")

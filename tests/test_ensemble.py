@@ -169,7 +169,7 @@ def test_stacked_path_equals_peft_mixed_batch(model, prompts):
     w = rng.uniform(0.1, 1.5, size=(len(prompts), len(names)))
     eos = [an_eos_mid_generation(model, prompts, 0), 2]  # prompts leave the batch at different steps
     got, got_steps = recorded(model, prompts, names, w, "stacked", eos)
-    assert model._elrea_stacked._grouped[0]  # dense routing took the grouped (bmm) layout
+    assert model._elrea_stacked[tuple(names)]._grouped[0]  # dense routing took the grouped (bmm) layout
     want, want_steps = recorded(model, prompts, names, w, "peft", eos)
     assert got == want
     assert len(got_steps) == len(want_steps)
@@ -183,7 +183,7 @@ def test_zero_weight_expert_is_not_run_for_that_prompt(model, prompts):
     the result equals decoding that prompt without the adapter at all."""
     w = np.array([[0.6, 0.4, 0.0], [0.0, 0.5, 0.5], [1.0, 0.0, 0.0], [0.2, 0.3, 0.5]])
     got = ensemble_generate(model, prompts, NAMES, w, NEW, 2, 0, backend="stacked")
-    assert not model._elrea_stacked._grouped[0]  # per-prompt rows: the masked layout
+    assert not model._elrea_stacked[tuple(NAMES)]._grouped[0]  # per-prompt rows: the masked layout
     for b, p in enumerate(prompts):
         keep = [a for a in range(len(NAMES)) if w[b, a] != 0]
         alone = ensemble_generate(model, [p], [NAMES[a] for a in keep], w[b:b + 1, keep], NEW, 2, 0,
