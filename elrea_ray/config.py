@@ -71,6 +71,10 @@ class ModelConfig:
         _check(0.0 <= self.lora_dropout < 1.0, f"{p}.lora_dropout", "in [0, 1)", self.lora_dropout)
 
 
+DATA_FORMATS = ("auto", "instruction", "alpaca", "messages", "prompt_completion", "question_answer",
+                "math", "multiple_choice", "bbh", "svamp", "mathqa")
+
+
 @dataclass(frozen=True)
 class DataConfig:
     """The training mix. `reasoning_gym` builds seeded procedural tasks, one `source` per family;
@@ -85,14 +89,21 @@ class DataConfig:
     train_files: tuple[str, ...] = ()  # kind=files
     validation_files: tuple[str, ...] = ()
     test_files: tuple[str, ...] = ()
-    format: str = "auto"  # auto | instruction | alpaca | messages | prompt_completion
+    format: str = "auto"  # auto | instruction | alpaca | messages | prompt_completion |
+    # question_answer (GSM8K) | math | multiple_choice (MMLU) | bbh | svamp | mathqa
+    # {source: scorer} for kind=files, overriding what the file format or a row's `benchmark`
+    # column implies: math | gsm8k | svamp | mathqa | mmlu | bbh | less | exact (elrea_ray.scorers)
+    benchmarks: dict[str, str] = field(default_factory=dict)
     system_prompt: str | None = None  # None: whatever the model's chat template adds by itself
     bad_rows: str = "error"  # error: stop naming file and row | skip: drop and count in manifest
 
     def validate(self, p: str) -> None:
         _check(self.kind in ("reasoning_gym", "files"), f"{p}.kind", "reasoning_gym or files", self.kind)
-        _check(self.format in ("auto", "instruction", "alpaca", "messages", "prompt_completion"),
-               f"{p}.format", "auto, instruction, alpaca, messages or prompt_completion", self.format)
+        from elrea_ray.scorers import BENCHMARKS
+
+        _check(self.format in DATA_FORMATS, f"{p}.format", "one of " + ", ".join(DATA_FORMATS), self.format)
+        for src, b in self.benchmarks.items():
+            _check(b in BENCHMARKS, f"{p}.benchmarks[{src}]", "one of " + ", ".join(BENCHMARKS), b)
         _check(self.bad_rows in ("error", "skip"), f"{p}.bad_rows", "error or skip", self.bad_rows)
         if self.kind == "reasoning_gym":
             _check(len(self.sources) >= 1, f"{p}.sources", "a non-empty list of task families", self.sources)
@@ -298,6 +309,11 @@ def _coerce(value: Any, tp: Any, name: str) -> Any:
             except ConfigError as e:
                 errors.append(str(e))
         raise ConfigError(f"{name} has the wrong type: got {value!r} ({'; '.join(errors)})")
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{name} must be a mapping, got {value!r}")
+        return {_coerce(k, args[0], f"{name} key"): _coerce(v, args[1], f"{name}[{k}]")
+                for k, v in value.items()}
     if origin is tuple:
         if isinstance(value, str):
             value = [value]
