@@ -239,6 +239,19 @@ class RoutingConfig:
         _check(self.top_k is None or self.top_k >= 1, f"{p}.top_k", ">= 1 or null", self.top_k)
 
 
+# Methods the eval stage decodes side by side (paper Tables 5.2-5.3 and Figure 5.3b): the backbone
+# alone, M+Q_base, ELREA, Uniform Weights, top-k experts + base (`top1`, `top3`, ... any k; k >= C is
+# ELREA itself) and MoE Merging (the adapters averaged per prompt with the routing weights).
+EVAL_METHODS = ("backbone", "base", "elrea", "uniform", "moe_merge")
+
+
+def top_k_of(method: str) -> int | None:
+    """k of a `top<k>` method name ("top3" -> 3), else None."""
+    if method.startswith("top") and method[3:].isdigit() and int(method[3:]) >= 1:
+        return int(method[3:])
+    return None
+
+
 @dataclass(frozen=True)
 class EvalConfig:
     """Stage 5: greedy decoding of the test split for every method side by side."""
@@ -252,9 +265,9 @@ class EvalConfig:
     bootstrap: int = 1000  # resamples for the 95% intervals
 
     def validate(self, p: str) -> None:
-        known = ("backbone", "base", "elrea", "uniform", "top1")
         for m in self.methods:
-            _check(m in known, f"{p}.methods", f"a list drawn from {', '.join(known)}", m)
+            _check(m in EVAL_METHODS or top_k_of(m) is not None, f"{p}.methods",
+                   f"a list drawn from {', '.join(EVAL_METHODS)} or top<k> (e.g. top3)", m)
         _check(self.max_new_tokens >= 1, f"{p}.max_new_tokens", ">= 1", self.max_new_tokens)
         _check(self.batch_size >= 1, f"{p}.batch_size", ">= 1", self.batch_size)
         _check(self.num_actors >= 1, f"{p}.num_actors", ">= 1", self.num_actors)

@@ -341,6 +341,8 @@ class EvalMapper:
                 gen = single_generate(self.model, prompts, "__base__", self.max_new_tokens, eos, pad)
             elif method == "base":
                 gen = single_generate(self.model, prompts, "base", self.max_new_tokens, eos, pad)
+            elif method == "moe_merge":
+                gen = self._merged_generate(prompts, batch["w_moe_merge"], eos, pad)
             else:
                 w = np.stack([np.asarray(x, dtype=np.float64) for x in batch[f"w_{method}"]])
                 gen = ensemble_generate(self.model, prompts, self.names, w, self.max_new_tokens, eos, pad)
@@ -349,11 +351,28 @@ class EvalMapper:
             out[f"score_{method}"] = np.array([score(r, t) for r, t in zip(rows, text)], dtype=np.float64)
         return out
 
+    def _merged_generate(self, prompts, weights, eos, pad):
+        """MoE Merging: per prompt, one adapter averaged with its normalised routing weights."""
+        from elrea_ray.ensemble import single_generate
+        from elrea_ray.merging import drop_adapter, merge_adapters, normalized_alphas
 
-def routing_weights(cfg: Config, run: RunDir, features: np.ndarray) -> dict[str, np.ndarray]:
-    """[N, 1 + C] weight matrices (column 0 = base adapter) for every ensemble method."""
+        gen = []
+        for p, w in zip(prompts, weights):
+            alphas = normalized_alphas(np.asarray(w, dtype=np.float64))
+            name = merge_adapters(self.model, self.names, alphas.tolist(), "__merged__")
+            gen.extend(single_generate(self.model, [p], name, self.max_new_tokens, eos, pad))
+            drop_adapter(self.model, name)
+        return gen
+
+
+def routing_weights(cfg: Config, run: RunDir, features: np.ndarray,
+                    methods: tuple[str, ...] = ("elrea", "uniform", "top1")) -> dict[str, np.ndarray]:
+    """[N, 1 + C] weight matrices (column 0 = base adapter) for every weighted method asked for:
+    elrea (routing.top_k as configured), uniform, top<k> (k capped at C: top-all is ELREA) and
+    moe_merge (the ELREA weights, merged into one adapter per prompt)."""
     from safetensors.numpy import load_file
 
+    from elrea_ray.config import top_k_of
     from elrea_ray.routing import route, uniform_weights
 
     centroids = load_file(str(run.clusters_file("centroids.safetensors")))["centroids"]
@@ -362,10 +381,16 @@ def routing_weights(cfg: Config, run: RunDir, features: np.ndarray) -> dict[str,
     out = {}
     ew, bw = route(features, centroids, temperature=rc.temperature, top_k=rc.top_k)
     out["elrea"] = np.concatenate([bw[:, None], ew], axis=1)
-    ew1, bw1 = route(features, centroids, temperature=rc.temperature, top_k=1)
-    out["top1"] = np.concatenate([bw1[:, None], ew1], axis=1)
-    uw, ub = uniform_weights(N, C)
-    out["uniform"] = np.concatenate([ub[:, None], uw], axis=1)
+    for m in methods:
+        k = top_k_of(m)
+        if k is not None:
+            ek, bk = route(features, centroids, temperature=rc.temperature, top_k=min(k, C))
+            out[m] = np.concatenate([bk[:, None], ek], axis=1)
+    if "uniform" in methods:
+        uw, ub = uniform_weights(N, C)
+        out["uniform"] = np.concatenate([ub[:, None], uw], axis=1)
+    if "moe_merge" in methods:
+        out["moe_merge"] = out["elrea"]
     return out
 
 
@@ -385,14 +410,19 @@ def build_eval(cfg: Config, run: RunDir, out: Path) -> dict:
     if missing:
         raise ArtifactError(f"test features are missing for {len(missing)} examples, e.g. {missing[0]}")
     feats = feats[[order[r["example_id"]] for r in test]]
-    weights = routing_weights(cfg, run, feats)
     ec = cfg.eval
+    weights = routing_weights(cfg, run, feats, ec.methods)
     items = []
     for i, r in enumerate(test):
         item = {k: r[k] for k in ("example_id", "source", "prompt", "answer", "meta")}
-        for m in ("elrea", "uniform", "top1"):
+        for m in weights:
             item[f"w_{m}"] = weights[m][i].tolist()
         items.append(item)
+    # The weights of every weighted method per test item (column 0 = base), for the report.
+    pq.write_table(pa.table({"example_id": [r["example_id"] for r in test],
+                             "source": [r["source"] for r in test],
+                             **{f"w_{m}": [w.tolist() for w in weights[m]] for m in weights}}),
+                   out / "weights.parquet")
     adapters = {n: str(run.root / p) for n, p in bundle["adapters"].items()}
     ds = ray.data.from_items(items).map_batches(
         EvalMapper, batch_size=ec.batch_size, batch_format="numpy",
@@ -419,6 +449,9 @@ def build_eval(cfg: Config, run: RunDir, out: Path) -> dict:
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
     md = results_markdown(table, routing, metrics["clusters"])
     (out / "results.md").write_text("# ELREA evaluation (test split)\n\n" + md)
+    from elrea_ray.report import write_report
+
+    write_report(run.root, out)
     return {"micro": {m: table[m]["micro"]["acc"] for m in table}, "own_source_routing": routing["rate"]}
 
 

@@ -92,6 +92,7 @@ def train_loop(cfg: dict) -> dict:
             model, device_ids=[device.index] if device.type == "cuda" else None)
 
     step, lr_sum = 0, 0.0
+    history: list[dict] = []  # every logged {step, epoch, loss, lr}; written as train_log.json
     start = ray.train.get_checkpoint()
     if start is not None:
         with start.as_directory() as d:
@@ -102,6 +103,7 @@ def train_loop(cfg: dict) -> dict:
         opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"])
         step, lr_sum = state["step"], state["lr_sum"]
+        history = list(state.get("history", []))
         if rank == 0:
             print(f"[{name}] resumed from step {step}/{total}", flush=True)
 
@@ -150,20 +152,24 @@ def train_loop(cfg: dict) -> dict:
                 last_loss = sum(loss_window) / len(loss_window)
                 loss_window.clear()
                 metrics = {"loss": last_loss, "step": step, "epoch": epoch + 1, "lr": sched.get_last_lr()[0]}
+                history.append(metrics)
                 if rank == 0:
                     print(f"[{name}] step {step}/{total} epoch {epoch + 1} loss {last_loss:.4f} "
                           f"lr {metrics['lr']:.2e}", flush=True)
                 if step % tc.checkpoint_every_steps == 0 or epoch_end:
-                    _report_with_checkpoint(metrics, model, opt, sched, step, lr_sum, rank)
+                    _report_with_checkpoint(metrics, model, opt, sched, step, lr_sum, rank, history)
                 else:
                     ray.train.report(metrics)
     if rank == 0:
         final = Path(cfg["out_dir"]) if not cfg.get("save_epochs") else Path(cfg["out_dir"]) / "final"
         model.save_pretrained(final)
+        # The loss curve, beside the adapter (Ray Train v2 keeps only the latest checkpoint's metrics).
+        (Path(cfg["out_dir"]) / "train_log.json").write_text(json.dumps(
+            {"name": name, "steps_per_epoch": steps_per_epoch, "total_steps": total, "log": history}))
     return {"final_loss": last_loss, "steps": step, "examples": len(ids), "dropped_too_long": dropped}
 
 
-def _report_with_checkpoint(metrics, model, opt, sched, step, lr_sum, rank) -> None:
+def _report_with_checkpoint(metrics, model, opt, sched, step, lr_sum, rank, history=()) -> None:
     import ray.train
 
     from elrea_ray.model import lora_parameters
@@ -173,7 +179,7 @@ def _report_with_checkpoint(metrics, model, opt, sched, step, lr_sum, rank) -> N
         if rank == 0:
             torch.save({"params": [p.detach().cpu() for _, p in lora_parameters(model)],
                         "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-                        "step": step, "lr_sum": lr_sum}, Path(d) / "train_state.pt")
+                        "step": step, "lr_sum": lr_sum, "history": list(history)}, Path(d) / "train_state.pt")
             ck = ray.train.Checkpoint.from_directory(d)
         ray.train.report(metrics, checkpoint=ck)
 
