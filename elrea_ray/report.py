@@ -279,13 +279,14 @@ def fig_loss(logs: dict[str, dict], folder: Path) -> Path | None:
         if spe:
             for e in range(1, int(max(steps) // spe) + 1):
                 ax.axvline(e * spe, color="grey", ls=":", lw=0.8)
-                ax.text(e * spe, ax.get_ylim()[1] if False else max(r["loss"] for r in base["log"]),
-                        f" end of epoch {e}", fontsize=7, color="grey", va="top")
+                ax.text(e * spe, max(r["loss"] for r in base["log"]), f" end of epoch {e}", fontsize=7,
+                        color="grey", va="top")
     else:
         ax.text(0.5, 0.5, "no loss log for the base adapter", ha="center", transform=ax.transAxes)
     ax.set_title("Base adapter Q_base (all training data)")
     ax.set_xlabel("optimizer step")
-    ax.set_ylabel("training loss (mean over response tokens, per logging window)")
+    ax.set_ylabel("training loss (response tokens)")
+    ax.xaxis.set_major_locator(plt.MaxNLocator(integer=True))
     ax = axes[1]
     experts = {k: v for k, v in logs.items() if k != "base"}
     cmap = plt.get_cmap("tab10" if len(experts) <= 10 else "tab20")
@@ -298,6 +299,7 @@ def fig_loss(logs: dict[str, dict], folder: Path) -> Path | None:
         ax.legend(fontsize=7, frameon=False, ncol=2)
     ax.set_title("Experts (warm-started from Q_base, one cluster each)")
     ax.set_xlabel("optimizer step (of that expert)")
+    ax.xaxis.set_major_locator(plt.MaxNLocator(integer=True))
     return _save(fig, folder, "training_loss")
 
 
