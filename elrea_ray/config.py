@@ -242,7 +242,9 @@ class RoutingConfig:
 # Methods the eval stage decodes side by side (paper Tables 5.2-5.3 and Figure 5.3b): the backbone
 # alone, M+Q_base, ELREA, Uniform Weights, top-k experts + base (`top1`, `top3`, ... any k; k >= C is
 # ELREA itself) and MoE Merging (the adapters averaged per prompt with the routing weights).
-EVAL_METHODS = ("backbone", "base", "elrea", "uniform", "moe_merge")
+# Behind the same switch, baselines that train adapters of their own in a `baselines` stage:
+# random_clusters (Random Cluster), dataset (M+Q_dataset), embedding (Instruction Embedding).
+EVAL_METHODS = ("backbone", "base", "elrea", "uniform", "moe_merge", "random_clusters", "dataset", "embedding")
 
 
 def top_k_of(method: str) -> int | None:

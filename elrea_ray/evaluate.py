@@ -15,6 +15,9 @@ METHOD_TITLES = {
     "elrea": "ELREA",
     "uniform": "uniform weights",
     "moe_merge": "MoE merging",
+    "random_clusters": "random clusters (all weights 1)",
+    "dataset": "M+Q_dataset (own source's adapter)",
+    "embedding": "instruction embedding (MiniLM)",
 }
 
 

@@ -114,3 +114,40 @@ def test_eval_mapper_moe_merge_one_hot_equals_base_and_top_k_weights(smoke_run):
     np.testing.assert_array_equal(w["top99"], w["elrea"])  # k >= C is all experts
     np.testing.assert_array_equal(w["moe_merge"], w["elrea"])
     np.testing.assert_array_equal(w["top1"][:, 0], w["elrea"][:, 0])  # base kept with its weight
+
+
+def test_trained_baselines_stage_and_their_methods(copy_of_smoke, ray_local):
+    """Random Cluster, M+Q_dataset and Instruction Embedding behind eval.methods: a `baselines`
+    stage trains their adapters, the earlier stages are reused, and the eval decodes them."""
+    from conftest import smoke_config
+
+    from elrea_ray.pipeline import run_pipeline
+
+    methods = "eval.methods=[base,elrea,random_clusters,dataset,embedding]"
+    before = json.loads((copy_of_smoke / "manifest.json").read_text())["stages"]
+    run = run_pipeline(smoke_config(copy_of_smoke, methods))
+    stages = json.loads(run.manifest.read_text())["stages"]
+    for s in ("data", "base", "gradients", "clusters", "experts"):
+        assert stages[s]["started"] == before[s]["started"], f"stage {s} was rerun"
+    info = json.loads((run.stage_dir("baselines") / "baselines.json").read_text())
+    clusters = json.loads(run.clusters_file("report.json").read_text())
+    assert len(info["groups"]["random_clusters"]) == clusters["num_clusters"]
+    sources = sorted({r["source"] for r in pq.read_table(run.data_file("train")).to_pylist()})
+    assert sorted(info["groups"]["dataset"]) == sources
+    for name, rel in info["adapters"].items():
+        assert (run.stage_dir("baselines") / rel / "adapter_config.json").exists(), name
+    # Random clusters have ELREA's sizes but other members
+    a = pq.read_table(run.clusters_file("assignments.parquet")).to_pylist()
+    log = json.loads((run.stage_dir("baselines") / "random-00" / "train_log.json").read_text())
+    assert log["log"]
+    m = json.loads(run.eval_file("metrics.json").read_text())
+    assert set(m["methods"]) == {"base", "elrea", "random_clusters", "dataset", "embedding"}
+    assert m["embedding_clusters"]["num_clusters"] >= 1
+    w = pq.read_table(run.eval_file("weights.parquet")).to_pylist()
+    test_src = [r["source"] for r in w]
+    for r, src in zip(w, test_src):  # M+Q_dataset: exactly its own source's adapter
+        names = ["base", *info["groups"]["dataset"].values()]
+        assert names[int(np.argmax(r["w_dataset"]))] == info["groups"]["dataset"][src]
+        assert sum(r["w_dataset"]) == 1.0
+        assert r["w_random_clusters"] == [1.0] * (1 + clusters["num_clusters"])
+    assert len(a) == sum(clusters["sizes"])
