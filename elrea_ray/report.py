@@ -138,7 +138,8 @@ def fig_accuracy(table: dict, folder: Path) -> Path:
     ax.axvline(len(sources) - 0.5, color="grey", lw=0.8, ls=":")
     ax.set_ylabel("test accuracy (%)")
     ax.set_ylim(0, 100)
-    ax.set_title("Accuracy per source and method (whiskers: 95% Wilson interval)", pad=34)
+    legend_rows = -(-len(methods) // 5)
+    ax.set_title("Accuracy per source and method (whiskers: 95% Wilson interval)", pad=12 + 16 * legend_rows)
     ax.legend(ncol=min(5, len(methods)), fontsize=8, loc="lower center", bbox_to_anchor=(0.5, 1.0),
               frameon=False)
     return _save(fig, folder, "accuracy")
