@@ -265,7 +265,7 @@ def fig_routing(test_sources: list[str], W: np.ndarray, majority: dict[int, str]
     return _save(fig, folder, "routing_weights")
 
 
-def fig_loss(logs: dict[str, dict], folder: Path) -> Path | None:
+def fig_loss(logs: dict[str, dict], folder: Path, majority: dict[int, str] | None = None) -> Path | None:
     """Training loss (response tokens) against the step, base adapter and every expert."""
     if not logs:
         return None
@@ -292,13 +292,15 @@ def fig_loss(logs: dict[str, dict], folder: Path) -> Path | None:
     experts = {k: v for k, v in logs.items() if k != "base"}
     cmap = plt.get_cmap("tab10" if len(experts) <= 10 else "tab20")
     for k, (name, log) in enumerate(sorted(experts.items())):
+        c = int(name.split("-")[-1]) if name.split("-")[-1].isdigit() else None
+        label = f"{name} ({majority[c]})" if majority and c in majority else name
         ax.plot([r["step"] for r in log["log"]], [r["loss"] for r in log["log"]], marker="o", ms=2,
-                color=cmap(k % cmap.N), label=name)
+                color=cmap(k % cmap.N), label=label)
     if not experts:
         ax.text(0.5, 0.5, "no loss logs for the experts", ha="center", transform=ax.transAxes)
     else:
         ax.legend(fontsize=7, frameon=False, ncol=2)
-    ax.set_title("Experts (warm-started from Q_base, one cluster each)")
+    ax.set_title("Experts (warm-started from Q_base; legend: cluster's majority source)", fontsize=10)
     ax.set_xlabel("optimizer step (of that expert)")
     ax.xaxis.set_major_locator(plt.MaxNLocator(integer=True))
     return _save(fig, folder, "training_loss")
@@ -400,7 +402,7 @@ def write_report(root: str | Path, eval_dir: str | Path | None = None) -> dict:
         if weights_from != "eval/weights.parquet":
             notes.append(f"Routing weights were {weights_from}.")
     logs = _loss_logs(root)
-    loss = fig_loss(logs, figs_dir)
+    loss = fig_loss(logs, figs_dir, majority)
     if loss:
         figures["training_loss"] = loss
     else:
