@@ -236,10 +236,12 @@ def parse_mathqa_options(options: str) -> list[str]:
     return [out[c] for c in "abcde" if c in out]
 
 
+# A capital letter may be followed by more words ("the answer is B because ..."); a lower-case one
+# only by a bracket, punctuation or the end, so "the answer is a number" picks nothing.
 _LETTER_PATTERNS = (
-    re.compile(r"(?:answer|option|choice)\s*(?:is|:)?\s*[:\s]*\(?\s*([A-J])\s*\)?(?![A-Za-z])", re.IGNORECASE),
-    re.compile(r"^\s*\(?\s*([A-J])\s*(?:\)|\.|:|$)", re.IGNORECASE),
-    re.compile(r"\(([A-J])\)"),
+    re.compile(r"(?i:answer|option|choice)\s*(?i:is)?\s*[:\s]*\(?\s*([A-J](?![A-Za-z0-9])|[a-j](?=\s*(?:[).,:;!?]|$)))"),
+    re.compile(r"^\s*\(?\s*([A-Ja-j])\s*(?:\)|\.|:|$)"),
+    re.compile(r"\(([A-Ja-j])\)"),
 )
 
 

@@ -104,11 +104,13 @@ def test_mmlu_letter_or_choice_text(tmp_path):
     assert r0["answer"] == "B" and "B. Paris" in json.loads(r0["prompt"])[0]["content"]
     for reply in ("B", "(B)", "B. Paris", "The answer is b.", "Answer: B", "Paris", "paris."):
         assert score(r0, reply) == 1.0, reply
-    for reply in ("A", "Berlin", "The answer is (C)", "I do not know"):
+    for reply in ("A", "Berlin", "The answer is (C)", "I do not know", "The answer is a city"):
         assert score(r0, reply) == 0.0, reply
     assert score(r1, "4") == 1.0 and score(r1, "22") == 0.0  # a number that is one choice's text
     assert gold_letter("Rome", ["Berlin", "Paris", "Rome"]) == "C"
     assert predicted_letter("(C) z", ["x", "y", "z"]) == "C"
+    assert predicted_letter("The answer is B because it is", ["x", "y", "z"]) == "B"
+    assert predicted_letter("answer: c.", ["x", "y", "z"]) == "C"
 
 
 def test_mmlu_row_with_a_bad_answer_is_named(tmp_path):
