@@ -326,6 +326,23 @@ def headline(table: dict) -> str:
             f"{lo:+.1f}, {hi:+.1f}]; {beyond}.")
 
 
+# The paper's comparison methods (Tables 5.2-5.3, Figure 5.3b) and what this code calls them.
+PAPER_METHODS = {"backbone": "backbone M", "base": "M+Q_base", "dataset": "M+Q_dataset",
+                 "moe_merge": "MoE Merging", "embedding": "Instruction Embedding",
+                 "random_clusters": "Random Cluster", "uniform": "Uniform Weights", "top1": "top-1",
+                 "top3": "top-3"}
+NOT_IMPLEMENTED = ("MoE Routing (layer-level mixing)", "MoLE", "LoRA Ensembles", "Self-Consistency")
+
+
+def coverage(methods: list[str]) -> str:
+    """Which of the paper's comparisons this run has, which it left out, which the code lacks."""
+    missing = [v for k, v in PAPER_METHODS.items() if k not in methods]
+    text = f"Compared here: {', '.join(method_title(m) for m in methods)}."
+    if missing:
+        text += f" Not in this run (add to eval.methods): {', '.join(missing)}."
+    return text + f" Not implemented: {', '.join(NOT_IMPLEMENTED)}."
+
+
 def _stage_times(manifest: dict) -> list[tuple[str, float | None]]:
     return [(name, st.get("seconds")) for name, st in (manifest.get("stages") or {}).items()]
 
@@ -426,6 +443,7 @@ def write_report(root: str | Path, eval_dir: str | Path | None = None) -> dict:
            f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}.", ""]
     md += ["## Headline", "", headline(table), ""]
     md += ["## Results", "", results_markdown(table), ""]
+    md += [coverage(methods), ""]
     md += ["Per-source differences from M+Q_base (points, 95% paired bootstrap):", ""]
     md += ["| method | " + " | ".join(sources) + " |", "|---|" + "---|" * len(sources)]
     for m in methods:
@@ -453,6 +471,11 @@ def write_report(root: str | Path, eval_dir: str | Path | None = None) -> dict:
             md.append(f"| {c} | {majority.get(int(c), '?')} | " + " | ".join(
                 str(counts[c].get(s, 0)) for s in srcs) + " |")
         md += ["", "![clusters by source](figures/clusters_by_source.png)", ""]
+    emb = metrics.get("embedding_clusters")
+    if emb:
+        md += [f"Instruction-embedding baseline: {emb['num_clusters']} clusters of the MiniLM embeddings "
+               f"(sizes {emb['sizes']}), NMI {emb['nmi']:.3f}, ARI {emb['ari']:.3f}, purity "
+               f"{emb['purity']:.3f} against the sources.", ""]
     if routing:
         md += [f"Own-source top expert: for {100 * routing['rate']:.1f}% of {routing['n']} test items the "
                f"highest-weighted expert is a cluster whose majority training source is the item's own "
