@@ -11,6 +11,7 @@ Layout (every path comes from `RunDir`; no other module builds artifact paths):
       gradients/{train,validation,test}/*.parquet   example_id, source, feature[d_proj] (stage 2)
       clusters/                centroids.safetensors, assignments.parquet, report.json (stage 3)
       adapters/expert-XX/      one PEFT adapter per cluster (stage 4)
+      adapters/baselines/      adapters of the trained baselines, only when eval.methods asks for them
       bundle.json              everything serving needs (written with stage 4)
       eval/                    predictions.parquet, metrics.json, results.md (stage 5)
       ray/                     Ray Train storage (mid-epoch checkpoints for resume)
@@ -95,7 +96,8 @@ class RunDir:
     def stage_dir(self, stage: str) -> Path:
         return {"data": self.root / "data", "base": self.root / "adapters" / "base",
                 "gradients": self.root / "gradients", "clusters": self.root / "clusters",
-                "experts": self.root / "adapters" / "experts", "eval": self.root / "eval"}[stage]
+                "experts": self.root / "adapters" / "experts",
+                "baselines": self.root / "adapters" / "baselines", "eval": self.root / "eval"}[stage]
 
     def data_file(self, split: str) -> Path:
         return self.stage_dir("data") / f"{split}.parquet"

@@ -74,6 +74,10 @@ class ModelConfig:
         _check(0.0 <= self.lora_dropout < 1.0, f"{p}.lora_dropout", "in [0, 1)", self.lora_dropout)
 
 
+DATA_FORMATS = ("auto", "instruction", "alpaca", "messages", "prompt_completion", "question_answer",
+                "math", "multiple_choice", "bbh", "svamp", "mathqa")
+
+
 @dataclass(frozen=True)
 class DataConfig:
     """The training mix. `reasoning_gym` builds seeded procedural tasks, one `source` per family;
@@ -88,14 +92,21 @@ class DataConfig:
     train_files: tuple[str, ...] = ()  # kind=files
     validation_files: tuple[str, ...] = ()
     test_files: tuple[str, ...] = ()
-    format: str = "auto"  # auto | instruction | alpaca | messages | prompt_completion
+    format: str = "auto"  # auto | instruction | alpaca | messages | prompt_completion |
+    # question_answer (GSM8K) | math | multiple_choice (MMLU) | bbh | svamp | mathqa
+    # {source: scorer} for kind=files, overriding what the file format or a row's `benchmark`
+    # column implies: math | gsm8k | svamp | mathqa | mmlu | bbh | less | exact (elrea_ray.scorers)
+    benchmarks: dict[str, str] = field(default_factory=dict)
     system_prompt: str | None = None  # None: whatever the model's chat template adds by itself
     bad_rows: str = "error"  # error: stop naming file and row | skip: drop and count in manifest
 
     def validate(self, p: str) -> None:
         _check(self.kind in ("reasoning_gym", "files"), f"{p}.kind", "reasoning_gym or files", self.kind)
-        _check(self.format in ("auto", "instruction", "alpaca", "messages", "prompt_completion"),
-               f"{p}.format", "auto, instruction, alpaca, messages or prompt_completion", self.format)
+        from elrea_ray.scorers import BENCHMARKS
+
+        _check(self.format in DATA_FORMATS, f"{p}.format", "one of " + ", ".join(DATA_FORMATS), self.format)
+        for src, b in self.benchmarks.items():
+            _check(b in BENCHMARKS, f"{p}.benchmarks[{src}]", "one of " + ", ".join(BENCHMARKS), b)
         _check(self.bad_rows in ("error", "skip"), f"{p}.bad_rows", "error or skip", self.bad_rows)
         if self.kind == "reasoning_gym":
             _check(len(self.sources) >= 1, f"{p}.sources", "a non-empty list of task families", self.sources)
@@ -235,6 +246,21 @@ class RoutingConfig:
         _check(self.top_k is None or self.top_k >= 1, f"{p}.top_k", ">= 1 or null", self.top_k)
 
 
+# Methods the eval stage decodes side by side (paper Tables 5.2-5.3 and Figure 5.3b): the backbone
+# alone, M+Q_base, ELREA, Uniform Weights, top-k experts + base (`top1`, `top3`, ... any k; k >= C is
+# ELREA itself) and MoE Merging (the adapters averaged per prompt with the routing weights).
+# Behind the same switch, baselines that train adapters of their own in a `baselines` stage:
+# random_clusters (Random Cluster), dataset (M+Q_dataset), embedding (Instruction Embedding).
+EVAL_METHODS = ("backbone", "base", "elrea", "uniform", "moe_merge", "random_clusters", "dataset", "embedding")
+
+
+def top_k_of(method: str) -> int | None:
+    """k of a `top<k>` method name ("top3" -> 3), else None."""
+    if method.startswith("top") and method[3:].isdigit() and int(method[3:]) >= 1:
+        return int(method[3:])
+    return None
+
+
 @dataclass(frozen=True)
 class EvalConfig:
     """Stage 5: greedy decoding of the test split for every method side by side."""
@@ -248,9 +274,9 @@ class EvalConfig:
     bootstrap: int = 1000  # resamples for the 95% intervals
 
     def validate(self, p: str) -> None:
-        known = ("backbone", "base", "elrea", "uniform", "top1")
         for m in self.methods:
-            _check(m in known, f"{p}.methods", f"a list drawn from {', '.join(known)}", m)
+            _check(m in EVAL_METHODS or top_k_of(m) is not None, f"{p}.methods",
+                   f"a list drawn from {', '.join(EVAL_METHODS)} or top<k> (e.g. top3)", m)
         _check(self.max_new_tokens >= 1, f"{p}.max_new_tokens", ">= 1", self.max_new_tokens)
         _check(self.batch_size >= 1, f"{p}.batch_size", ">= 1", self.batch_size)
         _check(self.num_actors >= 1, f"{p}.num_actors", ">= 1", self.num_actors)
@@ -305,6 +331,11 @@ def _coerce(value: Any, tp: Any, name: str) -> Any:
             except ConfigError as e:
                 errors.append(str(e))
         raise ConfigError(f"{name} has the wrong type: got {value!r} ({'; '.join(errors)})")
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{name} must be a mapping, got {value!r}")
+        return {_coerce(k, args[0], f"{name} key"): _coerce(v, args[1], f"{name}[{k}]")
+                for k, v in value.items()}
     if origin is tuple:
         if isinstance(value, str):
             value = [value]

@@ -8,7 +8,8 @@ Every split is a list of canonical rows (plain dicts, written as Parquet by the 
     prompt      str  JSON list of chat messages before the final assistant response
     response    str  the final assistant response (the SFT target); "" for unlabelled test rows
     answer      str  the gold answer used for scoring ("" if unknown)
-    meta        str  JSON; reasoning-gym: {"family", "entry", "dataset_config"}, else {}
+    meta        str  JSON; reasoning-gym: {"family", "entry", "dataset_config"}; files: {"benchmark"
+                     (which scorer, see elrea_ray.scorers), "choices" (multiple choice)} or {}
 
 "Instruction" (DESIGN §3) is every token of the chat-formatted prompt before the final assistant
 response, generation prompt and the template's default system prompt included, the same at train
@@ -32,10 +33,14 @@ from typing import Any
 
 import torch
 
-from elrea_ray.config import DataConfig
+from elrea_ray.config import DATA_FORMATS, DataConfig
 
 SPLITS = ("train", "validation", "test")
-FORMATS = ("auto", "instruction", "alpaca", "messages", "prompt_completion")
+FORMATS = DATA_FORMATS
+# The scorer a file format implies (elrea_ray.scorers); a row's `benchmark` field or the config's
+# data.benchmarks (per source) override it. Formats absent here are scored by `score`'s generic rule.
+FORMAT_BENCHMARK = {"question_answer": "gsm8k", "math": "math", "multiple_choice": "mmlu", "bbh": "bbh",
+                    "svamp": "svamp", "mathqa": "mathqa", "messages": "less"}
 
 # Small settings for a 135M model on CPU: short prompts (about 40-75 tokens with SmolLM2's chat
 # template), answers of a few tokens, and item spaces large enough that 500 train items leave
@@ -172,6 +177,12 @@ _EXPECTED = {
                 "(optional: source, answer)",
     "prompt_completion": "columns prompt, completion (optional: system, source, answer)",
     "question_answer": "columns question, answer (GSM8K style, final answer after '####')",
+    "math": "columns problem, solution (MATH style, final answer in \\boxed{})",
+    "multiple_choice": "columns question, choices (a list of strings), answer (a letter or a 0-based "
+                       "index; MMLU style)",
+    "bbh": "columns input, target (BIG-Bench Hard style)",
+    "svamp": "columns Body, Question, Answer (SVAMP style, the answer a number)",
+    "mathqa": "columns Problem, options ('a ) 38 , b ) 27 , ...'), correct (a letter; MathQA style)",
 }
 
 
@@ -269,6 +280,16 @@ def _detect_format(path: Path, columns: list[str]) -> str:
         return "instruction"
     if "prompt" in cols and "completion" in cols:
         return "prompt_completion"
+    if "problem" in cols and "solution" in cols:
+        return "math"
+    if "question" in cols and "choices" in cols:
+        return "multiple_choice"
+    if "input" in cols and "target" in cols:
+        return "bbh"
+    if {"Body", "Question", "Answer"} <= cols:
+        return "svamp"
+    if {"Problem", "options", "correct"} <= cols:
+        return "mathqa"
     if "question" in cols and "answer" in cols:
         return "question_answer"
     raise DataError(f"{path}: cannot tell the format from the columns {sorted(cols)}; expected "
@@ -337,14 +358,84 @@ _SIMPLE_FIELDS = {"instruction": ("instruction", "response"), "prompt_completion
                   "question_answer": ("question", "answer")}
 
 
-def _row_from_record(rec: Any, fmt: str, split: str) -> tuple[list[dict], str, str | None, str | None]:
-    """(prompt messages, response, system or None, gold answer or None) of one record."""
+def _scalar(rec: dict, field: str) -> str:
+    """A required string-or-number field as text (SVAMP answers are numbers)."""
+    v = rec.get(field)
+    if v is None:
+        raise _BadRow("missing_field", f"missing field {field!r}")
+    if isinstance(v, bool) or not isinstance(v, (str, int, float)):
+        raise _BadRow("wrong_type", f"field {field!r} must be a string or a number, got {type(v).__name__}")
+    text = str(v).strip()
+    if not text:
+        raise _BadRow("empty_text", f"field {field!r} is empty")
+    return text
+
+
+def multiple_choice_prompt(question: str, choices: list[str]) -> str:
+    """The MMLU-style zero-shot prompt: the question, lettered choices, and what to answer."""
+    from elrea_ray.scorers import LETTERS
+
+    lines = [question.strip(), ""] + [f"{LETTERS[k]}. {c}" for k, c in enumerate(choices)]
+    return "\n".join(lines) + "\nAnswer with the letter of the correct choice."
+
+
+def _benchmark_record(rec: dict, fmt: str, need_response: bool) -> tuple[str, str, str, dict]:
+    """(user text, response, gold, extra meta) of the paper's benchmark formats."""
+    from elrea_ray.scorers import LETTERS, gold_letter, last_boxed, parse_mathqa_options
+
+    if fmt == "math":
+        user = _text(rec, "problem", required=True, nonempty=True)
+        response = _text(rec, "solution", required=need_response, nonempty=need_response)
+        boxed = last_boxed(response)
+        if need_response and boxed is None and rec.get("answer") is None:
+            raise _BadRow("no_answer", "the solution has no \\boxed{} final answer (and no 'answer' field)")
+        return user, response, (boxed or "").strip(), {}
+    if fmt == "multiple_choice":
+        question = _text(rec, "question", required=True, nonempty=True)
+        choices = rec.get("choices")
+        if not isinstance(choices, list) or not 2 <= len(choices) <= len(LETTERS) or \
+                not all(isinstance(c, (str, int, float)) and not isinstance(c, bool) for c in choices):
+            raise _BadRow("bad_choices", f"field 'choices' must be a list of 2 to {len(LETTERS)} strings")
+        choices = [str(c) for c in choices]
+        letter = gold_letter(_scalar(rec, "answer"), choices)
+        if letter is None:
+            raise _BadRow("bad_answer", f"field 'answer' must be a letter A-{LETTERS[len(choices) - 1]}, "
+                          "a 0-based index or the text of a choice")
+        return multiple_choice_prompt(question, choices), letter, letter, {"choices": choices}
+    if fmt == "bbh":
+        user = _text(rec, "input", required=True, nonempty=True)
+        target = _scalar(rec, "target")
+        return user, target, target, {}
+    if fmt == "svamp":
+        body = _text(rec, "Body", required=True, nonempty=True)
+        question = _text(rec, "Question", required=True, nonempty=True)
+        value = _scalar(rec, "Answer")
+        return f"{body.strip()} {question.strip()}", value, value, {}
+    if fmt == "mathqa":  # value prediction (paper: only the correct option's value is kept)
+        problem = _text(rec, "Problem", required=True, nonempty=True)
+        choices = parse_mathqa_options(_text(rec, "options", required=True, nonempty=True))
+        correct = _scalar(rec, "correct").lower().strip("() ")
+        if len(choices) < 2 or correct not in "abcde"[:len(choices)]:
+            raise _BadRow("bad_answer", "field 'correct' must name one of the options a-e, and 'options' "
+                          "must read like 'a ) 38 , b ) 27 , ...'")
+        value = choices["abcde".index(correct)]
+        rationale = _text(rec, "Rationale", required=False)
+        return problem, rationale or value, value, {"choices": choices}
+    raise DataError(f"unknown data format {fmt!r}; use one of {', '.join(FORMATS)}")
+
+
+def _row_from_record(rec: Any, fmt: str, split: str) -> tuple[list[dict], str, str | None, str | None, dict]:
+    """(prompt messages, response, system or None, gold answer or None, extra meta) of one record."""
     if not isinstance(rec, dict):
         raise _BadRow("wrong_type", f"a record must be a JSON object, got {type(rec).__name__}")
     need_response = split != "test"  # test rows may come without a reference response
     system = _text(rec, "system", required=False) or None
     gold = None
-    if fmt in _SIMPLE_FIELDS:
+    meta: dict = {}
+    if fmt in ("math", "multiple_choice", "bbh", "svamp", "mathqa"):
+        user, response, gold, meta = _benchmark_record(rec, fmt, need_response)
+        messages = [{"role": "user", "content": user}]
+    elif fmt in _SIMPLE_FIELDS:
         user_field, response_field = _SIMPLE_FIELDS[fmt]
         user = _text(rec, user_field, required=True, nonempty=True)
         response = _text(rec, response_field, required=need_response, nonempty=need_response)
@@ -366,21 +457,32 @@ def _row_from_record(rec: Any, fmt: str, split: str) -> tuple[list[dict], str, s
         system = None  # a system message, if any, is already in the list
     else:
         raise DataError(f"unknown data format {fmt!r}; use one of {', '.join(FORMATS)}")
-    if fmt != "question_answer" and rec.get("answer") is not None:  # there "answer" is the response
-        a = rec["answer"]
+    if fmt not in ("question_answer", "multiple_choice") and rec.get("answer") is not None:
+        a = rec["answer"]  # (in those two formats "answer" is the response / the gold letter)
         if isinstance(a, bool) or not isinstance(a, (str, int, float)):
             raise _BadRow("wrong_type",
                           f"field 'answer' must be a string or a number, got {type(a).__name__}")
         gold = str(a)
-    return messages, response, system, gold
+    benchmark = rec.get("benchmark")
+    if benchmark is not None:
+        from elrea_ray.scorers import BENCHMARKS
+
+        if benchmark not in BENCHMARKS:
+            raise _BadRow("bad_benchmark", f"field 'benchmark' is {benchmark!r}; expected one of "
+                          f"{', '.join(BENCHMARKS)}")
+        meta["benchmark"] = benchmark
+    elif fmt in FORMAT_BENCHMARK:
+        meta["benchmark"] = FORMAT_BENCHMARK[fmt]
+    return messages, response, system, gold, meta
 
 
 def read_rows(path: str, split: str, fmt: str = "auto", bad_rows: str = "error",
               system_prompt: str | None = None) -> tuple[list[dict], dict]:
     """Canonical rows of one JSONL / JSON / Parquet file, and {"read": n, "skipped": {reason: n}}.
 
-    fmt: auto (from the columns) | instruction | alpaca | messages | prompt_completion (auto also
-    knows GSM8K-style question/answer). bad_rows: "error" raises a DataError naming the file, the
+    fmt: auto (from the columns) | one of FORMATS (the paper's benchmark files: question_answer =
+    GSM8K, math, multiple_choice = MMLU, bbh, svamp, mathqa). A `benchmark` column picks the
+    scorer per row (else FORMAT_BENCHMARK of the format). bad_rows: "error" raises a DataError naming the file, the
     row (1-based line for JSONL) and the problem; "skip" drops the row and counts it by reason.
     system_prompt: added as a system message to rows that carry none of their own.
     """
@@ -404,7 +506,7 @@ def read_rows(path: str, split: str, fmt: str = "auto", bad_rows: str = "error",
         try:
             if isinstance(rec, _BadRow):
                 raise rec
-            messages, response, system, gold = _row_from_record(rec, fmt, split)
+            messages, response, system, gold, meta = _row_from_record(rec, fmt, split)
             source = rec.get("source")
             if source is not None and not isinstance(source, str):
                 raise _BadRow("wrong_type", f"field 'source' must be a string, got {type(source).__name__}")
@@ -424,7 +526,8 @@ def read_rows(path: str, split: str, fmt: str = "auto", bad_rows: str = "error",
             "prompt": json.dumps(messages, ensure_ascii=False),
             "response": response,
             "answer": gold if gold is not None else _gold_from_response(response),
-            "meta": json.dumps({"file": str(path), "row": where}),  # for errors found later
+            # file and row for errors found later (too long for the tokenizer), plus the benchmark
+            "meta": json.dumps({**meta, "file": str(path), "row": where}, ensure_ascii=False),
         })
     return rows, {"read": len(records), "skipped": skipped}
 
@@ -464,6 +567,8 @@ def build_splits_with_report(cfg: DataConfig, seed: int) -> tuple[dict[str, list
                                     "are built from; rename one of them")
                 stems[stem] = f
                 rows, counts = read_rows(f, split, cfg.format, cfg.bad_rows, cfg.system_prompt)
+                if cfg.benchmarks:
+                    rows = [_with_benchmark(r, cfg.benchmarks) for r in rows]
                 report["files"][f] = {"split": split, **counts, "kept": len(rows)}
                 splits[split].extend(rows)
         if not cfg.validation_files:
@@ -478,6 +583,15 @@ def build_splits_with_report(cfg: DataConfig, seed: int) -> tuple[dict[str, list
         raise DataError("example ids are not unique across the splits; give the files distinct names")
     report["rows"] = {s: _count_by_source(splits[s]) for s in SPLITS}
     return splits, report
+
+
+def _with_benchmark(row: dict, benchmarks: dict[str, str]) -> dict:
+    """The config's per-source benchmark (data.benchmarks) overrides the one the file implies."""
+    if row["source"] not in benchmarks:
+        return row
+    meta = json.loads(row["meta"] or "{}")
+    meta["benchmark"] = benchmarks[row["source"]]
+    return {**row, "meta": json.dumps(meta, ensure_ascii=False)}
 
 
 def build_splits(cfg: DataConfig, seed: int) -> dict[str, list[dict]]:
@@ -690,14 +804,20 @@ def _normalise(s: str) -> str:
 def score(row: dict, prediction: str) -> float:
     """1.0 if the prediction answers the row correctly, else 0.0.
 
-    reasoning-gym rows are judged by the family's own scorer on the extracted answer (its partial
-    credit, e.g. 0.01 for a wrong number, counts as wrong below 0.99); other rows by comparing the
-    extracted answer with the gold one, numerically when both are numbers.
+    Rows whose meta names a benchmark (math, gsm8k, svamp, mathqa, mmlu, bbh, exact) use that
+    benchmark's scorer (elrea_ray.scorers); reasoning-gym rows are judged by the family's own
+    scorer on the extracted answer (its partial credit, e.g. 0.01 for a wrong number, counts as
+    wrong below 0.99); other rows (LESS-style chat files included) by comparing the extracted
+    answer with the gold one, numerically when both are numbers.
     """
     meta = row.get("meta") or {}
     if isinstance(meta, str):
         meta = json.loads(meta) if meta.strip() else {}
     gold = str(row.get("answer") or "")
+    if meta.get("benchmark") and meta["benchmark"] != "less":
+        from elrea_ray.scorers import score_answer
+
+        return score_answer(meta["benchmark"], prediction, gold, meta.get("choices"))
     if meta.get("family"):
         entry = meta["entry"]
         ds = _scorer(meta["family"], json.dumps(meta.get("dataset_config") or {}, sort_keys=True))

@@ -14,8 +14,21 @@ METHOD_TITLES = {
     "base": "M+Q_base",
     "elrea": "ELREA",
     "uniform": "uniform weights",
-    "top1": "top-1 expert + base",
+    "moe_merge": "MoE merging",
+    "random_clusters": "random clusters (all weights 1)",
+    "dataset": "M+Q_dataset (own source's adapter)",
+    "embedding": "instruction embedding (MiniLM)",
 }
+
+
+def method_title(method: str) -> str:
+    """The paper's name of an eval method ("top3" -> "top-3 experts + base")."""
+    if method in METHOD_TITLES:
+        return METHOD_TITLES[method]
+    if method.startswith("top") and method[3:].isdigit():
+        k = int(method[3:])
+        return f"top-{k} expert{'s' if k > 1 else ''} + base"
+    return method
 
 
 def wilson_interval(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
@@ -57,8 +70,13 @@ def accuracy_table(sources: list[str], scores: dict[str, list[float]], resamples
         entry = {"per_source": per, "micro": {"acc": k / n if n else float("nan"), "n": n,
                                               "ci": wilson_interval(k, n)}}
         if "base" in scores and method != "base":
-            d, lo, hi = paired_bootstrap(s, np.asarray(scores["base"], float), resamples, seed)
+            b = np.asarray(scores["base"], float)
+            d, lo, hi = paired_bootstrap(s, b, resamples, seed)
             entry["vs_base"] = {"diff": d, "ci": (lo, hi)}
+            for name in per:  # the same paired bootstrap within each source
+                m = src == name
+                d, lo, hi = paired_bootstrap(s[m], b[m], resamples, seed)
+                per[name]["vs_base"] = {"diff": d, "ci": (lo, hi)}
         out[method] = entry
     return out
 
@@ -106,7 +124,7 @@ def results_markdown(table: dict, routing: dict | None = None, clusters: dict | 
         mi = row["micro"]
         vs = row.get("vs_base")
         vs_txt = "—" if vs is None else f"{100 * vs['diff']:+.1f} [{100 * vs['ci'][0]:+.1f}, {100 * vs['ci'][1]:+.1f}]"
-        lines.append(f"| {METHOD_TITLES.get(m, m)} | " + " | ".join(cells)
+        lines.append(f"| {method_title(m)} | " + " | ".join(cells)
                      + f" | {_pct(mi['acc'])} [{_pct(mi['ci'][0])}, {_pct(mi['ci'][1])}] | {vs_txt} |\n")
     text = "".join(lines)
     text += "\nAccuracy in %, 95% Wilson interval in brackets; the last column is the paired bootstrap " \

@@ -46,7 +46,10 @@ def stage_keys(cfg: Config) -> dict[str, str]:
     """Every stage's key, from the config alone (so they are known before anything runs)."""
     k: dict[str, str] = {}
     seed = cfg.run.seed
-    k["data"] = stage_key("data", {"data": _asdict(cfg.data), "seed": seed}, [])
+    data = _asdict(cfg.data)
+    if not data["benchmarks"]:  # added later; left out when unset so older runs keep their keys
+        del data["benchmarks"]
+    k["data"] = stage_key("data", {"data": data, "seed": seed}, [])
     model = _asdict(cfg.model)
     k["base"] = stage_key("base", {"model": model, "train": _slice(cfg.train), "seed": seed}, [k["data"]])
     k["gradients"] = stage_key("gradients", {"model": model, "gradients": _slice(cfg.gradients)},
@@ -55,9 +58,22 @@ def stage_keys(cfg: Config) -> dict[str, str]:
                               [k["gradients"]])
     k["experts"] = stage_key("experts", {"experts": _slice(cfg.experts), "train": _slice(cfg.train),
                                          "seed": seed}, [k["base"], k["clusters"]])
-    k["eval"] = stage_key("eval", {"eval": _slice(cfg.eval), "routing": _slice(cfg.routing)},
-                          [k["experts"], k["gradients"]])
+    evals_on = [k["experts"], k["gradients"]]
+    trained = _trained_baselines(cfg)
+    if trained:  # only then: runs without these baselines keep their keys
+        k["baselines"] = stage_key("baselines", {"methods": trained, "experts": _slice(cfg.experts),
+                                                 "train": _slice(cfg.train), "model": model,
+                                                 "clustering": _slice(cfg.clustering), "seed": seed},
+                                   [k["base"], k["clusters"]])
+        evals_on.append(k["baselines"])
+    k["eval"] = stage_key("eval", {"eval": _slice(cfg.eval), "routing": _slice(cfg.routing)}, evals_on)
     return k
+
+
+def _trained_baselines(cfg: Config) -> list[str]:
+    from elrea_ray.baselines import TRAINED_BASELINES
+
+    return [m for m in TRAINED_BASELINES if m in cfg.eval.methods]
 
 
 def _versions() -> dict:
@@ -338,6 +354,125 @@ def write_bundle(cfg: Config, run: RunDir, keys: dict) -> dict:
     return bundle
 
 
+# -- stage 4b: baselines that train adapters of their own (behind eval.methods) ---------------------
+
+def build_baselines(cfg: Config, run: RunDir, keys: dict, out: Path) -> dict:
+    """Adapters for Random Cluster, M+Q_dataset and Instruction Embedding (paper §5.3), trained
+    concurrently like the experts; `baselines.json` lists them for the eval stage."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from safetensors.numpy import save_file
+
+    from elrea_ray.baselines import embed_instructions, instruction_text, random_partition
+    from elrea_ray.clustering import assign, cluster_source_report, normalized_centroids
+    from elrea_ray.train import fit_many
+
+    trained = _trained_baselines(cfg)
+    a = pq.read_table(run.clusters_file("assignments.parquet")).to_pylist()
+    ids, sources = [r["example_id"] for r in a], [r["source"] for r in a]
+    sizes = np.bincount([r["cluster"] for r in a]).tolist()
+    ec = cfg.experts
+    tc_expert = dataclasses.replace(cfg.train, lr=ec.lr, epochs=ec.epochs, num_workers=ec.num_workers,
+                                    cpus_per_worker=ec.cpus_per_worker, use_gpu=ec.use_gpu)
+    tc_base = dataclasses.replace(cfg.train, num_workers=ec.num_workers, cpus_per_worker=ec.cpus_per_worker,
+                                  use_gpu=ec.use_gpu)
+    info: dict = {"adapters": {}, "groups": {}}
+    jobs = []
+
+    def job(name: str, members: list[str], tc, init: str | None, seed: int):
+        folder = out / name
+        info["adapters"][name] = str(folder.relative_to(out))
+        if (folder / "adapter_config.json").exists():
+            return  # finished before an interruption
+        loop = {"name": name, "seed": seed, "model": _asdict(cfg.model), "train": _asdict(tc),
+                "data_file": str(run.data_file("train")), "example_ids": members, "init_adapter": init,
+                "out_dir": str(folder), "save_epochs": False}
+        jobs.append({"run_name": f"baseline-{keys['baselines']}-{name}", "loop_cfg": loop, "tc": tc,
+                     "storage": run.ray_storage, "num_workers": ec.num_workers,
+                     "cpus_per_worker": ec.cpus_per_worker, "use_gpu": ec.use_gpu})
+
+    final_base = str(run.base_epoch(cfg.train.epochs))
+    if "random_clusters" in trained:  # same sizes, random members, warm start from Q_base
+        labels = random_partition(sizes, cfg.run.seed + 7919)
+        info["groups"]["random_clusters"] = []
+        for c in range(len(sizes)):
+            name = f"random-{c:02d}"
+            job(name, [i for i, lab in zip(ids, labels) if lab == c], tc_expert, final_base, cfg.run.seed + 101 + c)
+            info["groups"]["random_clusters"].append(name)
+    if "dataset" in trained:  # one adapter per source, from scratch with the base recipe
+        info["groups"]["dataset"] = {}
+        for k, src in enumerate(sorted(set(sources))):
+            name = f"dataset-{k:02d}"
+            job(name, [i for i, s in zip(ids, sources) if s == src], tc_base, None, cfg.run.seed)
+            info["groups"]["dataset"][src] = name
+    if "embedding" in trained:  # sentence embeddings replace the gradients for clustering and routing
+        emb = {}
+        for split in ("train", "test"):
+            t = pq.read_table(run.data_file(split), columns=["example_id", "source", "prompt"]).to_pylist()
+            X = embed_instructions([instruction_text(r["prompt"]) for r in t])
+            emb[split] = ([r["example_id"] for r in t], [r["source"] for r in t], X)
+            pq.write_table(pa.table({"example_id": emb[split][0], "source": emb[split][1],
+                                     "feature": pa.FixedSizeListArray.from_arrays(
+                                         pa.array(X.reshape(-1)), X.shape[1])}),
+                           out / f"embedding_{split}.parquet")
+        tr_ids, tr_src, X = emb["train"]
+        rng = np.random.default_rng(cfg.run.seed)
+        sample = np.sort(rng.choice(len(X), size=min(cfg.clustering.fit_sample, len(X)), replace=False))
+        fit = _fit_remote(X[sample], _asdict(cfg.clustering), cfg.run.seed)
+        lab = assign(X, fit.centroids)
+        used = sorted(set(lab.tolist()))
+        lab = np.array([used.index(c) for c in lab.tolist()])
+        save_file({"centroids": normalized_centroids(X, lab, len(used)).astype(np.float32)},
+                  str(out / "embedding_centroids.safetensors"))
+        rep = cluster_source_report(lab, tr_src)
+        info["embedding_clusters"] = {"num_clusters": len(used), "sizes": np.bincount(lab).tolist(),
+                                      **{k: rep[k] for k in ("nmi", "ari", "purity")}}
+        info["groups"]["embedding"] = []
+        for c in range(len(used)):
+            name = f"embedding-{c:02d}"
+            job(name, [i for i, lab_i in zip(tr_ids, lab) if lab_i == c], tc_expert, final_base,
+                cfg.run.seed + 201 + c)
+            info["groups"]["embedding"].append(name)
+    results = fit_many(jobs, ec.max_concurrent) if jobs else []
+    info["trained_now"] = len(jobs)
+    info["final_loss"] = [r.get("final_loss") for r in results]
+    (out / "baselines.json").write_text(json.dumps(info, indent=2))
+    return {k: info[k] for k in ("groups", "trained_now") if k in info} | (
+        {"embedding_clusters": info["embedding_clusters"]} if "embedding_clusters" in info else {})
+
+
+def _baseline_weights(cfg: Config, run: RunDir, test: list[dict], info: dict) -> dict[str, dict]:
+    """{method: {"names": adapters, "w": [N, len(names)]}} of the trained baselines."""
+    import pyarrow.parquet as pq
+    from safetensors.numpy import load_file
+
+    from elrea_ray.routing import route
+
+    out = {}
+    groups = info["groups"]
+    N = len(test)
+    if "random_clusters" in groups:  # all weights 1, base included (paper's Random Cluster)
+        names = ["base", *groups["random_clusters"]]
+        out["random_clusters"] = {"names": names, "w": np.ones((N, len(names)))}
+    if "dataset" in groups:  # each item decoded by its own source's adapter (base if none)
+        names = ["base", *groups["dataset"].values()]
+        w = np.zeros((N, len(names)))
+        for i, r in enumerate(test):
+            name = groups["dataset"].get(r["source"])
+            w[i, names.index(name) if name else 0] = 1.0
+        out["dataset"] = {"names": names, "w": w}
+    if "embedding" in groups:
+        t = pq.read_table(run.stage_dir("baselines") / "embedding_test.parquet")
+        order = {e: i for i, e in enumerate(t.column("example_id").to_pylist())}
+        col = t.column("feature").combine_chunks()
+        X = col.flatten().to_numpy().reshape(-1, col.type.list_size)[[order[r["example_id"]] for r in test]]
+        cents = load_file(str(run.stage_dir("baselines") / "embedding_centroids.safetensors"))["centroids"]
+        ew, bw = route(X, cents, temperature=cfg.routing.temperature)
+        out["embedding"] = {"names": ["base", *groups["embedding"]],
+                            "w": np.concatenate([bw[:, None], ew], axis=1)}
+    return out
+
+
 # -- stage 5: evaluation ----------------------------------------------------------------------------
 
 class EvalMapper:
@@ -373,6 +508,8 @@ class EvalMapper:
                 gen = single_generate(self.model, prompts, "__base__", self.max_new_tokens, eos, pad)
             elif method == "base":
                 gen = single_generate(self.model, prompts, "base", self.max_new_tokens, eos, pad)
+            elif method == "moe_merge":
+                gen = self._merged_generate(prompts, batch["w_moe_merge"], eos, pad)
             else:
                 w = np.stack([np.asarray(x, dtype=np.float64) for x in batch[f"w_{method}"]])
                 gen = ensemble_generate(self.model, prompts, self.names, w, self.max_new_tokens, eos, pad)
@@ -381,11 +518,28 @@ class EvalMapper:
             out[f"score_{method}"] = np.array([score(r, t) for r, t in zip(rows, text)], dtype=np.float64)
         return out
 
+    def _merged_generate(self, prompts, weights, eos, pad):
+        """MoE Merging: per prompt, one adapter averaged with its normalised routing weights."""
+        from elrea_ray.ensemble import single_generate
+        from elrea_ray.merging import drop_adapter, merge_adapters, normalized_alphas
 
-def routing_weights(cfg: Config, run: RunDir, features: np.ndarray) -> dict[str, np.ndarray]:
-    """[N, 1 + C] weight matrices (column 0 = base adapter) for every ensemble method."""
+        gen = []
+        for p, w in zip(prompts, weights):
+            alphas = normalized_alphas(np.asarray(w, dtype=np.float64))
+            name = merge_adapters(self.model, self.names, alphas.tolist(), "__merged__")
+            gen.extend(single_generate(self.model, [p], name, self.max_new_tokens, eos, pad))
+            drop_adapter(self.model, name)
+        return gen
+
+
+def routing_weights(cfg: Config, run: RunDir, features: np.ndarray,
+                    methods: tuple[str, ...] = ("elrea", "uniform", "top1")) -> dict[str, np.ndarray]:
+    """[N, 1 + C] weight matrices (column 0 = base adapter) for every weighted method asked for:
+    elrea (routing.top_k as configured), uniform, top<k> (k capped at C: top-all is ELREA) and
+    moe_merge (the ELREA weights, merged into one adapter per prompt)."""
     from safetensors.numpy import load_file
 
+    from elrea_ray.config import top_k_of
     from elrea_ray.routing import route, uniform_weights
 
     centroids = load_file(str(run.clusters_file("centroids.safetensors")))["centroids"]
@@ -394,10 +548,16 @@ def routing_weights(cfg: Config, run: RunDir, features: np.ndarray) -> dict[str,
     out = {}
     ew, bw = route(features, centroids, temperature=rc.temperature, top_k=rc.top_k, min_weight=rc.min_weight)
     out["elrea"] = np.concatenate([bw[:, None], ew], axis=1)
-    ew1, bw1 = route(features, centroids, temperature=rc.temperature, top_k=1)
-    out["top1"] = np.concatenate([bw1[:, None], ew1], axis=1)
-    uw, ub = uniform_weights(N, C)
-    out["uniform"] = np.concatenate([ub[:, None], uw], axis=1)
+    for m in methods:
+        k = top_k_of(m)
+        if k is not None:
+            ek, bk = route(features, centroids, temperature=rc.temperature, top_k=min(k, C))
+            out[m] = np.concatenate([bk[:, None], ek], axis=1)
+    if "uniform" in methods:
+        uw, ub = uniform_weights(N, C)
+        out["uniform"] = np.concatenate([ub[:, None], uw], axis=1)
+    if "moe_merge" in methods:
+        out["moe_merge"] = out["elrea"]
     return out
 
 
@@ -417,15 +577,33 @@ def build_eval(cfg: Config, run: RunDir, out: Path) -> dict:
     if missing:
         raise ArtifactError(f"test features are missing for {len(missing)} examples, e.g. {missing[0]}")
     feats = feats[[order[r["example_id"]] for r in test]]
-    weights = routing_weights(cfg, run, feats)
     ec = cfg.eval
+    weights = routing_weights(cfg, run, feats, ec.methods)
+    adapters = {n: str(run.root / p) for n, p in bundle["adapters"].items()}
+    names = list(adapters)
+    routed = list(weights)
+    wide = dict(weights)  # every method's weights over ALL loaded adapters (0 = not run)
+    if _trained_baselines(cfg):
+        info = json.loads((run.stage_dir("baselines") / "baselines.json").read_text())
+        adapters.update({n: str(run.stage_dir("baselines") / p) for n, p in info["adapters"].items()})
+        names = list(adapters)
+        for m, b in _baseline_weights(cfg, run, test, info).items():
+            weights[m] = b["w"]
+            wide[m] = np.zeros((len(test), len(names)))
+            wide[m][:, [names.index(n) for n in b["names"]]] = b["w"]
+        for m in routed:
+            wide[m] = np.concatenate([weights[m], np.zeros((len(test), len(names) - weights[m].shape[1]))], 1)
     items = []
     for i, r in enumerate(test):
         item = {k: r[k] for k in ("example_id", "source", "prompt", "answer", "meta")}
-        for m in ("elrea", "uniform", "top1"):
-            item[f"w_{m}"] = weights[m][i].tolist()
+        for m in wide:
+            item[f"w_{m}"] = wide[m][i].tolist()
         items.append(item)
-    adapters = {n: str(run.root / p) for n, p in bundle["adapters"].items()}
+    # The weights of every weighted method per test item (column 0 = base), for the report.
+    pq.write_table(pa.table({"example_id": [r["example_id"] for r in test],
+                             "source": [r["source"] for r in test],
+                             **{f"w_{m}": [w.tolist() for w in weights[m]] for m in weights}}),
+                   out / "weights.parquet")
     ds = ray.data.from_items(items).map_batches(
         EvalMapper, batch_size=ec.batch_size, batch_format="numpy",
         fn_constructor_kwargs={"model_cfg": bundle["model"], "adapters": adapters,
@@ -448,9 +626,16 @@ def build_eval(cfg: Config, run: RunDir, out: Path) -> dict:
                "clusters": {k: clusters.get(k) for k in ("num_clusters", "sizes", "nmi", "ari", "purity")},
                "cluster_majority_source": {str(k): v for k, v in majority.items()},
                "mean_base_weight": float(weights["elrea"][:, 0].mean())}
+    if _trained_baselines(cfg):
+        emb = json.loads((run.stage_dir("baselines") / "baselines.json").read_text()).get("embedding_clusters")
+        if emb:
+            metrics["embedding_clusters"] = emb
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
     md = results_markdown(table, routing, metrics["clusters"])
     (out / "results.md").write_text("# ELREA evaluation (test split)\n\n" + md)
+    from elrea_ray.report import write_report
+
+    write_report(run.root, out)
     return {"micro": {m: table[m]["micro"]["acc"] for m in table}, "own_source_routing": routing["rate"]}
 
 
@@ -490,6 +675,12 @@ def run_pipeline(cfg: Config, log=print) -> RunDir:
         _, ran = run.run_stage("experts", keys["experts"], lambda out: build_experts(cfg, run, keys, out), log)
         if ran or not run.bundle.exists() or json.loads(run.bundle.read_text()).get("keys") != keys:
             write_bundle(cfg, run, keys)
+        if "baselines" in keys:
+            run.run_stage("baselines", keys["baselines"], lambda out: build_baselines(cfg, run, keys, out), log)
         run.run_stage("eval", keys["eval"], lambda out: build_eval(cfg, run, out), log)
+        if not run.eval_file("report.html").exists():  # an eval finished before reports existed
+            from elrea_ray.report import write_report
+
+            log(f"[report] {write_report(run.root)['html']}")
         log(f"pipeline finished in {time.time() - t0:.0f} s; run directory {run.root}")
     return run

@@ -95,6 +95,7 @@ def train_loop(cfg: dict) -> dict:
 
     step, lr_sum = 0, 0.0
     last_loss = float("nan")
+    history: list[dict] = []  # every logged {step, epoch, loss, lr}; written as train_log.json
     start = ray.train.get_checkpoint()
     if start is not None:
         with start.as_directory() as d:
@@ -108,6 +109,7 @@ def train_loop(cfg: dict) -> dict:
         sched.load_state_dict(state["scheduler"])
         step, lr_sum = state["step"], state["lr_sum"]
         last_loss = state.get("last_loss", float("nan"))
+        history = list(state.get("history", []))
         # Each rank's RNG (dropout masks) continues where it was, so a resumed run computes the
         # same steps as one that was never interrupted (bitwise on CPU).
         if rng_state is not None:
@@ -163,11 +165,12 @@ def train_loop(cfg: dict) -> dict:
                 last_loss = sum(loss_window) / len(loss_window)
                 loss_window.clear()
                 metrics = {"loss": last_loss, "step": step, "epoch": epoch + 1, "lr": sched.get_last_lr()[0]}
+                history.append(metrics)
                 if rank == 0:
                     print(f"[{name}] step {step}/{total} epoch {epoch + 1} loss {last_loss:.4f} "
                           f"lr {metrics['lr']:.2e}", flush=True)
                 if step % tc.checkpoint_every_steps == 0 or epoch_end:
-                    _report_with_checkpoint(metrics, model, opt, sched, step, lr_sum, rank, last_loss)
+                    _report_with_checkpoint(metrics, model, opt, sched, step, lr_sum, rank, last_loss, history)
                 else:
                     ray.train.report(metrics)
     if rank == 0:
@@ -181,6 +184,9 @@ def train_loop(cfg: dict) -> dict:
         if final.exists():
             shutil.rmtree(final)
         os.rename(tmp, final)
+        # The loss curve, beside the adapter (Ray Train v2 keeps only the latest checkpoint's metrics).
+        (Path(cfg["out_dir"]) / "train_log.json").write_text(json.dumps(
+            {"name": name, "steps_per_epoch": steps_per_epoch, "total_steps": total, "log": history}))
     return {"final_loss": last_loss, "steps": step, "examples": len(ids), "dropped_too_long": dropped,
             "resumed_from_step": resumed_from}
 
@@ -200,7 +206,7 @@ def _maybe_inject_fault(cfg: dict, step: int, rank: int) -> None:
     os._exit(1)
 
 
-def _report_with_checkpoint(metrics, model, opt, sched, step, lr_sum, rank, last_loss) -> None:
+def _report_with_checkpoint(metrics, model, opt, sched, step, lr_sum, rank, last_loss, history=()) -> None:
     import ray.train
 
     from elrea_ray.model import lora_parameters
@@ -214,7 +220,8 @@ def _report_with_checkpoint(metrics, model, opt, sched, step, lr_sum, rank, last
         if rank == 0:
             torch.save({"params": [p.detach().cpu() for _, p in lora_parameters(model)],
                         "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-                        "step": step, "lr_sum": lr_sum, "last_loss": last_loss}, Path(d) / "train_state.pt")
+                        "step": step, "lr_sum": lr_sum, "last_loss": last_loss, "history": list(history)},
+                       Path(d) / "train_state.pt")
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
 
 

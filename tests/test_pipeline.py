@@ -25,14 +25,17 @@ def test_smoke_run_writes_exactly_the_expected_artifacts(smoke_run):
     expected = {"manifest.json", "config.yaml", "bundle.json",
                 "data/train.parquet", "data/validation.parquet", "data/test.parquet", "data/counts.json",
                 "clusters/centroids.safetensors", "clusters/assignments.parquet", "clusters/report.json",
-                "eval/predictions.parquet", "eval/metrics.json", "eval/results.md"}
+                "eval/predictions.parquet", "eval/metrics.json", "eval/results.md", "eval/weights.parquet",
+                "eval/report.md", "eval/report.html", "adapters/base/train_log.json"}
+    expected |= {f"eval/figures/{n}.png" for n in ("accuracy", "vs_base", "clusters_by_source", "feature_map",
+                                                   "routing_weights", "training_loss")}
     for e in (1, 2):
         expected |= {f"adapters/base/epoch-{e}/{n}" for n in
                      ("adapter_config.json", "adapter_model.safetensors", "adam_state.safetensors",
                       "optimizer_state.json", "parameter_layout.json")}
     expected |= {f"adapters/base/final/{n}" for n in ("adapter_config.json", "adapter_model.safetensors")}
     expected |= {f"adapters/experts/expert-{c:02d}/{n}" for c in range(C)
-                 for n in ("adapter_config.json", "adapter_model.safetensors")}
+                 for n in ("adapter_config.json", "adapter_model.safetensors", "train_log.json")}
     stage_markers = {f"{d}/_COMPLETE" for d in ("data", "adapters/base", "gradients", "clusters",
                                                   "adapters/experts", "eval")}
     got = {f for f in files if "README.md" not in f

@@ -1,0 +1,565 @@
+"""The evaluation report of a run: `eval/report.md` (figures as PNG files beside it) and
+`eval/report.html` (the same, figures embedded as base64 PNG, readable offline).
+
+Built from the run directory's artifacts alone (no model, no Ray), so `python jobs/report.py
+--run-dir DIR` rebuilds it for any finished run, and the eval stage writes it as its last step.
+Runs made before a file existed (eval/weights.parquet, train_log.json) still get a report: routing
+weights are recomputed from the test features and centroids, and a missing loss log is said so.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+
+from elrea_ray.evaluate import majority_source, method_title, results_markdown
+
+MAP_POINTS = 3000  # the 2-D feature map shows at most this many training points (seeded sample)
+
+
+# -- reading artifacts ----------------------------------------------------------------------------
+
+def _read_json(path: Path) -> dict | None:
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def _features(folder: Path) -> tuple[list[str], list[str], np.ndarray] | None:
+    import pyarrow.parquet as pq
+
+    if not folder.exists() or not any(folder.glob("*.parquet")):
+        return None
+    t = pq.read_table(folder)
+    col = t.column("feature").combine_chunks()
+    X = col.flatten().to_numpy().reshape(-1, col.type.list_size).astype(np.float32)
+    return t.column("example_id").to_pylist(), t.column("source").to_pylist(), X
+
+
+def _routing_weights(root: Path, eval_dir: Path) -> tuple[list[str], dict[str, np.ndarray], str]:
+    """(test sources, {method: [N, 1 + C]}, where they came from)."""
+    import pyarrow.parquet as pq
+
+    path = eval_dir / "weights.parquet"
+    if path.exists():
+        t = pq.read_table(path)
+        ws = {c[2:]: np.asarray(t.column(c).to_pylist(), dtype=np.float64)
+              for c in t.column_names if c.startswith("w_")}
+        return t.column("source").to_pylist(), ws, "eval/weights.parquet"
+    from safetensors.numpy import load_file
+
+    from elrea_ray.routing import route
+
+    feats = _features(root / "gradients" / "test")
+    bundle = _read_json(root / "bundle.json") or {}
+    if feats is None or not (root / "clusters" / "centroids.safetensors").exists():
+        return [], {}, "not available"
+    centroids = load_file(str(root / "clusters" / "centroids.safetensors"))["centroids"]
+    rc = bundle.get("routing", {})
+    ew, bw = route(feats[2], centroids, temperature=rc.get("temperature", 1.0), top_k=rc.get("top_k"))
+    return feats[1], {"elrea": np.concatenate([bw[:, None], ew], axis=1)}, \
+        "recomputed from gradients/test and clusters/centroids (this run predates eval/weights.parquet)"
+
+
+def _loss_logs(root: Path) -> dict[str, dict]:
+    logs = {}
+    base = _read_json(root / "adapters" / "base" / "train_log.json")
+    if base:
+        logs["base"] = base
+    for p in sorted((root / "adapters" / "experts").glob("expert-*/train_log.json")):
+        logs[p.parent.name] = json.loads(p.read_text())
+    return logs
+
+
+def _table(eval_dir: Path, metrics: dict, config: dict) -> dict:
+    """The accuracy table recomputed from the per-item scores (so a run evaluated before a statistic
+    was added still gets it), with the eval stage's bootstrap settings; else metrics.json's."""
+    import pyarrow.parquet as pq
+
+    from elrea_ray.evaluate import accuracy_table
+
+    p = eval_dir / "predictions.parquet"
+    if not p.exists():
+        return metrics["methods"]
+    t = pq.read_table(p)
+    methods = [m for m in metrics["methods"] if f"score_{m}" in t.column_names]
+    return accuracy_table(t.column("source").to_pylist(), {m: t.column(f"score_{m}").to_pylist() for m in methods},
+                          resamples=config.get("eval", {}).get("bootstrap", 1000),
+                          seed=config.get("run", {}).get("seed", 0))
+
+
+# -- figures --------------------------------------------------------------------------------------
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    plt.rcParams.update({"font.size": 10, "axes.spines.top": False, "axes.spines.right": False,
+                         "figure.dpi": 110})
+    return plt
+
+
+def _save(fig, folder: Path, name: str) -> Path:
+    path = folder / f"{name}.png"
+    fig.savefig(path, bbox_inches="tight")
+    _plt().close(fig)
+    return path
+
+
+def fig_accuracy(table: dict, folder: Path) -> Path:
+    """Grouped bars: accuracy per source (and micro average) per method, with 95% Wilson intervals."""
+    plt = _plt()
+    methods = list(table)
+    sources = list(next(iter(table.values()))["per_source"])
+    groups = sources + ["micro average"]
+    fig, ax = plt.subplots(figsize=(max(7, 1.3 * len(groups) * max(1, len(methods)) / 3), 4.2))
+    width = 0.8 / len(methods)
+    cmap = plt.get_cmap("tab10")
+    for j, m in enumerate(methods):
+        entries = [table[m]["per_source"][s] for s in sources] + [table[m]["micro"]]
+        acc = np.array([100 * e["acc"] for e in entries])
+        lo = np.array([100 * e["ci"][0] for e in entries])
+        hi = np.array([100 * e["ci"][1] for e in entries])
+        x = np.arange(len(groups)) + (j - (len(methods) - 1) / 2) * width
+        ax.bar(x, acc, width, label=method_title(m), color=cmap(j % 10))
+        ax.errorbar(x, acc, yerr=[acc - lo, hi - acc], fmt="none", ecolor="black", elinewidth=0.8,
+                    capsize=2)
+        for xi, a in zip(x, acc):  # the value, so that a 0% bar is visible too
+            ax.text(xi, 1, f"{a:.0f}", ha="center", va="bottom", fontsize=7, rotation=90,
+                    color="white" if a >= 8 else "black")
+    n = [table[methods[0]]["per_source"][s]["n"] for s in sources] + [table[methods[0]]["micro"]["n"]]
+    ax.set_xticks(np.arange(len(groups)), [f"{g}\n(n={k})" for g, k in zip(groups, n)])
+    ax.axvline(len(sources) - 0.5, color="grey", lw=0.8, ls=":")
+    ax.set_ylabel("test accuracy (%)")
+    ax.set_ylim(0, 100)
+    legend_rows = -(-len(methods) // 5)
+    ax.set_title("Accuracy per source and method (whiskers: 95% Wilson interval)", pad=12 + 16 * legend_rows)
+    ax.legend(ncol=min(5, len(methods)), fontsize=8, loc="lower center", bbox_to_anchor=(0.5, 1.0),
+              frameon=False)
+    return _save(fig, folder, "accuracy")
+
+
+def fig_vs_base(table: dict, folder: Path) -> Path | None:
+    """Each method's micro-average difference from M+Q_base with its paired-bootstrap 95% interval."""
+    rows = [(m, table[m]["vs_base"]) for m in table if "vs_base" in table[m]]
+    if not rows:
+        return None
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(7, 0.45 * len(rows) + 1.3))
+    y = np.arange(len(rows))[::-1]
+    d = np.array([100 * v["diff"] for _, v in rows])
+    lo = np.array([100 * v["ci"][0] for _, v in rows])
+    hi = np.array([100 * v["ci"][1] for _, v in rows])
+    colors = ["tab:green" if a > 0 else "tab:red" if b < 0 else "tab:grey" for a, b in zip(lo, hi)]
+    ax.hlines(y, lo, hi, color=colors, lw=2)
+    ax.scatter(d, y, color=colors, zorder=3)
+    for yi, di, l, h in zip(y, d, lo, hi):
+        ax.annotate(f"{di:+.1f} [{l:+.1f}, {h:+.1f}]", (h, yi), xytext=(6, -3), textcoords="offset points",
+                    fontsize=8)
+    ax.axvline(0, color="black", lw=0.8)
+    ax.set_yticks(y, [method_title(m) for m, _ in rows])
+    ax.set_xlabel("difference from M+Q_base, micro average (accuracy points)")
+    span = max(1.0, np.nanmax(np.abs(np.concatenate([lo, hi]))))
+    ax.set_xlim(-1.15 * span, 1.6 * span)
+    ax.set_title("Difference from M+Q_base (95% paired bootstrap; green/red: interval excludes 0)")
+    return _save(fig, folder, "vs_base")
+
+
+def fig_cluster_heatmap(counts: dict, majority: dict, metrics: dict, folder: Path) -> Path:
+    """Clusters (rows) by training source (columns), counts annotated."""
+    plt = _plt()
+    clusters = sorted(int(c) for c in counts)
+    sources = sorted({s for c in counts.values() for s in c})
+    M = np.array([[counts[str(c)].get(s, 0) if str(c) in counts else counts[c].get(s, 0) for s in sources]
+                  for c in clusters])
+    fig, ax = plt.subplots(figsize=(1.3 * len(sources) + 2.5, 0.45 * len(clusters) + 1.6))
+    im = ax.imshow(M, cmap="Blues", aspect="auto")
+    for i in range(M.shape[0]):
+        for j in range(M.shape[1]):
+            ax.text(j, i, str(M[i, j]), ha="center", va="center", fontsize=8,
+                    color="white" if M[i, j] > 0.6 * M.max() else "black")
+    ax.set_xticks(range(len(sources)), sources, rotation=30, ha="right")
+    ax.set_yticks(range(len(clusters)), [f"cluster {c} (n={M[i].sum()})" for i, c in enumerate(clusters)])
+    ax.set_xlabel("training source")
+    fig.colorbar(im, ax=ax, label="training examples")
+    ax.set_title(f"Clusters by source: NMI {metrics.get('nmi', float('nan')):.3f}, "
+                 f"ARI {metrics.get('ari', float('nan')):.3f}, purity {metrics.get('purity', float('nan')):.3f}")
+    return _save(fig, folder, "clusters_by_source")
+
+
+def fig_feature_map(ids: list[str], sources: list[str], X: np.ndarray, cluster_of: dict[str, int],
+                    folder: Path, seed: int = 0) -> tuple[Path, float]:
+    """PCA of the training gradient features to 2-D, coloured by cluster and by source."""
+    from sklearn.decomposition import PCA
+
+    plt = _plt()
+    idx = np.arange(len(X))
+    if len(idx) > MAP_POINTS:
+        idx = np.sort(np.random.default_rng(seed).choice(len(X), MAP_POINTS, replace=False))
+    pca = PCA(n_components=2, random_state=seed)
+    P = pca.fit_transform(X[idx])
+    explained = float(pca.explained_variance_ratio_.sum())
+    cl = np.array([cluster_of.get(ids[i], -1) for i in idx])
+    src = np.array([sources[i] for i in idx])
+    fig, axes = plt.subplots(1, 2, figsize=(12, 5))
+    cmap = plt.get_cmap("tab10" if max(len(set(cl)), len(set(src))) <= 10 else "tab20")
+    for ax, labels, title in ((axes[0], cl, "coloured by cluster"), (axes[1], src, "coloured by source")):
+        for k, lab in enumerate(sorted(set(labels.tolist()), key=str)):
+            m = labels == lab
+            name = f"cluster {lab}" if title.endswith("cluster") else str(lab)
+            ax.scatter(P[m, 0], P[m, 1], s=9, alpha=0.7, color=cmap(k % cmap.N), label=f"{name} ({m.sum()})")
+        ax.set_title(f"Gradient features, PCA 2-D, {title}")
+        ax.set_xlabel("PC 1")
+        ax.set_ylabel("PC 2")
+        ax.legend(fontsize=7, markerscale=1.5, frameon=False, loc="best")
+    fig.suptitle(f"{len(idx)} training examples; the two components explain {100 * explained:.1f}% of the "
+                 "variance", fontsize=9, y=0.0)
+    return _save(fig, folder, "feature_map"), explained
+
+
+def fig_routing(test_sources: list[str], W: np.ndarray, majority: dict[int, str], folder: Path) -> Path:
+    """ELREA's weights per test source: mean weight of every adapter (heatmap) and the spread of the
+    base weight and of the top expert's weight (box plots)."""
+    plt = _plt()
+    sources = sorted(set(test_sources))
+    src = np.asarray(test_sources)
+    C = W.shape[1] - 1
+    cols = ["base"] + [f"expert-{c:02d} ({majority.get(c, '?')})" for c in range(C)]
+    mean = np.array([W[src == s].mean(axis=0) for s in sources])
+    fig, axes = plt.subplots(1, 2, figsize=(max(11, 0.9 * (C + 1) + 7), 0.5 * len(sources) + 3),
+                             gridspec_kw={"width_ratios": [max(3, C + 1), 4]})
+    ax = axes[0]
+    im = ax.imshow(mean, cmap="viridis", aspect="auto", vmin=0, vmax=max(1e-9, mean.max()))
+    for i in range(mean.shape[0]):
+        for j in range(mean.shape[1]):
+            ax.text(j, i, f"{mean[i, j]:.2f}", ha="center", va="center", fontsize=8,
+                    color="black" if mean[i, j] > 0.6 * mean.max() else "white")
+    ax.set_xticks(range(C + 1), cols, fontsize=8, rotation=30, ha="right")
+    ax.set_yticks(range(len(sources)), [f"{s} (n={(src == s).sum()})" for s in sources])
+    ax.set_xlabel("adapter (expert: majority training source of its cluster)")
+    ax.set_ylabel("test source")
+    ax.set_title("Mean ELREA weight per test source")
+    fig.colorbar(im, ax=ax, fraction=0.04)
+    ax = axes[1]
+    top = W[:, 1:].max(axis=1)
+    rng = np.random.default_rng(0)
+    for i, s in enumerate(sources):
+        m = src == s
+        jitter = rng.uniform(-0.15, 0.15, m.sum())
+        ax.scatter(i - 0.2 + jitter, W[m, 0], s=10, alpha=0.6, color="tab:orange",
+                   label="base weight 1 - max cos" if i == 0 else None)
+        ax.scatter(i + 0.2 + jitter, top[m], s=10, alpha=0.6, color="tab:blue",
+                   label="top expert's weight" if i == 0 else None)
+    ax.set_xticks(range(len(sources)), sources, rotation=30, ha="right")
+    ax.set_ylim(0, 1.05)
+    ax.set_ylabel("weight (one dot per test item)")
+    ax.set_title("Spread of the weights per test source")
+    ax.legend(fontsize=8, frameon=False, loc="upper left")
+    fig.tight_layout()
+    return _save(fig, folder, "routing_weights")
+
+
+def fig_loss(logs: dict[str, dict], folder: Path, majority: dict[int, str] | None = None) -> Path | None:
+    """Training loss (response tokens) against the step, base adapter and every expert."""
+    if not logs:
+        return None
+    plt = _plt()
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4), sharey=True)
+    base = logs.get("base")
+    ax = axes[0]
+    if base and base["log"]:
+        steps = [r["step"] for r in base["log"]]
+        ax.plot(steps, [r["loss"] for r in base["log"]], marker="o", ms=3, color="black")
+        spe = base.get("steps_per_epoch")
+        if spe:
+            for e in range(1, int(max(steps) // spe) + 1):
+                ax.axvline(e * spe, color="grey", ls=":", lw=0.8)
+                ax.text(e * spe, max(r["loss"] for r in base["log"]), f" end of epoch {e}", fontsize=7,
+                        color="grey", va="top")
+    else:
+        ax.text(0.5, 0.5, "no loss log for the base adapter", ha="center", transform=ax.transAxes)
+    ax.set_title("Base adapter Q_base (all training data)")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("training loss (response tokens)")
+    ax.xaxis.set_major_locator(plt.MaxNLocator(integer=True))
+    ax = axes[1]
+    experts = {k: v for k, v in logs.items() if k != "base"}
+    cmap = plt.get_cmap("tab10" if len(experts) <= 10 else "tab20")
+    for k, (name, log) in enumerate(sorted(experts.items())):
+        c = int(name.split("-")[-1]) if name.split("-")[-1].isdigit() else None
+        label = f"{name} ({majority[c]})" if majority and c in majority else name
+        ax.plot([r["step"] for r in log["log"]], [r["loss"] for r in log["log"]], marker="o", ms=2,
+                color=cmap(k % cmap.N), label=label)
+    if not experts:
+        ax.text(0.5, 0.5, "no loss logs for the experts", ha="center", transform=ax.transAxes)
+    else:
+        ax.legend(fontsize=7, frameon=False, ncol=2)
+    ax.set_title("Experts (warm-started from Q_base; legend: cluster's majority source)", fontsize=10)
+    ax.set_xlabel("optimizer step (of that expert)")
+    ax.xaxis.set_major_locator(plt.MaxNLocator(integer=True))
+    return _save(fig, folder, "training_loss")
+
+
+# -- text -----------------------------------------------------------------------------------------
+
+def headline(table: dict) -> str:
+    """One plain sentence: did ELREA beat M+Q_base, by how much, and is it beyond the interval."""
+    if "elrea" not in table or "base" not in table or "vs_base" not in table["elrea"]:
+        return "ELREA or M+Q_base was not evaluated, so there is no headline comparison."
+    e, b, v = table["elrea"]["micro"], table["base"]["micro"], table["elrea"]["vs_base"]
+    d, lo, hi = 100 * v["diff"], 100 * v["ci"][0], 100 * v["ci"][1]
+    verdict = ("beat" if d > 0 else "did not beat" if d < 0 else "tied with")
+    if lo != lo:
+        beyond = "no interval was computed (eval.bootstrap = 0)"
+    elif lo > 0 or hi < 0:
+        beyond = "the 95% interval excludes 0, so the difference is larger than its interval"
+    else:
+        beyond = "the 95% interval includes 0, so the difference is within noise at this test size"
+    return (f"ELREA {verdict} M+Q_base on the micro average: {100 * e['acc']:.1f}% vs {100 * b['acc']:.1f}% "
+            f"over n={e['n']} test items, a difference of {d:+.1f} points [95% paired bootstrap "
+            f"{lo:+.1f}, {hi:+.1f}]; {beyond}.")
+
+
+# The paper's comparison methods (Tables 5.2-5.3, Figure 5.3b) and what this code calls them.
+PAPER_METHODS = {"backbone": "backbone M", "base": "M+Q_base", "dataset": "M+Q_dataset",
+                 "moe_merge": "MoE Merging", "embedding": "Instruction Embedding",
+                 "random_clusters": "Random Cluster", "uniform": "Uniform Weights", "top1": "top-1",
+                 "top3": "top-3"}
+NOT_IMPLEMENTED = ("MoE Routing (layer-level mixing)", "MoLE", "LoRA Ensembles", "Self-Consistency")
+
+
+def coverage(methods: list[str]) -> str:
+    """Which of the paper's comparisons this run has, which it left out, which the code lacks."""
+    missing = [v for k, v in PAPER_METHODS.items() if k not in methods]
+    text = f"Compared here: {', '.join(method_title(m) for m in methods)}."
+    if missing:
+        text += f" Not in this run (add to eval.methods): {', '.join(missing)}."
+    return text + f" Not implemented: {', '.join(NOT_IMPLEMENTED)}."
+
+
+def _stage_times(manifest: dict) -> list[tuple[str, float | None]]:
+    return [(name, st.get("seconds")) for name, st in (manifest.get("stages") or {}).items()]
+
+
+def _examples(root: Path, eval_dir: Path, methods: list[str], per_source: int = 2) -> list[dict]:
+    import pyarrow.parquet as pq
+
+    p = eval_dir / "predictions.parquet"
+    test = root / "data" / "test.parquet"
+    if not p.exists() or not test.exists():
+        return []
+    preds = {r["example_id"]: r for r in pq.read_table(p).to_pylist()}
+    seen: dict[str, int] = {}
+    out = []
+    for r in pq.read_table(test, columns=["example_id", "source", "prompt", "answer"]).to_pylist():
+        if seen.get(r["source"], 0) >= per_source or r["example_id"] not in preds:
+            continue
+        seen[r["source"]] = seen.get(r["source"], 0) + 1
+        msgs = json.loads(r["prompt"])
+        user = next((m["content"] for m in reversed(msgs) if m["role"] == "user"), "")
+        pr = preds[r["example_id"]]
+        out.append({"source": r["source"], "prompt": user, "answer": r["answer"],
+                    "preds": {m: (pr.get(f"pred_{m}"), pr.get(f"score_{m}")) for m in methods}})
+    return out
+
+
+def _short(s: str, n: int = 160) -> str:
+    s = " ".join(str(s).split())
+    return s if len(s) <= n else s[: n - 1] + "…"
+
+
+# -- the report -----------------------------------------------------------------------------------
+
+def write_report(root: str | Path, eval_dir: str | Path | None = None) -> dict:
+    """Write report.md, report.html and figures/*.png into `eval_dir` (default: <root>/eval) from the
+    run's artifacts. Returns {"markdown", "html", "figures": {name: path}, "notes": [...]}."""
+    import pyarrow.parquet as pq
+
+    root = Path(root)
+    eval_dir = Path(eval_dir) if eval_dir is not None else root / "eval"
+    metrics = _read_json(eval_dir / "metrics.json")
+    if metrics is None:
+        raise FileNotFoundError(f"{eval_dir / 'metrics.json'} is missing: run the eval stage first")
+    manifest = _read_json(root / "manifest.json") or {}
+    clusters = _read_json(root / "clusters" / "report.json") or {}
+    config = manifest.get("config", {})
+    table = _table(eval_dir, metrics, config)
+    figs_dir = eval_dir / "figures"
+    figs_dir.mkdir(parents=True, exist_ok=True)
+    figures: dict[str, Path] = {}
+    notes: list[str] = []
+
+    figures["accuracy"] = fig_accuracy(table, figs_dir)
+    vs = fig_vs_base(table, figs_dir)
+    if vs:
+        figures["vs_base"] = vs
+    majority: dict[int, str] = {}
+    cluster_of: dict[str, int] = {}
+    assignments = root / "clusters" / "assignments.parquet"
+    if assignments.exists():
+        a = pq.read_table(assignments).to_pylist()
+        cluster_of = {r["example_id"]: int(r["cluster"]) for r in a}
+        majority = majority_source(np.array([r["cluster"] for r in a]), [r["source"] for r in a])
+    if clusters.get("counts"):
+        figures["clusters_by_source"] = fig_cluster_heatmap(clusters["counts"], majority, clusters, figs_dir)
+    feats = _features(root / "gradients" / "train")
+    explained = None
+    if feats is not None:
+        figures["feature_map"], explained = fig_feature_map(*feats, cluster_of, figs_dir,
+                                                            seed=config.get("run", {}).get("seed", 0))
+    test_sources, weights, weights_from = _routing_weights(root, eval_dir)
+    if "elrea" in weights:
+        figures["routing_weights"] = fig_routing(test_sources, weights["elrea"], majority, figs_dir)
+        if weights_from != "eval/weights.parquet":
+            notes.append(f"Routing weights were {weights_from}.")
+    logs = _loss_logs(root)
+    loss = fig_loss(logs, figs_dir, majority)
+    if loss:
+        figures["training_loss"] = loss
+    else:
+        notes.append("No training loss log in this run (adapters/base/train_log.json and "
+                     "adapters/experts/expert-XX/train_log.json are written by the train stage since the "
+                     "evaluation report was added; rerun the base and expert stages to get the curves).")
+
+    methods = list(table)
+    examples = _examples(root, eval_dir, methods)
+    model = config.get("model", {}).get("name_or_path", "?")
+    data = config.get("data", {})
+    sources = list(next(iter(table.values()))["per_source"]) if table else []
+    stage_times = _stage_times(manifest)
+    total = sum(t for _, t in stage_times if t)
+    routing = metrics.get("own_source_routing") or {}
+    cl = metrics.get("clusters") or {}
+
+    md: list[str] = ["# ELREA evaluation report", ""]
+    md += [f"Run `{root}` · model `{model}` · data `{data.get('kind', '?')}` with sources "
+           f"{', '.join(sources)} · {cl.get('num_clusters', '?')} clusters · built "
+           f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}.", ""]
+    md += ["## Headline", "", headline(table), ""]
+    md += ["## Results", "", results_markdown(table), ""]
+    md += [coverage(methods), ""]
+    md += ["Per-source differences from M+Q_base (points, 95% paired bootstrap):", ""]
+    md += ["| method | " + " | ".join(sources) + " |", "|---|" + "---|" * len(sources)]
+    for m in methods:
+        per = table[m]["per_source"]
+        if not all("vs_base" in per[s] for s in sources):
+            continue
+        md.append(f"| {method_title(m)} | " + " | ".join(
+            f"{100 * per[s]['vs_base']['diff']:+.1f} [{100 * per[s]['vs_base']['ci'][0]:+.1f}, "
+            f"{100 * per[s]['vs_base']['ci'][1]:+.1f}]" for s in sources) + " |")
+    md += ["", "![accuracy](figures/accuracy.png)", ""]
+    if "vs_base" in figures:
+        md += ["![difference from M+Q_base](figures/vs_base.png)", ""]
+    md += ["## Clusters", ""]
+    if clusters:
+        rounds = clusters.get("rounds")
+        md += [f"{clusters.get('num_clusters')} clusters (method {clusters.get('method')}, "
+               f"{len(rounds) if isinstance(rounds, list) else rounds} balancing rounds, sizes {clusters.get('sizes')}). Against the "
+               f"training sources: NMI {clusters.get('nmi', float('nan')):.3f}, ARI "
+               f"{clusters.get('ari', float('nan')):.3f}, purity {clusters.get('purity', float('nan')):.3f}.",
+               ""]
+        counts = clusters.get("counts") or {}
+        srcs = sorted({s for c in counts.values() for s in c})
+        md += ["| cluster | majority source | " + " | ".join(srcs) + " |", "|---|---|" + "---|" * len(srcs)]
+        for c in sorted(counts, key=int):
+            md.append(f"| {c} | {majority.get(int(c), '?')} | " + " | ".join(
+                str(counts[c].get(s, 0)) for s in srcs) + " |")
+        md += ["", "![clusters by source](figures/clusters_by_source.png)", ""]
+    emb = metrics.get("embedding_clusters")
+    if emb:
+        md += [f"Instruction-embedding baseline: {emb['num_clusters']} clusters of the MiniLM embeddings "
+               f"(sizes {emb['sizes']}), NMI {emb['nmi']:.3f}, ARI {emb['ari']:.3f}, purity "
+               f"{emb['purity']:.3f} against the sources.", ""]
+    if routing:
+        md += [f"Own-source top expert: for {100 * routing['rate']:.1f}% of {routing['n']} test items the "
+               f"highest-weighted expert is a cluster whose majority training source is the item's own "
+               f"[95% {100 * routing['ci'][0]:.1f}, {100 * routing['ci'][1]:.1f}]; chance "
+               f"{100 * routing['chance']:.1f}%.", ""]
+    if "feature_map" in figures:
+        md += [f"Gradient features in 2-D (PCA of the unit-norm projected Adam features; the two "
+               f"components explain {100 * explained:.1f}% of the variance, so distances in the map "
+               "are only indicative):", "", "![feature map](figures/feature_map.png)", ""]
+    if "routing_weights" in figures:
+        md += ["## Routing weights", "",
+               f"ELREA's weights per test item ({weights_from}). Expert weights are a softmax over the "
+               "standardised cosines (they sum to 1); the base adapter adds 1 - max cos (paper eq. 5.9-5.10).",
+               "", "![routing weights](figures/routing_weights.png)", ""]
+    md += ["## Training", ""]
+    if "training_loss" in figures:
+        md += ["![training loss](figures/training_loss.png)", ""]
+    if stage_times:
+        md += ["| stage | seconds |", "|---|---|"] + [f"| {n} | {'' if t is None else f'{t:.0f}'} |"
+                                                      for n, t in stage_times]
+        md += [f"| total | {total:.0f} |", ""]
+    if examples:
+        md += ["## Examples", "", "| source | prompt | gold | " + " | ".join(method_title(m) for m in methods)
+               + " |", "|---|---|---|" + "---|" * len(methods)]
+        for ex in examples:
+            cells = [f"{'✓' if s == 1.0 else '✗'} `{_short(p, 40)}`" for p, s in ex["preds"].values()]
+            md.append(f"| {ex['source']} | {_short(ex['prompt'], 90)} | `{_short(ex['answer'], 30)}` | "
+                      + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
+        md.append("")
+    if notes:
+        md += ["## Notes", ""] + [f"- {n}" for n in notes] + [""]
+    text = "\n".join(md)
+    (eval_dir / "report.md").write_text(text)
+    (eval_dir / "report.html").write_text(_html(text, figs_dir))
+    return {"markdown": eval_dir / "report.md", "html": eval_dir / "report.html", "figures": figures,
+            "notes": notes}
+
+
+# -- markdown subset -> HTML (tables, headings, paragraphs, images, code spans) ---------------------
+
+def _inline(s: str) -> str:
+    s = html.escape(s, quote=False)
+    out, code = [], False
+    for part in s.split("`"):
+        out.append(f"<code>{part}</code>" if code else part)
+        code = not code
+    return "".join(out)
+
+
+def _html(markdown: str, figs_dir: Path) -> str:
+    body: list[str] = []
+    lines = markdown.splitlines()
+    i = 0
+    while i < len(lines):
+        line = lines[i]
+        if line.startswith("|"):
+            rows = []
+            while i < len(lines) and lines[i].startswith("|"):
+                rows.append(lines[i])
+                i += 1
+            cells = [[c.strip().replace("\\|", "|") for c in r.strip().strip("|").split(" | ")] for r in rows]
+            head, rest = cells[0], [c for c in cells[1:] if not all(set(x) <= {"-"} for x in c)]
+            body.append("<table><thead><tr>" + "".join(f"<th>{_inline(c)}</th>" for c in head) + "</tr></thead><tbody>"
+                        + "".join("<tr>" + "".join(f"<td>{_inline(c)}</td>" for c in r) + "</tr>" for r in rest)
+                        + "</tbody></table>")
+            continue
+        if line.startswith("!["):
+            alt, src = line[2:].split("](", 1)
+            png = figs_dir / Path(src.rstrip(")")).name
+            data = base64.b64encode(png.read_bytes()).decode() if png.exists() else ""
+            body.append(f'<figure><img alt="{html.escape(alt)}" src="data:image/png;base64,{data}">'
+                        f"<figcaption>{html.escape(alt)}</figcaption></figure>")
+        elif line.startswith("#"):
+            level = len(line) - len(line.lstrip("#"))
+            body.append(f"<h{level}>{_inline(line.lstrip('#').strip())}</h{level}>")
+        elif line.startswith("- "):
+            body.append(f"<ul><li>{_inline(line[2:])}</li></ul>")
+        elif line.strip():
+            body.append(f"<p>{_inline(line)}</p>")
+        i += 1
+    style = ("body{font-family:system-ui,sans-serif;max-width:1200px;margin:2em auto;padding:0 1em;color:#222}"
+             "table{border-collapse:collapse;margin:1em 0;font-size:0.9em}"
+             "th,td{border:1px solid #ccc;padding:4px 8px;text-align:left}th{background:#f3f3f3}"
+             "img{max-width:100%}figure{margin:1em 0}figcaption{color:#666;font-size:0.85em}"
+             "code{background:#f5f5f5;padding:0 3px}")
+    return ("<!doctype html><html><head><meta charset='utf-8'><title>ELREA evaluation report</title>"
+            f"<style>{style}</style></head><body>\n" + "\n".join(body) + "\n</body></html>\n")
