@@ -13,6 +13,7 @@ Layout (every path comes from `RunDir`; no other module builds artifact paths):
       adapters/expert-XX/      one PEFT adapter per cluster (stage 4)
       bundle.json              everything serving needs (written with stage 4)
       eval/                    predictions.parquet, metrics.json, results.md (stage 5)
+      validation/              a sweep trial's objective on the validation split (elrea_ray/sweep.py)
       ray/                     Ray Train storage (mid-epoch checkpoints for resume)
 
 A stage writes into `<output>.partial/`, drops a `_COMPLETE` marker holding its key, and is renamed
@@ -89,7 +90,8 @@ class RunDir:
     def stage_dir(self, stage: str) -> Path:
         return {"data": self.root / "data", "base": self.root / "adapters" / "base",
                 "gradients": self.root / "gradients", "clusters": self.root / "clusters",
-                "experts": self.root / "adapters" / "experts", "eval": self.root / "eval"}[stage]
+                "experts": self.root / "adapters" / "experts", "eval": self.root / "eval",
+                "validation": self.root / "validation"}[stage]
 
     def data_file(self, split: str) -> Path:
         return self.stage_dir("data") / f"{split}.parquet"
