@@ -204,9 +204,10 @@ class ExpertConfig:
     lr: float = 2e-5
     epochs: int = 2
     max_concurrent: int = 2  # expert trainers running at once (each a TorchTrainer)
-    num_workers: int = 1
+    num_workers: int = 1  # Ray Train workers per expert
     cpus_per_worker: float = 1.0
     use_gpu: bool = False
+    gpus_per_worker: float = 1.0  # with use_gpu: e.g. 0.5 puts two experts' workers on one GPU
 
     def validate(self, p: str) -> None:
         _check(self.lr > 0, f"{p}.lr", "> 0", self.lr)
@@ -214,6 +215,9 @@ class ExpertConfig:
         _check(self.max_concurrent >= 1, f"{p}.max_concurrent", ">= 1", self.max_concurrent)
         _check(self.num_workers >= 1, f"{p}.num_workers", ">= 1", self.num_workers)
         _check(self.cpus_per_worker > 0, f"{p}.cpus_per_worker", "> 0", self.cpus_per_worker)
+        g = self.gpus_per_worker
+        _check(g > 0 and (g <= 1 or g == int(g)), f"{p}.gpus_per_worker",
+               "a fraction in (0, 1] or a whole number", g)
 
 
 @dataclass(frozen=True)

@@ -33,7 +33,7 @@ def _asdict(x) -> dict:
 # Settings that decide where and how fast a stage runs but not what it computes; they stay out of
 # the stage keys, so giving a stage more CPUs or actors does not invalidate finished work.
 _EXECUTION_ONLY = {"cpus_per_worker", "cpus_per_actor", "num_actors", "max_concurrent", "logging_steps",
-                   "checkpoint_every_steps", "max_failures"}
+                   "checkpoint_every_steps", "max_failures", "gpus_per_worker"}
 
 
 def _slice(x) -> dict:
@@ -272,7 +272,8 @@ def build_experts(cfg: Config, run: RunDir, keys: dict, out: Path) -> dict:
                 "save_epochs": False}
         jobs.append({"run_name": f"expert-{keys['experts']}-{c:02d}", "loop_cfg": loop, "tc": tc,
                      "storage": run.ray_storage, "num_workers": ec.num_workers,
-                     "cpus_per_worker": ec.cpus_per_worker, "use_gpu": ec.use_gpu})
+                     "cpus_per_worker": ec.cpus_per_worker, "use_gpu": ec.use_gpu,
+                     "gpus_per_worker": ec.gpus_per_worker})
     results = fit_many(jobs, ec.max_concurrent)
     return {"num_experts": C, "trained_now": len(jobs),
             "final_loss": [r.get("final_loss") for r in results]}

@@ -109,7 +109,7 @@ def trial_demand(cfg: Config) -> dict[str, float]:
     cpu = max(t.num_workers * t.cpus_per_worker, g.num_actors * g.cpus_per_actor, 1.0,
               e.max_concurrent * e.num_workers * e.cpus_per_worker, ev.num_actors * ev.cpus_per_actor)
     gpu = max(t.num_workers * t.use_gpu, g.num_actors * g.use_gpu,
-              e.max_concurrent * e.num_workers * e.use_gpu, ev.num_actors * ev.use_gpu)
+              e.max_concurrent * e.num_workers * e.use_gpu * e.gpus_per_worker, ev.num_actors * ev.use_gpu)
     return {"CPU": cpu, "GPU": float(gpu)}
 
 

@@ -178,32 +178,56 @@ def _report_with_checkpoint(metrics, model, opt, sched, step, lr_sum, rank) -> N
         ray.train.report(metrics, checkpoint=ck)
 
 
-def check_resources(num_workers: int, cpus_per_worker: float, use_gpu: bool, what: str) -> None:
+def worker_bundle(cpus_per_worker: float, use_gpu: bool, gpus_per_worker: float = 1.0) -> dict[str, float]:
+    """What one Ray Train worker reserves (a fractional GPU lets several experts share one)."""
+    return {"CPU": cpus_per_worker, **({"GPU": gpus_per_worker} if use_gpu else {})}
+
+
+def resource_problem(num_workers: int, bundle: dict[str, float], total: dict[str, float],
+                     nodes: list[dict[str, float]]) -> str | None:
+    """Why a trainer of `num_workers` x `bundle` can never start on this cluster, or None.
+
+    Ray would not say: a worker group that cannot be placed waits (and retries) forever (Ray 2.60
+    notes §0.9). Two checks: the whole group against the cluster's totals, and one worker against
+    the largest node, since a worker's bundle cannot span nodes."""
+    for res, amount in bundle.items():
+        need, have = num_workers * amount, total.get(res, 0.0)
+        if have < need:
+            hint = "; set use_gpu=false on a CPU cluster" if res == "GPU" and have == 0 else ""
+            return (f"needs {need:g} {res} ({num_workers} workers x {amount:g}) but the Ray cluster has "
+                    f"{have:g} {res}{hint}")
+    if nodes and not any(all(n.get(r, 0.0) >= a for r, a in bundle.items()) for n in nodes):
+        biggest = ", ".join(f"{r} {max(n.get(r, 0.0) for n in nodes):g}" for r in bundle)
+        return ("one worker needs " + ", ".join(f"{a:g} {r}" for r, a in bundle.items())
+                + f" on a single node, but no node has that much (largest: {biggest})")
+    return None
+
+
+def check_resources(num_workers: int, cpus_per_worker: float, use_gpu: bool, what: str,
+                    gpus_per_worker: float = 1.0) -> None:
     """Fail at once with a message naming the resource, instead of Ray waiting forever."""
     import ray
 
-    have = ray.cluster_resources()
-    need_cpu = num_workers * cpus_per_worker
-    if have.get("CPU", 0) < need_cpu:
-        raise RuntimeError(f"{what}: needs {need_cpu:g} CPUs ({num_workers} workers x {cpus_per_worker:g}) "
-                           f"but the Ray cluster has {have.get('CPU', 0):g}")
-    if use_gpu and have.get("GPU", 0) < num_workers:
-        raise RuntimeError(f"{what}: use_gpu=true needs {num_workers} GPUs but the Ray cluster has "
-                           f"{have.get('GPU', 0):g}; set use_gpu=false on a CPU cluster")
+    nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
+    problem = resource_problem(num_workers, worker_bundle(cpus_per_worker, use_gpu, gpus_per_worker),
+                               ray.cluster_resources(), nodes)
+    if problem:
+        raise RuntimeError(f"{what}: {problem}")
 
 
 def fit_adapter(run_name: str, loop_cfg: dict, tc: TrainConfig, storage: Path,
-                num_workers: int, cpus_per_worker: float, use_gpu: bool) -> dict:
+                num_workers: int, cpus_per_worker: float, use_gpu: bool, gpus_per_worker: float = 1.0) -> dict:
     """One `TorchTrainer.fit()`; the same (storage, run_name) resumes a run killed earlier."""
     import ray.train
     from ray.train.torch import TorchTrainer
 
-    check_resources(num_workers, cpus_per_worker, use_gpu, run_name)
+    check_resources(num_workers, cpus_per_worker, use_gpu, run_name, gpus_per_worker)
     trainer = TorchTrainer(
         train_loop,
         train_loop_config=loop_cfg,
         scaling_config=ray.train.ScalingConfig(num_workers=num_workers, use_gpu=use_gpu,
-                                               resources_per_worker={"CPU": cpus_per_worker}),
+                                               resources_per_worker=worker_bundle(cpus_per_worker, use_gpu,
+                                                                                   gpus_per_worker)),
         run_config=ray.train.RunConfig(
             name=run_name, storage_path=str(storage),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=1),
@@ -216,7 +240,13 @@ def fit_adapter(run_name: str, loop_cfg: dict, tc: TrainConfig, storage: Path,
 
 
 def fit_many(jobs: list[dict[str, Any]], max_concurrent: int) -> list[dict]:
-    """Run several `fit_adapter` calls at once (one thread each, at most `max_concurrent`)."""
+    """Run several `fit_adapter` calls at once (one thread each, at most `max_concurrent`).
+
+    Every job's resources are checked before any starts, so an impossible request fails at once
+    rather than after the feasible experts have trained."""
+    for job in jobs:
+        check_resources(job["num_workers"], job["cpus_per_worker"], job["use_gpu"], job["run_name"],
+                        job.get("gpus_per_worker", 1.0))
     sem = threading.Semaphore(max_concurrent)
 
     def one(job):
