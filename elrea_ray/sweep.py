@@ -97,7 +97,7 @@ def check_space(cfg: Config) -> None:
             with_params(base, point)
         except ConfigError as e:
             raise ConfigError(f"sweep point {point}: {e}") from None
-    if cfg.data.kind == "files" and cfg.data.validation_per_source and not cfg.data.validation_files:
+    if cfg.data.kind == "files" and not cfg.data.validation_files:
         raise ConfigError("sweep: the objective is validation accuracy, but data.validation_files is "
                           "empty; give a validation file (the test split is never used to choose)")
 
