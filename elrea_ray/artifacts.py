@@ -14,6 +14,7 @@ Layout (every path comes from `RunDir`; no other module builds artifact paths):
       adapters/baselines/      adapters of the trained baselines, only when eval.methods asks for them
       bundle.json              everything serving needs (written with stage 4)
       eval/                    predictions.parquet, metrics.json, results.md (stage 5)
+      validation/              a sweep trial's objective on the validation split (elrea_ray/sweep.py)
       ray/                     Ray Train storage (mid-epoch checkpoints for resume)
 
 A stage writes into `<output>.partial/`, drops a `_COMPLETE` marker holding its key, and is renamed
@@ -97,7 +98,8 @@ class RunDir:
         return {"data": self.root / "data", "base": self.root / "adapters" / "base",
                 "gradients": self.root / "gradients", "clusters": self.root / "clusters",
                 "experts": self.root / "adapters" / "experts",
-                "baselines": self.root / "adapters" / "baselines", "eval": self.root / "eval"}[stage]
+                "baselines": self.root / "adapters" / "baselines", "eval": self.root / "eval",
+                "validation": self.root / "validation"}[stage]
 
     def data_file(self, split: str) -> Path:
         return self.stage_dir("data") / f"{split}.parquet"

@@ -218,9 +218,10 @@ class ExpertConfig:
     lr: float = 2e-5
     epochs: int = 2
     max_concurrent: int = 2  # expert trainers running at once (each a TorchTrainer)
-    num_workers: int = 1
+    num_workers: int = 1  # Ray Train workers per expert
     cpus_per_worker: float = 1.0
     use_gpu: bool = False
+    gpus_per_worker: float = 1.0  # with use_gpu: e.g. 0.5 puts two experts' workers on one GPU
 
     def validate(self, p: str) -> None:
         _check(self.lr > 0, f"{p}.lr", "> 0", self.lr)
@@ -228,6 +229,9 @@ class ExpertConfig:
         _check(self.max_concurrent >= 1, f"{p}.max_concurrent", ">= 1", self.max_concurrent)
         _check(self.num_workers >= 1, f"{p}.num_workers", ">= 1", self.num_workers)
         _check(self.cpus_per_worker > 0, f"{p}.cpus_per_worker", "> 0", self.cpus_per_worker)
+        g = self.gpus_per_worker
+        _check(g > 0 and (g <= 1 or g == int(g)), f"{p}.gpus_per_worker",
+               "a fraction in (0, 1] or a whole number", g)
 
 
 @dataclass(frozen=True)
@@ -284,6 +288,45 @@ class EvalConfig:
 
 
 @dataclass(frozen=True)
+class SweepConfig:
+    """`jobs/tune_sweep.py`: a Ray Tune search over the knobs the paper fixes by hand. Each list is
+    the values tried; an empty list keeps the value of its own section. The objective is the
+    validation-split accuracy of `metric`; the test split is never looked at while choosing.
+    Stage 0-2 outputs (data, base adapter, gradient features) are built once per distinct
+    stage-1-2 setting and shared by every trial with that setting; only `train_lr` changes them."""
+
+    dir: str = "runs/sweep"  # sweep folder: shared stages, trials, results table, plot, best.yaml
+    search: str = "grid"  # grid: every combination, each num_samples times | random: num_samples draws
+    num_samples: int = 1
+    seed: int = 0  # random search only
+    initial_clusters: tuple[int, ...] = ()  # clustering.initial_clusters (BIRCH target / k-means k)
+    experts_lr: tuple[float, ...] = ()  # experts.lr
+    train_lr: tuple[float, ...] = ()  # train.lr: reruns stages 1-2 for each value
+    temperature: tuple[float, ...] = ()  # routing.temperature
+    top_k: tuple[int | None, ...] = ()  # routing.top_k (null: every expert)
+    metric: str = "elrea"  # the method whose validation accuracy is maximised
+    max_concurrent_trials: int | None = None  # None: cluster CPUs (GPUs) // one trial's peak demand
+    cpus_per_trial: float = 0.01  # the trial itself only drives Ray work; 0 is refused by Tune
+
+    def validate(self, p: str) -> None:
+        _check(bool(self.dir), f"{p}.dir", "a non-empty path", self.dir)
+        _check(self.search in ("grid", "random"), f"{p}.search", "grid or random", self.search)
+        _check(self.num_samples >= 1, f"{p}.num_samples", ">= 1", self.num_samples)
+        for v in self.initial_clusters:
+            _check(v >= 1, f"{p}.initial_clusters", "a list of integers >= 1", self.initial_clusters)
+        for n in ("experts_lr", "train_lr", "temperature"):
+            for v in getattr(self, n):
+                _check(v > 0, f"{p}.{n}", "a list of numbers > 0", getattr(self, n))
+        for v in self.top_k:
+            _check(v is None or v >= 1, f"{p}.top_k", "a list of integers >= 1 or null", self.top_k)
+        _check(self.metric in ("elrea", "uniform", "top1", "base"), f"{p}.metric",
+               "one of elrea, uniform, top1, base", self.metric)
+        _check(self.max_concurrent_trials is None or self.max_concurrent_trials >= 1,
+               f"{p}.max_concurrent_trials", ">= 1 or null", self.max_concurrent_trials)
+        _check(0 < self.cpus_per_trial <= 1, f"{p}.cpus_per_trial", "in (0, 1]", self.cpus_per_trial)
+
+
+@dataclass(frozen=True)
 class Config:
     run: RunConfig = field(default_factory=RunConfig)
     ray: RayConfig = field(default_factory=RayConfig)
@@ -295,6 +338,7 @@ class Config:
     experts: ExpertConfig = field(default_factory=ExpertConfig)
     routing: RoutingConfig = field(default_factory=RoutingConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    sweep: SweepConfig = field(default_factory=SweepConfig)
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):

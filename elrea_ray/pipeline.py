@@ -35,7 +35,7 @@ def _asdict(x) -> dict:
 # Settings that decide where and how fast a stage runs but not what it computes; they stay out of
 # the stage keys, so giving a stage more CPUs or actors does not invalidate finished work.
 _EXECUTION_ONLY = {"cpus_per_worker", "cpus_per_actor", "num_actors", "max_concurrent", "logging_steps",
-                   "checkpoint_every_steps", "max_failures"}
+                   "checkpoint_every_steps", "max_failures", "gpus_per_worker"}
 
 
 def _slice(x) -> dict:
@@ -320,7 +320,7 @@ def build_experts(cfg: Config, run: RunDir, keys: dict, out: Path) -> dict:
         jobs.append({"run_name": f"expert-{keys['experts']}-{c:02d}", "loop_cfg": loop, "tc": tc,
                      "storage": run.ray_storage, "num_workers": ec.num_workers,
                      "cpus_per_worker": ec.cpus_per_worker, "use_gpu": ec.use_gpu,
-                     "check": cfg.ray.check_resources})
+                     "gpus_per_worker": ec.gpus_per_worker, "check": cfg.ray.check_resources})
     results = fit_many(jobs, ec.max_concurrent)
     return {"num_experts": C, "trained_now": len(jobs),
             "final_loss": [r.get("final_loss") for r in results]}
@@ -654,7 +654,8 @@ def check_stage_resources(cfg: Config) -> None:
     check_resources(g.num_actors, g.cpus_per_actor, g.use_gpu, "stage gradients (Ray Data actors)",
                     "gradients")
     check_resources(1, 1.0, False, "stage clusters (one Ray task)")
-    check_resources(x.num_workers, x.cpus_per_worker, x.use_gpu, "stage experts (Ray Train)", "experts")
+    check_resources(x.num_workers, x.cpus_per_worker, x.use_gpu, "stage experts (Ray Train)", "experts",
+                    gpus_per_worker=x.gpus_per_worker)
     check_resources(e.num_actors, e.cpus_per_actor, e.use_gpu, "stage eval (Ray Data actors)", "eval")
 
 

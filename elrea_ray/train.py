@@ -225,47 +225,67 @@ def _report_with_checkpoint(metrics, model, opt, sched, step, lr_sum, rank, last
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
 
 
-def check_resources(num_workers: int, cpus_per_worker: float, use_gpu: bool, what: str,
-                    keys: str | None = None) -> None:
-    """Fail at once with a message naming the resource, instead of Ray waiting forever (a worker
-    group or actor pool that cannot be placed is retried without end in Ray 2.60).
+def worker_bundle(cpus_per_worker: float, use_gpu: bool, gpus_per_worker: float = 1.0) -> dict[str, float]:
+    """What one Ray Train worker reserves (a fractional GPU lets several experts share one)."""
+    return {"CPU": cpus_per_worker, **({"GPU": gpus_per_worker} if use_gpu else {})}
 
-    Checks the cluster's totals and that one node can hold one worker. `keys` is the config
-    section the numbers come from (e.g. "train"), named in the message.
-    """
+
+def resource_problem(num_workers: int, bundle: dict[str, float], total: dict[str, float],
+                     nodes: list[dict[str, float]], keys: str | None = None) -> str | None:
+    """Why a group of `num_workers` x `bundle` can never start on this cluster, or None.
+
+    Ray would not say: a worker group or actor pool that cannot be placed waits (and retries)
+    forever (Ray 2.60 notes §0.9). Two checks: the whole group against the cluster's totals, and
+    one worker against the largest node, since a worker's bundle cannot span nodes. `keys` is the
+    config section the numbers come from (e.g. "train"), named in the message."""
+    workers = cpu_key = None
+    if keys:
+        per = "worker" if keys in ("train", "experts") else "actor"
+        workers, cpu_key = f"{keys}.num_{per}s", f"{keys}.cpus_per_{per}"
+    for res, amount in bundle.items():
+        need, have = num_workers * amount, total.get(res, 0.0)
+        if have < need:
+            named = f"; {workers}, {cpu_key}" if keys and res == "CPU" else ""
+            hint = (f"; set {keys + '.' if keys else ''}use_gpu=false on a CPU cluster"
+                    if res == "GPU" and have == 0 else "")
+            return (f"needs {need:g} {res}s ({num_workers} x {amount:g}{named}) but the Ray cluster has "
+                    f"{have:g} {res}s{hint}")
+    if nodes and not any(all(n.get(r, 0.0) >= a for r, a in bundle.items()) for n in nodes):
+        biggest = ", ".join(f"{r} {max(n.get(r, 0.0) for n in nodes):g}" for r in bundle)
+        return ("one worker needs " + ", ".join(f"{a:g} {r}" for r, a in bundle.items())
+                + (f" ({cpu_key})" if cpu_key else "")
+                + f" on a single node, but no node has that much (largest: {biggest})")
+    return None
+
+
+def check_resources(num_workers: int, cpus_per_worker: float, use_gpu: bool, what: str,
+                    keys: str | None = None, gpus_per_worker: float = 1.0) -> None:
+    """Fail at once with a message naming the resource, instead of Ray waiting forever."""
     import ray
 
-    have = ray.cluster_resources()
     nodes = [n.get("Resources", {}) for n in ray.nodes() if n.get("Alive")]
-    workers = f"{keys}.num_workers" if keys in ("train", "experts") else f"{keys}.num_actors"
-    cpu_key = f"{keys}.cpus_per_worker" if keys in ("train", "experts") else f"{keys}.cpus_per_actor"
-    need_cpu = num_workers * cpus_per_worker
-    if have.get("CPU", 0) < need_cpu:
-        raise RuntimeError(f"{what}: needs {need_cpu:g} CPUs ({num_workers} x {cpus_per_worker:g}"
-                           + (f"; {workers}, {cpu_key}" if keys else "")
-                           + f") but the Ray cluster has {have.get('CPU', 0):g} CPUs")
-    if nodes and max(n.get("CPU", 0) for n in nodes) < cpus_per_worker:
-        raise RuntimeError(f"{what}: one worker needs {cpus_per_worker:g} CPUs"
-                           + (f" ({cpu_key})" if keys else "")
-                           + f" but the largest node has {max(n.get('CPU', 0) for n in nodes):g}")
-    if use_gpu and have.get("GPU", 0) < num_workers:
-        raise RuntimeError(f"{what}: use_gpu=true needs {num_workers} GPUs but the Ray cluster has "
-                           f"{have.get('GPU', 0):g} GPUs; set {keys + '.' if keys else ''}use_gpu=false on a CPU cluster")
+    problem = resource_problem(num_workers, worker_bundle(cpus_per_worker, use_gpu, gpus_per_worker),
+                               ray.cluster_resources(), nodes, keys)
+    if problem:
+        raise RuntimeError(f"{what}: {problem}")
 
 
 def fit_adapter(run_name: str, loop_cfg: dict, tc: TrainConfig, storage: Path,
-                num_workers: int, cpus_per_worker: float, use_gpu: bool, check: bool = True) -> dict:
+                num_workers: int, cpus_per_worker: float, use_gpu: bool, gpus_per_worker: float = 1.0,
+                check: bool = True) -> dict:
     """One `TorchTrainer.fit()`; the same (storage, run_name) resumes a run killed earlier."""
     import ray.train
     from ray.train.torch import TorchTrainer
 
     if check:  # ray.check_resources: off on autoscaling clusters that add nodes on demand
-        check_resources(num_workers, cpus_per_worker, use_gpu, f"training {run_name}")
+        check_resources(num_workers, cpus_per_worker, use_gpu, f"training {run_name}",
+                        gpus_per_worker=gpus_per_worker)
     trainer = TorchTrainer(
         train_loop,
         train_loop_config=loop_cfg,
         scaling_config=ray.train.ScalingConfig(num_workers=num_workers, use_gpu=use_gpu,
-                                               resources_per_worker={"CPU": cpus_per_worker}),
+                                               resources_per_worker=worker_bundle(cpus_per_worker, use_gpu,
+                                                                                   gpus_per_worker)),
         run_config=ray.train.RunConfig(
             name=run_name, storage_path=str(storage),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=1),
@@ -278,7 +298,14 @@ def fit_adapter(run_name: str, loop_cfg: dict, tc: TrainConfig, storage: Path,
 
 
 def fit_many(jobs: list[dict[str, Any]], max_concurrent: int) -> list[dict]:
-    """Run several `fit_adapter` calls at once (one thread each, at most `max_concurrent`)."""
+    """Run several `fit_adapter` calls at once (one thread each, at most `max_concurrent`).
+
+    Every job's resources are checked before any starts, so an impossible request fails at once
+    rather than after the feasible experts have trained."""
+    for job in jobs:
+        if job.get("check", True):
+            check_resources(job["num_workers"], job["cpus_per_worker"], job["use_gpu"],
+                            f"training {job['run_name']}", gpus_per_worker=job.get("gpus_per_worker", 1.0))
     sem = threading.Semaphore(max_concurrent)
 
     def one(job):

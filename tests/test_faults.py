@@ -338,7 +338,7 @@ def test_smoke_manifest_records_too_long_counts(smoke_run):
 # -- item 7: infeasible resources --------------------------------------------------------------------
 
 @pytest.mark.parametrize("override,match", [
-    ("train.use_gpu=true", r"stage base.*needs 1 GPUs but the Ray cluster has 0 GPUs; set train\.use_gpu=false"),
+    ("train.use_gpu=true", r"stage base.*needs 1 GPUs \(1 x 1\) but the Ray cluster has 0 GPUs; set train\.use_gpu=false"),
     ("gradients.use_gpu=true", r"stage gradients.*GPUs; set gradients\.use_gpu=false"),
     ("train.num_workers=8", r"stage base.*needs 8 CPUs \(8 x 1; train\.num_workers, train\.cpus_per_worker\) "
                             r"but the Ray cluster has 4 CPUs"),
