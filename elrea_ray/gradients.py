@@ -14,7 +14,11 @@ forward hook on every lora_A / lora_B `nn.Linear` keeps its input a [B, T, d_in]
 output receives the output gradient g [B, T, d_out], and the per-example weight gradient is
 sum_t g_t a_t^T, a batched matmul (Opacus' Linear grad sampler). PEFT applies the scale
 alpha/r after lora_B, so the hooks see exactly the factors of d loss / d weight
-(notes/performance.md §4). The batch costs one forward+backward plus 2*T*D flops per example.
+(notes/performance.md §4). The backward asks only for d loss / d embeddings, so autograd never
+forms the (unused) batch-summed LoRA weight gradients. A batch costs one forward+backward per
+epoch checkpoint plus 2*T*D flops per example; per batch, the Adam transform runs in place on
+a reused [B, D] buffer, epochs are summed into a second one and projected once (R is linear),
+so per-example gradients never outlive their batch.
 """
 
 from __future__ import annotations
