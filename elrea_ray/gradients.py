@@ -14,11 +14,18 @@ forward hook on every lora_A / lora_B `nn.Linear` keeps its input a [B, T, d_in]
 output receives the output gradient g [B, T, d_out], and the per-example weight gradient is
 sum_t g_t a_t^T, a batched matmul (Opacus' Linear grad sampler). PEFT applies the scale
 alpha/r after lora_B, so the hooks see exactly the factors of d loss / d weight
-(notes/performance.md §4). The batch costs one forward+backward plus 2*T*D flops per example.
+(notes/performance.md §4). The backward asks only for d loss / d embeddings, so autograd never
+forms the (unused) batch-summed LoRA weight gradients. A batch costs one forward+backward per
+epoch checkpoint plus 2*T*D flops per example; per batch, the Adam transform runs in place on
+a reused [B, D] buffer, epochs are summed into a second one and projected once (R is linear),
+so per-example gradients never outlive their batch.
 """
 
 from __future__ import annotations
 
+import contextlib
+import copy
+import dataclasses
 import json
 import re
 from dataclasses import dataclass
@@ -54,13 +61,16 @@ def _hook_plan(model, params) -> list[tuple[torch.nn.Linear, int]]:
 
 
 def per_example_grads(peft_model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                      labels: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+                      labels: torch.Tensor, out: torch.Tensor | None = None,
+                      autocast: torch.dtype | None = None) -> torch.Tensor:
     """Per-example gradients [B, D] float32 of loss_i = mean NTP cross-entropy over example i's
     labelled tokens (labels -100 are ignored), flattened in `lora_parameters` order.
 
     One forward and one backward for the whole batch; the model's `.grad`s are left untouched.
     Position ids follow the attention mask, so left or right padding both work. `out`, if given,
-    is a [>=B, D] float32 buffer on the model's device that receives the result.
+    is a [>=B, D] float32 buffer on the model's device that receives the result. `autocast`
+    (e.g. torch.bfloat16) runs the forward under torch.autocast; the per-example outer products
+    are still summed in float32.
     """
     model = unwrap(peft_model)
     params = lora_parameters(model)
@@ -113,18 +123,36 @@ def per_example_grads(peft_model, input_ids: torch.Tensor, attention_mask: torch
             output.register_hook(grad_hook)
         return hook
 
+    # The backward is asked for d loss / d (token embeddings) only, not for the LoRA weights:
+    # every LoRA module lies on the path from the loss to the embeddings, so each output-gradient
+    # hook fires, while autograd skips the weight gradients (the batch sums of what the hooks
+    # compute per example). The frozen embedding's output is a leaf, made to require grad here.
+    embedded: list[torch.Tensor] = []
+
+    def embed_hook(_module, _inputs, output):
+        leaf = output.detach().requires_grad_(True)
+        embedded.append(leaf)
+        return leaf
+
     handles = [m.register_forward_hook(forward_hook(i, m, off)) for i, (m, off) in enumerate(plan)]
+    handles.append(model.get_input_embeddings().register_forward_hook(embed_hook))
+    amp = (torch.autocast(device.type, dtype=autocast) if autocast is not None
+           else contextlib.nullcontext())
     try:
         with torch.enable_grad():
             position_ids = (attention_mask.long().cumsum(-1) - 1).clamp_min(0)
-            logits = model(input_ids=input_ids, attention_mask=attention_mask,
-                           position_ids=position_ids, use_cache=False).logits
+            with amp:
+                logits = model(input_ids=input_ids, attention_mask=attention_mask,
+                               position_ids=position_ids, use_cache=False).logits
             ce = F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]), targets.reshape(-1),
                                  ignore_index=-100, reduction="none").view(batch, -1)
             # Per-example normalisation (notes/performance.md §4.1): sum_i mean_t CE_i, not HF's batch mean.
             loss = (ce.sum(1) / counts).sum()
             del logits, ce
-            torch.autograd.grad(loss, [p for _, p in params])
+            if len(embedded) != 1:
+                raise RuntimeError("per_example_grads: the input embedding ran "
+                                   f"{len(embedded)} times; expected once")
+            torch.autograd.grad(loss, embedded)
     finally:
         for h in handles:
             h.remove()
@@ -170,7 +198,7 @@ class FeatureExtractor:
     def __init__(self, model_cfg: ModelConfig, epoch_checkpoints: Sequence[str | Path],
                  epoch_weights: Sequence[float], projector: str | ProjectorSpec = "countsketch",
                  d_proj: int = 8192, projector_seed: int = 0, device: torch.device | str = "cpu",
-                 batch_size: int = 8) -> None:
+                 batch_size: int = 8, mixed_precision: bool = False) -> None:
         if len(epoch_checkpoints) == 0 or len(epoch_checkpoints) != len(epoch_weights):
             raise ValueError(f"need one weight per epoch checkpoint and at least one checkpoint, got "
                              f"{len(epoch_checkpoints)} checkpoints and {len(epoch_weights)} weights")
@@ -182,6 +210,9 @@ class FeatureExtractor:
         w = w / w.sum()
         self.batch_size = batch_size
         self.device = torch.device(device)
+        # bf16 autocast of the forward (and so of the backward's matmuls); the Adam transform
+        # and the projection stay float32. Off by default: fp32 is what the tests compare.
+        self.autocast = torch.bfloat16 if mixed_precision else None
         folders = [check_epoch_checkpoint(f) for f in epoch_checkpoints]
         first = _adapter_shape(folders[0])
         for f in folders[1:]:
@@ -202,9 +233,33 @@ class FeatureExtractor:
         self.projector = make_projector(self.projector_spec, self.device)
         # Epochs with weight 0 are checked but not computed (they add nothing to eq. 5.7).
         self.epochs = [self._load_epoch(f, float(we)) for f, we in zip(folders, w) if we > 0]
-        self._loaded: int | None = None
+        self._loaded = {"epoch": None}  # which epoch the (possibly shared) model holds now
         self._grads = torch.empty(batch_size, self.d_in, dtype=torch.float32, device=self.device)
         self._scratch = torch.empty(batch_size, min(_BLOCK, self.d_in), dtype=torch.float32, device=self.device)
+        self._acc: torch.Tensor | None = None  # sum over epochs, allocated when there are several
+
+    def variant(self, projector: str | ProjectorSpec | None = None, batch_size: int | None = None,
+                mixed_precision: bool | None = None) -> "FeatureExtractor":
+        """The same model and epoch checkpoints with another projector (same d_proj and seed when
+        given by kind), batch size or precision; the backbone is shared, not reloaded."""
+        other = copy.copy(self)
+        if projector is not None:
+            spec = projector if isinstance(projector, ProjectorSpec) else dataclasses.replace(
+                self.projector_spec, kind=projector)
+            if spec.d_in != self.d_in:
+                raise ValueError(f"projector spec has d_in={spec.d_in} but the adapter has D={self.d_in}")
+            other.projector_spec, other.projector = spec, make_projector(spec, self.device)
+        if batch_size is not None:
+            if batch_size < 1:
+                raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+            other.batch_size = batch_size
+            other._grads = torch.empty(batch_size, self.d_in, dtype=torch.float32, device=self.device)
+            other._scratch = torch.empty(batch_size, min(_BLOCK, self.d_in), dtype=torch.float32,
+                                         device=self.device)
+            other._acc = None
+        if mixed_precision is not None:
+            other.autocast = torch.bfloat16 if mixed_precision else None
+        return other
 
     def _load_epoch(self, folder: Path, weight: float) -> _Epoch:
         from safetensors.torch import load_file
@@ -235,13 +290,13 @@ class FeatureExtractor:
 
     @torch.no_grad()
     def _set_epoch(self, i: int) -> None:
-        if self._loaded == i:
+        if self._loaded["epoch"] == i:
             return
         flat, offset = self.epochs[i].params, 0
         for p in self._params:
             p.copy_(flat[offset:offset + p.numel()].view_as(p))
             offset += p.numel()
-        self._loaded = i
+        self._loaded["epoch"] = i
 
     @torch.no_grad()
     def _adam(self, g: torch.Tensor, e: _Epoch) -> torch.Tensor:
@@ -254,7 +309,9 @@ class FeatureExtractor:
             gb.mul_(e.c1).add_(e.m_hat[lo:hi]).div_(s)  # m' / (sqrt(v') + eps)
         return g
 
-    def _batch(self, ids: list[list[int]]) -> torch.Tensor:
+    def _preconditioned(self, ids: list[list[int]]) -> torch.Tensor:
+        """sum_e w_e gamma_e(x) [B, D] for one batch: the unprojected eq. 5.7 (R is linear, so
+        projecting this sum once equals eq. 5.7's sum of projections). A view of a reused buffer."""
         b, t = len(ids), max(len(x) for x in ids)
         input_ids = torch.zeros(b, t, dtype=torch.long)  # right padding; the pad id is never seen
         mask = torch.zeros(b, t, dtype=torch.long)
@@ -262,15 +319,34 @@ class FeatureExtractor:
             input_ids[i, : len(x)] = torch.as_tensor(x, dtype=torch.long)
             mask[i, : len(x)] = 1
         labels = input_ids.masked_fill(mask == 0, -100)  # loss on every instruction token
-        acc = torch.zeros(b, self.projector_spec.d_proj, dtype=torch.float32, device=self.device)
+        if len(self.epochs) == 1:  # its weight is 1 after normalisation
+            self._set_epoch(0)
+            g = per_example_grads(self.model, input_ids, mask, labels, out=self._grads, autocast=self.autocast)
+            return self._adam(g, self.epochs[0])
+        if self._acc is None:
+            self._acc = torch.empty_like(self._grads)
+        acc = self._acc[:b].zero_()
         for i, e in enumerate(self.epochs):
             self._set_epoch(i)
-            g = per_example_grads(self.model, input_ids, mask, labels, out=self._grads)
-            acc.add_(self.projector.project(self._adam(g, e)), alpha=e.weight)
+            g = per_example_grads(self.model, input_ids, mask, labels, out=self._grads, autocast=self.autocast)
+            acc.add_(self._adam(g, e), alpha=e.weight)
+        return acc
+
+    def _batch(self, ids: list[list[int]]) -> torch.Tensor:
+        acc = self.projector.project(self._preconditioned(ids))
         norms = acc.norm(dim=1, keepdim=True)
         if not bool(torch.isfinite(norms).all()) or bool((norms == 0).any()):
             raise FloatingPointError("a gradient feature is zero or not finite; check the epoch checkpoints")
         return acc.div_(norms)
+
+    def preconditioned_gradients(self, instruction_ids: Sequence[Sequence[int]]) -> torch.Tensor:
+        """[N, D] float32 sum_e w_e gamma_e, unprojected and unnormalised (for projector studies:
+        N x D floats, so only for small N)."""
+        ids = [list(map(int, x)) for x in instruction_ids]
+        out = torch.empty(len(ids), self.d_in, dtype=torch.float32)
+        for lo in range(0, len(ids), self.batch_size):
+            out[lo:lo + self.batch_size] = self._preconditioned(ids[lo:lo + self.batch_size]).cpu()
+        return out
 
     def features(self, instruction_ids: Sequence[Sequence[int]]) -> np.ndarray:
         """[N, d_proj] float32 unit-norm features (eq. 5.7) of N instructions (token id lists).

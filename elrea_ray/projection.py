@@ -186,8 +186,15 @@ class SketchProjector(Projector):
     def _project(self, x: torch.Tensor) -> torch.Tensor:
         out = torch.zeros(x.shape[0], self.spec.d_proj, dtype=torch.float32, device=x.device)
         for buckets, signs in self.tables:
-            # Each row is summed on its own, so the result does not depend on the batch size.
-            out.index_add_(1, buckets.to(x.device), x * signs.to(x.device))
+            buckets, y = buckets.to(x.device), x * signs.to(x.device)
+            if x.device.type == "cpu":
+                # One 1-D scatter per row: torch's CPU index_add_ along dim 1 of a [B, d_proj]
+                # output was 3.4x slower (measured, D = 2.4M, B = 8, 2 threads: 206 vs 60 ms),
+                # and each row is then summed on its own, whatever the batch size.
+                for i in range(x.shape[0]):
+                    out[i].index_add_(0, buckets, y[i])
+            else:
+                out.index_add_(1, buckets, y)
         return out * self.scale if self.scale != 1.0 else out
 
 

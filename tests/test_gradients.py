@@ -208,3 +208,31 @@ def test_incomplete_checkpoint_names_the_missing_file(trained, tmp_path):
         load_adam_state(broken)
     with pytest.raises(FileNotFoundError, match="does not exist"):
         load_adam_state(tmp_path / "nowhere")
+
+
+def test_projecting_the_preconditioned_gradients_gives_the_features(extractor):
+    # R is linear: R(sum_e w_e gamma_e) is eq. 5.7's sum_e w_e R gamma_e (two epochs here).
+    x = some_instructions(5)
+    g = extractor.preconditioned_gradients(x)
+    assert g.shape == (5, extractor.d_in)
+    want = extractor.projector.project(g)
+    np.testing.assert_allclose(extractor.features(x), (want / want.norm(dim=1, keepdim=True)).numpy(), atol=1e-5)
+
+
+def test_a_variant_shares_the_model_and_matches_a_fresh_extractor(trained, extractor):
+    x = some_instructions(5)
+    v = extractor.variant(projector="sparse_jl", batch_size=2)
+    assert v.model is extractor.model and v.projector_spec.kind == "sparse_jl"
+    f1, f2 = trained["folders"]
+    fresh = FeatureExtractor(CFG, [str(f1), str(f2)], [3.0, 1.0], "sparse_jl", d_proj=D_PROJ, batch_size=5)
+    np.testing.assert_allclose(v.features(x), fresh.features(x), atol=1e-5)
+    np.testing.assert_allclose(extractor.features(x), extractor.variant().features(x), atol=0)
+
+
+def test_bf16_autocast_features_stay_close_to_fp32(extractor):
+    x = some_instructions(6)
+    full = extractor.features(x)
+    mixed = extractor.variant(mixed_precision=True).features(x)
+    cos = (full * mixed).sum(1)
+    assert (cos > 0.99).all(), cos
+    assert np.abs(full - mixed).max() > 0  # autocast did change the arithmetic

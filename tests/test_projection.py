@@ -167,3 +167,39 @@ def test_cpu_and_cuda_give_the_same_projection(kind):
         p_cpu, p_gpu = make_projector(spec, "cpu"), make_projector(spec, "cuda")
         assert torch.equal(p_cpu.signs(1000, 1100, 0, 1024, torch.device("cpu")),
                            p_gpu.signs(1000, 1100, 0, 1024, torch.device("cuda")).cpu())
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_same_projection_with_one_or_two_threads(kind):
+    # The CPU-side analogue of the device check: thread count changes how work is split, never R.
+    spec = ProjectorSpec(kind, d_in=100_000, d_proj=512, seed=12)
+    x = torch.randn(3, spec.d_in, generator=torch.Generator().manual_seed(0))
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = make_projector(spec).project(x)
+        torch.set_num_threads(2)
+        two_proj = make_projector(spec)
+        two = two_proj.project(x)
+    finally:
+        torch.set_num_threads(before)
+    if kind == "rademacher":
+        # Same signs; a GEMV may split its sum over threads differently (float rounding only).
+        assert torch.allclose(one, two, rtol=1e-5, atol=1e-5 * one.abs().max().item())
+    else:
+        assert torch.equal(one, two)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_inner_product_errors_have_the_jl_variance(kind):
+    # For unit x, y spread over many coordinates, <Px, Py> - <x, y> has variance ~(1 + <x,y>^2) / d_proj
+    # for each kind (dense JL and sketches alike). 190 pairs of 20 random vectors: the sample sd of
+    # the standardised errors is ~1 +- 0.05; a wrong scale or a biased sketch lands far outside.
+    x = unit_rows(20, 20_000, seed=8)
+    d_proj = 1024
+    y = make_projector(ProjectorSpec(kind, 20_000, d_proj, seed=9)).project(x)
+    iu = torch.triu_indices(20, 20, 1)
+    true, est = (x @ x.T)[iu[0], iu[1]], (y @ y.T)[iu[0], iu[1]]
+    z = (est - true) / torch.sqrt((1 + true**2) / d_proj)
+    assert abs(z.mean().item()) < 0.3  # no bias (sd of the mean ~ 0.07)
+    assert 0.75 < z.std().item() < 1.25
