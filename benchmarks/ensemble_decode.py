@@ -177,12 +177,25 @@ def measure_memory(args) -> None:
     prompts = encode(tok, max(args.batch_sizes))
     if args.device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
+    else:
+        # Loading (safetensors reads, dtype casts) peaks above decoding; Linux resets the
+        # high-water mark on "5" (proc(5), clear_refs), so the peak below is the decode's,
+        # the resident model and adapters included.
+        try:
+            Path("/proc/self/clear_refs").write_text("5")
+        except OSError:
+            pass
     run(args.memory_of, model, names, prompts, args.new_tokens, tok.pad_token_id)
     sync(args.device)
     if args.device.startswith("cuda"):
         peak = torch.cuda.max_memory_allocated() / 2**20
     else:
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+        status = Path("/proc/self/status")
+        if status.exists():
+            hwm = next(line for line in status.read_text().splitlines() if line.startswith("VmHWM:"))
+            peak = int(hwm.split()[1]) / 1024  # kB
+        else:
+            peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
     print(json.dumps({"peak_mib": peak}))
 
 
@@ -200,6 +213,7 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--contenders", nargs="+", default=list(CONTENDERS), choices=CONTENDERS)
     p.add_argument("--no-memory", action="store_true", help="skip the per-contender memory subprocesses")
+    p.add_argument("--memory-only", action="store_true", help="only the memory subprocesses (largest batch)")
     p.add_argument("--memory-of", default=None, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.threads:
@@ -207,6 +221,15 @@ def main() -> None:
     if args.memory_of:
         return measure_memory(args)
 
+    if args.memory_only:
+        args.batch_sizes = args.batch_sizes[-1:]
+    else:
+        timings(args)
+    if not args.no_memory:
+        memory(args)
+
+
+def timings(args) -> None:
     model, names, cfg = build_model(args, args.adapters)
     tok = load_tokenizer(cfg)
     print(f"model {cfg.name_or_path}, device {args.device}, dtype {next(model.parameters()).dtype}, "
@@ -242,21 +265,22 @@ def main() -> None:
         if "separate" in med and "stacked" in med:
             print(f"stacked speed-up over separate b={b}: {med['separate'] / med['stacked']:.2f}x")
 
-    if not args.no_memory:
-        peaks = {}
-        for c in args.contenders:
-            cmd = [sys.executable, __file__, "--memory-of", c, "--device", args.device, "--dtype", args.dtype,
-                   "--adapters", str(args.adapters), "--rank", str(args.rank), "--new-tokens", str(args.new_tokens),
-                   "--batch-sizes", str(max(args.batch_sizes))]
-            cmd += ["--model", args.model] if args.model else []
-            cmd += ["--bundle", args.bundle] if args.bundle else []
-            cmd += ["--threads", str(args.threads)] if args.threads else []
-            out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
-            peaks[c] = json.loads(out.strip().splitlines()[-1])["peak_mib"]
-            print(f"peak memory {c} (b={max(args.batch_sizes)}): {peaks[c]:.0f} MiB")
-        for c in args.contenders:
-            if c != "single" and "single" in peaks:
-                print(f"peak memory {c} vs single: {peaks[c] / peaks['single']:.2f}x")
+
+def memory(args) -> None:
+    peaks = {}
+    for c in args.contenders:
+        cmd = [sys.executable, __file__, "--memory-of", c, "--device", args.device, "--dtype", args.dtype,
+               "--adapters", str(args.adapters), "--rank", str(args.rank), "--new-tokens", str(args.new_tokens),
+               "--batch-sizes", str(max(args.batch_sizes))]
+        cmd += ["--model", args.model] if args.model else []
+        cmd += ["--bundle", args.bundle] if args.bundle else []
+        cmd += ["--threads", str(args.threads)] if args.threads else []
+        out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+        peaks[c] = json.loads(out.strip().splitlines()[-1])["peak_mib"]
+        print(f"peak memory {c} (b={max(args.batch_sizes)}): {peaks[c]:.0f} MiB")
+    for c in args.contenders:
+        if c != "single" and "single" in peaks:
+            print(f"peak memory {c} vs single: {peaks[c] / peaks['single']:.2f}x")
 
 
 if __name__ == "__main__":
