@@ -198,7 +198,9 @@ class FeatureExtractor:
     def __init__(self, model_cfg: ModelConfig, epoch_checkpoints: Sequence[str | Path],
                  epoch_weights: Sequence[float], projector: str | ProjectorSpec = "countsketch",
                  d_proj: int = 8192, projector_seed: int = 0, device: torch.device | str = "cpu",
-                 batch_size: int = 8, mixed_precision: bool = False) -> None:
+                 batch_size: int = 8, mixed_precision: bool = False, model=None) -> None:
+        """`model`: an already loaded PEFT model of the same backbone (e.g. the served ensemble's)
+        to add the epoch adapter to, instead of loading a second backbone."""
         if len(epoch_checkpoints) == 0 or len(epoch_checkpoints) != len(epoch_weights):
             raise ValueError(f"need one weight per epoch checkpoint and at least one checkpoint, got "
                              f"{len(epoch_checkpoints)} checkpoints and {len(epoch_weights)} weights")
@@ -219,7 +221,17 @@ class FeatureExtractor:
             if _adapter_shape(f) != first:
                 raise ValueError(f"epoch checkpoint {f} has adapter config {_adapter_shape(f)}, "
                                  f"unlike {folders[0]} ({first})")
-        self.model = load_adapters(model_cfg, {_ADAPTER: str(folders[0])}, self.device, is_trainable=True).eval()
+        if model is None:
+            self.model = load_adapters(model_cfg, {_ADAPTER: str(folders[0])}, self.device,
+                                       is_trainable=True).eval()
+        else:
+            if _ADAPTER in model.peft_config:
+                raise ValueError(f"the shared model already has an adapter named {_ADAPTER!r}")
+            model.load_adapter(str(folders[0]), adapter_name=_ADAPTER, is_trainable=True)
+            self.model = model.eval()  # new adapter modules start in training mode (dropout on)
+        # Active adapter = the epoch adapter; PEFT also makes it the only one with requires_grad,
+        # so the parameter layout below is its alone even in a shared model.
+        self.model.set_adapter(_ADAPTER)
         self._params = [p for _, p in lora_parameters(self.model)]
         self.layout: list[tuple[str, list[int]]] = parameter_layout(self.model)
         self.d_in = sum(p.numel() for p in self._params)
@@ -354,6 +366,8 @@ class FeatureExtractor:
         Instructions are grouped by length into batches of `batch_size` (less padding); an
         example's feature does not depend on the others in its batch.
         """
+        if self.model.active_adapter != _ADAPTER:  # a shared model may have switched since
+            self.model.set_adapter(_ADAPTER)
         ids = [list(map(int, x)) for x in instruction_ids]
         for i, x in enumerate(ids):
             if len(x) < 2:

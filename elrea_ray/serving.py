@@ -85,17 +85,19 @@ class Engine:
         self.model_cfg = ModelConfig(**b["model"])
         self.tok = load_tokenizer(self.model_cfg)
         spec = ProjectorSpec.from_dict(b["projector"])
+        self.names = list(b["adapters"])  # "base", "expert-00", ...
+        # ONE backbone per replica: the C+1 adapters for decoding and the base adapter's epoch
+        # checkpoint for the routing gradients all sit on it.
+        self.model = load_adapters(self.model_cfg, {n: str(self.root / p) for n, p in b["adapters"].items()},
+                                   device)
         try:
             self.fx = FeatureExtractor(self.model_cfg, [str(self.root / p) for p in b["epoch_checkpoints"]],
-                                       b["epoch_weights"], spec, device=device)
+                                       b["epoch_weights"], spec, device=device, model=self.model)
         except ValueError as e:  # projector d_in does not match the adapters
             raise BundleError(f"bundle {self.root / 'bundle.json'}: {e}") from None
         if [list(x) for x in self.fx.layout] != [list(x) for x in b["parameter_layout"]]:
             raise BundleError(f"bundle {self.root / 'bundle.json'}: parameter_layout does not match the "
                               "epoch checkpoints' LoRA parameters; the bundle and adapters are out of step")
-        self.names = list(b["adapters"])  # "base", "expert-00", ...
-        self.model = load_adapters(self.model_cfg, {n: str(self.root / p) for n, p in b["adapters"].items()},
-                                   device)
         self.centroids = load_file(str(self.root / b["centroids"]))["centroids"]
         self.routing = b["routing"]
         self.model_id = f"elrea-{self.root.name}"

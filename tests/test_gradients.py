@@ -236,3 +236,27 @@ def test_bf16_autocast_features_stay_close_to_fp32(extractor):
     cos = (full * mixed).sum(1)
     assert (cos > 0.99).all(), cos
     assert np.abs(full - mixed).max() > 0  # autocast did change the arithmetic
+
+
+def test_a_shared_model_gives_the_same_features_and_decodes_its_own_adapters(trained, extractor):
+    """Serving puts the epoch adapter on the ensemble's own backbone (one copy per replica): the
+    features equal a standalone extractor's, before and after the ensemble decodes."""
+    from elrea_ray.ensemble import ensemble_generate
+    from elrea_ray.model import load_adapters
+
+    f1, f2 = trained["folders"]
+    ensemble = load_adapters(CFG, {"base": str(f2), "expert-00": str(f1)})
+    shared = FeatureExtractor(CFG, [str(f1), str(f2)], [3.0, 1.0], "countsketch", d_proj=D_PROJ,
+                              batch_size=4, model=ensemble)
+    assert shared.model is ensemble and shared.layout == extractor.layout
+    x = some_instructions()
+    want = extractor.features(x)
+    np.testing.assert_allclose(shared.features(x), want, rtol=0, atol=1e-6)
+    w = np.array([[0.5, 0.5]] * 2)
+    alone = load_adapters(CFG, {"base": str(f2), "expert-00": str(f1)})
+    assert ensemble_generate(ensemble, x[:2], ["base", "expert-00"], w, 4, None, 0) == \
+        ensemble_generate(alone, x[:2], ["base", "expert-00"], w, 4, None, 0)
+    ensemble.set_adapter("base")  # whatever another caller left active
+    np.testing.assert_allclose(shared.features(x), want, rtol=0, atol=1e-6)
+    with pytest.raises(ValueError, match="already has an adapter"):
+        FeatureExtractor(CFG, [str(f1)], [1.0], d_proj=D_PROJ, model=ensemble)
