@@ -46,13 +46,14 @@ def main() -> None:
         cfg = load_config(ROOT / "jobs" / "configs" / "smoke.yaml", [f"run.run_dir={run_dir}", *overrides])
         run_pipeline(cfg)
         where: dict[str, set] = defaultdict(set)
-        for a in list_actors(limit=10000, detail=True, raise_on_missing_output=False):
+        for a in list_actors(address=cluster.address, limit=10000, detail=True, raise_on_missing_output=False):
             if a.node_id:  # None: never placed
                 where[a.class_name].add(a.node_id)
-        for t in list_tasks(limit=10000, detail=True, raise_on_missing_output=False):
+        for t in list_tasks(address=cluster.address, limit=10000, detail=True, raise_on_missing_output=False):
             if t.type == "NORMAL_TASK" and t.node_id:
                 where[t.name].add(t.node_id)
-        nodes = [n.node_id for n in list_nodes(raise_on_missing_output=False) if n.state == "ALIVE"]
+        nodes = [n.node_id for n in list_nodes(address=cluster.address, raise_on_missing_output=False)
+                 if n.state == "ALIVE"]
         print("MULTINODE " + json.dumps({"nodes": nodes, "where": {k: sorted(v) for k, v in where.items()}}),
               flush=True)
     finally:

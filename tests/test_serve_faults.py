@@ -28,9 +28,12 @@ def _figure(line: str) -> None:
 
 
 def _replicas(app: str) -> list:
+    import ray
     from ray.util.state import list_actors
 
-    return [a for a in list_actors(filters=[("state", "=", "ALIVE")])
+    # the address: this session's cluster, even when another Ray runs on the machine
+    gcs = ray.get_runtime_context().gcs_address
+    return [a for a in list_actors(address=gcs, filters=[("state", "=", "ALIVE")])
             if a.class_name == f"ServeReplica:{app}:ELREAServer"]
 
 
