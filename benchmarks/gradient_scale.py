@@ -64,13 +64,13 @@ def child(n: int, workdir: Path, d_proj: int) -> dict:
 
     me = psutil.Process()
     peaks = {"driver": me.memory_info().rss, "actor": 0}
-    trace: list[tuple[float, int, int]] = []
+    trace: list[tuple[float, int, int, int]] = []
     stop = threading.Event()
     t0 = time.perf_counter()
 
     def sample() -> None:
         while not stop.is_set():
-            actor = 0
+            actor = anon_now = 0
             for p in psutil.process_iter(["cmdline"]):
                 try:
                     cmd = " ".join(p.info["cmdline"] or [])
@@ -79,13 +79,19 @@ def child(n: int, workdir: Path, d_proj: int) -> dict:
                         # object store that the actor has touched (measured: RSS rose to 1.8 GB at 50k).
                         full = p.memory_full_info()
                         actor = max(actor, full.uss)
-                        actor_rss = max(peaks.get("actor_rss", 0), full.rss)
-                        peaks["actor_rss"] = actor_rss
+                        peaks["actor_rss"] = max(peaks.get("actor_rss", 0), full.rss)
+                        # USS splits into the actor's own heap (RssAnon) and pages of shared
+                        # memory only it has touched (RssShmem: Ray's object store, whose size
+                        # is capped by object_store_memory, not by the dataset).
+                        anon, shm = _status_kb(p.pid, "RssAnon"), _status_kb(p.pid, "RssShmem")
+                        anon_now = max(anon_now, anon)
+                        peaks["actor_anon"] = max(peaks.get("actor_anon", 0), anon)
+                        peaks["actor_shmem"] = max(peaks.get("actor_shmem", 0), shm)
                 except (psutil.NoSuchProcess, psutil.AccessDenied):
                     continue
             drv = me.memory_info().rss
             peaks["driver"], peaks["actor"] = max(peaks["driver"], drv), max(peaks["actor"], actor)
-            trace.append((time.perf_counter() - t0, drv, actor))
+            trace.append((time.perf_counter() - t0, drv, actor, anon_now))
             stop.wait(0.25)
 
     ray.init(num_cpus=cfg.ray.num_cpus, include_dashboard=False, log_to_driver=False)
@@ -107,8 +113,23 @@ def child(n: int, workdir: Path, d_proj: int) -> dict:
     return {"n": n, "seconds": round(seconds, 1), "rows": got,
             "driver_peak_mb": peaks["driver"] / 2**20, "actor_peak_mb": peaks["actor"] / 2**20,
             "actor_rss_peak_mb": peaks.get("actor_rss", 0) / 2**20,
-            "actor_mb_2nd_third": max((a for _, _, a in mid[third:2 * third]), default=0) / 2**20,
-            "actor_mb_last_third": max((a for _, _, a in mid[2 * third:]), default=0) / 2**20}
+            "actor_mb_2nd_third": max((t[2] for t in mid[third:2 * third]), default=0) / 2**20,
+            "actor_mb_last_third": max((t[2] for t in mid[2 * third:]), default=0) / 2**20,
+            "actor_anon_peak_mb": peaks.get("actor_anon", 0) / 2**10,
+            "actor_shmem_peak_mb": peaks.get("actor_shmem", 0) / 2**10,
+            "actor_anon_2nd_third": max((t[3] for t in mid[third:2 * third]), default=0) / 2**10,
+            "actor_anon_last_third": max((t[3] for t in mid[2 * third:]), default=0) / 2**10}
+
+
+def _status_kb(pid: int, field: str) -> int:
+    """A field of /proc/<pid>/status in kB (0 where the kernel does not report it)."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
 
 
 def main() -> None:
@@ -122,7 +143,8 @@ def main() -> None:
         print("RESULT " + json.dumps(child(args.child, Path(args.workdir), args.d_proj)), flush=True)
         return
     print(f"{'examples':>9s} {'seconds':>8s} {'ex/s':>7s} {'driver RSS peak MB':>19s} {'actor USS peak MB':>18s} "
-          f"{'actor USS MB 2nd/3rd third':>27s} {'actor RSS peak MB':>18s}")
+          f"{'actor USS MB 2nd/3rd third':>27s} {'actor RSS peak MB':>18s} {'actor heap (RssAnon) peak MB':>29s} "
+          f"{'heap MB 2nd/3rd third':>22s} {'actor RssShmem peak MB':>23s}")
     for n in args.sizes:
         with tempfile.TemporaryDirectory() as tmp:
             proc = subprocess.run([sys.executable, __file__, "--child", str(n), "--workdir", tmp,
@@ -134,7 +156,9 @@ def main() -> None:
         total = sum(r["rows"].values())
         print(f"{n:9d} {r['seconds']:8.1f} {total / r['seconds']:7.0f} {r['driver_peak_mb']:19.0f} "
               f"{r['actor_peak_mb']:18.0f} {r['actor_mb_2nd_third']:15.0f} / {r['actor_mb_last_third']:<9.0f} "
-              f"{r['actor_rss_peak_mb']:18.0f}", flush=True)
+              f"{r['actor_rss_peak_mb']:18.0f} {r['actor_anon_peak_mb']:29.0f} "
+              f"{r['actor_anon_2nd_third']:10.0f} / {r['actor_anon_last_third']:<9.0f} "
+              f"{r['actor_shmem_peak_mb']:23.0f}", flush=True)
 
 
 if __name__ == "__main__":

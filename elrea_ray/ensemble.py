@@ -62,18 +62,71 @@ def ensemble_generate(peft_model, prompts: Sequence[Sequence[int]], adapter_name
     return results
 
 
+def ensemble_generate_many(peft_model, prompts: Sequence[Sequence[int]], adapter_names: Sequence[str],
+                           weight_sets: dict[str, np.ndarray], max_new_tokens: int,
+                           eos_token_id: int | Sequence[int] | None, pad_token_id: int,
+                           backend: str = "auto") -> dict[str, list[list[int]]]:
+    """Greedy decoding of the same B prompts under several routings at once (evaluation's
+    methods: base alone, ELREA, uniform, top-k, ...), each weights [B, A] over adapter_names.
+
+    Equal to calling `ensemble_generate` once per routing, but a prompt's KV cache for one
+    adapter does not depend on the weights, so on the stacked back-end every (prompt, adapter)
+    pair that any routing uses is prefilled once and shared: with the backbone, the base
+    adapter, ELREA, uniform and top-1 over C+1 = 5 adapters that is 6 prefill rows per prompt
+    instead of 14. The routings' sequences then decode together in one batch.
+    """
+    keys = list(weight_sets)
+    if not keys:
+        return {}
+    B = len(prompts)
+    for k in keys:
+        if np.shape(weight_sets[k]) != (B, len(adapter_names)):
+            raise ValueError(f"weights of {k!r} must have shape [num_prompts={B}, "
+                             f"num_adapters={len(adapter_names)}], got {list(np.shape(weight_sets[k]))}")
+    if backend == "peft" or not _stackable(peft_model, adapter_names):  # no sharing: one call each
+        return {k: ensemble_generate(peft_model, prompts, adapter_names, weight_sets[k], max_new_tokens,
+                                     eos_token_id, pad_token_id, backend=backend) for k in keys}
+    w = np.concatenate([np.asarray(weight_sets[k], dtype=np.float64) for k in keys], axis=0)
+    prompt_of = np.tile(np.arange(B), len(keys))
+    results: list[list[int]] = [[] for _ in range(len(w))]
+    for step in ensemble_stream(peft_model, prompts, adapter_names, w, max_new_tokens, eos_token_id,
+                                pad_token_id, backend=backend, prompt_of=prompt_of):
+        for v, tok in step:
+            results[v].append(tok)
+    return {k: results[i * B:(i + 1) * B] for i, k in enumerate(keys)}
+
+
+def _stackable(peft_model, adapter_names: Sequence[str]) -> bool:
+    try:
+        stacked_for(unwrap(peft_model), list(adapter_names))
+        return True
+    except UnsupportedAdapter:
+        return False
+
+
 def ensemble_stream(peft_model, prompts: Sequence[Sequence[int]], adapter_names: Sequence[str],
                     weights: np.ndarray, max_new_tokens: int | Sequence[int],
                     eos_token_id: int | Sequence[int] | None, pad_token_id: int,
-                    sampler: Callable | None = None, backend: str = "auto") -> Iterator[list[tuple[int, int]]]:
+                    sampler: Callable | None = None, backend: str = "auto",
+                    prompt_of: Sequence[int] | None = None) -> Iterator[list[tuple[int, int]]]:
     """`ensemble_generate` one step at a time: yields [(prompt index, new token id), ...] for the
-    prompts still generating (for streaming responses)."""
-    b_total, names = len(prompts), list(adapter_names)
+    prompts still generating (for streaming responses).
+
+    prompt_of: decode len(prompt_of) sequences instead, sequence v continuing
+    prompts[prompt_of[v]] with weights[v] (indices in the yielded pairs are then sequences).
+    Sequences that share a prompt share its prefill on the stacked back-end (see
+    `ensemble_generate_many`)."""
+    names = list(adapter_names)
+    if prompt_of is not None:
+        prompt_of = np.asarray(prompt_of, dtype=np.int64).reshape(-1)
+        if prompt_of.size and (prompt_of.min() < 0 or prompt_of.max() >= len(prompts)):
+            raise ValueError(f"prompt_of must index the {len(prompts)} prompts")
+    b_total = len(prompts) if prompt_of is None else len(prompt_of)
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     w = np.asarray(weights, dtype=np.float64)
     if w.shape != (b_total, len(names)):
-        raise ValueError(f"weights must have shape [num_prompts={b_total}, num_adapters={len(names)}], "
+        raise ValueError(f"weights must have shape [num_sequences={b_total}, num_adapters={len(names)}], "
                          f"got {list(w.shape)}")
     if not np.all(np.isfinite(w)):
         raise ValueError("weights must be finite")
@@ -106,9 +159,10 @@ def ensemble_stream(peft_model, prompts: Sequence[Sequence[int]], adapter_names:
         with torch.inference_mode():
             if stacked is not None:
                 yield from _decode_stacked(model, stacked, prompts, w, limits,
-                                           _eos_set(eos_token_id), int(pad_token_id), sampler)
-            else:
-                yield from _decode_peft(model, prompts, [names[a] for a in used], w[:, used], limits,
+                                           _eos_set(eos_token_id), int(pad_token_id), sampler, prompt_of)
+            else:  # no prefill sharing here: each sequence is its own prompt
+                seqs = prompts if prompt_of is None else [prompts[i] for i in prompt_of]
+                yield from _decode_peft(model, seqs, [names[a] for a in used], w[:, used], limits,
                                         _eos_set(eos_token_id), int(pad_token_id), sampler)
     finally:
         if was_training:
@@ -158,36 +212,56 @@ def _plain_head(hf_model) -> torch.nn.Linear | None:
 
 
 def _decode_stacked(model, stacked, prompts: list[list[int]], w: np.ndarray, limits: list[int],
-                    eos: list[int], pad_token_id: int, sampler) -> Iterator[list[tuple[int, int]]]:
+                    eos: list[int], pad_token_id: int, sampler,
+                    prompt_of: np.ndarray | None = None) -> Iterator[list[tuple[int, int]]]:
+    """Decode V sequences with weights w [V, A]. Sequence v continues prompts[prompt_of[v]]
+    (default: v itself). Each (prompt, adapter) pair that any sequence uses is prefilled ONCE;
+    sequences sharing a prompt then decode from copies of those cache rows (a KV cache depends
+    on the prompt and the adapter only, not on the mixing weights)."""
     hf_model = model.get_base_model()  # the HF model with the LoRA layers injected
     head, decoder = _plain_head(hf_model), hf_model.get_decoder()
     device = next(model.parameters()).device
-    # One row per (prompt, adapter) with a nonzero weight: a skipped expert costs nothing. When
-    # every prompt runs every adapter, rows go adapter-major (a * B + b): the grouped layout.
-    if np.all(w != 0):
-        pairs = np.argwhere(w.T != 0)[:, ::-1]  # [R, (prompt, adapter)], sorted by adapter
+    V = len(w)
+    fan_out = prompt_of is not None
+    prompt_of = np.arange(V) if prompt_of is None else np.asarray(prompt_of, dtype=np.int64)
+    # Prefill rows: one per (prompt, adapter) pair with a nonzero weight, so a skipped expert
+    # costs nothing. When every prompt runs every adapter, rows go adapter-major (a * B + b):
+    # the grouped layout.
+    need = np.zeros((len(prompts), w.shape[1]), dtype=bool)
+    np.logical_or.at(need, prompt_of, w != 0)
+    if np.all(need):
+        pre = np.argwhere(need.T)[:, ::-1]  # [R, (prompt, adapter)], sorted by adapter
     else:
-        pairs = np.argwhere(w != 0)  # [R, (prompt, adapter)], sorted by prompt
-    row_prompt = torch.as_tensor(pairs[:, 0], device=device)  # position of the row's prompt in `active`
+        pre = np.argwhere(need)  # [R, (prompt, adapter)], sorted by prompt
+    ids, mask = _left_pad(prompts, pad_token_id)
+    pre_prompt = torch.as_tensor(pre[:, 0], device=device)
+    ids, mask = ids.to(device)[pre_prompt], mask.to(device)[pre_prompt]
+    position_ids = (mask.cumsum(-1) - 1).clamp_min(0)  # as HF generate: pads get 0, tokens 0..len-1
+    if fan_out:  # decoding rows: one per (sequence, adapter) pair, each a copy of a prefill row
+        pairs = np.argwhere(w != 0)
+        slot = {(int(b), int(a)): r for r, (b, a) in enumerate(pre)}
+        src = torch.as_tensor([slot[(int(prompt_of[v]), int(a))] for v, a in pairs], device=device)
+    else:
+        pairs, src = pre, None
+    row_prompt = torch.as_tensor(pairs[:, 0], device=device)  # position of the row's sequence in `active`
     row_adapter = torch.as_tensor(pairs[:, 1], device=device)
     row_weight = torch.as_tensor(w[pairs[:, 0], pairs[:, 1]], dtype=torch.float32, device=device)
-    ids, mask = _left_pad(prompts, pad_token_id)
-    ids, mask = ids.to(device)[row_prompt], mask.to(device)[row_prompt]
-    position_ids = (mask.cumsum(-1) - 1).clamp_min(0)  # as HF generate: pads get 0, tokens 0..len-1
     eos_t = torch.as_tensor(eos, dtype=torch.long, device=device)
-    active = list(range(len(prompts)))  # prompt index of each active prompt, in order
-    produced = [0] * len(prompts)
+    active = list(range(V))  # sequence index of each active sequence, in order
+    produced = [0] * V
 
-    def step(input_ids, attention_mask, positions, cache):
-        """Mixed next-token logits [B_active, V] (eq. 5.10) and the cache."""
+    def forward(input_ids, attention_mask, positions, cache):
+        """Every row's last hidden state (plain head) or logits, and the cache."""
         if head is not None:
             out = decoder(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions,
                           cache=cache, use_cache=True)
-            last = out.last_hidden_state[:, -1, :]
-        else:
-            out = hf_model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions,
-                           cache=cache, use_cache=True, logits_to_keep=1)
-            last = out.logits[:, -1, :]
+            return out.last_hidden_state[:, -1, :], out.cache
+        out = hf_model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions,
+                       cache=cache, use_cache=True, logits_to_keep=1)
+        return out.logits[:, -1, :], out.cache
+
+    def mix(last):
+        """Mixed next-token logits [V_active, vocab] (eq. 5.10)."""
         mixed = torch.zeros(len(active), last.shape[-1], dtype=torch.float32, device=device)
         mixed.index_add_(0, row_prompt, last.float() * row_weight[:, None])
         if head is not None:  # W (sum_a w_a h_a) + (sum_a w_a) b == sum_a w_a (W h_a + b)
@@ -196,19 +270,24 @@ def _decode_stacked(model, stacked, prompts: list[list[int]], w: np.ndarray, lim
                 total = torch.zeros(len(active), device=device).index_add_(0, row_prompt, row_weight)
                 logits = logits + total[:, None] * head.bias.float()
             mixed = logits
-        return mixed, out.cache
+        return mixed
 
-    stacked.set_rows(row_adapter)
     with stacked.active():
-        logits, cache = step(ids, mask, position_ids, None)
+        stacked.set_rows(torch.as_tensor(pre[:, 1], device=device))
+        last, cache = forward(ids, mask, position_ids, None)
         last_pos = position_ids[:, -1]
+        if src is not None:
+            cache.batch_select_indices(src)
+            last, mask, last_pos = last[src], mask[src], last_pos[src]
+            stacked.set_rows(row_adapter)
+        logits = mix(last)
         for _ in range(max(limits)):
             next_ids = logits.argmax(-1) if sampler is None else sampler(logits, active).to(device)
             emitted, done = _emit(active, next_ids, eos_t, produced, limits)
             yield emitted
             if bool(done.all()):
                 break
-            if bool(done.any()):  # drop finished prompts' rows from the batch and the cache
+            if bool(done.any()):  # drop finished sequences' rows from the batch and the cache
                 alive = (~done).nonzero().flatten()
                 remap = torch.full((len(active),), -1, dtype=torch.long, device=device)
                 remap[alive] = torch.arange(len(alive), device=device)
@@ -220,7 +299,8 @@ def _decode_stacked(model, stacked, prompts: list[list[int]], w: np.ndarray, lim
                 stacked.set_rows(row_adapter)
             mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
             last_pos = last_pos + 1
-            logits, cache = step(next_ids[row_prompt][:, None], mask, last_pos[:, None], cache)
+            last, cache = forward(next_ids[row_prompt][:, None], mask, last_pos[:, None], cache)
+            logits = mix(last)
 
 
 def _decode_peft(model, prompts: list[list[int]], names: list[str], w: np.ndarray, limits: list[int],

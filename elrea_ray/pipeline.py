@@ -475,6 +475,23 @@ def _baseline_weights(cfg: Config, run: RunDir, test: list[dict], info: dict) ->
 
 # -- stage 5: evaluation ----------------------------------------------------------------------------
 
+def _share_groups(sets: dict[str, np.ndarray]) -> list[list[str]]:
+    """Methods whose adapter sets nest (column 0, the bare backbone, is free) share one decoding
+    call; others get their own, so that no row pays for the rank blocks of adapters its group
+    never uses (a stacked row computes every adapter of its call; see elrea_ray.stacked)."""
+    groups: list[tuple[set[int], list[str]]] = []
+    for m, w in sets.items():
+        used = {int(a) for a in np.flatnonzero(w.any(0)) if a}
+        for g in groups:
+            if used <= g[0] or g[0] <= used:
+                g[0].update(used)
+                g[1].append(m)
+                break
+        else:
+            groups.append((used, [m]))
+    return [g[1] for g in groups]
+
+
 class EvalMapper:
     """Ray Data callable: the backbone with all C+1 adapters loaded once per actor; decodes every
     method for a batch of test prompts (ensembles as ONE batched forward with a KV cache)."""
@@ -496,23 +513,38 @@ class EvalMapper:
 
     def __call__(self, batch: dict) -> dict:
         from elrea_ray.data import score
-        from elrea_ray.ensemble import ensemble_generate, single_generate
+        from elrea_ray.ensemble import ensemble_generate_many
+        from elrea_ray.stacked import BACKBONE
 
         prompts = [instruction_ids(self.tok, p, self.mc.max_length) for p in batch["prompt"]]
         eos, pad = self.tok.eos_token_id, self.tok.pad_token_id
         out = {"example_id": batch["example_id"], "source": batch["source"]}
         rows = [{"answer": a, "meta": m, "source": s} for a, m, s in
                 zip(batch["answer"], batch["meta"], batch["source"])]
+        # Every method but MoE merging decodes in ONE call over [backbone, adapters...]: the
+        # methods share each (prompt, adapter) prefill (ensemble_generate_many).
+        names = [BACKBONE, *self.names]
+        sets = {}
         for method in self.methods:
-            if method == "backbone":
-                gen = single_generate(self.model, prompts, "__base__", self.max_new_tokens, eos, pad)
-            elif method == "base":
-                gen = single_generate(self.model, prompts, "base", self.max_new_tokens, eos, pad)
-            elif method == "moe_merge":
+            if method == "moe_merge":
+                continue
+            w = np.zeros((len(prompts), len(names)))
+            if method in ("backbone", "base"):
+                w[:, names.index(BACKBONE if method == "backbone" else "base")] = 1.0
+            else:
+                w[:, 1:] = np.stack([np.asarray(x, dtype=np.float64) for x in batch[f"w_{method}"]])
+            sets[method] = w
+        gens = {}
+        for group in _share_groups(sets):  # methods over nested adapter sets decode together
+            cols = [0] + sorted({a for m in group for a in np.flatnonzero(sets[m].any(0)) if a})
+            gens.update(ensemble_generate_many(self.model, prompts, [names[a] for a in cols],
+                                               {m: sets[m][:, cols] for m in group},
+                                               self.max_new_tokens, eos, pad))
+        for method in self.methods:
+            if method == "moe_merge":
                 gen = self._merged_generate(prompts, batch["w_moe_merge"], eos, pad)
             else:
-                w = np.stack([np.asarray(x, dtype=np.float64) for x in batch[f"w_{method}"]])
-                gen = ensemble_generate(self.model, prompts, self.names, w, self.max_new_tokens, eos, pad)
+                gen = gens[method]
             text = [self.tok.decode(g, skip_special_tokens=True) for g in gen]
             out[f"pred_{method}"] = np.array(text, dtype=object)
             out[f"score_{method}"] = np.array([score(r, t) for r, t in zip(rows, text)], dtype=np.float64)

@@ -216,3 +216,31 @@ def test_stacked_forward_does_the_same_ops_whatever_the_number_of_adapters(model
                                   backend="stacked")
             counts.append(mode.n)
         assert counts[0] == counts[1] > 0
+
+
+def test_several_routings_share_the_prefill_and_equal_separate_calls(model, prompts):
+    """ensemble_generate_many = one ensemble_generate per routing (tokens), while each
+    (prompt, adapter) pair is prefilled once: the first forward has one row per pair used."""
+    from elrea_ray.ensemble import ensemble_generate_many
+
+    names = ["__base__", *NAMES]
+    B = len(prompts)
+    rng = np.random.default_rng(2)
+    sets = {"backbone": np.eye(len(names))[[0] * B], "base": np.eye(len(names))[[1] * B],
+            "dense": np.concatenate([np.zeros((B, 1)), rng.uniform(0.1, 1.5, (B, 3))], 1),
+            "sparse": np.array([[0, 0.6, 0.4, 0.0], [0, 0.0, 0.5, 0.5], [0, 1.0, 0, 0], [0, 0.2, 0.3, 0.5]])}
+    eos = [an_eos_mid_generation(model, prompts, 0), 2]
+    seen = []
+    hook = model.get_base_model().get_decoder().embed_tokens.register_forward_hook(
+        lambda mod, args, out: seen.append(tuple(args[0].shape)))
+    try:
+        got = ensemble_generate_many(model, prompts, names, sets, NEW, eos, 0)
+    finally:
+        hook.remove()
+    assert seen[0][0] == B * len(names)  # 16 prefill rows, not 4 + 4 + 12 + 8 = 28
+    assert all(s[1] == 1 for s in seen[1:])  # then one token per row and step
+    for k, w in sets.items():
+        assert got[k] == ensemble_generate(model, prompts, names, w, NEW, eos, 0), k
+    assert len({len(g) for g in got["dense"]}) > 1  # sequences leave the joint batch at different steps
+    with pytest.raises(ValueError, match="shape"):
+        ensemble_generate_many(model, prompts, names, {"x": np.ones((B, 2))}, NEW, 2, 0)

@@ -51,3 +51,37 @@ def test_smollm2_loads_from_the_wheel_and_answers():
                                   add_generation_prompt=True, return_tensors="pt", return_dict=True)
     out = model.generate(**ids, max_new_tokens=12, do_sample=False)
     assert "Paris" in tok.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True)
+
+
+def test_response_loss_runs_the_head_only_where_a_response_token_is_predicted():
+    """The sliced-head loss equals the full-logits loss, and so do its LoRA gradients; a model
+    that is handed the mask really gets fewer head rows (the class is recorded as slicing)."""
+    from elrea_ray.data import collate
+    from elrea_ray.train import _HEAD_SLICING, response_cross_entropy
+
+    model = new_lora_model(TINY, seed=3)
+    with torch.no_grad():
+        for n, p in lora_parameters(model):
+            if "lora_B" in n:
+                p.normal_(0, 0.02)
+    g = torch.Generator().manual_seed(0)
+    ids = [torch.randint(3, 200, (n,), generator=g).tolist() for n in (9, 14, 6)]
+    labels = [[-100] * (len(x) - k) + x[-k:] for x, k in zip(ids, (3, 5, 1))]
+    b = collate(ids, labels, pad_id=0)
+    params = [p for _, p in lora_parameters(model)]
+
+    sliced = response_cross_entropy(model, b)
+    g_sliced = torch.autograd.grad(sliced, params)
+    logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
+    full = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), b["labels"][:, 1:].flatten(),
+                                             ignore_index=-100, reduction="sum")
+    g_full = torch.autograd.grad(full, params)
+    assert _HEAD_SLICING[type(model.get_base_model())] is True
+    torch.testing.assert_close(sliced, full, rtol=1e-5, atol=1e-5)
+    for a, c in zip(g_sliced, g_full):
+        torch.testing.assert_close(a, c, rtol=1e-4, atol=1e-5)
+    # 3 + 5 + 1 response tokens are predicted, so the head saw 9 rows, not 3 x 14
+    keep = torch.zeros_like(b["labels"], dtype=torch.bool)
+    keep[:, :-1] = b["labels"][:, 1:] != -100
+    out = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"], logits_to_keep=keep).logits
+    assert out.shape[0] == 9 and out.dim() == 2
