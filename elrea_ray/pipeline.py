@@ -244,7 +244,8 @@ def build_gradients(cfg: Config, run: RunDir, out: Path) -> dict:
             feats.write_parquet(str(tmp))
         else:  # the actors' shards go to the object store; the driver pulls them into its partial
             storage.delete_dir(run.ref(tmp))
-            feats.write_parquet(*storage.for_ray_data(run.ref(tmp)))
+            dst, dst_fs = storage.for_ray_data(run.ref(tmp))
+            feats.write_parquet(dst, filesystem=dst_fs)
             storage.pull_dir(run.ref(tmp), tmp)
             storage.delete_dir(run.ref(tmp))  # no rename on S3: the pushed stage holds `dest`
         os.rename(tmp, dest)
