@@ -156,12 +156,23 @@ def test_config_rejects_other_schemes_and_a_stray_local_dir():
     assert load_config(None, ["run.run_dir=s3://b/run", "run.local_dir=/tmp/m"]).run.local_dir == "/tmp/m"
 
 
+@pytest.fixture
+def worker_cache():
+    """Ray workers localize into $ELREA_CACHE/objects (the session's cache): remove what this
+    test's (random-bucket, random-port) URIs added there."""
+    root = storage.cache_root()
+    before = set(root.iterdir()) if root.exists() else set()
+    yield root
+    for entry in (set(root.iterdir()) if root.exists() else set()) - before:
+        shutil.rmtree(entry, ignore_errors=True)
+
+
 def _ran(logs):
     return sorted({line.split("]")[0][1:] for line in logs if "] running (key" in line})
 
 
 @pytest.mark.slow
-def test_pipeline_on_s3_resumes_from_the_object_store(ray_local, s3, bucket, tmp_path):
+def test_pipeline_on_s3_resumes_from_the_object_store(ray_local, s3, bucket, tmp_path, worker_cache):
     """One smoke run into s3://, a rerun from an empty mirror (nothing rebuilt), then a changed
     expert setting (only experts and eval rerun)."""
     from conftest import smoke_config
@@ -200,3 +211,4 @@ def test_pipeline_on_s3_resumes_from_the_object_store(ray_local, s3, bucket, tmp
     run_pipeline(smoke_config(remote, f"run.local_dir={mirror}", "experts.lr=2.0e-3"), log=logs.append)
     print(f"s3 rerun after experts.lr changed: {time.time() - t0:.0f} s")
     assert _ran(logs) == ["eval", "experts"], logs
+    assert any(worker_cache.iterdir())  # the tasks read through the node-local cache
