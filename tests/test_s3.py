@@ -162,7 +162,7 @@ def worker_cache():
     test's (random-bucket, random-port) URIs added there."""
     root = storage.cache_root()
     before = set(root.iterdir()) if root.exists() else set()
-    yield root
+    yield lambda: set(root.iterdir()) - before  # entries added so far
     for entry in (set(root.iterdir()) if root.exists() else set()) - before:
         shutil.rmtree(entry, ignore_errors=True)
 
@@ -211,4 +211,4 @@ def test_pipeline_on_s3_resumes_from_the_object_store(ray_local, s3, bucket, tmp
     run_pipeline(smoke_config(remote, f"run.local_dir={mirror}", "experts.lr=2.0e-3"), log=logs.append)
     print(f"s3 rerun after experts.lr changed: {time.time() - t0:.0f} s")
     assert _ran(logs) == ["eval", "experts"], logs
-    assert any(worker_cache.iterdir())  # the tasks read through the node-local cache
+    assert worker_cache()  # the tasks read through the node-local cache
