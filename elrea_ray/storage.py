@@ -281,4 +281,5 @@ def for_ray_data(ref: str) -> tuple[str, pafs.FileSystem | None]:
     reach the object store directly; a local path gets Ray's default filesystem."""
     if not is_remote(ref):
         return ref, None
-    return filesystem(ref)
+    fs, path = filesystem(ref)
+    return path, fs
