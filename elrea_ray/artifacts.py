@@ -21,6 +21,12 @@ A stage writes into `<output>.partial/`, drops a `_COMPLETE` marker holding its 
 into place (an older version is renamed to `<output>.old` first and deleted after); the manifest
 is then updated atomically. A stage is skipped when its output holds a
 marker with the same key, so a rerun resumes and a changed setting reruns exactly what depends on it.
+
+An object-store run directory (`run.run_dir=s3://bucket/prefix`, see `storage.py`) is the
+durable record and `root` is a local mirror of it (`run.local_dir`). `pull()` brings the mirror
+up to date at the start of a run; `run_stage` builds locally as above, then replaces the remote
+stage folder (its marker deleted first and uploaded last). Ray tasks get `ref(path)`, the URI of
+what they read or write, so no node needs the driver's disk.
 """
 
 from __future__ import annotations
@@ -70,16 +76,101 @@ def read_json(path: Path) -> Any:
         raise ArtifactError(f"artifact {path} is not valid JSON (torn write?): {e}") from None
 
 
+def default_mirror(uri: str) -> Path:
+    """Where the driver mirrors an object-store run: <cache>/runs/<bucket>/<prefix>."""
+    from elrea_ray import storage
+
+    path = storage.filesystem(uri)[1]
+    return storage.cache_root().parent / "runs" / path
+
+
 @dataclass(frozen=True)
 class RunDir:
     root: Path
+    remote: str | None = None  # the object-store URI this root mirrors, or None for a local run
 
     @classmethod
-    def at(cls, path: str | Path) -> "RunDir":
-        if "://" in str(path):
-            raise ArtifactError(f"run directory {path}: object-store URIs are not supported yet; "
-                                "use a local or shared-filesystem path")
+    def at(cls, path: str | Path, local_dir: str | Path | None = None) -> "RunDir":
+        """A local run directory, or for a URI the mirror at `local_dir` (default
+        `default_mirror`) of a reachable bucket (an ArtifactError naming the URI otherwise)."""
+        from elrea_ray import storage
+
+        if storage.is_remote(path):
+            uri = str(path).rstrip("/")
+            storage.check(uri)
+            local = Path(local_dir).expanduser().resolve() if local_dir else default_mirror(uri)
+            return cls(local, uri)
         return cls(Path(path).expanduser().resolve())
+
+    # -- object-store mirror (all no-ops for a local run directory) --------------------------
+    def ref(self, path: Path) -> str:
+        """What a Ray task gets for `path` under root: its URI for a remote run (the task calls
+        `storage.localize` to read it, or writes there), else the local path."""
+        if self.remote is None:
+            return str(path)
+        from elrea_ray import storage
+
+        return storage.join(self.remote, Path(path).relative_to(self.root).as_posix())
+
+    def publish(self, path: Path) -> None:
+        """Upload one file under root (manifest, config, bundle) to the remote run."""
+        if self.remote is not None:
+            from elrea_ray import storage
+
+            storage.push_file(path, self.ref(path))
+
+    def sync_down(self, folder: Path) -> None:
+        """Merge what Ray tasks wrote under the remote counterpart of `folder` into it."""
+        if self.remote is not None:
+            from elrea_ray import storage
+
+            storage.pull_dir(self.ref(folder), folder, merge=True)
+
+    def remote_key(self, stage: str) -> str | None:
+        from elrea_ray import storage
+
+        text = storage.read_text(self.ref(self.stage_dir(stage) / MARKER))
+        return text.strip() if text is not None else None
+
+    def pull(self, stages: tuple[str, ...] = (*STAGES, "baselines"), log: Callable[[str], None] = print) -> None:
+        """Bring the mirror up to date with the remote run: the manifest and bundle, and every
+        stage folder whose remote marker key differs from the local one (a stage without a
+        remote marker counts as not built, so its local copy is dropped)."""
+        if self.remote is None:
+            return
+        from elrea_ray import storage
+
+        self.root.mkdir(parents=True, exist_ok=True)
+        for f in (self.manifest, self.bundle, self.root / "config.yaml"):
+            if storage.exists(self.ref(f)):
+                storage.pull_file(self.ref(f), f)
+        for stage in stages:
+            out = self.stage_dir(stage)
+            remote, local = self.remote_key(stage), self.completed_key(stage)
+            if remote == local:
+                continue
+            if remote is None:
+                log(f"[{stage}] no {MARKER} at {storage.redact(self.ref(out))}: dropping the local copy")
+                shutil.rmtree(out)
+            else:
+                n = storage.pull_dir(self.ref(out), out)
+                log(f"[{stage}] pulled {n} files (key {remote}) from {storage.redact(self.ref(out))}")
+
+    def sync_up(self, stage: str) -> None:
+        """Re-publish a finished stage folder after files were added to it (the report)."""
+        if self.remote is not None:
+            self._push_stage(self.stage_dir(stage))
+
+    def _push_stage(self, out: Path) -> None:
+        """Replace the remote stage folder with `out`: marker deleted first (readers then see an
+        unfinished stage, never a marker beside old or missing files), old files, new files,
+        marker last."""
+        from elrea_ray import storage
+
+        uri = self.ref(out)
+        storage.delete(storage.join(uri, MARKER))
+        storage.delete_dir(uri)
+        storage.push_dir(out, uri, last=MARKER)
 
     # -- paths -------------------------------------------------------------------------------
     @property
@@ -130,6 +221,7 @@ class RunDir:
         fn(m)
         self.root.mkdir(parents=True, exist_ok=True)
         write_json_atomic(self.manifest, m)
+        self.publish(self.manifest)
         return m
 
     def completed_key(self, stage: str) -> str | None:
@@ -182,6 +274,15 @@ class RunDir:
             shutil.rmtree(partial)
         partial.mkdir(parents=True, exist_ok=True)
         partial_key.write_text(key)
+        if self.remote is not None:  # tasks write into the remote partial; resume from it too
+            from elrea_ray import storage
+
+            remote_partial = self.ref(partial)
+            if storage.read_text(storage.join(remote_partial, "_KEY")) != key:
+                storage.delete_dir(remote_partial)
+                storage.write_text(storage.join(remote_partial, "_KEY"), key)
+            else:
+                self.sync_down(partial)
         started = time.time()
         self.update_manifest(lambda m: m["stages"].__setitem__(stage, {
             "key": key, "status": "running", "started": started}))
@@ -198,6 +299,11 @@ class RunDir:
             os.rename(out, old)
         os.rename(partial, out)
         shutil.rmtree(old, ignore_errors=True)
+        if self.remote is not None:
+            from elrea_ray import storage
+
+            self._push_stage(out)
+            storage.delete_dir(self.ref(partial))
         seconds = round(time.time() - started, 1)
         self.update_manifest(lambda m: m["stages"].__setitem__(stage, {
             "key": key, "status": "complete", "started": started, "seconds": seconds,
@@ -220,6 +326,33 @@ class RunDir:
         owner = self._lock_owner()
         if owner is not None and not _is_stale(owner):
             raise self._in_use(owner)
+        self._check_remote_lock()
+
+    def _check_remote_lock(self, me: dict | None = None) -> None:
+        """An object-store run also has an ADVISORY `run.lock` object: S3 has no atomic
+        create-if-absent, so two drivers starting in the same second can both pass this check.
+        It stops the common mistake (a second driver on another machine); a lock left by a
+        driver that died on another host must be deleted by hand, as the message says."""
+        if self.remote is None:
+            return
+        from elrea_ray import storage
+
+        uri = self.ref(self.lock_file)
+        text = storage.read_text(uri)
+        if text is None:
+            return
+        try:
+            owner = json.loads(text)
+        except json.JSONDecodeError:
+            owner = {}
+        if me and owner.get("pid") == me["pid"] and owner.get("host") == me["host"]:
+            return
+        if isinstance(owner, dict) and owner and _is_stale(owner):
+            return
+        raise ArtifactError(
+            f"run directory {storage.redact(self.remote)} is in use by pid {owner.get('pid')} on "
+            f"{owner.get('host')} (advisory lock {storage.redact(uri)}); wait for it to finish, or "
+            "delete that object if no pipeline is running on it")
 
     def _lock_owner(self) -> dict | None:
         try:
@@ -273,11 +406,21 @@ class RunDir:
         finally:
             tmp.unlink(missing_ok=True)
         try:
+            if self.remote is not None:
+                from elrea_ray import storage
+
+                self._check_remote_lock(me)
+                storage.write_text(self.ref(path), json.dumps(me))
             yield
         finally:
             owner = self._lock_owner()
             if owner and owner.get("pid") == me["pid"] and owner.get("host") == me["host"]:
                 path.unlink(missing_ok=True)
+                if self.remote is not None:
+                    from elrea_ray import storage
+
+                    if storage.read_text(self.ref(path)) == json.dumps(me):
+                        storage.delete(self.ref(path))
 
 
 def _pid_start(pid: int) -> str | None:

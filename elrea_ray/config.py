@@ -30,11 +30,18 @@ def _check(ok: bool, name: str, allowed: str, got: Any) -> None:
 class RunConfig:
     """Where the run lives and how it is seeded."""
 
-    run_dir: str = "runs/default"  # local path or s3:// / gs:// URI; every stage writes under it
+    run_dir: str = "runs/default"  # local path, or s3://bucket/prefix (optionally
+    # ?endpoint_override=host:port&scheme=http for an S3-compatible server); every stage writes under it
     seed: int = 0  # one seed for data, LoRA init, projection, clustering and Ray Data order
+    local_dir: str | None = None  # the driver's mirror of an s3:// run_dir (None:
+    # <cache>/runs/<bucket>/<prefix>); must stay unset for a local run_dir
 
     def validate(self, p: str) -> None:
         _check(bool(self.run_dir), f"{p}.run_dir", "a non-empty path or URI", self.run_dir)
+        scheme = self.run_dir.split("://", 1)[0] if "://" in self.run_dir else None
+        _check(scheme in (None, "s3"), f"{p}.run_dir", "a local path or an s3:// URI", self.run_dir)
+        _check(self.local_dir is None or scheme is not None, f"{p}.local_dir",
+               "unset (null) when run.run_dir is a local path", self.local_dir)
 
 
 @dataclass(frozen=True)

@@ -128,10 +128,11 @@ def build_base(cfg: Config, run: RunDir, keys: dict, out: Path) -> dict:
     too_long = check_lengths(cfg, run)  # before any trainer starts
     tc = cfg.train
     loop = {"name": "base", "seed": cfg.run.seed, "model": _asdict(cfg.model), "train": _asdict(tc),
-            "data_file": str(run.data_file("train")), "example_ids": None, "init_adapter": None,
-            "out_dir": str(out), "save_epochs": True}
-    result = fit_adapter(f"base-{keys['base']}", loop, tc, run.ray_storage, tc.num_workers,
+            "data_file": run.ref(run.data_file("train")), "example_ids": None, "init_adapter": None,
+            "out_dir": run.ref(out), "save_epochs": True}
+    result = fit_adapter(f"base-{keys['base']}", loop, tc, run.ref(run.ray_storage), tc.num_workers,
                          tc.cpus_per_worker, tc.use_gpu, check=cfg.ray.check_resources)
+    run.sync_down(out)  # rank 0 wrote the epoch checkpoints into the remote partial
     for e in range(1, tc.epochs + 1):
         if not (out / f"epoch-{e}" / "adam_state.safetensors").exists():
             raise ArtifactError(f"base adapter: epoch {e} checkpoint missing in {out}")
@@ -170,9 +171,12 @@ class FeatureMapper:
         from elrea_ray.gradients import FeatureExtractor
         from elrea_ray.model import load_tokenizer
 
+        from elrea_ray.storage import localize
+
         self.mc = ModelConfig(**model_cfg)
         self.tok = load_tokenizer(self.mc)
         device = "cuda" if use_gpu and torch.cuda.is_available() else "cpu"
+        checkpoints = [str(localize(c)) for c in checkpoints]
         self.fx = FeatureExtractor(self.mc, checkpoints, weights, kind, d_proj, seed, device=device,
                                    batch_size=batch_size)
 
@@ -199,9 +203,11 @@ def build_gradients(cfg: Config, run: RunDir, out: Path) -> dict:
     import pyarrow.parquet as pq
     import ray
 
+    from elrea_ray import storage
+
     g = cfg.gradients
     weights = epoch_weights(cfg, run)
-    ckpts = [str(run.base_epoch(e)) for e in range(1, cfg.train.epochs + 1)]
+    ckpts = [run.ref(run.base_epoch(e)) for e in range(1, cfg.train.epochs + 1)]
     # Bitwise-identical features need the same batching and intra-op thread count (float sums
     # are reduced in a different order otherwise); the manifest records both.
     threads = max(1, int(g.cpus_per_actor))
@@ -218,7 +224,8 @@ def build_gradients(cfg: Config, run: RunDir, out: Path) -> dict:
         dest = out / split
         if rows == 0 or dest.exists():
             continue  # nothing to do, or written in full before an interruption (renamed below)
-        ds = ray.data.read_parquet(str(path), columns=["example_id", "source", "prompt"],
+        src, src_fs = storage.for_ray_data(run.ref(path))
+        ds = ray.data.read_parquet(src, filesystem=src_fs, columns=["example_id", "source", "prompt"],
                                    override_num_blocks=blocks)
         feats = ds.map_batches(
             FeatureMapper, batch_format="pyarrow", batch_size=map_batch,
@@ -233,7 +240,14 @@ def build_gradients(cfg: Config, run: RunDir, out: Path) -> dict:
         tmp = out / f"{split}.writing"
         if tmp.exists():
             shutil.rmtree(tmp)
-        feats.write_parquet(str(tmp))
+        if run.remote is None:
+            feats.write_parquet(str(tmp))
+        else:  # the actors' shards go to the object store; the driver pulls them into its partial
+            storage.delete_dir(run.ref(tmp))
+            dst, dst_fs = storage.for_ray_data(run.ref(tmp))
+            feats.write_parquet(dst, filesystem=dst_fs)
+            storage.pull_dir(run.ref(tmp), tmp)
+            storage.delete_dir(run.ref(tmp))  # no rename on S3: the pushed stage holds `dest`
         os.rename(tmp, dest)
     return info
 
@@ -314,14 +328,15 @@ def build_experts(cfg: Config, run: RunDir, keys: dict, out: Path) -> dict:
             continue  # finished before an interruption
         members = [r["example_id"] for r in assignments if r["cluster"] == c]
         loop = {"name": f"expert-{c:02d}", "seed": cfg.run.seed + 1 + c, "model": _asdict(cfg.model),
-                "train": _asdict(tc), "data_file": str(run.data_file("train")), "example_ids": members,
-                "init_adapter": str(run.base_epoch(cfg.train.epochs)), "out_dir": str(folder),
+                "train": _asdict(tc), "data_file": run.ref(run.data_file("train")), "example_ids": members,
+                "init_adapter": run.ref(run.base_epoch(cfg.train.epochs)), "out_dir": run.ref(folder),
                 "save_epochs": False}
         jobs.append({"run_name": f"expert-{keys['experts']}-{c:02d}", "loop_cfg": loop, "tc": tc,
-                     "storage": run.ray_storage, "num_workers": ec.num_workers,
+                     "storage": run.ref(run.ray_storage), "num_workers": ec.num_workers,
                      "cpus_per_worker": ec.cpus_per_worker, "use_gpu": ec.use_gpu,
                      "gpus_per_worker": ec.gpus_per_worker, "check": cfg.ray.check_resources})
     results = fit_many(jobs, ec.max_concurrent)
+    run.sync_down(out)  # each expert's rank 0 wrote its adapter into the remote partial
     return {"num_experts": C, "trained_now": len(jobs),
             "final_loss": [r.get("final_loss") for r in results]}
 
@@ -351,6 +366,7 @@ def write_bundle(cfg: Config, run: RunDir, keys: dict) -> dict:
         "keys": keys,
     }
     write_json_atomic(run.bundle, bundle)
+    run.publish(run.bundle)
     return bundle
 
 
@@ -385,13 +401,13 @@ def build_baselines(cfg: Config, run: RunDir, keys: dict, out: Path) -> dict:
         if (folder / "adapter_config.json").exists():
             return  # finished before an interruption
         loop = {"name": name, "seed": seed, "model": _asdict(cfg.model), "train": _asdict(tc),
-                "data_file": str(run.data_file("train")), "example_ids": members, "init_adapter": init,
-                "out_dir": str(folder), "save_epochs": False}
+                "data_file": run.ref(run.data_file("train")), "example_ids": members, "init_adapter": init,
+                "out_dir": run.ref(folder), "save_epochs": False}
         jobs.append({"run_name": f"baseline-{keys['baselines']}-{name}", "loop_cfg": loop, "tc": tc,
-                     "storage": run.ray_storage, "num_workers": ec.num_workers,
+                     "storage": run.ref(run.ray_storage), "num_workers": ec.num_workers,
                      "cpus_per_worker": ec.cpus_per_worker, "use_gpu": ec.use_gpu})
 
-    final_base = str(run.base_epoch(cfg.train.epochs))
+    final_base = run.ref(run.base_epoch(cfg.train.epochs))
     if "random_clusters" in trained:  # same sizes, random members, warm start from Q_base
         labels = random_partition(sizes, cfg.run.seed + 7919)
         info["groups"]["random_clusters"] = []
@@ -434,6 +450,7 @@ def build_baselines(cfg: Config, run: RunDir, keys: dict, out: Path) -> dict:
                 cfg.run.seed + 201 + c)
             info["groups"]["embedding"].append(name)
     results = fit_many(jobs, ec.max_concurrent) if jobs else []
+    run.sync_down(out)
     info["trained_now"] = len(jobs)
     info["final_loss"] = [r.get("final_loss") for r in results]
     (out / "baselines.json").write_text(json.dumps(info, indent=2))
@@ -502,10 +519,12 @@ class EvalMapper:
 
         from elrea_ray.config import ModelConfig
         from elrea_ray.model import load_adapters, load_tokenizer
+        from elrea_ray.storage import localize
 
         self.mc = ModelConfig(**model_cfg)
         self.tok = load_tokenizer(self.mc)
         device = "cuda" if use_gpu and torch.cuda.is_available() else "cpu"
+        adapters = {n: str(localize(p)) for n, p in adapters.items()}
         self.model = load_adapters(self.mc, adapters, device)
         self.names = list(adapters)  # "base", "expert-00", ...
         self.methods = methods
@@ -611,13 +630,13 @@ def build_eval(cfg: Config, run: RunDir, out: Path) -> dict:
     feats = feats[[order[r["example_id"]] for r in test]]
     ec = cfg.eval
     weights = routing_weights(cfg, run, feats, ec.methods)
-    adapters = {n: str(run.root / p) for n, p in bundle["adapters"].items()}
+    adapters = {n: run.ref(run.root / p) for n, p in bundle["adapters"].items()}
     names = list(adapters)
     routed = list(weights)
     wide = dict(weights)  # every method's weights over ALL loaded adapters (0 = not run)
     if _trained_baselines(cfg):
         info = json.loads((run.stage_dir("baselines") / "baselines.json").read_text())
-        adapters.update({n: str(run.stage_dir("baselines") / p) for n, p in info["adapters"].items()})
+        adapters.update({n: run.ref(run.stage_dir("baselines") / p) for n, p in info["adapters"].items()})
         names = list(adapters)
         for m, b in _baseline_weights(cfg, run, test, info).items():
             weights[m] = b["w"]
@@ -693,11 +712,13 @@ def check_stage_resources(cfg: Config) -> None:
 
 def run_pipeline(cfg: Config, log=print) -> RunDir:
     """Run (or resume) every stage; returns the run directory. Needs a connected Ray."""
-    run = RunDir.at(cfg.run.run_dir)
+    run = RunDir.at(cfg.run.run_dir, cfg.run.local_dir)
     keys = stage_keys(cfg)
     with run.lock():
         check_stage_resources(cfg)
+        run.pull(log=log)  # an object-store run: the mirror catches up (a fresh machine resumes)
         (run.root / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+        run.publish(run.root / "config.yaml")
         run.update_manifest(lambda m: m.update({"config": cfg.to_dict(), "versions": _versions(),
                                                 "keys": keys, "updated": time.time()}))
         t0 = time.time()
@@ -715,5 +736,6 @@ def run_pipeline(cfg: Config, log=print) -> RunDir:
             from elrea_ray.report import write_report
 
             log(f"[report] {write_report(run.root)['html']}")
+            run.sync_up("eval")
         log(f"pipeline finished in {time.time() - t0:.0f} s; run directory {run.root}")
     return run

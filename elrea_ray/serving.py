@@ -35,7 +35,17 @@ class BundleError(RuntimeError):
 
 
 def load_bundle(run_dir: str | Path) -> tuple[Path, dict]:
-    root = Path(run_dir).expanduser().resolve()
+    """(local root, bundle) of a run; an s3:// run is pulled into its local mirror first."""
+    from elrea_ray import storage
+
+    if storage.is_remote(run_dir):
+        from elrea_ray.artifacts import RunDir
+
+        run = RunDir.at(str(run_dir))
+        run.pull(stages=("base", "clusters", "experts"), log=lambda msg: None)  # what serving reads
+        root = run.root
+    else:
+        root = Path(run_dir).expanduser().resolve()
     path = root / "bundle.json"
     if not path.exists():
         raise BundleError(f"no bundle.json in {root}: run jobs/full_pipeline.py until the experts stage")

@@ -241,7 +241,7 @@ def run_trial(cfg: Config, sweep_root: Path, log: Callable[[str], None] = print)
     tr = RunDir.at(sweep_root / "trials" / vkey)
     with building(tr):
         link_stages(tr, ex, UPSTREAM + EXPERTS)
-        trial_cfg = cfg.replace(run=dataclasses.replace(cfg.run, run_dir=str(tr.root)))
+        trial_cfg = cfg.replace(run=dataclasses.replace(cfg.run, run_dir=str(tr.root), local_dir=None))
         (tr.root / "config.yaml").write_text(yaml.safe_dump(best_config_dict(trial_cfg), sort_keys=False))
         tr.update_manifest(lambda m: m.update({"config": trial_cfg.to_dict(), "keys": keys}))
         if not tr.bundle.exists() or json.loads(tr.bundle.read_text()).get("keys") != keys:
@@ -330,7 +330,7 @@ def run_sweep(cfg: Config, log: Callable[[str], None] = print) -> dict:
     rows.sort(key=lambda r: -r["objective"])
     best = rows[0]
     best_cfg = with_params(cfg.to_dict(), {k: best[k] for k in swept(cfg)})
-    best_cfg = best_cfg.replace(run=dataclasses.replace(best_cfg.run, run_dir=best["trial_dir"]))
+    best_cfg = best_cfg.replace(run=dataclasses.replace(best_cfg.run, run_dir=best["trial_dir"], local_dir=None))
     paths = write_outputs(cfg, root, rows, best_cfg)
     log(f"sweep: best validation accuracy {best['objective']:.3f} (n={best['validation_n']}) with "
         + ", ".join(f"{k}={best[k]}" for k in swept(cfg)) + f"; best config {paths['best']}")

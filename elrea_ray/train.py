@@ -109,13 +109,17 @@ def train_loop(cfg: dict) -> dict:
     device = ray.train.torch.get_device() if tc.use_gpu else torch.device("cpu")
     torch.manual_seed(seed)
 
+    from elrea_ray import storage
+
     tok = load_tokenizer(mc)
-    ids, labels, dropped = _load_examples(cfg["data_file"], cfg.get("example_ids"), tok, mc.max_length)
+    data_file = str(storage.localize(cfg["data_file"]))
+    ids, labels, dropped = _load_examples(data_file, cfg.get("example_ids"), tok, mc.max_length)
     if not ids:
         raise ValueError(f"{name}: no training examples left (dropped {dropped} longer than "
                          f"model.max_length={mc.max_length})")
     if cfg.get("init_adapter"):
-        model = load_adapters(mc, {"default": cfg["init_adapter"]}, device, is_trainable=True)
+        model = load_adapters(mc, {"default": str(storage.localize(cfg["init_adapter"]))}, device,
+                              is_trainable=True)
     else:
         model = new_lora_model(mc, device, seed=seed)
     model.train()
@@ -130,6 +134,11 @@ def train_loop(cfg: dict) -> dict:
     if world > 1:
         net = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None)
+
+    # Rank 0 writes into out_dir; for an object-store run that is a URI, so it writes into a
+    # local staging folder and uploads (epoch folders as they finish, the adapter last).
+    remote_out = storage.is_remote(cfg["out_dir"])
+    out_dir = Path(tempfile.mkdtemp(prefix=f"elrea-{name}-")) if remote_out else Path(cfg["out_dir"])
 
     step, lr_sum = 0, 0.0
     last_loss = float("nan")
@@ -189,11 +198,15 @@ def train_loop(cfg: dict) -> dict:
             epoch_end = step % steps_per_epoch == 0
             if epoch_end and rank == 0 and cfg.get("save_epochs"):
                 # Written before the resume checkpoint below, so a kill in between redoes it.
-                save_epoch_checkpoint(Path(cfg["out_dir"]) / f"epoch-{epoch + 1}", model, opt,
+                save_epoch_checkpoint(out_dir / f"epoch-{epoch + 1}", model, opt,
                                       step=step, lr=sched.get_last_lr()[0],
                                       mean_lr=lr_sum / steps_per_epoch, epoch=epoch + 1)
-                (Path(cfg["out_dir"]) / f"epoch-{epoch + 1}" / "parameter_layout.json").write_text(
+                (out_dir / f"epoch-{epoch + 1}" / "parameter_layout.json").write_text(
                     json.dumps(parameter_layout(model)))
+                if remote_out:
+                    storage.push_dir(out_dir / f"epoch-{epoch + 1}",
+                                     storage.join(cfg["out_dir"], f"epoch-{epoch + 1}"))
+                    shutil.rmtree(out_dir / f"epoch-{epoch + 1}")
             if epoch_end:
                 lr_sum = 0.0
             if step % tc.logging_steps == 0 or epoch_end:
@@ -209,7 +222,7 @@ def train_loop(cfg: dict) -> dict:
                 else:
                     ray.train.report(metrics)
     if rank == 0:
-        final = Path(cfg["out_dir"]) if not cfg.get("save_epochs") else Path(cfg["out_dir"]) / "final"
+        final = out_dir if not cfg.get("save_epochs") else out_dir / "final"
         # Saved beside and renamed into place: a kill mid-save never leaves a folder that looks
         # finished (the experts stage skips experts whose folder exists after a driver restart).
         tmp = final.with_name(final.name + ".saving")
@@ -220,8 +233,12 @@ def train_loop(cfg: dict) -> dict:
             shutil.rmtree(final)
         os.rename(tmp, final)
         # The loss curve, beside the adapter (Ray Train v2 keeps only the latest checkpoint's metrics).
-        (Path(cfg["out_dir"]) / "train_log.json").write_text(json.dumps(
+        (out_dir / "train_log.json").write_text(json.dumps(
             {"name": name, "steps_per_epoch": steps_per_epoch, "total_steps": total, "log": history}))
+        if remote_out:  # adapter_config.json last: the stage skips experts whose folder has it
+            storage.push_dir(out_dir, cfg["out_dir"], last="adapter_config.json")
+    if remote_out:
+        shutil.rmtree(out_dir, ignore_errors=True)
     return {"final_loss": last_loss, "steps": step, "examples": len(ids), "dropped_too_long": dropped,
             "resumed_from_step": resumed_from}
 
@@ -305,12 +322,19 @@ def check_resources(num_workers: int, cpus_per_worker: float, use_gpu: bool, wha
         raise RuntimeError(f"{what}: {problem}")
 
 
-def fit_adapter(run_name: str, loop_cfg: dict, tc: TrainConfig, storage: Path,
+def fit_adapter(run_name: str, loop_cfg: dict, tc: TrainConfig, storage: str | Path,
                 num_workers: int, cpus_per_worker: float, use_gpu: bool, gpus_per_worker: float = 1.0,
                 check: bool = True) -> dict:
-    """One `TorchTrainer.fit()`; the same (storage, run_name) resumes a run killed earlier."""
+    """One `TorchTrainer.fit()`; the same (storage, run_name) resumes a run killed earlier.
+    `storage` may be an s3:// URI: Ray Train then keeps its checkpoints in the object store."""
     import ray.train
     from ray.train.torch import TorchTrainer
+
+    from elrea_ray import storage as store
+
+    storage_fs = None
+    if store.is_remote(storage):
+        storage_fs, storage = store.filesystem(str(storage))
 
     if check:  # ray.check_resources: off on autoscaling clusters that add nodes on demand
         check_resources(num_workers, cpus_per_worker, use_gpu, f"training {run_name}",
@@ -322,7 +346,7 @@ def fit_adapter(run_name: str, loop_cfg: dict, tc: TrainConfig, storage: Path,
                                                resources_per_worker=worker_bundle(cpus_per_worker, use_gpu,
                                                                                    gpus_per_worker)),
         run_config=ray.train.RunConfig(
-            name=run_name, storage_path=str(storage),
+            name=run_name, storage_path=str(storage), storage_filesystem=storage_fs,
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=1),
             failure_config=ray.train.FailureConfig(max_failures=tc.max_failures)),
     )

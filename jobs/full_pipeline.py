@@ -30,7 +30,7 @@ def main() -> None:
     args = ap.parse_args()
     overrides = list(args.overrides) + ([f"run.run_dir={args.run_dir}"] if args.run_dir else [])
     cfg = load_config(args.config, overrides)
-    RunDir.at(cfg.run.run_dir).check_unlocked()  # refuse a second run before starting Ray
+    RunDir.at(cfg.run.run_dir, cfg.run.local_dir).check_unlocked()  # refuse a second run before starting Ray
     connect_ray(cfg)
     run = run_pipeline(cfg)
     print_results(run)

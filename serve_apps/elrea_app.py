@@ -36,7 +36,7 @@ app = FastAPI(title="elrea-ray", docs_url=None, redoc_url=None)
 class AppArgs(BaseModel):
     """`serve run ... key=value` arguments or the `args:` block of a Serve config file."""
 
-    run_dir: str
+    run_dir: str  # local path, or an s3:// run that each replica pulls into its node's mirror
     api_key: str | None = None  # bearer key required on every route but /health
     num_replicas: int = 1  # fixed replica count, unless max_replicas turns autoscaling on
     min_replicas: int = 1
