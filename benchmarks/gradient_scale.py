@@ -26,7 +26,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def child(n: int, workdir: Path, d_proj: int) -> dict:
+def child(n: int, workdir: Path, d_proj: int, actor_env: dict[str, str]) -> dict:
     import psutil
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -94,7 +94,8 @@ def child(n: int, workdir: Path, d_proj: int) -> dict:
             trace.append((time.perf_counter() - t0, drv, actor, anon_now))
             stop.wait(0.25)
 
-    ray.init(num_cpus=cfg.ray.num_cpus, include_dashboard=False, log_to_driver=False)
+    ray.init(num_cpus=cfg.ray.num_cpus, include_dashboard=False, log_to_driver=False,
+             runtime_env={"env_vars": actor_env} if actor_env else None)
     ray.data.DataContext.get_current().enable_progress_bars = False
     threading.Thread(target=sample, daemon=True).start()
     out = run.stage_dir("gradients")
@@ -136,11 +137,14 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--sizes", type=int, nargs="+", default=[1000, 10000, 50000])
     ap.add_argument("--d-proj", type=int, default=512)
+    ap.add_argument("--actor-env", nargs="*", default=[], metavar="KEY=VALUE",
+                    help="environment of the Ray workers, e.g. allocator settings (MALLOC_ARENA_MAX=2)")
     ap.add_argument("--child", type=int, help=argparse.SUPPRESS)
     ap.add_argument("--workdir", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child is not None:
-        print("RESULT " + json.dumps(child(args.child, Path(args.workdir), args.d_proj)), flush=True)
+        env = dict(kv.split("=", 1) for kv in args.actor_env)
+        print("RESULT " + json.dumps(child(args.child, Path(args.workdir), args.d_proj, env)), flush=True)
         return
     print(f"{'examples':>9s} {'seconds':>8s} {'ex/s':>7s} {'driver RSS peak MB':>19s} {'actor USS peak MB':>18s} "
           f"{'actor USS MB 2nd/3rd third':>27s} {'actor RSS peak MB':>18s} {'actor heap (RssAnon) peak MB':>29s} "
@@ -148,7 +152,8 @@ def main() -> None:
     for n in args.sizes:
         with tempfile.TemporaryDirectory() as tmp:
             proc = subprocess.run([sys.executable, __file__, "--child", str(n), "--workdir", tmp,
-                                   "--d-proj", str(args.d_proj)], capture_output=True, text=True)
+                                   "--d-proj", str(args.d_proj), "--actor-env", *args.actor_env],
+                              capture_output=True, text=True)
         lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
         if proc.returncode != 0 or not lines:
             sys.exit(f"size {n} failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
