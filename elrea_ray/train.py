@@ -12,6 +12,7 @@ import json
 import math
 import os
 import shutil
+import sys
 import tempfile
 import threading
 import time
@@ -60,6 +61,13 @@ def _inner(net):
     net = getattr(net, "module", net)
     get_base = getattr(net, "get_base_model", None)
     return get_base() if callable(get_base) else net
+
+
+def _log(line: str) -> None:
+    """One line to the worker's stdout, which Ray streams to the driver. Not `print`: Ray Train
+    patches print into its logger AND the original stream, so each line reached the driver twice."""
+    sys.stdout.write(line + "\n")
+    sys.stdout.flush()
 
 
 def _lr_lambda(total_steps: int, warmup_steps: int):
@@ -164,7 +172,7 @@ def train_loop(cfg: dict) -> dict:
             if rng_state.get("cuda") is not None and device.type == "cuda":
                 torch.cuda.set_rng_state(rng_state["cuda"], device)
         if rank == 0:
-            print(f"[{name}] resumed from step {step}/{total}", flush=True)
+            _log(f"[{name}] resumed from step {step}/{total}")
     resumed_from = step
 
     lengths = [len(x) for x in ids]
@@ -215,8 +223,8 @@ def train_loop(cfg: dict) -> dict:
                 metrics = {"loss": last_loss, "step": step, "epoch": epoch + 1, "lr": sched.get_last_lr()[0]}
                 history.append(metrics)
                 if rank == 0:
-                    print(f"[{name}] step {step}/{total} epoch {epoch + 1} loss {last_loss:.4f} "
-                          f"lr {metrics['lr']:.2e}", flush=True)
+                    _log(f"[{name}] step {step}/{total} epoch {epoch + 1} loss {last_loss:.4f} "
+                         f"lr {metrics['lr']:.2e}")
                 if step % tc.checkpoint_every_steps == 0 or epoch_end:
                     _report_with_checkpoint(metrics, model, opt, sched, step, lr_sum, rank, last_loss, history)
                 else:
