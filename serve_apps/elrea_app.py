@@ -5,8 +5,9 @@
 
 Each replica holds the backbone and all C+1 adapters once and mixes their logits inside one
 batched forward (DESIGN.md §2: per-expert deployments or model multiplexing do not fit that).
-Concurrent non-streaming requests are batched with `@serve.batch` for the routing gradients and
-for decoding; streaming requests decode on their own.
+Concurrent requests are batched with `@serve.batch` for the routing gradients and for decoding:
+non-streaming requests with each other, streaming requests with each other (each stream gets its
+own tokens as the shared batch decodes them).
 
 Routes: POST /v1/completions, POST /v1/chat/completions (both with "stream": true as SSE),
 GET /v1/models, GET /health. Extra request fields: "top_k" (experts kept), "adapter" (force
@@ -80,6 +81,9 @@ class ELREAServer:
         self.batches_served = 0
         self.requests_batched = 0
         self.max_batch_seen = 0
+        self.stream_batches_served = 0
+        self.stream_requests_batched = 0
+        self.max_stream_batch_seen = 0
         self.inflight = 0
         self.rejected_overload = 0
         self._batch_seconds = 1.0  # running mean of one decoding batch, for Retry-After
@@ -87,8 +91,9 @@ class ELREAServer:
         self.set_batch_params()
 
     def set_batch_params(self):
-        self.generate_batch.set_max_batch_size(self.args.max_batch_size)
-        self.generate_batch.set_batch_wait_timeout_s(self.args.batch_wait_timeout_s)
+        for batched in (self.generate_batch, self.stream_batch):
+            batched.set_max_batch_size(self.args.max_batch_size)
+            batched.set_batch_wait_timeout_s(self.args.batch_wait_timeout_s)
 
     def _authorised(self, request: Request) -> bool:
         if not self.args.api_key:
@@ -115,6 +120,34 @@ class ELREAServer:
         self.requests_batched += len(reqs)
         self.max_batch_seen = max(self.max_batch_seen, len(reqs))
         return results
+
+    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.02)
+    async def stream_batch(self, items: list) -> list:
+        """Streaming requests decoded as one batch: items are (request, asyncio.Queue); every
+        step's text deltas go to their request's queue, then ("done", result) or ("error", msg)."""
+        reqs, queues = [r for r, _ in items], [q for _, q in items]
+        loop = asyncio.get_running_loop()
+
+        def run():
+            try:
+                for step in self.engine.stream(reqs):
+                    for b, delta in step:
+                        loop.call_soon_threadsafe(queues[b].put_nowait, ("delta", delta))
+                for q, res in zip(queues, self.engine.last_results):
+                    loop.call_soon_threadsafe(q.put_nowait, ("done", res))
+            except Exception as e:  # surfaces as a final error event in every stream, never a torn one
+                log.warning("streaming batch failed: %s", type(e).__name__)
+                for q in queues:
+                    loop.call_soon_threadsafe(q.put_nowait, ("error", str(e)))
+
+        async with self._lock:
+            t0 = time.monotonic()
+            await loop.run_in_executor(None, run)
+            self._batch_seconds = 0.8 * self._batch_seconds + 0.2 * (time.monotonic() - t0)
+        self.stream_batches_served += 1
+        self.stream_requests_batched += len(items)
+        self.max_stream_batch_seen = max(self.max_stream_batch_seen, len(items))
+        return [None] * len(items)
 
     def _overloaded(self) -> JSONResponse:
         """429 with an honest Retry-After: the batches ahead of a new request, times a batch's time."""
@@ -166,36 +199,30 @@ class ELREAServer:
 
     async def _stream_chunks(self, req, meta):
         rid = ("chatcmpl-" if meta["chat"] else "cmpl-") + uuid.uuid4().hex[:24]
-        loop = asyncio.get_running_loop()
         queue: asyncio.Queue = asyncio.Queue()
-
-        def run():
+        if meta["chat"]:
+            yield stream_chunk(rid, meta, None, role=True)
+        batch = asyncio.ensure_future(self.stream_batch((req, queue)))
+        # not awaited (a stream ends at its own "done"): retrieve the outcome so that nothing
+        # is logged as an unretrieved exception if the client left early
+        batch.add_done_callback(lambda f: None if f.cancelled() else f.exception())
+        deadline = time.monotonic() + self.args.request_timeout_s
+        while True:  # a client that leaves early leaves the batch decoding for the others
             try:
-                for step in self.engine.stream([req]):
-                    for _, delta in step:
-                        loop.call_soon_threadsafe(queue.put_nowait, ("delta", delta))
-                loop.call_soon_threadsafe(queue.put_nowait, ("done", self.engine.last_results[0]))
-            except Exception as e:  # surfaces as a final error event, never a torn stream
-                loop.call_soon_threadsafe(queue.put_nowait, ("error", str(e)))
-
-        async with self._lock:
-            if meta["chat"]:
-                yield stream_chunk(rid, meta, None, role=True)
-            fut = loop.run_in_executor(None, run)
-            while True:
-                kind, value = await queue.get()
-                if kind == "delta":
-                    yield stream_chunk(rid, meta, value)
-                elif kind == "done":
-                    usage = {"prompt_tokens": len(req.prompt_ids), "completion_tokens": len(value.token_ids),
-                             "total_tokens": len(req.prompt_ids) + len(value.token_ids)}
-                    yield stream_chunk(rid, meta, None, value.finish_reason,
-                                       extra={"usage": usage, "routing": value.routing})
-                    break
-                else:
-                    yield f"data: {json.dumps({'error': {'message': value, 'type': 'server_error'}})}\n\n"
-                    break
-            await fut
+                kind, value = await asyncio.wait_for(queue.get(), max(0.0, deadline - time.monotonic()))
+            except asyncio.TimeoutError:
+                kind, value = "error", f"the request took longer than {self.args.request_timeout_s} s"
+            if kind == "delta":
+                yield stream_chunk(rid, meta, value)
+            elif kind == "done":
+                usage = {"prompt_tokens": len(req.prompt_ids), "completion_tokens": len(value.token_ids),
+                         "total_tokens": len(req.prompt_ids) + len(value.token_ids)}
+                yield stream_chunk(rid, meta, None, value.finish_reason,
+                                   extra={"usage": usage, "routing": value.routing})
+                break
+            else:
+                yield f"data: {json.dumps({'error': {'message': value, 'type': 'server_error'}})}\n\n"
+                break
         yield "data: [DONE]\n\n"
 
     @app.post("/v1/completions")
@@ -223,7 +250,9 @@ class ELREAServer:
         if not self._authorised(request):
             return _error(RequestError("missing or wrong API key", status=401, code="authentication_error"))
         return {"batches_served": self.batches_served, "requests_batched": self.requests_batched,
-                "max_batch_seen": self.max_batch_seen, "inflight": self.inflight,
+                "max_batch_seen": self.max_batch_seen, "stream_batches_served": self.stream_batches_served,
+                "stream_requests_batched": self.stream_requests_batched,
+                "max_stream_batch_seen": self.max_stream_batch_seen, "inflight": self.inflight,
                 "rejected_overload": self.rejected_overload}
 
 

@@ -113,6 +113,31 @@ def test_32_concurrent_requests_succeed_in_batches(server):
     assert stats["max_batch_seen"] > 1 and stats["requests_batched"] >= 32
 
 
+def test_concurrent_streams_are_decoded_in_one_batch(client, server):
+    """Streaming requests arriving together share a decoding batch; each stream still gets its
+    own tokens, a final chunk with usage and routing, and its own end."""
+    before = httpx.get(server + "/v1/stats").json()
+    model = client.models.list().data[0].id
+
+    def one(i):
+        chunks = list(client.chat.completions.create(
+            model=model, max_tokens=4, stream=True,
+            messages=[{"role": "user", "content": f"What is {i} + {i}?"}]))
+        last = chunks[-1]
+        text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+        return text, last.choices[0].finish_reason, last.usage, last.model_extra["routing"]
+
+    with ThreadPoolExecutor(6) as ex:
+        results = list(ex.map(one, range(6)))
+    for text, finish, usage, routing in results:
+        assert finish in ("stop", "length") and usage.completion_tokens <= 4 and usage.prompt_tokens > 0
+        assert abs(sum(routing["expert_weights"].values()) - 1.0) < 1e-6
+    after = httpx.get(server + "/v1/stats").json()
+    assert after["stream_requests_batched"] - before["stream_requests_batched"] == 6
+    assert after["max_stream_batch_seen"] > 1
+    assert after["stream_batches_served"] - before["stream_batches_served"] < 6
+
+
 @pytest.mark.parametrize("body,status,param", [
     (b"{not json", 400, None),
     (json.dumps({"prompt": ""}).encode(), 400, "prompt"),
