@@ -639,10 +639,32 @@ def routing_weights(cfg: Config, run: RunDir, features: np.ndarray,
     return out
 
 
+def decode_split(ec, model_cfg: dict, adapters: dict[str, str], rows: list[dict],
+                 weights: dict[str, np.ndarray], methods: list[str]):
+    """Decode and score `methods` on data rows over an EvalMapper actor pool (evaluation on the
+    test split, sweep trials on the validation split). weights: [len(rows), n] per weighted
+    method over `adapters` in order (column 0 = base). Returns the predictions DataFrame in row
+    order: example_id, source, pred_<method>, score_<method>."""
+    import ray
+
+    items = []
+    for i, r in enumerate(rows):
+        item = {k: r[k] for k in ("example_id", "source", "prompt", "answer", "meta")}
+        for m, w in weights.items():
+            item[f"w_{m}"] = w[i].tolist()
+        items.append(item)
+    preds = ray.data.from_items(items).map_batches(
+        EvalMapper, batch_size=ec.batch_size, batch_format="numpy",
+        fn_constructor_kwargs={"model_cfg": model_cfg, "adapters": adapters, "methods": methods,
+                               "max_new_tokens": ec.max_new_tokens, "use_gpu": ec.use_gpu},
+        compute=ray.data.ActorPoolStrategy(size=ec.num_actors), num_cpus=ec.cpus_per_actor,
+        num_gpus=1 if ec.use_gpu else 0).to_pandas()
+    return preds.set_index("example_id").loc[[r["example_id"] for r in rows]].reset_index()
+
+
 def build_eval(cfg: Config, run: RunDir, out: Path) -> dict:
     import pyarrow as pa
     import pyarrow.parquet as pq
-    import ray
 
     from elrea_ray.evaluate import (accuracy_table, majority_source, own_source_routing_rate,
                                     results_markdown)
@@ -671,26 +693,12 @@ def build_eval(cfg: Config, run: RunDir, out: Path) -> dict:
             wide[m][:, [names.index(n) for n in b["names"]]] = b["w"]
         for m in routed:
             wide[m] = np.concatenate([weights[m], np.zeros((len(test), len(names) - weights[m].shape[1]))], 1)
-    items = []
-    for i, r in enumerate(test):
-        item = {k: r[k] for k in ("example_id", "source", "prompt", "answer", "meta")}
-        for m in wide:
-            item[f"w_{m}"] = wide[m][i].tolist()
-        items.append(item)
     # The weights of every weighted method per test item (column 0 = base), for the report.
     pq.write_table(pa.table({"example_id": [r["example_id"] for r in test],
                              "source": [r["source"] for r in test],
                              **{f"w_{m}": [w.tolist() for w in weights[m]] for m in weights}}),
                    out / "weights.parquet")
-    ds = ray.data.from_items(items).map_batches(
-        EvalMapper, batch_size=ec.batch_size, batch_format="numpy",
-        fn_constructor_kwargs={"model_cfg": bundle["model"], "adapters": adapters,
-                               "methods": list(ec.methods), "max_new_tokens": ec.max_new_tokens,
-                               "use_gpu": ec.use_gpu},
-        compute=ray.data.ActorPoolStrategy(size=ec.num_actors), num_cpus=ec.cpus_per_actor,
-        num_gpus=1 if ec.use_gpu else 0)
-    preds = ds.to_pandas()
-    preds = preds.set_index("example_id").loc[[r["example_id"] for r in test]].reset_index()
+    preds = decode_split(ec, bundle["model"], adapters, test, wide, list(ec.methods))
     pq.write_table(pa.Table.from_pandas(preds, preserve_index=False), out / "predictions.parquet")
     sources = preds["source"].tolist()
     table = accuracy_table(sources, {m: preds[f"score_{m}"].tolist() for m in ec.methods},

@@ -46,8 +46,8 @@ import yaml
 
 from elrea_ray.artifacts import ArtifactError, RunDir, stage_key
 from elrea_ray.config import Config, ConfigError, from_dict, merge
-from elrea_ray.pipeline import (EvalMapper, _slice, build_base, build_clusters, build_data,
-                                build_experts, build_gradients, read_features, routing_weights,
+from elrea_ray.pipeline import (_slice, build_base, build_clusters, build_data, build_experts,
+                                build_gradients, decode_split, read_features, routing_weights,
                                 stage_keys, write_bundle)
 
 # sweep field -> the config key it sets
@@ -177,7 +177,6 @@ def build_validation(cfg: Config, run: RunDir, out: Path) -> dict:
     EvalMapper and routing weights as the test-split eval stage)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
-    import ray
 
     from elrea_ray.evaluate import accuracy_table
 
@@ -190,22 +189,10 @@ def build_validation(cfg: Config, run: RunDir, out: Path) -> dict:
     feats = feats[[order[r["example_id"]] for r in rows]]
     weights = routing_weights(cfg, run, feats)
     method = cfg.sweep.metric
-    items = []
-    for i, r in enumerate(rows):
-        item = {k: r[k] for k in ("example_id", "source", "prompt", "answer", "meta")}
-        if method in weights:
-            item[f"w_{method}"] = weights[method][i].tolist()
-        items.append(item)
     bundle = json.loads(run.bundle.read_text())
-    adapters = {n: str(run.root / p) for n, p in bundle["adapters"].items()}
-    ec = cfg.eval
-    preds = ray.data.from_items(items).map_batches(
-        EvalMapper, batch_size=ec.batch_size, batch_format="numpy",
-        fn_constructor_kwargs={"model_cfg": bundle["model"], "adapters": adapters, "methods": [method],
-                               "max_new_tokens": ec.max_new_tokens, "use_gpu": ec.use_gpu},
-        compute=ray.data.ActorPoolStrategy(size=ec.num_actors), num_cpus=ec.cpus_per_actor,
-        num_gpus=1 if ec.use_gpu else 0).to_pandas()
-    preds = preds.set_index("example_id").loc[[r["example_id"] for r in rows]].reset_index()
+    adapters = {n: run.ref(run.root / p) for n, p in bundle["adapters"].items()}
+    preds = decode_split(cfg.eval, bundle["model"], adapters, rows,
+                         {method: weights[method]} if method in weights else {}, [method])
     pq.write_table(pa.Table.from_pandas(preds, preserve_index=False), out / "predictions.parquet")
     table = accuracy_table(preds["source"].tolist(), {method: preds[f"score_{method}"].tolist()},
                            resamples=0, seed=cfg.run.seed)
