@@ -38,7 +38,10 @@ def response_cross_entropy(net, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     shifted = torch.full_like(labels, -100)
     shifted[:, :-1] = labels[:, 1:]
     keep = shifted != -100
-    cls = type(_inner(net))
+    from elrea_ray.checkpoints import unwrap
+
+    inner = unwrap(net)  # under DDP; then the transformers model under PEFT decides slicing
+    cls = type(inner.get_base_model() if hasattr(inner, "get_base_model") else inner)
     if _HEAD_SLICING.get(cls, True):
         try:
             out = net(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
@@ -54,13 +57,6 @@ def response_cross_entropy(net, batch: dict[str, torch.Tensor]) -> torch.Tensor:
 
 
 _HEAD_SLICING: dict[type, bool] = {}  # per model class: does its forward honour a boolean mask?
-
-
-def _inner(net):
-    """The transformers model under the DDP and PEFT wrappers (its class decides head slicing)."""
-    net = getattr(net, "module", net)
-    get_base = getattr(net, "get_base_model", None)
-    return get_base() if callable(get_base) else net
 
 
 def _log(line: str) -> None:
