@@ -6,6 +6,9 @@ every contender produces exactly --new-tokens tokens per prompt):
 
   single       one adapter, plain PEFT `generate` with a KV cache: the reference every ratio divides by
   stacked      the C+1-adapter ensemble through elrea_ray's stacked multi-adapter forward
+               (the prompts' common chat-template prefix prefilled once per adapter)
+  stacked_full the same without prefix sharing: every row prefills its whole prompt, as the
+               single-adapter reference does
   sparse       the same, with the routing a typical prompt gets after `routing.top_k: 1`
                (its top expert plus the base adapter: 2 of the C+1 adapters run)
   peft_mixed   the ensemble through PEFT's mixed-adapter batch (prompt replicated C+1 times)
@@ -44,7 +47,7 @@ from elrea_ray.config import ModelConfig  # noqa: E402
 from elrea_ray.ensemble import ensemble_generate  # noqa: E402
 from elrea_ray.model import load_backbone, load_tokenizer, lora_config  # noqa: E402
 
-CONTENDERS = ("single", "stacked", "sparse", "peft_mixed", "separate")
+CONTENDERS = ("single", "stacked", "stacked_full", "sparse", "peft_mixed", "separate")
 
 # Prompts in the style of the default data (reasoning-gym families), 30-60 tokens with the template.
 PROMPTS = [
@@ -161,7 +164,7 @@ def run(contender, model, names, prompts, new_tokens, pad):
     backend = "peft" if contender == "peft_mixed" else "stacked"
     w = sparse if contender == "sparse" else dense
     return ensemble_generate(model, prompts, names, w, new_tokens, eos_token_id=None, pad_token_id=pad,
-                             backend=backend)
+                             backend=backend, share_prefix=contender != "stacked_full")
 
 
 def sync(device: str) -> None:

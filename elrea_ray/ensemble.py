@@ -41,7 +41,8 @@ def _eos_set(eos_token_id: int | Sequence[int] | None) -> list[int]:
 def ensemble_generate(peft_model, prompts: Sequence[Sequence[int]], adapter_names: Sequence[str],
                       weights: np.ndarray, max_new_tokens: int | Sequence[int],
                       eos_token_id: int | Sequence[int] | None, pad_token_id: int,
-                      sampler: Callable | None = None, backend: str = "auto") -> list[list[int]]:
+                      sampler: Callable | None = None, backend: str = "auto",
+                      share_prefix: bool = True) -> list[list[int]]:
     """Routed-ensemble decoding of B prompts over A adapters (greedy unless `sampler`).
 
     prompts: B token id lists (chat-formatted, generation prompt included); adapter_names: A
@@ -52,11 +53,12 @@ def ensemble_generate(peft_model, prompts: Sequence[Sequence[int]], adapter_name
     back-end, not run when it is 0 for every prompt. A prompt that reaches EOS leaves the batch.
     `sampler(mixed_logits [B_active, V], prompt_indices) -> ids [B_active]` replaces argmax.
     backend: "stacked", "peft", or "auto" (stacked unless the adapters use a LoRA feature it
-    does not implement, such as DoRA).
+    does not implement, such as DoRA). share_prefix: on the stacked back-end, prefill the
+    prompts' common leading tokens (the chat template's system turn) once per adapter.
     """
     results: list[list[int]] = [[] for _ in prompts]
     for step in ensemble_stream(peft_model, prompts, adapter_names, weights, max_new_tokens,
-                                eos_token_id, pad_token_id, sampler, backend):
+                                eos_token_id, pad_token_id, sampler, backend, share_prefix=share_prefix):
         for b, tok in step:
             results[b].append(tok)
     return results
@@ -108,7 +110,8 @@ def ensemble_stream(peft_model, prompts: Sequence[Sequence[int]], adapter_names:
                     weights: np.ndarray, max_new_tokens: int | Sequence[int],
                     eos_token_id: int | Sequence[int] | None, pad_token_id: int,
                     sampler: Callable | None = None, backend: str = "auto",
-                    prompt_of: Sequence[int] | None = None) -> Iterator[list[tuple[int, int]]]:
+                    prompt_of: Sequence[int] | None = None,
+                    share_prefix: bool = True) -> Iterator[list[tuple[int, int]]]:
     """`ensemble_generate` one step at a time: yields [(prompt index, new token id), ...] for the
     prompts still generating (for streaming responses).
 
@@ -158,8 +161,8 @@ def ensemble_stream(peft_model, prompts: Sequence[Sequence[int]], adapter_names:
     try:
         with torch.inference_mode():
             if stacked is not None:
-                yield from _decode_stacked(model, stacked, prompts, w, limits,
-                                           _eos_set(eos_token_id), int(pad_token_id), sampler, prompt_of)
+                yield from _decode_stacked(model, stacked, prompts, w, limits, _eos_set(eos_token_id),
+                                           int(pad_token_id), sampler, prompt_of, share_prefix)
             else:  # no prefill sharing here: each sequence is its own prompt
                 seqs = prompts if prompt_of is None else [prompts[i] for i in prompt_of]
                 yield from _decode_peft(model, seqs, [names[a] for a in used], w[:, used], limits,
@@ -178,6 +181,19 @@ def _left_pad(prompts: list[list[int]], pad_token_id: int) -> tuple[torch.Tensor
         ids[b, width - len(p):] = torch.as_tensor(p, dtype=torch.long)
         mask[b, width - len(p):] = 1
     return ids, mask
+
+
+# Below this many common leading tokens, a separate prefix forward costs more than it saves.
+MIN_SHARED_PREFIX = 4
+
+
+def _common_prefix(prompts: list[list[int]]) -> int:
+    """Length of the prompts' longest common prefix, leaving every prompt at least one token of
+    its own (the prefill's last position must be the prompt's)."""
+    first, n = prompts[0], min(len(p) for p in prompts) - 1
+    for p in prompts[1:]:
+        n = next((i for i in range(n) if p[i] != first[i]), n)
+    return n
 
 
 def _emit(active: list[int], next_ids: torch.Tensor, eos_t: torch.Tensor, produced: list[int],
@@ -213,11 +229,18 @@ def _plain_head(hf_model) -> torch.nn.Linear | None:
 
 def _decode_stacked(model, stacked, prompts: list[list[int]], w: np.ndarray, limits: list[int],
                     eos: list[int], pad_token_id: int, sampler,
-                    prompt_of: np.ndarray | None = None) -> Iterator[list[tuple[int, int]]]:
+                    prompt_of: np.ndarray | None = None,
+                    share_prefix: bool = True) -> Iterator[list[tuple[int, int]]]:
     """Decode V sequences with weights w [V, A]. Sequence v continues prompts[prompt_of[v]]
     (default: v itself). Each (prompt, adapter) pair that any sequence uses is prefilled ONCE;
     sequences sharing a prompt then decode from copies of those cache rows (a KV cache depends
-    on the prompt and the adapter only, not on the mixing weights)."""
+    on the prompt and the adapter only, not on the mixing weights).
+
+    With `share_prefix`, the prompts' common leading tokens (for chat prompts, the template's
+    system turn: 23 of SmolLM2's ~50 prompt tokens) are prefilled once per adapter, and every
+    row's cache starts from a copy of its adapter's; the rest of each prompt is then prefilled
+    after it, left padded *between* the prefix and the prompt's own tokens (masked out, with
+    positions that skip the pads), which is what a full prefill of the whole prompt computes."""
     hf_model = model.get_base_model()  # the HF model with the LoRA layers injected
     head, decoder = _plain_head(hf_model), hf_model.get_decoder()
     device = next(model.parameters()).device
@@ -233,9 +256,14 @@ def _decode_stacked(model, stacked, prompts: list[list[int]], w: np.ndarray, lim
         pre = np.argwhere(need.T)[:, ::-1]  # [R, (prompt, adapter)], sorted by adapter
     else:
         pre = np.argwhere(need)  # [R, (prompt, adapter)], sorted by prompt
-    ids, mask = _left_pad(prompts, pad_token_id)
+    distinct = sorted(set(pre[:, 0].tolist()))  # one prompt alone has nothing to share
+    shared = _common_prefix([prompts[i] for i in distinct]) if share_prefix and len(distinct) > 1 else 0
+    shared = shared if shared >= MIN_SHARED_PREFIX else 0
+    ids, mask = _left_pad([p[shared:] for p in prompts], pad_token_id)
     pre_prompt = torch.as_tensor(pre[:, 0], device=device)
     ids, mask = ids.to(device)[pre_prompt], mask.to(device)[pre_prompt]
+    if shared:
+        mask = torch.cat([mask.new_ones(len(pre), shared), mask], dim=1)  # [prefix | pads | own tokens]
     position_ids = (mask.cumsum(-1) - 1).clamp_min(0)  # as HF generate: pads get 0, tokens 0..len-1
     if fan_out:  # decoding rows: one per (sequence, adapter) pair, each a copy of a prefill row
         pairs = np.argwhere(w != 0)
@@ -273,8 +301,16 @@ def _decode_stacked(model, stacked, prompts: list[list[int]], w: np.ndarray, lim
         return mixed
 
     with stacked.active():
+        cache = None
+        if shared:  # the common prefix once per adapter, then copied to that adapter's rows
+            adapters = sorted(set(pre[:, 1].tolist()))
+            prefix = torch.as_tensor(prompts[int(pre[0, 0])][:shared], device=device).repeat(len(adapters), 1)
+            stacked.set_rows(torch.as_tensor(adapters, device=device))
+            _, cache = forward(prefix, torch.ones_like(prefix), position_ids[:len(adapters), :shared], None)
+            slot = {a: i for i, a in enumerate(adapters)}
+            cache.batch_select_indices(torch.as_tensor([slot[int(a)] for a in pre[:, 1]], device=device))
         stacked.set_rows(torch.as_tensor(pre[:, 1], device=device))
-        last, cache = forward(ids, mask, position_ids, None)
+        last, cache = forward(ids, mask, position_ids[:, shared:], cache)
         last_pos = position_ids[:, -1]
         if src is not None:
             cache.batch_select_indices(src)

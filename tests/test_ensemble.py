@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from elrea_ray.checkpoints import save_epoch_checkpoint
+from elrea_ray.checkpoints import save_epoch_checkpoint, unwrap
 from elrea_ray.config import ModelConfig
 from elrea_ray.ensemble import ensemble_generate, single_generate
 from elrea_ray.model import load_adapters, load_tokenizer, lora_parameters, new_lora_model
@@ -163,13 +163,21 @@ def recorded(model, prompts, names, w, backend, eos=2):
     return tokens, steps
 
 
-def test_stacked_path_equals_peft_mixed_batch(model, prompts):
+@pytest.mark.parametrize("backbone", [True, False], ids=["with-backbone", "adapters-only"])
+def test_stacked_path_equals_peft_mixed_batch(model, prompts, backbone):
     rng = np.random.default_rng(1)
-    names = NAMES + ["__base__"]
+    names = NAMES + ["__base__"] if backbone else list(NAMES)
     w = rng.uniform(0.1, 1.5, size=(len(prompts), len(names)))
     eos = [an_eos_mid_generation(model, prompts, 0), 2]  # prompts leave the batch at different steps
     got, got_steps = recorded(model, prompts, names, w, "stacked", eos)
-    assert model._elrea_stacked[tuple(names)]._grouped[0]  # dense routing took the grouped (bmm) layout
+    stacked = model._elrea_stacked[tuple(names)]
+    assert stacked._grouped[0]  # dense routing took the grouped (bmm) layout
+    for _, a_cat, b_cat, _, a_grp, b_grp in stacked._layers:
+        # every slot a real adapter: the grouped operands are views of the concatenations (no copy);
+        # with the backbone's empty slot they are zero-padded copies
+        shares = (a_grp.untyped_storage().data_ptr() == a_cat.untyped_storage().data_ptr()
+                  and b_grp.untyped_storage().data_ptr() == b_cat.untyped_storage().data_ptr())
+        assert shares == (not backbone)
     want, want_steps = recorded(model, prompts, names, w, "peft", eos)
     assert got == want
     assert len(got_steps) == len(want_steps)
@@ -220,8 +228,8 @@ def test_stacked_forward_does_the_same_ops_whatever_the_number_of_adapters(model
 
 def test_several_routings_share_the_prefill_and_equal_separate_calls(model, prompts):
     """ensemble_generate_many = one ensemble_generate per routing (tokens), while each
-    (prompt, adapter) pair is prefilled once: the first forward has one row per pair used."""
-    from elrea_ray.ensemble import ensemble_generate_many
+    (prompt, adapter) pair is prefilled once: the prompt forward has one row per pair used."""
+    from elrea_ray.ensemble import _common_prefix, ensemble_generate_many
 
     names = ["__base__", *NAMES]
     B = len(prompts)
@@ -237,10 +245,57 @@ def test_several_routings_share_the_prefill_and_equal_separate_calls(model, prom
         got = ensemble_generate_many(model, prompts, names, sets, NEW, eos, 0)
     finally:
         hook.remove()
-    assert seen[0][0] == B * len(names)  # 16 prefill rows, not 4 + 4 + 12 + 8 = 28
-    assert all(s[1] == 1 for s in seen[1:])  # then one token per row and step
+    shared = _common_prefix(prompts)
+    assert seen[0] == (len(names), shared)  # the common prefix, once per adapter
+    assert seen[1][0] == B * len(names)  # 16 prefill rows, not 4 + 4 + 12 + 8 = 28
+    assert all(s[1] == 1 for s in seen[2:])  # then one token per row and step
     for k, w in sets.items():
         assert got[k] == ensemble_generate(model, prompts, names, w, NEW, eos, 0), k
     assert len({len(g) for g in got["dense"]}) > 1  # sequences leave the joint batch at different steps
     with pytest.raises(ValueError, match="shape"):
         ensemble_generate_many(model, prompts, names, {"x": np.ones((B, 2))}, NEW, 2, 0)
+
+
+def test_common_prompt_prefix_is_prefilled_once_per_adapter(model, prompts):
+    """The prompts' shared chat-template prefix is prefilled once per adapter (one row each),
+    then copied to that adapter's rows: tokens and mixed logits equal a full prefill of every row."""
+    from elrea_ray.ensemble import _common_prefix
+
+    shared = _common_prefix(prompts)
+    assert shared >= 4  # the template's system turn
+    w = np.random.default_rng(3).uniform(0.1, 1.5, size=(len(prompts), len(NAMES)))
+    eos = [an_eos_mid_generation(model, prompts, 0), 2]
+    calls: list[tuple] = []
+    hook = unwrap(model).get_input_embeddings().register_forward_pre_hook(
+        lambda _m, args: calls.append(tuple(args[0].shape)))
+    seen = {}
+    try:
+        for share in (True, False):
+            steps: list[torch.Tensor] = []
+
+            def greedy(mixed, active):
+                steps.append(mixed.clone())
+                return mixed.argmax(-1)
+
+            calls.clear()
+            tokens = ensemble_generate(model, prompts, NAMES, w, NEW, eos, 0, sampler=greedy,
+                                       backend="stacked", share_prefix=share)
+            seen[share] = (tokens, steps, list(calls))
+    finally:
+        hook.remove()
+    width, rows = max(map(len, prompts)), len(prompts) * len(NAMES)
+    assert seen[True][2][:2] == [(len(NAMES), shared), (rows, width - shared)]
+    assert seen[False][2][0] == (rows, width)
+    assert seen[True][0] == seen[False][0]
+    assert len(seen[True][1]) == len(seen[False][1])
+    for a, b in zip(seen[True][1], seen[False][1]):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+    # one prompt alone: nothing is shared (its whole prompt is already prefilled once per adapter)
+    calls.clear()
+    hook = unwrap(model).get_input_embeddings().register_forward_pre_hook(
+        lambda _m, args: calls.append(tuple(args[0].shape)))
+    try:
+        ensemble_generate(model, prompts[:1], NAMES, w[:1], 2, None, 0, backend="stacked")
+    finally:
+        hook.remove()
+    assert calls[0] == (len(NAMES), len(prompts[0]))
