@@ -38,6 +38,7 @@ import fcntl
 import itertools
 import json
 import os
+import shutil
 import time
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -163,6 +164,81 @@ def link_stages(run: RunDir, source: RunDir, stages: tuple[str, ...]) -> None:
             raise ArtifactError(f"sweep: {dst} is a real folder; refusing to replace it with a link")
         dst.parent.mkdir(parents=True, exist_ok=True)
         os.symlink(os.path.relpath(target, dst.parent), dst)
+
+
+def _link_or_copy(src: str, dst: str) -> None:
+    try:
+        os.link(src, dst)  # stage files are never modified after the stage completes
+    except OSError:
+        shutil.copy2(src, dst)
+
+
+def _seed_stage(src: RunDir, dst: RunDir, stage: str, key: str) -> bool:
+    """Put `src`'s finished `stage` (built with `key`) into `dst`, hard-linked where the filesystem
+    allows; atomic (copied beside, then renamed). False when `dst` already holds it."""
+    out = dst.stage_dir(stage)
+    if dst.completed_key(stage) == key:
+        return False
+    tmp = out.with_name(out.name + ".seeding")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copytree(src.stage_dir(stage).resolve(), tmp, copy_function=_link_or_copy)
+    if out.is_symlink():
+        out.unlink()
+    elif out.exists():  # incomplete or another key: not what this level's settings build
+        shutil.rmtree(out)
+    tmp.rename(out)
+    entry = src.read_manifest().get("stages", {}).get(stage, {}) if src.manifest.exists() else {}
+    dst.update_manifest(lambda m: m["stages"].__setitem__(stage, {**entry, "key": key, "status": "complete",
+                                                                  "seeded_from": str(src.root)}))
+    return True
+
+
+def seed_from_run(cfg: Config, source: str | Path, experts: bool = True,
+                  log: Callable[[str], None] = print) -> list[str]:
+    """Reuse a finished pipeline run: copy its stages 0-2 (and, with `experts`, its clusters and
+    experts) into the sweep levels of every trial whose settings match them, so those trials skip
+    straight to what they change. Files are hard-linked when the run is on the same filesystem.
+
+    Returns the level folders seeded. A run none of whose stage 0-2 keys match a trial (it was
+    built with other data, model, base-training or gradient settings) is an error naming the keys.
+    """
+    src = RunDir.at(Path(source).expanduser().resolve())
+    if not src.root.is_dir():
+        raise ArtifactError(f"sweep: --from-run {src.root} is not a folder")
+    root = Path(cfg.sweep.dir).expanduser().resolve()
+    base = cfg.to_dict()
+    have = {s: src.completed_key(s) for s in UPSTREAM + EXPERTS}
+    seeded: list[str] = []
+    wanted: set[str] = set()
+    matched = False
+    for point in grid_points(cfg):
+        keys = stage_keys(with_params(base, point))
+        wanted.add(keys["gradients"])
+        if any(have[s] != keys[s] for s in UPSTREAM):
+            continue
+        matched = True
+        up = RunDir.at(root / "upstream" / keys["gradients"])
+        with building(up):
+            if any([_seed_stage(src, up, s, keys[s]) for s in UPSTREAM]):
+                seeded.append(str(up.root))
+        if not experts or any(have[s] != keys[s] for s in EXPERTS):
+            continue
+        ex = RunDir.at(root / "experts" / keys["experts"])
+        with building(ex):
+            link_stages(ex, up, UPSTREAM)
+            if any([_seed_stage(src, ex, s, keys[s]) for s in EXPERTS]):
+                seeded.append(str(ex.root))
+    if not matched:
+        missing = [s for s in UPSTREAM if have[s] is None]
+        why = (f"its stages {', '.join(missing)} are not complete" if missing else
+               f"its gradients stage has key {have['gradients']}, the sweep's trials need "
+               + " or ".join(sorted(wanted)) + " (other data, model, train or gradients settings)")
+        raise ArtifactError(f"sweep: --from-run {src.root} matches no trial: {why}")
+    for level in seeded:
+        log(f"sweep: seeded {level} from {src.root}")
+    return seeded
 
 
 def validation_key(cfg: Config, keys: dict[str, str]) -> str:

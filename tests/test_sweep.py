@@ -3,7 +3,6 @@ build-once locking of shared levels with threads, and one small real sweep whose
 shared stage 1-2 outputs of the session's smoke run."""
 
 import json
-import shutil
 import threading
 import time
 from pathlib import Path
@@ -12,7 +11,7 @@ import pytest
 import yaml
 
 from conftest import SMOKE
-from elrea_ray.artifacts import RunDir
+from elrea_ray.artifacts import ArtifactError, RunDir
 from elrea_ray.config import ConfigError, load_config
 from elrea_ray.pipeline import stage_keys
 from elrea_ray import sweep
@@ -98,13 +97,11 @@ def test_sweep_reuses_shared_stages_and_its_best_config_runs(smoke_run, tmp_path
     cfg = load_config(SMOKE, [f"sweep.dir={root}", "sweep.initial_clusters=[]", "sweep.temperature=[0.5,2.0]"])
     keys = stage_keys(cfg)
     # Stages 0-2 with these settings were built by the session's smoke run: seed the sweep's shared
-    # upstream level with them; no trial may build them again.
+    # upstream level with them (as `tune_sweep.py --from-run` does); no trial may build them again.
     up = root / "upstream" / keys["gradients"]
-    up.mkdir(parents=True)
-    for rel in ("data", "adapters/base", "gradients", "manifest.json"):
-        src = smoke_run.root / rel
-        (shutil.copytree if src.is_dir() else shutil.copy)(src, up / rel)
-    before = json.loads((up / "manifest.json").read_text())["stages"]
+    assert sweep.seed_from_run(cfg, smoke_run.root, experts=False, log=lambda s: None) == [str(up)]
+    assert sweep.seed_from_run(cfg, smoke_run.root, experts=False, log=lambda s: None) == []  # idempotent
+    before = json.loads((smoke_run.root / "manifest.json").read_text())["stages"]
 
     out = sweep.run_sweep(cfg, log=lambda s: None)
     rows = out["rows"]
@@ -135,3 +132,27 @@ def test_sweep_reuses_shared_stages_and_its_best_config_runs(smoke_run, tmp_path
     ran = {ln.split("]")[0].strip("[") for ln in lines if "running (key" in ln}
     assert ran == {"eval"}
     assert json.loads((Path(best.run.run_dir) / "eval" / "metrics.json").read_text())["methods"]
+
+
+def test_seed_from_run_fills_matching_levels_and_refuses_a_foreign_run(smoke_run, tmp_path):
+    cfg = load_config(SMOKE, [f"sweep.dir={tmp_path / 'sweep'}", "sweep.initial_clusters=[]",
+                              "sweep.temperature=[0.5,2.0]"])
+    keys = stage_keys(cfg)
+    seeded = sweep.seed_from_run(cfg, smoke_run.root, log=lambda s: None)
+    up, ex = RunDir.at(seeded[0]), RunDir.at(seeded[1])
+    assert (up.root.name, ex.root.name) == (keys["gradients"], keys["experts"])
+    for stage in ("data", "base", "gradients"):
+        assert up.completed_key(stage) == keys[stage]
+        assert ex.stage_dir(stage).is_symlink() and ex.stage_dir(stage).resolve() == up.stage_dir(stage)
+    assert ex.completed_key("clusters") == keys["clusters"] and ex.completed_key("experts") == keys["experts"]
+    # hard links where the filesystem allows (tmp_path and the smoke run share one here)
+    f = next(p for p in ex.stage_dir("experts").rglob("*.safetensors"))
+    orig = smoke_run.root / f.relative_to(ex.root)
+    assert f.read_bytes() == orig.read_bytes()
+    assert json.loads(up.manifest.read_text())["stages"]["base"]["seeded_from"] == str(smoke_run.root)
+
+    other = load_config(SMOKE, [f"sweep.dir={tmp_path / 'sweep2'}", "sweep.temperature=[1.0]", "train.lr=3e-3"])
+    with pytest.raises(ArtifactError, match="matches no trial: its gradients stage has key"):
+        sweep.seed_from_run(other, smoke_run.root, log=lambda s: None)
+    with pytest.raises(ArtifactError, match="matches no trial: its stages data, base, gradients are not complete"):
+        sweep.seed_from_run(cfg, tmp_path, log=lambda s: None)
