@@ -87,7 +87,7 @@ class ELREAServer:
         self.inflight = 0
         self.rejected_overload = 0
         self._batch_seconds = 1.0  # running mean of one decoding batch, for Retry-After
-        self._lock = asyncio.Lock()  # one decode at a time per replica (the model is not reentrant)
+        self._lock = asyncio.Lock()  # one decode at a time per replica
         self.set_batch_params()
 
     def set_batch_params(self):
@@ -110,12 +110,18 @@ class ELREAServer:
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise RequestError(f"the request body is not valid JSON: {e}") from None
 
-    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.02)
-    async def generate_batch(self, reqs: list) -> list:
+    async def _decode(self, fn, *args):
+        """Run one decoding batch in the executor, one at a time per replica (the model is not
+        reentrant), keeping the running mean of a batch's time for Retry-After."""
         async with self._lock:
             t0 = time.monotonic()
-            results = await asyncio.get_running_loop().run_in_executor(None, self.engine.generate, reqs)
+            out = await asyncio.get_running_loop().run_in_executor(None, fn, *args)
             self._batch_seconds = 0.8 * self._batch_seconds + 0.2 * (time.monotonic() - t0)
+        return out
+
+    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.02)
+    async def generate_batch(self, reqs: list) -> list:
+        results = await self._decode(self.engine.generate, reqs)
         self.batches_served += 1
         self.requests_batched += len(reqs)
         self.max_batch_seen = max(self.max_batch_seen, len(reqs))
@@ -140,10 +146,7 @@ class ELREAServer:
                 for q in queues:
                     loop.call_soon_threadsafe(q.put_nowait, ("error", str(e)))
 
-        async with self._lock:
-            t0 = time.monotonic()
-            await loop.run_in_executor(None, run)
-            self._batch_seconds = 0.8 * self._batch_seconds + 0.2 * (time.monotonic() - t0)
+        await self._decode(run)
         self.stream_batches_served += 1
         self.stream_requests_batched += len(items)
         self.max_stream_batch_seen = max(self.max_stream_batch_seen, len(items))
