@@ -93,6 +93,17 @@ def _smollm2_gguf() -> Path:
     return Path(spec.submodule_search_locations[0]) / _GGUF
 
 
+def _file_digest(path: Path, span: int = 1 << 20) -> str:
+    """Content digest of a large file from its size and first and last MiB: a reinstalled wheel
+    (new mtime, same bytes) keeps its converted folder instead of converting into a new one."""
+    h = hashlib.sha256(str(path.stat().st_size).encode())
+    with open(path, "rb") as f:
+        h.update(f.read(span))
+        f.seek(max(0, path.stat().st_size - span))
+        h.update(f.read(span))
+    return h.hexdigest()[:12]
+
+
 def _build_smollm2(out: Path) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -116,8 +127,7 @@ def resolve_model_path(name_or_path: str) -> str:
     if name_or_path == TINY:
         return str(_publish(_build_tiny, cache_dir() / "tiny-random-llama-v1"))
     if name_or_path == SMOLLM2:
-        gguf = _smollm2_gguf()
-        digest = hashlib.sha256(f"{gguf.stat().st_size}:{gguf.stat().st_mtime_ns}".encode()).hexdigest()[:12]
+        digest = _file_digest(_smollm2_gguf())
         return str(_publish(_build_smollm2, cache_dir() / f"smollm2-135m-instruct-{digest}"))
     return name_or_path
 
