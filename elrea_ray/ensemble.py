@@ -183,7 +183,7 @@ def _left_pad(prompts: list[list[int]], pad_token_id: int) -> tuple[torch.Tensor
     return ids, mask
 
 
-# Below this many common leading tokens, a separate prefix forward costs more than it saves.
+# Shorter common prefixes go with the rest of the prompt: an extra forward call for a few tokens saves little.
 MIN_SHARED_PREFIX = 4
 
 
@@ -237,7 +237,7 @@ def _decode_stacked(model, stacked, prompts: list[list[int]], w: np.ndarray, lim
     on the prompt and the adapter only, not on the mixing weights).
 
     With `share_prefix`, the prompts' common leading tokens (for chat prompts, the template's
-    system turn: 23 of SmolLM2's ~50 prompt tokens) are prefilled once per adapter, and every
+    system turn: 24 of SmolLM2's ~50 prompt tokens) are prefilled once per adapter, and every
     row's cache starts from a copy of its adapter's; the rest of each prompt is then prefilled
     after it, left padded *between* the prefix and the prompt's own tokens (masked out, with
     positions that skip the pads), which is what a full prefill of the whole prompt computes."""
