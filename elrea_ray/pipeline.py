@@ -525,10 +525,11 @@ def _baseline_weights(cfg: Config, run: RunDir, test: list[dict], info: dict) ->
 
 # -- stage 5: evaluation ----------------------------------------------------------------------------
 
-def _share_groups(sets: dict[str, np.ndarray]) -> list[list[str]]:
+def _share_groups(sets: dict[str, np.ndarray]) -> list[tuple[list[int], list[str]]]:
     """Methods whose adapter sets nest (column 0, the bare backbone, is free) share one decoding
     call; others get their own, so that no row pays for the rank blocks of adapters its group
-    never uses (a stacked row computes every adapter of its call; see elrea_ray.stacked)."""
+    never uses (a stacked row computes every adapter of its call; see elrea_ray.stacked).
+    Returns (columns of the call: 0 and the group's adapters, the group's methods) per call."""
     groups: list[tuple[set[int], list[str]]] = []
     for m, w in sets.items():
         used = {int(a) for a in np.flatnonzero(w.any(0)) if a}
@@ -539,7 +540,7 @@ def _share_groups(sets: dict[str, np.ndarray]) -> list[list[str]]:
                 break
         else:
             groups.append((used, [m]))
-    return [g[1] for g in groups]
+    return [([0, *sorted(used)], methods) for used, methods in groups]
 
 
 class EvalMapper:
@@ -587,8 +588,7 @@ class EvalMapper:
                 w[:, 1:] = np.stack([np.asarray(x, dtype=np.float64) for x in batch[f"w_{method}"]])
             sets[method] = w
         gens = {}
-        for group in _share_groups(sets):  # methods over nested adapter sets decode together
-            cols = [0] + sorted({a for m in group for a in np.flatnonzero(sets[m].any(0)) if a})
+        for cols, group in _share_groups(sets):  # methods over nested adapter sets decode together
             gens.update(ensemble_generate_many(self.model, prompts, [names[a] for a in cols],
                                                {m: sets[m][:, cols] for m in group},
                                                self.max_new_tokens, eos, pad))

@@ -34,12 +34,12 @@ def response_cross_entropy(net, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     fifth of a small model's compute. Same sum as full logits up to float rounding (tested). A
     model class that does not take or honour the mask gets the full-logits computation.
     """
+    from elrea_ray.checkpoints import unwrap
+
     labels = batch["labels"]
     shifted = torch.full_like(labels, -100)
     shifted[:, :-1] = labels[:, 1:]
     keep = shifted != -100
-    from elrea_ray.checkpoints import unwrap
-
     inner = unwrap(net)  # under DDP; then the transformers model under PEFT decides slicing
     cls = type(inner.get_base_model() if hasattr(inner, "get_base_model") else inner)
     if _HEAD_SLICING.get(cls, True):
