@@ -161,10 +161,11 @@ def release_freed_memory() -> None:
     """Return freed heap pages to the OS (glibc `malloc_trim`; a no-op elsewhere).
 
     A long-lived actor that allocates activations of varying size per batch, from several
-    threads (Ray Data's actor threads, torch's intra-op pool), leaves glibc holding freed
-    memory in fragmented arenas: measured with `benchmarks/gradient_scale.py`, the actor's own
-    heap grew from 416 MB (1k examples) to 1.6 GB (50k) without it, and peaks at 598 MB at 50k
-    when `FeatureMapper` trims every `TRIM_EVERY` batches (at unchanged speed).
+    threads (Ray Data's actor threads, torch's intra-op pool), can leave glibc holding freed
+    memory in fragmented arenas. When each split was a single Ray Data block, trimming every
+    `TRIM_EVERY` batches held the actor's heap at 598 MB at 50k examples instead of 1.6 GB
+    (`benchmarks/gradient_scale.py`). Since the split streams in blocks, the heap is flat at
+    ~408 MB with or without the trim (one run each); the trim is kept as cheap insurance.
     """
     global _LIBC
     if _LIBC is None:
@@ -182,8 +183,20 @@ def release_freed_memory() -> None:
 
 _LIBC = None
 # Trimming after every batch cost 20% of the stage's speed at 50k examples (pages handed back are
-# faulted in again); every 8th batch keeps the heap bounded for a fraction of that.
+# faulted in again); every 8th batch cost nothing measurable.
 TRIM_EVERY = 8
+
+
+# Rows per Ray Data block (= one actor task) in map batches: progress is visible per block and a lost
+# actor redoes little.
+BATCHES_PER_BLOCK = 2
+SHARD_BYTES = 64 << 20
+
+
+def shard_rows(d_proj: int, block_rows: int) -> int:
+    """Rows per feature shard: whole blocks, about SHARD_BYTES of float32 features (2,048 rows at
+    d_proj 8192), so a large split is neither one huge file nor thousands of tiny ones."""
+    return max(1, SHARD_BYTES // (4 * d_proj) // block_rows) * block_rows
 
 
 class FeatureMapper:
@@ -245,21 +258,32 @@ def build_gradients(cfg: Config, run: RunDir, out: Path) -> dict:
     # are reduced in a different order otherwise); the manifest records both.
     threads = max(1, int(g.cpus_per_actor))
     map_batch = g.batch_size * 4
+    block_rows = map_batch * BATCHES_PER_BLOCK
     info = {"epoch_weights": weights, "rows": {},
             "reproducibility": {"batch_size": g.batch_size, "map_batch_size": map_batch,
-                                "blocks": {}, "torch_threads": threads, "use_gpu": g.use_gpu}}
+                                "block_rows": block_rows, "torch_threads": threads, "use_gpu": g.use_gpu}}
     for split in SPLITS:
         path = run.data_file(split)
         rows = pq.read_metadata(path).num_rows
         info["rows"][split] = rows
-        # Blocks of ~64 rows: progress is visible per block and a lost actor redoes little.
-        blocks = info["reproducibility"]["blocks"][split] = max(1, rows // 64)
         dest = out / split
         if rows == 0 or dest.exists():
             continue  # nothing to do, or written in full before an interruption (renamed below)
         src, src_fs = storage.for_ray_data(run.ref(path))
-        ds = ray.data.read_parquet(src, filesystem=src_fs, columns=["example_id", "source", "prompt"],
-                                   override_num_blocks=blocks)
+        ctx = ray.data.DataContext.get_current()
+        keep, ctx.execution_options.preserve_order = ctx.execution_options.preserve_order, True
+        try:  # the dataset keeps a copy of the context: shards in data-file order, whichever actor
+            # ends first (clustering samples rows by position)
+            ds = ray.data.read_parquet(src, filesystem=src_fs)
+        finally:
+            ctx.execution_options.preserve_order = keep
+        ds = ds.select_columns(["example_id", "source", "prompt"])
+        # Ray 2.60 reads a Parquet file as ONE block (override_num_blocks is not applied to it), so
+        # the whole split used to be one actor task: a second actor got no work, a lost actor
+        # redid everything, and Ray Data held every output batch in the actor's heap until the
+        # split ended (measured: every batch of 32 rows kept its 64 KB of features). Blocks of
+        # `block_rows` rows, sliced as they stream, make each block its own task.
+        ds = ds.repartition(target_num_rows_per_block=block_rows, strict=True)
         feats = ds.map_batches(
             FeatureMapper, batch_format="pyarrow", batch_size=map_batch,
             fn_constructor_kwargs={"model_cfg": _asdict(cfg.model), "checkpoints": ckpts,
@@ -273,12 +297,13 @@ def build_gradients(cfg: Config, run: RunDir, out: Path) -> dict:
         tmp = out / f"{split}.writing"
         if tmp.exists():
             shutil.rmtree(tmp)
+        per_file = shard_rows(g.d_proj, block_rows)
         if run.remote is None:
-            feats.write_parquet(str(tmp))
+            feats.write_parquet(str(tmp), min_rows_per_file=per_file)
         else:  # the actors' shards go to the object store; the driver pulls them into its partial
             storage.delete_dir(run.ref(tmp))
             dst, dst_fs = storage.for_ray_data(run.ref(tmp))
-            feats.write_parquet(dst, filesystem=dst_fs)
+            feats.write_parquet(dst, filesystem=dst_fs, min_rows_per_file=per_file)
             storage.pull_dir(run.ref(tmp), tmp)
             storage.delete_dir(run.ref(tmp))  # no rename on S3: the pushed stage holds `dest`
         os.rename(tmp, dest)
@@ -743,8 +768,10 @@ def check_stage_resources(cfg: Config) -> None:
         return
     t, g, x, e = cfg.train, cfg.gradients, cfg.experts, cfg.eval
     check_resources(t.num_workers, t.cpus_per_worker, t.use_gpu, "stage base (Ray Train)", "train")
+    # The pool's Parquet listing, read, re-blocking and write tasks need a CPU the actors leave free:
+    # with every CPU held by actors, the first read task never starts (measured: a hang).
     check_resources(g.num_actors, g.cpus_per_actor, g.use_gpu, "stage gradients (Ray Data actors)",
-                    "gradients")
+                    "gradients", spare_cpus=1.0)
     check_resources(1, 1.0, False, "stage clusters (one Ray task)")
     check_resources(x.num_workers, x.cpus_per_worker, x.use_gpu, "stage experts (Ray Train)", "experts",
                     gpus_per_worker=x.gpus_per_worker)

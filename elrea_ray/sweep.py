@@ -105,9 +105,10 @@ def check_space(cfg: Config) -> None:
 
 def trial_demand(cfg: Config) -> dict[str, float]:
     """Peak CPUs / GPUs one trial holds at once: the largest of its stages' requests (stages run
-    one after another inside a trial; the expert stage runs `max_concurrent` trainers together)."""
+    one after another inside a trial; the expert stage runs `max_concurrent` trainers together;
+    the gradient stage's read and write tasks need one CPU beside its actors)."""
     t, g, e, ev = cfg.train, cfg.gradients, cfg.experts, cfg.eval
-    cpu = max(t.num_workers * t.cpus_per_worker, g.num_actors * g.cpus_per_actor, 1.0,
+    cpu = max(t.num_workers * t.cpus_per_worker, g.num_actors * g.cpus_per_actor + 1.0, 1.0,
               e.max_concurrent * e.num_workers * e.cpus_per_worker, ev.num_actors * ev.cpus_per_actor)
     gpu = max(t.num_workers * t.use_gpu, g.num_actors * g.use_gpu,
               e.max_concurrent * e.num_workers * e.use_gpu * e.gpus_per_worker, ev.num_actors * ev.use_gpu)

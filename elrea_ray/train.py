@@ -287,25 +287,29 @@ def worker_bundle(cpus_per_worker: float, use_gpu: bool, gpus_per_worker: float 
 
 
 def resource_problem(num_workers: int, bundle: dict[str, float], total: dict[str, float],
-                     nodes: list[dict[str, float]], keys: str | None = None) -> str | None:
+                     nodes: list[dict[str, float]], keys: str | None = None,
+                     spare_cpus: float = 0.0) -> str | None:
     """Why a group of `num_workers` x `bundle` can never start on this cluster, or None.
 
     Ray would not say: a worker group or actor pool that cannot be placed waits (and retries)
     forever (Ray 2.60 notes §0.9). Two checks: the whole group against the cluster's totals, and
     one worker against the largest node, since a worker's bundle cannot span nodes. `keys` is the
-    config section the numbers come from (e.g. "train"), named in the message."""
+    config section the numbers come from (e.g. "train"), named in the message. `spare_cpus`: CPUs
+    that must stay free beside the group (a Ray Data actor pool's read and write tasks)."""
     workers = cpu_key = None
     if keys:
         per = "worker" if keys in ("train", "experts") else "actor"
         workers, cpu_key = f"{keys}.num_{per}s", f"{keys}.cpus_per_{per}"
     for res, amount in bundle.items():
-        need, have = num_workers * amount, total.get(res, 0.0)
+        extra = spare_cpus if res == "CPU" else 0.0
+        need, have = num_workers * amount + extra, total.get(res, 0.0)
         if have < need:
             named = f"; {workers}, {cpu_key}" if keys and res == "CPU" else ""
+            plus = f" + {extra:g} for Ray Data's read and write tasks" if extra else ""
             hint = (f"; set {keys + '.' if keys else ''}use_gpu=false on a CPU cluster"
                     if res == "GPU" and have == 0 else "")
-            return (f"needs {need:g} {res}s ({num_workers} x {amount:g}{named}) but the Ray cluster has "
-                    f"{have:g} {res}s{hint}")
+            return (f"needs {need:g} {res}s ({num_workers} x {amount:g}{named}{plus}) but the Ray cluster "
+                    f"has {have:g} {res}s{hint}")
     if nodes and not any(all(n.get(r, 0.0) >= a for r, a in bundle.items()) for n in nodes):
         biggest = ", ".join(f"{r} {max(n.get(r, 0.0) for n in nodes):g}" for r in bundle)
         return ("one worker needs " + ", ".join(f"{a:g} {r}" for r, a in bundle.items())
@@ -315,13 +319,13 @@ def resource_problem(num_workers: int, bundle: dict[str, float], total: dict[str
 
 
 def check_resources(num_workers: int, cpus_per_worker: float, use_gpu: bool, what: str,
-                    keys: str | None = None, gpus_per_worker: float = 1.0) -> None:
+                    keys: str | None = None, gpus_per_worker: float = 1.0, spare_cpus: float = 0.0) -> None:
     """Fail at once with a message naming the resource, instead of Ray waiting forever."""
     import ray
 
     nodes = [n.get("Resources", {}) for n in ray.nodes() if n.get("Alive")]
     problem = resource_problem(num_workers, worker_bundle(cpus_per_worker, use_gpu, gpus_per_worker),
-                               ray.cluster_resources(), nodes, keys)
+                               ray.cluster_resources(), nodes, keys, spare_cpus)
     if problem:
         raise RuntimeError(f"{what}: {problem}")
 

@@ -182,7 +182,7 @@ def test_driver_killed_in_gradients_and_in_experts_resumes_to_identical_results(
     # the features are bit-identical to the uninterrupted run's, and the settings are recorded
     rep = m["gradients"]["info"]["reproducibility"]
     assert rep == json.loads(smoke_run.manifest.read_text())["stages"]["gradients"]["info"]["reproducibility"]
-    assert {"batch_size", "map_batch_size", "torch_threads", "blocks"} <= set(rep)
+    assert {"batch_size", "map_batch_size", "torch_threads", "block_rows"} <= set(rep)
     for split in SPLITS:
         ids, X = _features(run_dir, split)
         ref_ids, ref = _features(smoke_run.root, split)
@@ -354,6 +354,9 @@ def test_smoke_manifest_records_too_long_counts(smoke_run):
     ("train.num_workers=8", r"stage base.*needs 8 CPUs \(8 x 1; train\.num_workers, train\.cpus_per_worker\) "
                             r"but the Ray cluster has 4 CPUs"),
     ("eval.num_actors=5", r"stage eval.*needs 5 CPUs.*eval\.num_actors"),
+    # every CPU held by actors: the pool's read task could never start
+    ("gradients.num_actors=4", r"stage gradients.*needs 5 CPUs \(4 x 1; gradients\.num_actors, "
+                               r"gradients\.cpus_per_actor \+ 1 for Ray Data's read and write tasks\)"),
     ("experts.cpus_per_worker=6", r"stage experts.*needs 6 CPUs"),
 ])
 def test_infeasible_resources_fail_before_any_stage(ray_local, tmp_path, override, match):
