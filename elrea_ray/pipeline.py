@@ -270,19 +270,14 @@ def build_gradients(cfg: Config, run: RunDir, out: Path) -> dict:
         if rows == 0 or dest.exists():
             continue  # nothing to do, or written in full before an interruption (renamed below)
         src, src_fs = storage.for_ray_data(run.ref(path))
-        ctx = ray.data.DataContext.get_current()
-        keep, ctx.execution_options.preserve_order = ctx.execution_options.preserve_order, True
-        try:  # the dataset keeps a copy of the context: shards in data-file order, whichever actor
-            # ends first (clustering samples rows by position)
-            ds = ray.data.read_parquet(src, filesystem=src_fs)
-        finally:
-            ctx.execution_options.preserve_order = keep
-        ds = ds.select_columns(["example_id", "source", "prompt"])
+        ds = ray.data.read_parquet(src, filesystem=src_fs).select_columns(["example_id", "source", "prompt"])
         # Ray 2.60 reads a Parquet file as ONE block (override_num_blocks is not applied to it), so
         # the whole split used to be one actor task: a second actor got no work, a lost actor
         # redid everything, and Ray Data held every output batch in the actor's heap until the
         # split ended (measured: every batch of 32 rows kept its 64 KB of features). Blocks of
-        # `block_rows` rows, sliced as they stream, make each block its own task.
+        # `block_rows` rows, sliced as they stream, make each block its own task. Shards are in no
+        # particular row order (even preserve_order=True let batches swap, measured); readers that
+        # need one ask read_features for it.
         ds = ds.repartition(target_num_rows_per_block=block_rows, strict=True)
         feats = ds.map_batches(
             FeatureMapper, batch_format="pyarrow", batch_size=map_batch,
@@ -310,7 +305,9 @@ def build_gradients(cfg: Config, run: RunDir, out: Path) -> dict:
     return info
 
 
-def read_features(folder: Path) -> tuple[list[str], list[str], np.ndarray]:
+def read_features(folder: Path, order: list[str] | None = None) -> tuple[list[str], list[str], np.ndarray]:
+    """(example ids, sources, features [N, d_proj]) of a split's shards, in shard order, or in
+    `order` (example ids, e.g. the data file's) when given: every id of it must be there once."""
     import pyarrow.parquet as pq
 
     if not folder.exists():
@@ -319,7 +316,17 @@ def read_features(folder: Path) -> tuple[list[str], list[str], np.ndarray]:
     col = t.column("feature").combine_chunks()
     d = col.type.list_size
     X = col.flatten().to_numpy().reshape(-1, d).astype(np.float32)
-    return t.column("example_id").to_pylist(), t.column("source").to_pylist(), X
+    ids, sources = t.column("example_id").to_pylist(), t.column("source").to_pylist()
+    if order is None:
+        return ids, sources, X
+    at = {e: i for i, e in enumerate(ids)}
+    missing = [e for e in order if e not in at]
+    if missing or len(at) != len(ids) or len(ids) != len(order):
+        raise ArtifactError(f"gradient features {folder} do not match the data: {len(ids)} rows "
+                            f"({len(ids) - len(at)} duplicated ids) for {len(order)} examples"
+                            + (f"; missing e.g. {missing[0]}" if missing else ""))
+    rows = [at[e] for e in order]
+    return list(order), [sources[i] for i in rows], X[rows]
 
 
 # -- stage 3: clusters ------------------------------------------------------------------------------
@@ -342,7 +349,9 @@ def build_clusters(cfg: Config, run: RunDir, out: Path) -> dict:
 
     from elrea_ray.clustering import assign, cluster_source_report, normalized_centroids
 
-    ids, sources, X = read_features(run.gradient_dir("train"))
+    # In data-file order: the fit sample below is drawn by position, whatever order the shards have.
+    data_ids = pq.read_table(run.data_file("train"), columns=["example_id"]).column("example_id").to_pylist()
+    ids, sources, X = read_features(run.gradient_dir("train"), order=data_ids)
     cc = cfg.clustering
     rng = np.random.default_rng(cfg.run.seed)
     # Paper: fit on 5,000 randomly sampled training points, then assign every point.

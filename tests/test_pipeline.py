@@ -56,7 +56,8 @@ def test_features_cover_every_example_once_and_are_unit_norm(smoke_run):
     for split in ("train", "test"):
         ids, _, X = read_features(smoke_run.gradient_dir(split))
         data_ids = pq.read_table(smoke_run.data_file(split)).column("example_id").to_pylist()
-        assert ids == data_ids  # in data-file order: clustering samples rows by position
+        assert sorted(ids) == sorted(data_ids) and len(set(ids)) == len(ids)
+        assert read_features(smoke_run.gradient_dir(split), order=data_ids)[0] == data_ids
         assert X.shape[1] == 512
         assert np.allclose(np.linalg.norm(X, axis=1), 1.0, atol=1e-4)
 
@@ -64,8 +65,8 @@ def test_features_cover_every_example_once_and_are_unit_norm(smoke_run):
 def test_gradient_split_streams_in_blocks_over_an_actor_pool(smoke_run, tmp_path, monkeypatch):
     """A split is many Ray Data blocks (one actor task each), not the one block Ray's Parquet
     reader makes of a file: with one shard per block the shards show the blocks. Two actors, and
-    the features still come out in data-file order and equal to the shared run's (whose batches
-    were 4x larger, so equal to float tolerance)."""
+    every example's feature equals the shared run's (whose batches were 4x larger, so to float
+    tolerance); read_features puts them in data-file order."""
     import math
 
     import numpy as np
@@ -85,11 +86,31 @@ def test_gradient_split_streams_in_blocks_over_an_actor_pool(smoke_run, tmp_path
         shards = sorted((out / split).glob("*.parquet"))
         assert len(shards) == math.ceil(rows / block), (split, rows, [s.name for s in shards])
         assert [pq.read_metadata(s).num_rows for s in shards[:-1]] == [block] * (len(shards) - 1)
-        ids, _, X = read_features(out / split)
-        assert ids == pq.read_table(smoke_run.data_file(split)).column("example_id").to_pylist()
-        ref_ids, _, ref = read_features(smoke_run.gradient_dir(split))
-        assert ids == ref_ids and np.allclose(X, ref, atol=1e-5), split
+        data_ids = pq.read_table(smoke_run.data_file(split)).column("example_id").to_pylist()
+        ids, _, X = read_features(out / split, order=data_ids)
+        assert ids == data_ids
+        _, _, ref = read_features(smoke_run.gradient_dir(split), order=data_ids)
+        assert np.allclose(X, ref, atol=1e-5), split
     assert info["rows"]["train"] > block  # the train split really is several blocks
+
+
+def test_read_features_in_a_given_order_names_what_does_not_match(tmp_path):
+    import numpy as np
+    import pyarrow as pa
+
+    from elrea_ray.artifacts import ArtifactError
+    from elrea_ray.pipeline import read_features
+
+    X = np.arange(12, dtype=np.float32).reshape(3, 4)
+    pq.write_table(pa.table({"example_id": ["b", "c", "a"], "source": ["s1", "s2", "s3"],
+                             "feature": pa.FixedSizeListArray.from_arrays(pa.array(X.reshape(-1)), 4)}),
+                   tmp_path / "part-0.parquet")
+    ids, sources, got = read_features(tmp_path, order=["a", "b", "c"])
+    assert ids == ["a", "b", "c"] and sources == ["s3", "s1", "s2"] and np.array_equal(got, X[[2, 0, 1]])
+    with pytest.raises(ArtifactError, match="3 rows .* for 4 examples; missing e.g. d"):
+        read_features(tmp_path, order=["a", "b", "c", "d"])
+    with pytest.raises(ArtifactError, match="3 rows .* for 2 examples"):
+        read_features(tmp_path, order=["a", "b"])
 
 
 def test_feature_shards_hold_whole_blocks_of_about_64_mib():
