@@ -54,3 +54,5 @@ def test_ray_job_submit_runs_the_smoke_pipeline(tmp_path):
     finally:
         # Stop only this cluster (`ray stop` would also end the test session's own local Ray).
         subprocess.run(["pkill", "-f", str(temp)], capture_output=True, timeout=60)
+        time.sleep(5)  # then SIGKILL what ignored SIGTERM (a gcs_server was once left running)
+        subprocess.run(["pkill", "-9", "-f", str(temp)], capture_output=True, timeout=60)
