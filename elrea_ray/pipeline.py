@@ -711,12 +711,7 @@ def build_eval(cfg: Config, run: RunDir, out: Path) -> dict:
 
     bundle = json.loads(run.bundle.read_text())
     test = pq.read_table(run.data_file("test")).to_pylist()
-    ids, _, feats = read_features(run.gradient_dir("test"))
-    order = {e: i for i, e in enumerate(ids)}
-    missing = [r["example_id"] for r in test if r["example_id"] not in order]
-    if missing:
-        raise ArtifactError(f"test features are missing for {len(missing)} examples, e.g. {missing[0]}")
-    feats = feats[[order[r["example_id"]] for r in test]]
+    _, _, feats = read_features(run.gradient_dir("test"), order=[r["example_id"] for r in test])
     ec = cfg.eval
     weights = routing_weights(cfg, run, feats, ec.methods)
     adapters = {n: run.ref(run.root / p) for n, p in bundle["adapters"].items()}

@@ -261,9 +261,7 @@ def build_validation(cfg: Config, run: RunDir, out: Path) -> dict:
     if not rows:
         raise ArtifactError(f"sweep: the validation split {run.data_file('validation')} is empty; the "
                             "objective needs it (data.validation_per_source or data.validation_files)")
-    ids, _, feats = read_features(run.gradient_dir("validation"))
-    order = {e: i for i, e in enumerate(ids)}
-    feats = feats[[order[r["example_id"]] for r in rows]]
+    _, _, feats = read_features(run.gradient_dir("validation"), order=[r["example_id"] for r in rows])
     weights = routing_weights(cfg, run, feats)
     method = cfg.sweep.metric
     bundle = json.loads(run.bundle.read_text())
