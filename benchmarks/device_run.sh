@@ -9,7 +9,7 @@
 # Each step's output goes to $OUT/<step>.log (default ./device-out); a failed step does not stop
 # the next.
 #
-#     OUT=/tmp/out bash benchmarks/device_run.sh            # on the GPU machine
+#     OUT=device-out bash benchmarks/device_run.sh          # on the GPU machine
 #     DEVICE=cpu QUICK=1 bash benchmarks/device_run.sh      # a dry run of the same steps on a CPU
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -17,7 +17,7 @@ OUT=${OUT:-device-out}
 DEVICE=${DEVICE:-cuda}
 mkdir -p "$OUT"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
-export ELREA_CACHE=${ELREA_CACHE:-/tmp/elrea-cache}  # the random models (5 GB for gemma-2b): not in $OUT
+export ELREA_CACHE=${ELREA_CACHE:-$HOME/.cache/elrea-ray}  # the random models (5 GB for gemma-2b): not in $OUT
 PY=${PYTHON:-python}
 if [ -n "${QUICK:-}" ]; then  # the CPU dry run: every step, a few examples each
   SMALL=(--examples 4 --less-examples 1 --rounds 1 --less-buffer 2 --batch-size 4 --d-proj 1024)

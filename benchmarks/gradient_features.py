@@ -40,14 +40,13 @@ from elrea_ray.model import load_tokenizer, lora_parameters, new_lora_model
 from elrea_ray.projection import KINDS, ProjectorSpec, make_projector
 
 DEFAULT_DATA = Path(__file__).resolve().parents[1] / "runs/default/data/train.parquet"
-MAIN_DATA = Path("/work/main/runs/default/data/train.parquet")
 GENERATED = "generated"
 
 
 def prompts(path: str | None, n: int, seed: int) -> list[list[dict]]:
     """n chat prompts: spread over a pipeline data file (its `prompt` column) or generated
     (path "generated", or when no run's data file exists)."""
-    for p in ([] if path == GENERATED else [Path(path)] if path else [DEFAULT_DATA, MAIN_DATA]):
+    for p in ([] if path == GENERATED else [Path(path)] if path else [DEFAULT_DATA]):
         if p.exists():
             import pyarrow.parquet as pq
 

@@ -8,7 +8,7 @@ its sign generation is paid once. Per projector: Pearson and Spearman correlatio
 N(N-1)/2 pairwise cosines, and the ARI between the clusters (elrea_ray.clustering, the run's
 clustering settings) of its features and those of the dense / exact features.
 
-    python benchmarks/projector_fidelity.py --run /work/main/runs/default --per-source 40
+    python benchmarks/projector_fidelity.py --run runs/default --per-source 40
 """
 
 from __future__ import annotations
@@ -62,7 +62,7 @@ def pair_cosines(x: np.ndarray) -> np.ndarray:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--run", default="/work/main/runs/default", help="a finished pipeline run folder")
+    ap.add_argument("--run", default=str(Path(__file__).resolve().parents[1] / "runs/default"), help="a finished pipeline run folder")
     ap.add_argument("--per-source", type=int, default=40, help="training examples per source")
     ap.add_argument("--d-proj", type=int, default=8192)
     ap.add_argument("--batch-size", type=int, default=8)

@@ -1,4 +1,4 @@
-"""Faults on a real local Ray (issue 8): a SIGKILLed driver, a crashed Train worker, a killed
+"""Faults on a real local Ray: a SIGKILLed driver, a crashed Train worker, a killed
 Ray Data actor, infeasible resources and bad rows. The session's smoke run
 (tests/conftest.py::smoke_run) is the uninterrupted reference with the same seeds.
 

@@ -1,4 +1,4 @@
-"""Serving under faults (issue 8, item 8), over real HTTP against the app from the shared smoke
+"""Serving under faults, over real HTTP against the app from the shared smoke
 run's bundle: a replica SIGKILLed under 32 concurrent clients, graceful shutdown with requests
 in flight, and a request over its timeout. Figures are printed as `FIGURE ...` lines (-s)."""
 
