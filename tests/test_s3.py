@@ -152,8 +152,8 @@ def test_config_rejects_other_schemes_and_a_stray_local_dir():
     with pytest.raises(ConfigError, match="run.run_dir must be a local path or an s3:// URI"):
         load_config(None, ["run.run_dir=gs://bucket/run"])
     with pytest.raises(ConfigError, match="run.local_dir must be unset"):
-        load_config(None, ["run.run_dir=runs/x", "run.local_dir=/tmp/m"])
-    assert load_config(None, ["run.run_dir=s3://b/run", "run.local_dir=/tmp/m"]).run.local_dir == "/tmp/m"
+        load_config(None, ["run.run_dir=runs/x", "run.local_dir=/mnt/m"])
+    assert load_config(None, ["run.run_dir=s3://b/run", "run.local_dir=/mnt/m"]).run.local_dir == "/mnt/m"
 
 
 @pytest.fixture
