@@ -58,6 +58,9 @@ class RayConfig:
         _check(self.num_cpus is None or self.num_cpus >= 1, f"{p}.num_cpus", ">= 1 or null", self.num_cpus)
 
 
+ATTN_IMPLEMENTATIONS = ("sdpa", "eager", "flash_attention_2")
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     """Backbone and LoRA shape (paper: gemma-1.1-2b-it, r=8, alpha=4r, dropout 0.1, all linear)."""
@@ -71,8 +74,24 @@ class ModelConfig:
     lora_alpha: int = 32  # paper: alpha = 4r
     lora_dropout: float = 0.1
     target_modules: str = "all-linear"
+    # Recompute activations in the backward (use_reentrant=False, so LoRA-only gradients still
+    # flow); trades ~30% more compute for activation memory. Training only: gradient features
+    # run in eval mode, where transformers skips checkpointing.
+    gradient_checkpointing: bool = False
+    # sdpa | eager | flash_attention_2 (needs the flash_attn package and a CUDA GPU)
+    attn_implementation: str = "sdpa"
 
     def validate(self, p: str) -> None:
+        _check(self.attn_implementation in ATTN_IMPLEMENTATIONS, f"{p}.attn_implementation",
+               "one of " + ", ".join(ATTN_IMPLEMENTATIONS), self.attn_implementation)
+        if self.attn_implementation == "flash_attention_2":
+            import importlib.util
+
+            _check(importlib.util.find_spec("flash_attn") is not None, f"{p}.attn_implementation",
+                   "sdpa or eager when the flash_attn package is not installed "
+                   "(pip install flash-attn for flash_attention_2)", self.attn_implementation)
+        _check(isinstance(self.gradient_checkpointing, bool), f"{p}.gradient_checkpointing",
+               "true or false", self.gradient_checkpointing)
         _check(self.dtype in ("auto", "float32", "bfloat16", "float16"), f"{p}.dtype",
                "one of auto, float32, bfloat16, float16", self.dtype)
         _check(self.max_length >= 8, f"{p}.max_length", ">= 8", self.max_length)
