@@ -104,6 +104,9 @@ DATA_FORMATS = ("auto", "instruction", "alpaca", "messages", "prompt_completion"
                 "math", "multiple_choice", "bbh", "svamp", "mathqa")
 
 
+HUB_KEYS = ("path", "name", "split", "source", "use_for")
+
+
 @dataclass(frozen=True)
 class DataConfig:
     """The training mix. `reasoning_gym` builds seeded procedural tasks, one `source` per family;
@@ -125,6 +128,12 @@ class DataConfig:
     benchmarks: dict[str, str] = field(default_factory=dict)
     system_prompt: str | None = None  # None: whatever the model's chat template adds by itself
     bad_rows: str = "error"  # error: stop naming file and row | skip: drop and count in manifest
+    # Hugging Face datasets (kind=files), loaded with `datasets.load_dataset(path, name, split=)`
+    # from the local cache or the Hub (HF_HUB_OFFLINE honoured): [{path, name, split, source,
+    # use_for}]; path: a Hub id or a local dataset folder; name: the config (optional); split:
+    # the dataset's split; source: the mixture source of its rows (default: the path's last part);
+    # use_for: train | validation | test (default train)
+    hub: tuple[dict[str, str], ...] = ()
 
     def validate(self, p: str) -> None:
         _check(self.kind in ("reasoning_gym", "files"), f"{p}.kind", "reasoning_gym or files", self.kind)
@@ -138,10 +147,21 @@ class DataConfig:
             _check(len(self.sources) >= 1, f"{p}.sources", "a non-empty list of task families", self.sources)
             for n in ("train_per_source", "validation_per_source", "test_per_source"):
                 _check(getattr(self, n) >= 1, f"{p}.{n}", ">= 1", getattr(self, n))
-        else:
-            _check(len(self.train_files) >= 1, f"{p}.train_files", "at least one file when kind=files",
+        for i, h in enumerate(self.hub):
+            unknown = sorted(set(h) - set(HUB_KEYS))
+            _check(not unknown, f"{p}.hub[{i}]", "a mapping with keys " + ", ".join(HUB_KEYS), unknown)
+            _check(bool(h.get("path")), f"{p}.hub[{i}].path", "a Hub dataset id or local folder", h.get("path"))
+            _check(bool(h.get("split")), f"{p}.hub[{i}].split", "the dataset split to read, e.g. train",
+                   h.get("split"))
+            _check(h.get("use_for", "train") in ("train", "validation", "test"), f"{p}.hub[{i}].use_for",
+                   "train, validation or test", h.get("use_for"))
+        if self.kind == "files":
+            used = {h.get("use_for", "train") for h in self.hub}
+            _check(len(self.train_files) >= 1 or "train" in used, f"{p}.train_files",
+                   "at least one file (or a data.hub entry with use_for: train) when kind=files",
                    self.train_files)
-            _check(len(self.test_files) >= 1, f"{p}.test_files", "at least one file when kind=files",
+            _check(len(self.test_files) >= 1 or "test" in used, f"{p}.test_files",
+                   "at least one file (or a data.hub entry with use_for: test) when kind=files",
                    self.test_files)
 
 
