@@ -110,8 +110,8 @@ HUB_KEYS = ("path", "name", "split", "source", "use_for")
 @dataclass(frozen=True)
 class DataConfig:
     """The training mix. `reasoning_gym` builds seeded procedural tasks, one `source` per family;
-    `files` reads the user's JSONL / Parquet / JSON files (instruction/response, alpaca, chat
-    `messages`, prompt/completion)."""
+    `files` reads the user's JSONL / JSON / Parquet / CSV files and `hub` datasets (instruction/
+    response, alpaca, chat `messages`, prompt/completion)."""
 
     kind: str = "reasoning_gym"  # reasoning_gym | files
     sources: tuple[str, ...] = ("chain_sum", "products", "spell_backward", "letter_counting")
