@@ -58,6 +58,9 @@ class RayConfig:
         _check(self.num_cpus is None or self.num_cpus >= 1, f"{p}.num_cpus", ">= 1 or null", self.num_cpus)
 
 
+ATTN_IMPLEMENTATIONS = ("sdpa", "eager", "flash_attention_2")
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     """Backbone and LoRA shape (paper: gemma-1.1-2b-it, r=8, alpha=4r, dropout 0.1, all linear)."""
@@ -71,8 +74,24 @@ class ModelConfig:
     lora_alpha: int = 32  # paper: alpha = 4r
     lora_dropout: float = 0.1
     target_modules: str = "all-linear"
+    # Recompute activations in the backward (use_reentrant=False, so LoRA-only gradients still
+    # flow); trades ~30% more compute for activation memory. Training only: gradient features
+    # run in eval mode, where transformers skips checkpointing.
+    gradient_checkpointing: bool = False
+    # sdpa | eager | flash_attention_2 (needs the flash_attn package and a CUDA GPU)
+    attn_implementation: str = "sdpa"
 
     def validate(self, p: str) -> None:
+        _check(self.attn_implementation in ATTN_IMPLEMENTATIONS, f"{p}.attn_implementation",
+               "one of " + ", ".join(ATTN_IMPLEMENTATIONS), self.attn_implementation)
+        if self.attn_implementation == "flash_attention_2":
+            import importlib.util
+
+            _check(importlib.util.find_spec("flash_attn") is not None, f"{p}.attn_implementation",
+                   "sdpa or eager when the flash_attn package is not installed "
+                   "(pip install flash-attn for flash_attention_2)", self.attn_implementation)
+        _check(isinstance(self.gradient_checkpointing, bool), f"{p}.gradient_checkpointing",
+               "true or false", self.gradient_checkpointing)
         _check(self.dtype in ("auto", "float32", "bfloat16", "float16"), f"{p}.dtype",
                "one of auto, float32, bfloat16, float16", self.dtype)
         _check(self.max_length >= 8, f"{p}.max_length", ">= 8", self.max_length)
@@ -85,11 +104,14 @@ DATA_FORMATS = ("auto", "instruction", "alpaca", "messages", "prompt_completion"
                 "math", "multiple_choice", "bbh", "svamp", "mathqa")
 
 
+HUB_KEYS = ("path", "name", "split", "source", "use_for")
+
+
 @dataclass(frozen=True)
 class DataConfig:
     """The training mix. `reasoning_gym` builds seeded procedural tasks, one `source` per family;
-    `files` reads the user's JSONL / Parquet / JSON files (instruction/response, alpaca, chat
-    `messages`, prompt/completion)."""
+    `files` reads the user's JSONL / JSON / Parquet / CSV files and `hub` datasets (instruction/
+    response, alpaca, chat `messages`, prompt/completion)."""
 
     kind: str = "reasoning_gym"  # reasoning_gym | files
     sources: tuple[str, ...] = ("chain_sum", "products", "spell_backward", "letter_counting")
@@ -106,6 +128,12 @@ class DataConfig:
     benchmarks: dict[str, str] = field(default_factory=dict)
     system_prompt: str | None = None  # None: whatever the model's chat template adds by itself
     bad_rows: str = "error"  # error: stop naming file and row | skip: drop and count in manifest
+    # Hugging Face datasets (kind=files), loaded with `datasets.load_dataset(path, name, split=)`
+    # from the local cache or the Hub (HF_HUB_OFFLINE honoured): [{path, name, split, source,
+    # use_for}]; path: a Hub id or a local dataset folder; name: the config (optional); split:
+    # the dataset's split; source: the mixture source of its rows (default: the path's last part);
+    # use_for: train | validation | test (default train)
+    hub: tuple[dict[str, str], ...] = ()
 
     def validate(self, p: str) -> None:
         _check(self.kind in ("reasoning_gym", "files"), f"{p}.kind", "reasoning_gym or files", self.kind)
@@ -119,10 +147,21 @@ class DataConfig:
             _check(len(self.sources) >= 1, f"{p}.sources", "a non-empty list of task families", self.sources)
             for n in ("train_per_source", "validation_per_source", "test_per_source"):
                 _check(getattr(self, n) >= 1, f"{p}.{n}", ">= 1", getattr(self, n))
-        else:
-            _check(len(self.train_files) >= 1, f"{p}.train_files", "at least one file when kind=files",
+        for i, h in enumerate(self.hub):
+            unknown = sorted(set(h) - set(HUB_KEYS))
+            _check(not unknown, f"{p}.hub[{i}]", "a mapping with keys " + ", ".join(HUB_KEYS), unknown)
+            _check(bool(h.get("path")), f"{p}.hub[{i}].path", "a Hub dataset id or local folder", h.get("path"))
+            _check(bool(h.get("split")), f"{p}.hub[{i}].split", "the dataset split to read, e.g. train",
+                   h.get("split"))
+            _check(h.get("use_for", "train") in ("train", "validation", "test"), f"{p}.hub[{i}].use_for",
+                   "train, validation or test", h.get("use_for"))
+        if self.kind == "files":
+            used = {h.get("use_for", "train") for h in self.hub}
+            _check(len(self.train_files) >= 1 or "train" in used, f"{p}.train_files",
+                   "at least one file (or a data.hub entry with use_for: train) when kind=files",
                    self.train_files)
-            _check(len(self.test_files) >= 1, f"{p}.test_files", "at least one file when kind=files",
+            _check(len(self.test_files) >= 1 or "test" in used, f"{p}.test_files",
+                   "at least one file (or a data.hub entry with use_for: test) when kind=files",
                    self.test_files)
 
 

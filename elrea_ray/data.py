@@ -220,6 +220,9 @@ def _raw_records(path: Path) -> tuple[list[tuple[str, Any]], list[str]]:
     `datasets`, whose JSON loader fails on a malformed line or on a column mixing types with
     unreadable pyarrow errors and a 0-based row; Parquet is read with pyarrow."""
     suffix = "".join(path.suffixes[-1:]).lower()
+    if suffix == ".csv":
+        return _dataset_records(_load_dataset(str(path), "csv", data_files=str(path), split="train"),
+                                str(path))
     if suffix == ".parquet":
         import pyarrow.parquet as pq
 
@@ -231,7 +234,8 @@ def _raw_records(path: Path) -> tuple[list[tuple[str, Any]], list[str]]:
             raise DataError(f"{path} is empty (a Parquet file with no rows)")
         return [(f"row {i + 1}", r) for i, r in enumerate(table.to_pylist())], table.column_names
     if suffix not in (".jsonl", ".ndjson", ".json"):
-        raise DataError(f"{path}: unsupported file type {suffix or '(none)'}; use .jsonl, .json or .parquet")
+        raise DataError(f"{path}: unsupported file type {suffix or '(none)'}; use .jsonl, .json, .csv or "
+                        ".parquet")
     _check_utf8(path)
     text = path.read_text(encoding="utf-8")
     if text.startswith("\ufeff"):
@@ -268,6 +272,41 @@ def _raw_records(path: Path) -> tuple[list[tuple[str, Any]], list[str]]:
         if isinstance(r, dict):
             columns.update(dict.fromkeys(r))
     return records, list(columns)
+
+
+def _load_dataset(label: str, path: str, **kwargs):
+    """`datasets.load_dataset`, its failures turned into one DataError naming what was asked for."""
+    import os
+
+    import datasets
+
+    try:
+        return datasets.load_dataset(path, **kwargs)
+    except Exception as e:  # datasets raises many types (missing cache, bad split, parse errors)
+        offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("", "0", "false", "False")
+        hint = (" (HF_HUB_OFFLINE is set: the dataset must already be in the local Hugging Face "
+                "cache or be a local folder)") if offline else ""
+        raise DataError(f"{label}: could not load with datasets: {type(e).__name__}: {e}{hint}") from e
+
+
+def _dataset_records(ds, label: str) -> tuple[list[tuple[str, Any]], list[str]]:
+    """[(where, record)], columns of a `datasets.Dataset`; rows are numbered from 1."""
+    if len(ds) == 0:
+        raise DataError(f"{label} is empty (no rows)")
+    return [(f"row {i + 1}", r) for i, r in enumerate(ds)], list(ds.column_names)
+
+
+def hub_rows(entry: dict, fmt: str = "auto", bad_rows: str = "error",
+             system_prompt: str | None = None) -> tuple[list[dict], dict]:
+    """Canonical rows of one `data.hub` entry ({path, name, split, source, use_for}) and the
+    same counts as read_rows; a bad row is named by dataset, split and 1-based row."""
+    path, hf_split = entry["path"], entry["split"]
+    label = f"{path}" + (f" ({entry['name']})" if entry.get("name") else "") + f" split {hf_split}"
+    ds = _load_dataset(label, path, name=entry.get("name") or None, split=hf_split)
+    records, columns = _dataset_records(ds, label)
+    stem = entry.get("source") or path.rstrip("/").rsplit("/", 1)[-1]
+    return _canonical_rows(records, columns, label, stem, entry.get("use_for", "train"), fmt, bad_rows,
+                           system_prompt, default_source=entry.get("source"))
 
 
 def _detect_format(path: Path, columns: list[str]) -> str:
@@ -498,9 +537,18 @@ def read_rows(path: str, split: str, fmt: str = "auto", bad_rows: str = "error",
     if p.stat().st_size == 0:
         raise DataError(f"{path} is empty (0 bytes)")
     records, columns = _raw_records(p)
+    return _canonical_rows(records, columns, path, p.name.split(".")[0], split, fmt, bad_rows,
+                           system_prompt)
+
+
+def _canonical_rows(records, columns, path: str, stem: str, split: str, fmt: str, bad_rows: str,
+                    system_prompt: str | None, default_source: str | None = None):
+    """read_rows' body for records from any reader: `path` names the origin in errors, `stem`
+    builds example ids and is the source of rows without one (unless `default_source`)."""
+    if fmt not in FORMATS:
+        raise DataError(f"unknown data format {fmt!r}; use one of {', '.join(FORMATS)}")
     if fmt == "auto":
-        fmt = _detect_format(p, columns)
-    stem = p.name.split(".")[0]
+        fmt = _detect_format(Path(path), columns)
     rows, skipped = [], {}
     for where, rec in records:
         try:
@@ -519,6 +567,7 @@ def read_rows(path: str, split: str, fmt: str = "auto", bad_rows: str = "error",
         system = system or system_prompt
         if system and messages[0]["role"] != "system":
             messages = [{"role": "system", "content": system}, *messages]
+        source = source or default_source
         number = int(where.split()[1])
         rows.append({
             "example_id": f"{split}-{stem}-{number:06d}",
@@ -570,6 +619,15 @@ def build_splits_with_report(cfg: DataConfig, seed: int) -> tuple[dict[str, list
                 if cfg.benchmarks:
                     rows = [_with_benchmark(r, cfg.benchmarks) for r in rows]
                 report["files"][f] = {"split": split, **counts, "kept": len(rows)}
+                splits[split].extend(rows)
+            for h in cfg.hub:
+                if h.get("use_for", "train") != split:
+                    continue
+                rows, counts = hub_rows(h, cfg.format, cfg.bad_rows, cfg.system_prompt)
+                if cfg.benchmarks:
+                    rows = [_with_benchmark(r, cfg.benchmarks) for r in rows]
+                key = f"{h['path']}:{h.get('name') or ''}:{h['split']}"
+                report["files"][key] = {"split": split, **counts, "kept": len(rows)}
                 splits[split].extend(rows)
         if not cfg.validation_files:
             splits["train"], splits["validation"] = _hold_out(splits["train"], cfg.validation_per_source,

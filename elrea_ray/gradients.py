@@ -229,6 +229,12 @@ class FeatureExtractor:
                 raise ValueError(f"the shared model already has an adapter named {_ADAPTER!r}")
             model.load_adapter(str(folders[0]), adapter_name=_ADAPTER, is_trainable=True)
             self.model = model.eval()  # new adapter modules start in training mode (dropout on)
+        # Gradient checkpointing re-runs the forward inside the backward, which would fire the
+        # per-example input hooks twice; features never use it (the eval-mode forward skips it
+        # anyway, this makes the choice explicit for a shared model too).
+        base = self.model.get_base_model()
+        if getattr(base, "is_gradient_checkpointing", False):
+            base.gradient_checkpointing_disable()
         # Active adapter = the epoch adapter; PEFT also makes it the only one with requires_grad,
         # so the parameter layout below is its alone even in a shared model.
         self.model.set_adapter(_ADAPTER)

@@ -196,19 +196,42 @@ def load_tokenizer(cfg: ModelConfig):
     return tok
 
 
-def load_backbone(cfg: ModelConfig, device: torch.device | str = "cpu"):
-    """The frozen causal LM, in eval mode, on `device` (4-bit NF4 when asked and possible)."""
+def load_backbone(cfg: ModelConfig, device: torch.device | str = "cpu", trainable: bool = False):
+    """The frozen causal LM, in eval mode, on `device` (4-bit NF4 when asked and possible).
+    `trainable`: prepared for LoRA training (k-bit preparation on the 4-bit path, gradient
+    checkpointing when the config asks for it)."""
     from transformers import AutoModelForCausalLM
 
     device = torch.device(device)
-    kwargs: dict = {"dtype": torch_dtype(cfg, device)}
+    kwargs: dict = {"dtype": torch_dtype(cfg, device), "attn_implementation": cfg.attn_implementation}
     if cfg.load_in_4bit:
         kwargs.update(quantization_kwargs(cfg, device))
     model = AutoModelForCausalLM.from_pretrained(resolve_model_path(cfg.name_or_path), **kwargs)
     if not cfg.load_in_4bit:
         model.to(device)
     model.requires_grad_(False)
+    if trainable:
+        _prepare_for_training(model, cfg)
     return model.eval()
+
+
+# use_reentrant=False: the reentrant variant drops gradients when no checkpoint *input* requires
+# grad, which is the LoRA case (frozen embeddings); PEFT's docs recommend the non-reentrant one.
+_CHECKPOINTING_KWARGS = {"use_reentrant": False}
+
+
+def _prepare_for_training(model, cfg: ModelConfig) -> None:
+    """QLoRA: `prepare_model_for_kbit_training` (fp32 norms, input grads, checkpointing as
+    configured); full precision: gradient checkpointing only when asked."""
+    if cfg.load_in_4bit:
+        from peft import prepare_model_for_kbit_training
+
+        prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.gradient_checkpointing,
+                                        gradient_checkpointing_kwargs=_CHECKPOINTING_KWARGS)
+    elif cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=_CHECKPOINTING_KWARGS)
+        # Frozen embeddings give checkpointed blocks inputs without grad; this keeps the graph.
+        model.enable_input_require_grads()
 
 
 def quantization_kwargs(cfg: ModelConfig, device: torch.device) -> dict:
@@ -235,7 +258,7 @@ def new_lora_model(cfg: ModelConfig, device: torch.device | str = "cpu", seed: i
     """Backbone plus a freshly initialised LoRA adapter named "default" (B = 0, so f(x) unchanged)."""
     from peft import get_peft_model
 
-    model = load_backbone(cfg, device)
+    model = load_backbone(cfg, device, trainable=True)
     torch.manual_seed(seed)
     return get_peft_model(model, lora_config(cfg))
 
@@ -247,7 +270,7 @@ def load_adapters(cfg: ModelConfig, adapters: dict[str, str], device: torch.devi
 
     if not adapters:
         raise ValueError("load_adapters needs at least one adapter")
-    model = load_backbone(cfg, device)
+    model = load_backbone(cfg, device, trainable=is_trainable)
     names = list(adapters)
     for n in names:
         if not (Path(adapters[n]) / "adapter_config.json").exists() and "://" not in adapters[n]:

@@ -111,3 +111,49 @@ def test_rayservice_serves_the_real_app_with_valid_args():
     args = AppArgs(**app["args"])
     assert args.run_dir.startswith(SHARED + "/") and args.num_gpus >= 1
     assert serve_cfg["http_options"]["host"] == "0.0.0.0"  # reachable through the Kubernetes service
+
+
+def _gib(quantity: str) -> float:
+    """A Kubernetes memory quantity (Gi / Mi / G) in GiB."""
+    m = re.fullmatch(r"(\d+(?:\.\d+)?)(Gi|Mi|G|M)", quantity)
+    assert m, f"unexpected memory quantity {quantity!r}"
+    scale = {"Gi": 1.0, "Mi": 1 / 1024, "G": 1e9 / 2**30, "M": 1e6 / 2**30}[m.group(2)]
+    return float(m.group(1)) * scale
+
+
+@pytest.mark.parametrize("name,spec_key", [("raycluster.yaml", None), ("rayjob.yaml", "rayClusterSpec"),
+                                           ("rayservice.yaml", "rayClusterConfig")])
+def test_kuberay_versions_secret_and_shared_memory(name, spec_key):
+    text = (KUBE / name).read_text()
+    doc = yaml.safe_load(text)
+    spec = doc["spec"][spec_key] if spec_key else doc["spec"]
+    # autoscalerOptions.version exists from KubeRay 1.4 on; the header must say so
+    if "version" in spec.get("autoscalerOptions", {}):
+        assert re.search(r"KubeRay >= 1\.([4-9]|\d\d)", text)
+    assert f"Ray {spec['rayVersion']}" in text
+    for group, c in _containers(spec):
+        token = [e for e in c["env"] if e["name"] == "HF_TOKEN"]
+        assert len(token) == 1, f"{name}: {c['name']} has no HF_TOKEN"
+        ref = token[0]["valueFrom"]["secretKeyRef"]
+        assert ref["optional"] is True and ref["name"] and ref["key"]
+        mounts = {m["mountPath"]: m["name"] for m in c["volumeMounts"]}
+        vols = {v["name"]: v for v in group["template"]["spec"]["volumes"]}
+        shm = vols[mounts["/dev/shm"]]["emptyDir"]
+        assert shm["medium"] == "Memory"
+        # a Memory emptyDir counts against the pod's limit: keep it well below it (<= 40%)
+        assert _gib(shm["sizeLimit"]) <= 0.4 * _gib(c["resources"]["limits"]["memory"])
+
+
+def test_ray_up_shm_is_below_node_memory_and_torch_is_cuda():
+    text = (CC / "aws-gpu.yaml").read_text()
+    c = yaml.safe_load(text)
+    assert f"Ray {ray.__version__}" in text
+    (shm,) = [o for o in c["docker"]["run_options"] if o.startswith("--shm-size")]
+    size = float(re.fullmatch(r"--shm-size=(\d+)g", shm.split()[0]).group(1))
+    node_gib = {"g5.xlarge": 16, "g5.2xlarge": 32, "m5.2xlarge": 32}  # AWS instance memory
+    for node in c["available_node_types"].values():
+        assert size <= 0.4 * node_gib[node["node_config"]["InstanceType"]]
+    torch_cmds = [cmd for cmd in c["setup_commands"] if "torch==" in cmd]
+    assert torch_cmds and all("download.pytorch.org/whl/cu" in cmd for cmd in torch_cmds)
+    assert re.search(r"--index-url https://download\.pytorch\.org/whl/cu\d+ \"torch==",
+                     (CC / "Dockerfile").read_text())

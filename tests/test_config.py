@@ -42,6 +42,8 @@ def test_overrides_parse_yaml_values(tmp_path):
     (["routing.temperature=0"], "routing.temperature"),
     (["eval.methods=[elrea,magic]"], "eval.methods"),
     (["badoverride"], "section.key=value"),
+    (["model.attn_implementation=flash"], "model.attn_implementation"),
+    (["model.gradient_checkpointing=maybe"], "model.gradient_checkpointing"),
 ])
 def test_bad_config_names_the_key(override, needle):
     with pytest.raises(ConfigError, match=needle.replace(".", r"\.")):
@@ -62,3 +64,12 @@ def test_serve_config_args_validate():
     app = cfg["applications"][0]
     assert app["import_path"] == "serve_apps.elrea_app:build_app"
     assert AppArgs(**app["args"]).run_dir
+
+
+def test_flash_attention_needs_flash_attn():
+    import importlib.util
+
+    if importlib.util.find_spec("flash_attn") is not None:
+        pytest.skip("flash_attn is installed here")
+    with pytest.raises(ConfigError, match=r"model\.attn_implementation.*flash_attn"):
+        load_config(None, ["model.attn_implementation=flash_attention_2"])

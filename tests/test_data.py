@@ -279,3 +279,72 @@ def test_gsm8k_style_rows_take_the_gold_after_hashes(tmp_path):
     rows, _ = read_rows(str(f), "train")
     assert rows[0]["answer"] == "72" and rows[0]["response"].endswith("#### 72")
     assert _json.loads(rows[0]["prompt"])[-1]["content"] == "How many clips?"
+
+
+def test_csv_reads_through_datasets_and_names_a_bad_row(tmp_path):
+    path = tmp_path / "qa.csv"
+    path.write_text('question,answer,source\n"What is 2+2?","2+2=4\n#### 4",gsm\n"",x,gsm\n', encoding="utf-8")
+    with pytest.raises(DataError, match=r"qa\.csv, row 2: "):
+        read_rows(str(path), "train")
+    rows, counts = read_rows(str(path), "train", bad_rows="skip")
+    assert counts["read"] == 2 and sum(counts["skipped"].values()) == 1
+    assert rows[0]["example_id"] == "train-qa-000001" and rows[0]["source"] == "gsm"
+    assert json.loads(rows[0]["prompt"]) == [{"role": "user", "content": "What is 2+2?"}]
+    assert rows[0]["answer"] == "4"
+
+
+def _local_hub_dataset(tmp_path):
+    """A local dataset repository folder: load_dataset(<folder>) takes the same path as a Hub id
+    (builder from the data files, splits from their names), with no network."""
+    repo = tmp_path / "user" / "mini-mix"
+    (repo / "data").mkdir(parents=True)
+    _jsonl(repo / "data" / "train.jsonl", [{"instruction": f"Echo {i}.", "response": str(i)} for i in range(3)])
+    _jsonl(repo / "data" / "test.jsonl", [{"instruction": "Echo 9.", "response": "9"},
+                                          {"instruction": "", "response": "empty"}])
+    return str(repo)
+
+
+def test_hub_entries_load_with_datasets_and_name_split_and_row(tmp_path):
+    from elrea_ray.data import hub_rows
+
+    repo = _local_hub_dataset(tmp_path)
+    rows, counts = hub_rows({"path": repo, "split": "train", "source": "echo"})
+    assert counts == {"read": 3, "skipped": {}}
+    assert [r["example_id"] for r in rows] == [f"train-echo-{i:06d}" for i in (1, 2, 3)]
+    assert {r["source"] for r in rows} == {"echo"} and rows[2]["response"] == "2"
+    with pytest.raises(DataError, match=r"mini-mix split test, row 2: "):
+        hub_rows({"path": repo, "split": "test", "use_for": "test"})
+    rows, counts = hub_rows({"path": repo, "split": "test", "use_for": "test"}, bad_rows="skip")
+    assert len(rows) == 1 and rows[0]["example_id"] == "test-mini-mix-000001"
+    with pytest.raises(DataError, match=r"mini-mix split nosuch: could not load"):
+        hub_rows({"path": repo, "split": "nosuch"})
+
+    cfg = DataConfig(kind="files", hub=({"path": repo, "split": "train", "source": "echo"},
+                                        {"path": repo, "split": "test", "use_for": "test"}),
+                     validation_per_source=1, bad_rows="skip")
+    cfg.validate("data")
+    splits, report = build_splits_with_report(cfg, seed=0)
+    assert len(splits["train"]) + len(splits["validation"]) == 3 and len(splits["test"]) == 1
+    assert report["files"][f"{repo}::test"]["kept"] == 1
+
+
+def test_uncached_hub_dataset_offline_is_a_clear_error(monkeypatch, tmp_path):
+    from elrea_ray.data import hub_rows
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "empty-hf-home"))
+    with pytest.raises(DataError, match=r"nobody/no-such-dataset split train: could not load.*HF_HUB_OFFLINE"):
+        hub_rows({"path": "nobody/no-such-dataset", "split": "train"})
+
+
+@pytest.mark.parametrize("entry,needle", [
+    ({"split": "train"}, r"data\.hub\[0\]\.path"),
+    ({"path": "a/b"}, r"data\.hub\[0\]\.split"),
+    ({"path": "a/b", "split": "train", "use_for": "eval"}, r"data\.hub\[0\]\.use_for"),
+    ({"path": "a/b", "split": "train", "revison": "x"}, r"data\.hub\[0\] must be a mapping with keys"),
+])
+def test_bad_hub_entries_name_the_field(entry, needle):
+    from elrea_ray.config import ConfigError
+
+    with pytest.raises(ConfigError, match=needle):
+        DataConfig(kind="files", hub=(entry,), test_files=("t.jsonl",)).validate("data")

@@ -112,3 +112,35 @@ def test_random_shapes_have_the_published_sizes_and_load_with_lora(tmp_path):
     loss = model(input_ids=ids, labels=ids).loss
     loss.backward()
     assert torch.isfinite(loss) and all(p.grad is not None for _, p in lora_parameters(model))
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_attn_implementation_is_what_the_model_reports(attn):
+    model = new_lora_model(ModelConfig(name_or_path="tiny-random-llama", attn_implementation=attn))
+    assert model.get_base_model().config._attn_implementation == attn
+
+
+def test_gradient_checkpointing_gives_the_same_loss_and_lora_grads():
+    """Recomputing activations in the backward changes memory, not maths: loss and every LoRA
+    gradient agree with the plain run (fp32, dropout off), and checkpointing really is on."""
+    tok = load_tokenizer(TINY)
+    batch = tok(["the cat sat on the mat", "a b c d e f g h"], return_tensors="pt", padding=True)
+    labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
+    results = []
+    for gc in (False, True):
+        cfg = ModelConfig(name_or_path="tiny-random-llama", lora_dropout=0.0, gradient_checkpointing=gc)
+        model = new_lora_model(cfg, seed=3)
+        with torch.no_grad():  # B != 0 so that gradients reach the A factors as well
+            for n, p in lora_parameters(model):
+                if "lora_B" in n:
+                    p.normal_(0, 0.02, generator=torch.Generator().manual_seed(len(n)))
+        model.train()
+        assert model.get_base_model().is_gradient_checkpointing == gc
+        loss = model(**batch, labels=labels).loss
+        loss.backward()
+        results.append((loss.detach(), [p.grad.clone() for _, p in lora_parameters(model)]))
+    (l0, g0), (l1, g1) = results
+    torch.testing.assert_close(l1, l0)
+    assert len(g0) == len(g1) and all(g.abs().sum() > 0 for g in g0)
+    for a, b in zip(g0, g1):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-7)
