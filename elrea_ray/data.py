@@ -690,7 +690,7 @@ def stop_ids(tokenizer) -> list[int]:
     decoder stops on any of them, as GenerationConfig does with a list of eos ids."""
     probe = "ok"
     msgs = [{"role": "user", "content": "hi"}]
-    ids, n = render_conversation(tokenizer, msgs, probe)
+    ids, _ = render_conversation(tokenizer, msgs, probe)
     out = [ids[-1]]
     if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in out:
         out.append(int(tokenizer.eos_token_id))
