@@ -681,18 +681,90 @@ def _count_by_source(rows: list[dict]) -> dict[str, int]:
 
 # -- tokenisation ---------------------------------------------------------------------------------
 
+def _prompt_text(tokenizer, prompt_messages: list[dict]) -> str:
+    return tokenizer.apply_chat_template(prompt_messages, tokenize=False, add_generation_prompt=True)
+
+
+def render_prompt(tokenizer, prompt_messages: list[dict]) -> list[int]:
+    """The instruction tokens: the chat template's rendering of the prompt messages with the
+    generation prompt (assistant header). Training masks, gradient features, evaluation and
+    serving all start from exactly these ids."""
+    return list(tokenizer(_prompt_text(tokenizer, prompt_messages), add_special_tokens=False)["input_ids"])
+
+
+def _template_name(tokenizer) -> str:
+    return getattr(tokenizer, "name_or_path", "") or type(tokenizer).__name__
+
+
+def _special_strings(tokenizer) -> list[str]:
+    specials = {t.content for t in getattr(tokenizer, "added_tokens_decoder", {}).values() if t.special}
+    specials.update(tokenizer.all_special_tokens)
+    return sorted(specials, key=len, reverse=True)
+
+
+def _end_of_turn_cut(tokenizer, turn_text: str, content: str) -> int:
+    """Character offset just past the end-of-turn token in turn_text (the rendering of one
+    assistant turn): the first special token the template writes after the content. Template
+    filler after it (a newline, the next turn's header) is not part of the response."""
+    at = turn_text.rfind(content.strip()) if content.strip() else 0
+    if at < 0:
+        raise ValueError(f"the chat template of {_template_name(tokenizer)} does not write the assistant "
+                         "content verbatim, so the response tokens cannot be located")
+    after = at + len(content.strip())
+    best = None
+    for sp in _special_strings(tokenizer):
+        i = turn_text.find(sp, after)
+        if i >= 0 and (best is None or i < best[0]):
+            best = (i, i + len(sp))
+    if best is None:
+        raise ValueError(f"the chat template of {_template_name(tokenizer)} writes no special end-of-turn "
+                         "token after the assistant content; decoding would never learn to stop")
+    return best[1]
+
+
+def render_conversation(tokenizer, prompt_messages: list[dict], response: str) -> tuple[list[int], int]:
+    """(ids, instruction_len): the template's rendering of the whole conversation, cut just after
+    the assistant turn's end-of-turn token; ids[:instruction_len] == render_prompt(...)."""
+    prompt_text = _prompt_text(tokenizer, prompt_messages)
+    full = tokenizer.apply_chat_template(prompt_messages + [{"role": "assistant", "content": response}],
+                                         tokenize=False)
+    if not full.startswith(prompt_text):
+        raise ValueError(f"the chat template of {_template_name(tokenizer)} renders a conversation that does "
+                         "not start with its generation-prompt rendering; the instruction and response "
+                         "tokens cannot be separated")
+    cut = len(prompt_text) + _end_of_turn_cut(tokenizer, full[len(prompt_text):], response)
+    prompt_ids = list(tokenizer(prompt_text, add_special_tokens=False)["input_ids"])
+    ids = list(tokenizer(full[:cut], add_special_tokens=False)["input_ids"])
+    if ids[:len(prompt_ids)] != prompt_ids:
+        raise ValueError(f"the chat template of {_template_name(tokenizer)}: the conversation's tokens do not "
+                         "start with the generation prompt's tokens (the tokenizer merges across the "
+                         "assistant header)")
+    return ids, len(prompt_ids)
+
+
+def stop_ids(tokenizer) -> list[int]:
+    """Token ids that end a generation: eos and the end-of-turn token the chat template writes
+    after an assistant turn (Gemma <end_of_turn>, Llama 3 <|eot_id|>, Qwen <|im_end|>); every
+    decoder stops on any of them, as GenerationConfig does with a list of eos ids."""
+    probe = "ok"
+    msgs = [{"role": "user", "content": "hi"}]
+    ids, _ = render_conversation(tokenizer, msgs, probe)
+    out = [ids[-1]]
+    if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in out:
+        out.append(int(tokenizer.eos_token_id))
+    return out
+
+
 def encode(tokenizer, prompt_messages: list[dict], response: str | None, max_length: int) -> dict | None:
-    """{"input_ids": instruction ids + response ids + [eos], "instruction_len": int}, or None when
-    longer than max_length (the paper drops such examples). Instruction = the chat template with
-    the generation prompt; response None gives the instruction alone (gradient features, decoding)."""
-    text = tokenizer.apply_chat_template(prompt_messages, tokenize=False, add_generation_prompt=True)
-    ids = list(tokenizer(text, add_special_tokens=False)["input_ids"])
-    instruction_len = len(ids)
-    if response is not None:
-        eos = tokenizer.eos_token_id
-        if eos is None:
-            raise ValueError("the tokenizer has no eos_token, which ends the assistant's turn")
-        ids += list(tokenizer(response, add_special_tokens=False)["input_ids"]) + [eos]
+    """{"input_ids": instruction ids + response ids, "instruction_len": int}, or None when longer
+    than max_length (the paper drops such examples; too_long_rows counts them). The instruction is
+    render_prompt; the response is the assistant turn of the full rendering up to and including
+    its end-of-turn token. response None gives the instruction alone (gradient features, decoding)."""
+    if response is None:
+        ids = render_prompt(tokenizer, prompt_messages)
+        instruction_len = len(ids)
+    else:
+        ids, instruction_len = render_conversation(tokenizer, prompt_messages, response)
     if len(ids) > max_length:
         return None
     return {"input_ids": ids, "instruction_len": instruction_len}
@@ -702,7 +774,8 @@ def too_long_rows(tokenizer, splits: dict[str, list[dict]], max_length: int, bad
     """Rows longer than max_length tokens: per split, how many (train and validation count the
     whole example, test its instruction, which decoding starts from). bad_rows "error" raises a
     DataError naming the file and row (or the example id); "skip" only counts them: training
-    drops them (as the paper does) and feature/decoding prompts are cut to max_length."""
+    drops them (as the paper does) and feature/decoding prompts keep their last max_length
+    tokens (the instruction is cut from the left, so the assistant header stays)."""
     counts = {}
     for split, rows in splits.items():
         n = 0

@@ -238,11 +238,12 @@ class FeatureMapper:
 
 
 def instruction_ids(tok, prompt_json: str, max_length: int) -> list[int]:
-    """The chat-formatted instruction (generation prompt included), at most max_length tokens."""
-    from elrea_ray.data import encode
+    """The chat-formatted instruction (generation prompt included), at most max_length tokens: a
+    longer one loses its first tokens, so the assistant header that decoding continues stays."""
+    from elrea_ray.data import render_prompt
 
-    enc = encode(tok, json.loads(prompt_json), None, 10**9)
-    return enc["input_ids"][:max_length]
+    ids = render_prompt(tok, json.loads(prompt_json))
+    return ids[-max_length:]
 
 
 def build_gradients(cfg: Config, run: RunDir, out: Path) -> dict:
@@ -599,12 +600,12 @@ class EvalMapper:
         self.max_new_tokens = max_new_tokens
 
     def __call__(self, batch: dict) -> dict:
-        from elrea_ray.data import score
+        from elrea_ray.data import score, stop_ids
         from elrea_ray.ensemble import ensemble_generate_many
         from elrea_ray.stacked import BACKBONE
 
         prompts = [instruction_ids(self.tok, p, self.mc.max_length) for p in batch["prompt"]]
-        eos, pad = self.tok.eos_token_id, self.tok.pad_token_id
+        eos, pad = stop_ids(self.tok), self.tok.pad_token_id
         out = {"example_id": batch["example_id"], "source": batch["source"]}
         rows = [{"answer": a, "meta": m, "source": s} for a, m, s in
                 zip(batch["answer"], batch["meta"], batch["source"])]

@@ -112,14 +112,18 @@ class Engine:
         self.routing = b["routing"]
         self.model_id = f"elrea-{self.root.name}"
         self.max_context = int(self.model_cfg.max_length)
+        from elrea_ray.data import stop_ids
+
+        self.stop_ids = stop_ids(self.tok)  # eos and the template's end-of-turn token
 
     # -- requests -----------------------------------------------------------------------------
     def model_ids(self) -> list[str]:
         return [self.model_id, *self.names]
 
     def encode_chat(self, messages: list[dict]) -> list[int]:
-        return self.tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
-                                            return_dict=True)["input_ids"]
+        from elrea_ray.data import render_prompt
+
+        return render_prompt(self.tok, messages)
 
     def encode_text(self, prompt: str) -> list[int]:
         # A completion prompt is treated as one user turn, as the pipeline formats instructions.
@@ -189,7 +193,7 @@ class Engine:
         stopped = [False] * len(reqs)
         finish = ["length"] * len(reqs)
         steps = ensemble_stream(self.model, [r.prompt_ids for r in reqs], self.names, w,
-                                [r.max_tokens for r in reqs], self.tok.eos_token_id, self.tok.pad_token_id,
+                                [r.max_tokens for r in reqs], self.stop_ids, self.tok.pad_token_id,
                                 self._sampler(reqs))
         for step in steps:
             deltas = []
