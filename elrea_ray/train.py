@@ -96,7 +96,6 @@ def _load_examples(data_file: str, example_ids: list[str] | None, tok, max_lengt
     return ids, labels, dropped
 
 
-
 def _response_tokens(labels: list[int]) -> int:
     """Tokens a row contributes to the loss: labels shifted by one, ignoring -100."""
     return sum(1 for t in labels[1:] if t != -100)
@@ -118,14 +117,14 @@ def _rank_micro_batches(batch: list[int], rank: int, world: int, micro: int) -> 
 def _accumulate_step(net, batch, ids, labels, rank: int, world: int, micro: int, pad_id: int,
                      device) -> tuple[float, int]:
     """Forward and backward of this rank's share of one optimiser step; returns (summed response
-    cross-entropy of this rank's rows, response tokens of the whole step over all ranks).
+    cross-entropy, response tokens), both of the whole step over all ranks.
 
     Loss = sum of cross-entropy over the step's response tokens / the step's global token count,
     what one process computing the whole batch would get; DDP averages gradients over ranks, so
     each rank's loss is scaled by world to undo that mean. Every rank holds the same batch list
     (same seed), so the global count needs no all-reduce. Gradients of all but the last
     micro-batch stay local (`no_sync`); the last backward all-reduces the accumulated sum.
-    The returned loss sum is all-reduced over ranks, for logging."""
+    The loss sum is all-reduced over ranks only for logging."""
     from contextlib import nullcontext
 
     from elrea_ray.data import collate
