@@ -96,13 +96,68 @@ def _load_examples(data_file: str, example_ids: list[str] | None, tok, max_lengt
     return ids, labels, dropped
 
 
+def _response_tokens(labels: list[int]) -> int:
+    """Tokens a row contributes to the loss: labels shifted by one, ignoring -100."""
+    return sum(1 for t in labels[1:] if t != -100)
+
+
+def _rank_micro_batches(batch: list[int], rank: int, world: int, micro: int) -> list[list[int]]:
+    """This rank's share of one optimiser step, cut into micro-batches.
+
+    The step's rows are padded up to world x ceil(len / world) and dealt out round-robin, so every
+    rank runs the same number of micro-batches (DDP all-reduces once per synced backward; ranks
+    that disagree on the count hang). Padding slots are dropped; a micro-batch left with no rows
+    is an empty list, which the caller runs as a zero-weight backward.
+    e.g. 5 rows, 3 ranks, micro 1: ranks hold 2, 2, 1 rows, and all run 2 micro-batches."""
+    per_rank = math.ceil(len(batch) / world)
+    slots = [batch[j] if j < len(batch) else None for j in range(per_rank * world)][rank::world]
+    return [[i for i in slots[m:m + micro] if i is not None] for m in range(0, per_rank, micro)]
+
+
+def _accumulate_step(net, batch, ids, labels, rank: int, world: int, micro: int, pad_id: int,
+                     device) -> tuple[float, int]:
+    """Forward and backward of this rank's share of one optimiser step; returns (summed response
+    cross-entropy, response tokens), both of the whole step over all ranks.
+
+    Loss = sum of cross-entropy over the step's response tokens / the step's global token count,
+    what one process computing the whole batch would get; DDP averages gradients over ranks, so
+    each rank's loss is scaled by world to undo that mean. Every rank holds the same batch list
+    (same seed), so the global count needs no all-reduce. Gradients of all but the last
+    micro-batch stay local (`no_sync`); the last backward all-reduces the accumulated sum.
+    The loss sum is all-reduced over ranks only for logging."""
+    from contextlib import nullcontext
+
+    from elrea_ray.data import collate
+
+    n_tokens = max(1, sum(_response_tokens(labels[i]) for i in batch))
+    micro_batches = _rank_micro_batches(batch, rank, world, micro)
+    total_loss = 0.0
+    for j, rows in enumerate(micro_batches):
+        weight = world / n_tokens
+        if not rows:  # padding only: a real row at weight 0 keeps this rank in DDP's all-reduce
+            rows, weight = batch[:1], 0.0
+        b = collate([ids[i] for i in rows], [labels[i] for i in rows], pad_id)
+        b = {k: v.to(device) for k, v in b.items()}
+        last = j == len(micro_batches) - 1
+        with net.no_sync() if world > 1 and not last else nullcontext():
+            ce = response_cross_entropy(net, b)
+            (ce * weight).backward()
+        if weight:
+            total_loss += ce.item()
+    if world > 1:  # the logged loss is the whole step's, not this rank's share
+        summed = torch.tensor([total_loss], dtype=torch.float64, device=device)
+        torch.distributed.all_reduce(summed)
+        total_loss = float(summed.item())
+    return total_loss, n_tokens
+
+
 def train_loop(cfg: dict) -> dict:
     """Runs on every Ray Train worker. `cfg` holds plain values only (paths, dicts)."""
     import ray.train
     import ray.train.torch
 
     from elrea_ray.checkpoints import parameter_layout, save_epoch_checkpoint
-    from elrea_ray.data import collate, length_bucketed_batches
+    from elrea_ray.data import length_bucketed_batches
     from elrea_ray.model import load_adapters, load_tokenizer, lora_parameters, new_lora_model
 
     ctx = ray.train.get_context()
@@ -178,26 +233,14 @@ def train_loop(cfg: dict) -> dict:
         for b_idx, batch in enumerate(batches):
             if epoch * steps_per_epoch + b_idx < step:
                 continue  # done before the resume point
-            mine = batch[rank::world]
-            # Loss = mean over all response tokens of the global batch (what one process
-            # computing the whole batch would get); DDP averages gradients over ranks, so x world.
-            n_tokens = sum(sum(1 for t in labels[i][1:] if t != -100) for i in batch)
-            total_loss = 0.0
-            for m0 in range(0, len(mine), tc.micro_batch_size):
-                micro = mine[m0:m0 + tc.micro_batch_size]
-                b = collate([ids[i] for i in micro], [labels[i] for i in micro], tok.pad_token_id)
-                b = {k: v.to(device) for k, v in b.items()}
-                ce = response_cross_entropy(net, b)
-                (ce * world / max(1, n_tokens)).backward()
-                total_loss += ce.item()
-            if not mine:  # a rank without examples this step still joins the all-reduce
-                sum(p.sum() for p in params).mul(0.0).backward()
+            total_loss, n_tokens = _accumulate_step(net, batch, ids, labels, rank, world,
+                                                    tc.micro_batch_size, tok.pad_token_id, device)
             lr_sum += sched.get_last_lr()[0]
             opt.step()
             sched.step()
             opt.zero_grad(set_to_none=True)
             step += 1
-            loss_window.append(total_loss / max(1, n_tokens) * world)
+            loss_window.append(total_loss / max(1, n_tokens))
             _maybe_inject_fault(cfg, step, rank)
             epoch_end = step % steps_per_epoch == 0
             if epoch_end and rank == 0 and cfg.get("save_epochs"):
