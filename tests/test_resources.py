@@ -108,3 +108,40 @@ def test_a_stage_waits_a_bounded_time_for_nodes_it_asked_for(ray_local, capsys):
                         node_types=types)
     out = capsys.readouterr().out
     assert "waiting up to 2 s for the autoscaler" in out
+
+
+def test_a_stage_on_a_head_without_cpus_waits_until_a_worker_node_joins():
+    import threading
+
+    import ray
+    from ray.cluster_utils import Cluster
+
+    from elrea_ray.resources import check_resources
+
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0})
+    try:
+        ray.init(address=cluster.address)
+        errors, done = [], threading.Event()
+
+        def stage():
+            try:  # the node types an autoscaler would report; the test plays the autoscaler
+                check_resources(2, {"CPU": 1.0}, "stage base (Ray Train)", "train", wait_s=240,
+                                report_every_s=5, node_types=[{"resources": {"CPU": 2.0}, "max_count": 1}])
+            except Exception as e:  # noqa: BLE001 (reported by the assertion below)
+                errors.append(e)
+            done.set()
+
+        t = threading.Thread(target=stage, daemon=True)
+        t.start()
+        assert not done.wait(3), f"the stage did not wait for the worker node: {errors}"
+        cluster.add_node(num_cpus=2)
+        assert done.wait(240), "the stage did not see the worker node join"
+        assert not errors, errors
+
+        @ray.remote(num_cpus=1)
+        def work():
+            return 1
+        assert sum(ray.get([work.remote(), work.remote()], timeout=120)) == 2  # the workers can start
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
