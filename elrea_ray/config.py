@@ -51,10 +51,13 @@ class RayConfig:
     address: str | None = None  # None: RAY_ADDRESS or a running cluster if any, else start locally;
     # "local": always start a private local Ray in-process
     num_cpus: int | None = None  # logical CPUs for a locally started Ray (None: the machine's)
-    check_resources: bool = True  # fail before a stage starts when it asks for CPUs/GPUs the cluster
-    # lacks (Ray would wait forever); false on autoscaling clusters that add nodes on demand
+    check_resources: bool = True  # fail before a stage starts when it asks for CPUs/GPUs no node (or,
+    # on an autoscaling cluster, no node type) could ever give (Ray would wait forever)
+    resource_wait_s: float = 300.0  # on an autoscaling cluster, how long a stage waits for the nodes
+    # it asked the autoscaler for before failing; 0: fail at once when they are not there now
 
     def validate(self, p: str) -> None:
+        _check(self.resource_wait_s >= 0, f"{p}.resource_wait_s", ">= 0 seconds", self.resource_wait_s)
         _check(self.num_cpus is None or self.num_cpus >= 1, f"{p}.num_cpus", ">= 1 or null", self.num_cpus)
 
 

@@ -22,7 +22,7 @@ import numpy as np
 import yaml
 
 from elrea_ray.artifacts import ArtifactError, RunDir, stage_key, write_json_atomic
-from elrea_ray.config import Config
+from elrea_ray.config import Config, TrainConfig
 
 BUNDLE_FORMAT_VERSION = 1
 SPLITS = ("train", "validation", "test")
@@ -122,16 +122,27 @@ def check_lengths(cfg: Config, run: RunDir) -> dict:
     return too_long_rows(load_tokenizer(cfg.model), splits, cfg.model.max_length, cfg.data.bad_rows)
 
 
+def adapter_job(cfg: Config, run: RunDir, run_name: str, name: str, seed: int, tc: TrainConfig,
+                members: list[str] | None, init: str | None, folder: Path, save_epochs: bool = False,
+                gpus_per_worker: float = 1.0) -> dict:
+    """The `fit_adapter` keyword arguments of one adapter (base, expert or baseline): loop config,
+    recipe `tc` (its num_workers / cpus_per_worker / use_gpu are the scaling), resource check."""
+    loop = {"name": name, "seed": seed, "model": _asdict(cfg.model), "train": _asdict(tc),
+            "data_file": run.ref(run.data_file("train")), "example_ids": members, "init_adapter": init,
+            "out_dir": run.ref(folder), "save_epochs": save_epochs}
+    return {"run_name": run_name, "loop_cfg": loop, "tc": tc, "storage": run.ref(run.ray_storage),
+            "num_workers": tc.num_workers, "cpus_per_worker": tc.cpus_per_worker, "use_gpu": tc.use_gpu,
+            "gpus_per_worker": gpus_per_worker, "check": cfg.ray.check_resources,
+            "wait_s": cfg.ray.resource_wait_s}
+
+
 def build_base(cfg: Config, run: RunDir, keys: dict, out: Path) -> dict:
     from elrea_ray.train import fit_adapter
 
     too_long = check_lengths(cfg, run)  # before any trainer starts
     tc = cfg.train
-    loop = {"name": "base", "seed": cfg.run.seed, "model": _asdict(cfg.model), "train": _asdict(tc),
-            "data_file": run.ref(run.data_file("train")), "example_ids": None, "init_adapter": None,
-            "out_dir": run.ref(out), "save_epochs": True}
-    result = fit_adapter(f"base-{keys['base']}", loop, tc, run.ref(run.ray_storage), tc.num_workers,
-                         tc.cpus_per_worker, tc.use_gpu, check=cfg.ray.check_resources)
+    result = fit_adapter(**adapter_job(cfg, run, f"base-{keys['base']}", "base", cfg.run.seed, tc, None, None,
+                                       out, save_epochs=True))
     run.sync_down(out)  # rank 0 wrote the epoch checkpoints into the remote partial
     for e in range(1, tc.epochs + 1):
         if not (out / f"epoch-{e}" / "adam_state.safetensors").exists():
@@ -395,14 +406,9 @@ def build_experts(cfg: Config, run: RunDir, keys: dict, out: Path) -> dict:
         if (folder / "adapter_config.json").exists():
             continue  # finished before an interruption
         members = [r["example_id"] for r in assignments if r["cluster"] == c]
-        loop = {"name": f"expert-{c:02d}", "seed": cfg.run.seed + 1 + c, "model": _asdict(cfg.model),
-                "train": _asdict(tc), "data_file": run.ref(run.data_file("train")), "example_ids": members,
-                "init_adapter": run.ref(run.base_epoch(cfg.train.epochs)), "out_dir": run.ref(folder),
-                "save_epochs": False}
-        jobs.append({"run_name": f"expert-{keys['experts']}-{c:02d}", "loop_cfg": loop, "tc": tc,
-                     "storage": run.ref(run.ray_storage), "num_workers": ec.num_workers,
-                     "cpus_per_worker": ec.cpus_per_worker, "use_gpu": ec.use_gpu,
-                     "gpus_per_worker": ec.gpus_per_worker, "check": cfg.ray.check_resources})
+        jobs.append(adapter_job(cfg, run, f"expert-{keys['experts']}-{c:02d}", f"expert-{c:02d}",
+                                cfg.run.seed + 1 + c, tc, members, run.ref(run.base_epoch(cfg.train.epochs)),
+                                folder, gpus_per_worker=ec.gpus_per_worker))
     results = fit_many(jobs, ec.max_concurrent)
     run.sync_down(out)  # each expert's rank 0 wrote its adapter into the remote partial
     return {"num_experts": C, "trained_now": len(jobs),
@@ -468,12 +474,8 @@ def build_baselines(cfg: Config, run: RunDir, keys: dict, out: Path) -> dict:
         info["adapters"][name] = str(folder.relative_to(out))
         if (folder / "adapter_config.json").exists():
             return  # finished before an interruption
-        loop = {"name": name, "seed": seed, "model": _asdict(cfg.model), "train": _asdict(tc),
-                "data_file": run.ref(run.data_file("train")), "example_ids": members, "init_adapter": init,
-                "out_dir": run.ref(folder), "save_epochs": False}
-        jobs.append({"run_name": f"baseline-{keys['baselines']}-{name}", "loop_cfg": loop, "tc": tc,
-                     "storage": run.ref(run.ray_storage), "num_workers": ec.num_workers,
-                     "cpus_per_worker": ec.cpus_per_worker, "use_gpu": ec.use_gpu})
+        jobs.append(adapter_job(cfg, run, f"baseline-{keys['baselines']}-{name}", name, seed, tc, members,
+                                init, folder, gpus_per_worker=ec.gpus_per_worker))
 
     final_base = run.ref(run.base_epoch(cfg.train.epochs))
     if "random_clusters" in trained:  # same sizes, random members, warm start from Q_base
@@ -766,21 +768,23 @@ def build_eval(cfg: Config, run: RunDir, out: Path) -> dict:
 def check_stage_resources(cfg: Config) -> None:
     """Every stage's CPU/GPU demand against the connected cluster, before stage 0 starts: a
     request that can never be placed (GPUs on a CPU cluster, more CPUs than exist) fails now,
-    naming the resource and the config keys, instead of a trainer or actor pool waiting forever."""
+    naming the resource and the config keys, instead of a trainer or actor pool waiting forever.
+    On an autoscaling cluster only what no node type could ever hold fails here; the training
+    stages ask the autoscaler for their workers and wait when they start."""
     from elrea_ray.train import check_resources
 
     if not cfg.ray.check_resources:
         return
     t, g, x, e = cfg.train, cfg.gradients, cfg.experts, cfg.eval
-    check_resources(t.num_workers, t.cpus_per_worker, t.use_gpu, "stage base (Ray Train)", "train")
+    check_resources(t.num_workers, t.cpus_per_worker, t.use_gpu, "stage base (Ray Train)", "train", wait=False)
     # The pool's Parquet listing, read, re-blocking and write tasks need a CPU the actors leave free:
     # with every CPU held by actors, the first read task never starts (measured: a hang).
     check_resources(g.num_actors, g.cpus_per_actor, g.use_gpu, "stage gradients (Ray Data actors)",
-                    "gradients", spare_cpus=1.0)
-    check_resources(1, 1.0, False, "stage clusters (one Ray task)")
+                    "gradients", spare_cpus=1.0, wait=False)
+    check_resources(1, 1.0, False, "stage clusters (one Ray task)", wait=False)
     check_resources(x.num_workers, x.cpus_per_worker, x.use_gpu, "stage experts (Ray Train)", "experts",
-                    gpus_per_worker=x.gpus_per_worker)
-    check_resources(e.num_actors, e.cpus_per_actor, e.use_gpu, "stage eval (Ray Data actors)", "eval")
+                    gpus_per_worker=x.gpus_per_worker, wait=False)
+    check_resources(e.num_actors, e.cpus_per_actor, e.use_gpu, "stage eval (Ray Data actors)", "eval", wait=False)
 
 
 def run_pipeline(cfg: Config, log=print) -> RunDir:

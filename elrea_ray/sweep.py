@@ -361,9 +361,15 @@ def run_sweep(cfg: Config, log: Callable[[str], None] = print) -> dict:
     cfg = _absolute_files(cfg)
     root = Path(cfg.sweep.dir).expanduser().resolve()
     root.mkdir(parents=True, exist_ok=True)
-    conc = max_concurrent_trials(cfg, ray.cluster_resources())
+    from elrea_ray.pipeline import check_stage_resources
+    from elrea_ray.resources import cluster_offer
+
+    check_stage_resources(cfg)  # the pipeline's check: what no node (type) could ever hold fails now
+    # On an autoscaling cluster the offer counts the nodes it may still add (trials then wait for them).
+    conc = max_concurrent_trials(cfg, cluster_offer())
     n_trials = (len(grid_points(cfg)) * cfg.sweep.num_samples if cfg.sweep.search == "grid"
                 else cfg.sweep.num_samples)
+    conc = min(conc, max(1, n_trials))
     log(f"sweep: {n_trials} trials over {', '.join(swept(cfg))}, at most {conc} at once; "
         f"objective: validation accuracy of {cfg.sweep.metric}; folder {root}")
     trainable = tune.with_resources(tune.with_parameters(_trainable, base=cfg.to_dict(), root=str(root)),

@@ -23,6 +23,7 @@ from typing import Any
 import torch
 
 from elrea_ray.config import ModelConfig, TrainConfig
+from elrea_ray.resources import resource_problem, worker_bundle  # noqa: F401  (re-exported)
 
 
 def response_cross_entropy(net, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -324,58 +325,20 @@ def _report_with_checkpoint(metrics, model, opt, sched, step, lr_sum, rank, last
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
 
 
-def worker_bundle(cpus_per_worker: float, use_gpu: bool, gpus_per_worker: float = 1.0) -> dict[str, float]:
-    """What one Ray Train worker reserves (a fractional GPU lets several experts share one)."""
-    return {"CPU": cpus_per_worker, **({"GPU": gpus_per_worker} if use_gpu else {})}
-
-
-def resource_problem(num_workers: int, bundle: dict[str, float], total: dict[str, float],
-                     nodes: list[dict[str, float]], keys: str | None = None,
-                     spare_cpus: float = 0.0) -> str | None:
-    """Why a group of `num_workers` x `bundle` can never start on this cluster, or None.
-
-    Ray would not say: a worker group or actor pool that cannot be placed waits (and retries)
-    forever (Ray 2.60 notes §0.9). Two checks: the whole group against the cluster's totals, and
-    one worker against the largest node, since a worker's bundle cannot span nodes. `keys` is the
-    config section the numbers come from (e.g. "train"), named in the message. `spare_cpus`: CPUs
-    that must stay free beside the group (a Ray Data actor pool's read and write tasks)."""
-    workers = cpu_key = None
-    if keys:
-        per = "worker" if keys in ("train", "experts") else "actor"
-        workers, cpu_key = f"{keys}.num_{per}s", f"{keys}.cpus_per_{per}"
-    for res, amount in bundle.items():
-        extra = spare_cpus if res == "CPU" else 0.0
-        need, have = num_workers * amount + extra, total.get(res, 0.0)
-        if have < need:
-            named = f"; {workers}, {cpu_key}" if keys and res == "CPU" else ""
-            plus = f" + {extra:g} for Ray Data's read and write tasks" if extra else ""
-            hint = (f"; set {keys + '.' if keys else ''}use_gpu=false on a CPU cluster"
-                    if res == "GPU" and have == 0 else "")
-            return (f"needs {need:g} {res}s ({num_workers} x {amount:g}{named}{plus}) but the Ray cluster "
-                    f"has {have:g} {res}s{hint}")
-    if nodes and not any(all(n.get(r, 0.0) >= a for r, a in bundle.items()) for n in nodes):
-        biggest = ", ".join(f"{r} {max(n.get(r, 0.0) for n in nodes):g}" for r in bundle)
-        return ("one worker needs " + ", ".join(f"{a:g} {r}" for r, a in bundle.items())
-                + (f" ({cpu_key})" if cpu_key else "")
-                + f" on a single node, but no node has that much (largest: {biggest})")
-    return None
-
-
 def check_resources(num_workers: int, cpus_per_worker: float, use_gpu: bool, what: str,
-                    keys: str | None = None, gpus_per_worker: float = 1.0, spare_cpus: float = 0.0) -> None:
-    """Fail at once with a message naming the resource, instead of Ray waiting forever."""
-    import ray
+                    keys: str | None = None, gpus_per_worker: float = 1.0, spare_cpus: float = 0.0,
+                    wait_s: float = 300.0, wait: bool = True) -> None:
+    """Fail at once for a request no node (type) could ever hold, else wait for the autoscaler
+    (elrea_ray.resources); Ray itself would wait forever."""
+    from elrea_ray import resources
 
-    nodes = [n.get("Resources", {}) for n in ray.nodes() if n.get("Alive")]
-    problem = resource_problem(num_workers, worker_bundle(cpus_per_worker, use_gpu, gpus_per_worker),
-                               ray.cluster_resources(), nodes, keys, spare_cpus)
-    if problem:
-        raise RuntimeError(f"{what}: {problem}")
+    resources.check_resources(num_workers, worker_bundle(cpus_per_worker, use_gpu, gpus_per_worker), what,
+                              keys, spare_cpus, wait_s, wait=wait)
 
 
 def fit_adapter(run_name: str, loop_cfg: dict, tc: TrainConfig, storage: str | Path,
                 num_workers: int, cpus_per_worker: float, use_gpu: bool, gpus_per_worker: float = 1.0,
-                check: bool = True) -> dict:
+                check: bool = True, wait_s: float = 300.0) -> dict:
     """One `TorchTrainer.fit()`; the same (storage, run_name) resumes a run killed earlier.
     `storage` may be an s3:// URI: Ray Train then keeps its checkpoints in the object store."""
     import ray.train
@@ -387,9 +350,9 @@ def fit_adapter(run_name: str, loop_cfg: dict, tc: TrainConfig, storage: str | P
     if store.is_remote(storage):
         storage_fs, storage = store.filesystem(str(storage))
 
-    if check:  # ray.check_resources: off on autoscaling clusters that add nodes on demand
+    if check:  # asks the autoscaler and waits up to wait_s (ray.resource_wait_s) for the workers
         check_resources(num_workers, cpus_per_worker, use_gpu, f"training {run_name}",
-                        gpus_per_worker=gpus_per_worker)
+                        gpus_per_worker=gpus_per_worker, wait_s=wait_s)
     trainer = TorchTrainer(
         train_loop,
         train_loop_config=loop_cfg,
@@ -415,7 +378,8 @@ def fit_many(jobs: list[dict[str, Any]], max_concurrent: int) -> list[dict]:
     for job in jobs:
         if job.get("check", True):
             check_resources(job["num_workers"], job["cpus_per_worker"], job["use_gpu"],
-                            f"training {job['run_name']}", gpus_per_worker=job.get("gpus_per_worker", 1.0))
+                            f"training {job['run_name']}", gpus_per_worker=job.get("gpus_per_worker", 1.0),
+                            wait=False)
     sem = threading.Semaphore(max_concurrent)
 
     def one(job):

@@ -48,3 +48,100 @@ def test_infeasible_expert_trainer_fails_before_any_starts(ray_local, tmp_path, 
     # The feasible job would fail inside training (empty loop config) if it were started at all.
     with pytest.raises(RuntimeError, match=rf"expert-bad: needs .*{needle}"):
         fit_many([ok, bad], max_concurrent=2)
+
+
+# -- autoscaler-aware feasibility (elrea_ray.resources) --------------------------------------------
+
+def test_a_bundle_no_node_type_could_hold_is_impossible():
+    from elrea_ray.resources import impossible
+
+    head = [{"CPU": 0.0}]  # a fresh autoscaling cluster: the head offers nothing
+    gpu_type = [{"resources": {"CPU": 8.0, "GPU": 1.0}, "max_count": 4}]
+    assert impossible(4, {"CPU": 2.0, "GPU": 1.0}, head, gpu_type, "train") is None
+    msg = impossible(1, {"CPU": 1.0, "GPU": 2.0}, head, gpu_type, "train")  # 2 GPUs on one node
+    assert "single node" in msg and "GPU 1" in msg
+    msg = impossible(5, {"CPU": 1.0, "GPU": 1.0}, head, gpu_type, "train")  # 5 GPUs, at most 4 nodes
+    assert "needs 5 GPUs" in msg and "has 4 GPUs" in msg
+    assert impossible(1, {"CPU": 1.0, "GPU": 1.0}, head, [{"resources": {"CPU": 8.0}, "max_count": -1}],
+                      "train") is not None  # no GPU node type at all
+
+
+def test_unlimited_and_zero_count_node_types():
+    from elrea_ray.resources import capacity, impossible
+
+    types = [{"resources": {"CPU": 4.0}, "max_count": -1}, {"resources": {"CPU": 96.0}, "max_count": 0}]
+    assert impossible(1000, {"CPU": 4.0}, [], types) is None
+    assert "single node" in impossible(1, {"CPU": 8.0}, [], types)  # the 96-CPU type may never start
+    total, shapes = capacity([{"CPU": 2.0}], [{"resources": {"CPU": 4.0}, "max_count": 3}])
+    assert total == {"CPU": 14.0} and len(shapes) == 2
+
+
+def test_without_an_autoscaler_the_live_nodes_are_all_there_is():
+    from elrea_ray.resources import impossible
+
+    live = [{"CPU": 4.0}, {"CPU": 2.0}]
+    assert impossible(3, {"CPU": 2.0}, live, None) is None
+    assert "needs 8 CPUs" in impossible(4, {"CPU": 2.0}, live, None, "experts")
+
+
+def test_resource_wait_s_is_validated():
+    with pytest.raises(ConfigError, match="ray.resource_wait_s"):
+        load_config(SMOKE, ["ray.resource_wait_s=-1"])
+
+
+def test_impossible_request_on_an_autoscaling_cluster_fails_at_once(ray_local):
+    from elrea_ray.resources import check_resources
+
+    types = [{"resources": {"CPU": 4.0, "GPU": 8.0}, "max_count": 2}]
+    with pytest.raises(RuntimeError, match=r"stage experts .*64 GPU.*autoscaler node types: CPU 4, GPU 8 x2"):
+        check_resources(1, {"CPU": 1.0, "GPU": 64.0}, "stage experts (Ray Train)", "experts",
+                        wait_s=600, node_types=types)
+
+
+def test_a_stage_waits_a_bounded_time_for_nodes_it_asked_for(ray_local, capsys):
+    from elrea_ray.resources import check_resources
+
+    # A node type that could hold the request, but the local Ray has no autoscaler to start it.
+    types = [{"resources": {"CPU": 64.0}, "max_count": 1}]
+    with pytest.raises(RuntimeError, match=r"waited 2 s \(ray.resource_wait_s\)"):
+        check_resources(1, {"CPU": 64.0}, "stage base (Ray Train)", "train", wait_s=2, report_every_s=1,
+                        node_types=types)
+    out = capsys.readouterr().out
+    assert "waiting up to 2 s for the autoscaler" in out
+
+
+def test_a_stage_on_a_head_without_cpus_waits_until_a_worker_node_joins():
+    import threading
+
+    import ray
+    from ray.cluster_utils import Cluster
+
+    from elrea_ray.resources import check_resources
+
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0})
+    try:
+        ray.init(address=cluster.address)
+        errors, done = [], threading.Event()
+
+        def stage():
+            try:  # the node types an autoscaler would report; the test plays the autoscaler
+                check_resources(2, {"CPU": 1.0}, "stage base (Ray Train)", "train", wait_s=240,
+                                report_every_s=5, node_types=[{"resources": {"CPU": 2.0}, "max_count": 1}])
+            except Exception as e:  # noqa: BLE001 (reported by the assertion below)
+                errors.append(e)
+            done.set()
+
+        t = threading.Thread(target=stage, daemon=True)
+        t.start()
+        assert not done.wait(3), f"the stage did not wait for the worker node: {errors}"
+        cluster.add_node(num_cpus=2)
+        assert done.wait(240), "the stage did not see the worker node join"
+        assert not errors, errors
+
+        @ray.remote(num_cpus=1)
+        def work():
+            return 1
+        assert sum(ray.get([work.remote(), work.remote()], timeout=120)) == 2  # the workers can start
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
