@@ -42,7 +42,9 @@ def feature_batches(folder: Path, batch_rows: int = BATCH_ROWS) -> Iterator[tupl
     if not Path(folder).exists():
         raise ArtifactError(f"missing gradient features {folder}")
     ds = pads.dataset(str(folder), format="parquet")
-    for batch in ds.to_batches(columns=["example_id", "source", "feature"], batch_size=batch_rows):
+    # One shard and a couple of batches in flight: the scanner's default read-ahead holds several shards.
+    for batch in ds.to_batches(columns=["example_id", "source", "feature"], batch_size=batch_rows,
+                               batch_readahead=2, fragment_readahead=1):
         if batch.num_rows == 0:
             continue
         col = batch.column("feature")
