@@ -242,7 +242,7 @@ class ClusteringConfig:
 
     method: str = "balanced_birch"  # balanced_birch | kmeans
     initial_clusters: int = 5  # BIRCH target; for kmeans the fixed cluster count
-    fit_sample: int = 5000
+    fit_sample: int = 5000  # max rows the fit sees (paper: 5,000); all rows are then assigned, streamed
     max_ratio: float = 5.0
     max_rounds: int = 3
     min_cluster_size: int = 1

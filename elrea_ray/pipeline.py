@@ -359,30 +359,24 @@ def build_clusters(cfg: Config, run: RunDir, out: Path) -> dict:
     import ray
     from safetensors.numpy import save_file
 
-    from elrea_ray.clustering import assign, cluster_source_report, normalized_centroids
+    from elrea_ray.cluster_stage import cluster_streamed
+    from elrea_ray.clustering import cluster_source_report
 
-    # In data-file order: the fit sample below is drawn by position, whatever order the shards have.
+    # In data-file order: the fit sample is drawn by position, whatever order the shards have. The
+    # features stream shard by shard (the driver never holds the table); only the sample is fitted.
     data_ids = pq.read_table(run.data_file("train"), columns=["example_id"]).column("example_id").to_pylist()
-    ids, sources, X = read_features(run.gradient_dir("train"), order=data_ids)
     cc = cfg.clustering
-    rng = np.random.default_rng(cfg.run.seed)
-    # Paper: fit on 5,000 randomly sampled training points, then assign every point.
-    sample = np.sort(rng.choice(len(X), size=min(cc.fit_sample, len(X)), replace=False))
-    fit = ray.get(ray.remote(num_cpus=1)(_fit_remote).remote(X[sample], _asdict(cc), cfg.run.seed))
-    labels = assign(X, fit.centroids)
-    # Re-number so clusters are 0..C-1 with no empty ones, and centroids are over all members (eq. 5.8).
-    used = sorted(set(labels.tolist()))
-    remap = {c: i for i, c in enumerate(used)}
-    labels = np.array([remap[c] for c in labels.tolist()], dtype=np.int64)
-    C = len(used)
-    centroids = normalized_centroids(X, labels, C).astype(np.float32)
-    save_file({"centroids": centroids}, str(out / "centroids.safetensors"))
-    pq.write_table(pa.table({"example_id": ids, "source": sources, "cluster": labels}),
+    fit_task = ray.remote(num_cpus=1)(_fit_remote)
+    res = cluster_streamed(run.gradient_dir("train"), data_ids, cc.fit_sample, cfg.run.seed,
+                           fit=lambda Xs: ray.get(fit_task.remote(Xs, _asdict(cc), cfg.run.seed)))
+    labels, C = res.labels, len(res.centroids)
+    save_file({"centroids": res.centroids}, str(out / "centroids.safetensors"))
+    pq.write_table(pa.table({"example_id": res.ids, "source": res.sources, "cluster": labels}),
                    out / "assignments.parquet")
     report = {"num_clusters": C, "sizes": np.bincount(labels, minlength=C).tolist(),
-              "rounds": fit.rounds, "threshold": fit.threshold, "fit_sample": int(len(sample)),
+              "rounds": res.fit.rounds, "threshold": res.fit.threshold, "fit_sample": res.fit_sample,
               "method": cc.method}
-    report.update(cluster_source_report(labels, sources))
+    report.update(cluster_source_report(labels, res.sources))
     (out / "report.json").write_text(json.dumps(report, indent=2, default=str))
     return {k: report[k] for k in ("num_clusters", "sizes", "nmi", "ari", "purity") if k in report}
 

@@ -157,3 +157,80 @@ def test_cluster_source_report():
     assert report["purity"] == 1.0 and report["counts"] == {0: {"a": 2}, 1: {"b": 2}, 2: {"c": 1}}
     mixed = cluster_source_report(np.array([0, 0, 0, 1]), np.array(["a", "b", "a", "b"]))
     assert mixed["purity"] == 0.75 and mixed["counts"][0] == {"a": 2, "b": 1}
+
+
+def write_shards(folder, X, ids, sources, rows_per_shard, seed=0):
+    """Feature shards in the gradient stage's layout (example_id, source, feature: fixed list of
+    float32), in a shuffled row order as Ray Data writes them."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    folder.mkdir(parents=True)
+    order = np.random.default_rng(seed).permutation(len(X))
+    for k, i in enumerate(range(0, len(X), rows_per_shard)):
+        rows = order[i : i + rows_per_shard]
+        pq.write_table(pa.table({
+            "example_id": [ids[r] for r in rows], "source": [sources[r] for r in rows],
+            "feature": pa.FixedSizeListArray.from_arrays(pa.array(X[rows].reshape(-1)), X.shape[1])}),
+            folder / f"shard-{k:03d}.parquet")
+
+
+def test_streamed_stage_equals_the_in_memory_fit_when_the_sample_covers_all_rows(tmp_path):
+    from elrea_ray.cluster_stage import cluster_streamed
+    from elrea_ray.pipeline import read_features
+
+    X, y = planted([100] * 4, d=64, noise=1.0, seed=11)
+    ids, sources = [f"ex-{i}" for i in range(len(X))], [f"src{k}" for k in y]
+    write_shards(tmp_path / "train", X, ids, sources, rows_per_shard=130)
+    kw = {"initial_clusters": 4, "seed": 0}
+    res = cluster_streamed(tmp_path / "train", ids, fit_sample=5000, seed=0,
+                           fit=lambda Xs: fit_clusters(Xs, "balanced_birch", **kw), batch_rows=48)
+
+    # The in-memory stage: whole table in data order, fit on every row, assign, eq. 5.8 centroids.
+    _, src_mem, Xm = read_features(tmp_path / "train", order=ids)
+    fit = fit_clusters(Xm, "balanced_birch", **kw)
+    labels = assign(Xm, fit.centroids)
+    used = sorted(set(labels.tolist()))
+    labels = np.searchsorted(used, labels)
+    assert res.fit_sample == len(X) and res.ids == ids and res.sources == src_mem
+    assert np.array_equal(res.labels, labels)
+    np.testing.assert_allclose(res.centroids, normalized_centroids(Xm, labels, len(used)), atol=1e-6)
+    assert nmi(res.labels, y) > 0.95
+
+
+def test_streamed_stage_fits_a_bounded_sample_and_assigns_every_row(tmp_path):
+    from elrea_ray.cluster_stage import cluster_streamed
+
+    X, y = planted([150, 100, 100, 50], d=64, noise=1.0, seed=12)
+    ids, sources = [f"ex-{i}" for i in range(len(X))], [f"src{k}" for k in y]
+    write_shards(tmp_path / "train", X, ids, sources, rows_per_shard=100, seed=1)
+    seen = []
+
+    def fit(Xs):
+        seen.append(Xs.shape)
+        return fit_clusters(Xs, "balanced_birch", initial_clusters=4, seed=0)
+
+    res = cluster_streamed(tmp_path / "train", ids, fit_sample=80, seed=3, fit=fit, batch_rows=32)
+    assert seen == [(80, 64)] and res.fit_sample == 80  # the fit saw the sample only
+    assert len(res.labels) == len(X) and nmi(res.labels, y) > 0.9
+    assert sorted(set(res.labels.tolist())) == list(range(len(res.centroids)))
+    np.testing.assert_allclose(np.linalg.norm(res.centroids, axis=1), 1.0, atol=1e-5)
+    # Centroids are the means over ALL members, not over the sample's.
+    np.testing.assert_allclose(res.centroids, normalized_centroids(X, res.labels, len(res.centroids)),
+                               atol=1e-6)
+
+
+def test_streamed_stage_names_rows_that_do_not_match_the_data(tmp_path):
+    from elrea_ray.artifacts import ArtifactError
+    from elrea_ray.cluster_stage import cluster_streamed
+
+    X, y = planted([20, 20], d=16, seed=13)
+    ids = [f"ex-{i}" for i in range(len(X))]
+    write_shards(tmp_path / "train", X, ids, ["s"] * len(X), rows_per_shard=15)
+    fit = lambda Xs: fit_clusters(Xs, "kmeans", num_clusters=2, seed=0)  # noqa: E731
+    with pytest.raises(ArtifactError, match="ex-39"):
+        cluster_streamed(tmp_path / "train", ids[:-1], 100, 0, fit)  # a shard row not in the data
+    with pytest.raises(ArtifactError, match="missing e.g. ex-extra"):
+        cluster_streamed(tmp_path / "train", ids + ["ex-extra"], 100, 0, fit)
+    with pytest.raises(ArtifactError, match="missing gradient features"):
+        cluster_streamed(tmp_path / "nothing", ids, 100, 0, fit)
