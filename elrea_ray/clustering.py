@@ -81,7 +81,7 @@ def assign(X: np.ndarray, centroids: np.ndarray, chunk: int = 65536) -> np.ndarr
 def birch_threshold(X: np.ndarray, seed: int = 0, quantile: float = 0.1, sample: int = 2000) -> float:
     """BIRCH threshold from the data: half the `quantile` of nearest-neighbour distances.
 
-    sklearn's default 0.5 is wrong for unit vectors (DESIGN.md §3: one subcluster, NMI 0). A
+    sklearn's default 0.5 is wrong for unit vectors (one subcluster, NMI 0). A
     subcluster's radius must stay under the threshold, and two points at distance r form a
     subcluster of radius r / 2, so with half the 10th percentile of nearest-neighbour distances
     only the closest 10% of neighbour pairs merge: BIRCH keeps about one subcluster per point,
@@ -163,7 +163,7 @@ def balanced_birch(
 
     BIRCH with `initial_clusters`; then in rounds r = 1..`max_rounds`, every cluster larger
     than `max_ratio` x the smallest is re-clustered with BIRCH into ceil(size / smallest)
-    parts (DESIGN.md §3), capped at initial_clusters - r so that each round targets fewer
+    parts (docs/method.md), capped at initial_clusters - r so that each round targets fewer
     sub-clusters (paper step 3). Clusters below `min_cluster_size` are first merged into
     their nearest neighbour, so that outliers do not trigger splits. Stops early once
     balanced or when the cap falls below 2. `threshold=None` chooses it with

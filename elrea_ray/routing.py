@@ -2,7 +2,7 @@
 
 For a test feature x (unit norm) and C unit centroids:
     cos_c   = <x, centroid_c>
-    cos'_c  = (cos_c - mean_c cos) / std_c cos        # eq. 5.9, population std (DESIGN.md §3)
+    cos'_c  = (cos_c - mean_c cos) / std_c cos        # eq. 5.9, population std (docs/method.md)
     w_c     = softmax_c(cos'_c / temperature)         # paper: temperature 1
     w_base  = 1 - max_c cos_c                         # raw cosine, not standardised
 The ensemble adds w_base * logits_base + sum_c w_c * logits_c (eq. 5.10), so the weights need
@@ -36,7 +36,7 @@ def route(
     """(expert_weights [B, C] float64, base_weight [B] float64) for features [B, d] (unit norm).
 
     `top_k` keeps the k largest expert weights and zeroes the rest without renormalising;
-    the base adapter keeps its weight (DESIGN.md §3; the paper's Figure 5.3b variant).
+    the base adapter keeps its weight (docs/method.md; the paper's Figure 5.3b variant).
     `min_weight` zeroes every weight (experts and base) below it, again without renormalising,
     except a row's largest expert weight, which always stays. A zero weight means the decoder
     does not run that adapter for that prompt, so both knobs trade fidelity to eq. 5.10 for speed.

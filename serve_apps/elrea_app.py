@@ -4,7 +4,7 @@
     serve run serve_apps/serve_config.yaml
 
 Each replica holds the backbone and all C+1 adapters once and mixes their logits inside one
-batched forward (DESIGN.md §2: per-expert deployments or model multiplexing do not fit that).
+batched forward (per-expert deployments or model multiplexing cannot mix logits inside one forward).
 Concurrent requests are batched with `@serve.batch` for the routing gradients and for decoding:
 non-streaming requests with each other, streaming requests with each other (each stream gets its
 own tokens as the shared batch decodes them).

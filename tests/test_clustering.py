@@ -42,7 +42,7 @@ def test_planted_clusters_are_recovered_by_balanced_birch():
 
 
 def test_sklearn_default_threshold_fails_where_the_data_driven_one_works():
-    # The failure DESIGN.md records on real gradient features, which share a common direction:
+    # The failure seen on real gradient features, which share a common direction:
     # with sklearn's default 0.5 BIRCH puts everything into one subcluster.
     X, y = planted([100] * 4, noise=1.0, d=512)
     common = unit(np.random.default_rng(1).standard_normal((1, 512)))

@@ -47,3 +47,10 @@ def test_readme_is_short_and_its_links_resolve():
         for target in re.findall(r"\]\(([^)#\s]+)(?:#[^)]*)?\)", doc.read_text()):
             if "://" not in target:
                 assert (doc.parent / target).exists(), f"{doc.name} links to {target}, which does not exist"
+
+
+def test_no_file_points_at_design_notes_outside_the_repository():
+    outside = re.compile(r"\b(DESIGN|STYLE)\.md\b")
+    hits = [f"{f.relative_to(ROOT)}:{n}" for f in tracked_text_files() if f.suffix != ".md" or f.parent != ROOT
+            for n, line in enumerate(f.read_text(errors="replace").splitlines(), 1) if outside.search(line)]
+    assert not hits, hits
