@@ -23,7 +23,7 @@ from typing import Any
 import torch
 
 from elrea_ray.config import ModelConfig, TrainConfig
-from elrea_ray.resources import resource_problem, worker_bundle  # noqa: F401  (re-exported)
+from elrea_ray.resources import worker_bundle
 
 
 def response_cross_entropy(net, batch: dict[str, torch.Tensor]) -> torch.Tensor:

@@ -7,7 +7,6 @@ JSON line saying on which nodes each stage's actors and tasks ran (from the Stat
 
 import json
 import os
-import socket
 import sys
 from collections import defaultdict
 from pathlib import Path
@@ -15,11 +14,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from tests.ray_processes import free_port  # noqa: E402
 
 
 def main() -> None:
@@ -34,8 +29,8 @@ def main() -> None:
     # One CPU per node: the two expert trainers that run at once (experts.max_concurrent=2) can
     # only be placed on two different nodes, so spreading does not depend on scheduler heuristics.
     cluster = Cluster(initialize_head=True, head_node_args={
-        "num_cpus": 1, "include_dashboard": True, "dashboard_port": _free_port(),
-        "dashboard_agent_listen_port": _free_port(), "temp_dir": os.environ["ELREA_RAY_TEMP"]})
+        "num_cpus": 1, "include_dashboard": True, "dashboard_port": free_port(),
+        "dashboard_agent_listen_port": free_port(), "temp_dir": os.environ["ELREA_RAY_TEMP"]})
     for _ in range(2):
         cluster.add_node(num_cpus=1)
     cluster.wait_for_nodes()

@@ -10,13 +10,14 @@ processes of this test's own cluster (its own ports and temp dir), stopped by th
 import json
 import os
 import re
-import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pytest
+
+from tests.ray_processes import free_port, node_ports, submit
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]
@@ -40,28 +41,16 @@ print(ray._private.state.state.get_cluster_config().node_group_configs[0].max_co
 """
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _ports() -> list[str]:  # every port of its own: the test session's Ray holds the defaults
-    return [f"--dashboard-agent-listen-port={_free_port()}", f"--dashboard-agent-grpc-port={_free_port()}",
-            f"--runtime-env-agent-port={_free_port()}", f"--metrics-export-port={_free_port()}",
-            f"--node-manager-port={_free_port()}", f"--object-manager-port={_free_port()}"]
-
-
 @pytest.fixture
 def zero_cpu_head():
     env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", "RAY_AUTH_MODE": "disabled",
            "HF_HUB_OFFLINE": "1"}
     env.pop("RAY_ADDRESS", None)
-    gcs, dash = _free_port(), _free_port()
+    gcs, dash = free_port(), free_port()
     temp = Path("/tmp") / f"ray-as-{os.getpid()}"  # short: Ray's socket paths have a length limit
     subprocess.run([str(BIN / "ray"), "start", "--head", f"--port={gcs}", f"--dashboard-port={dash}",
                     "--num-cpus=0", f"--temp-dir={temp}", "--disable-usage-stats",
-                    f"--ray-client-server-port={_free_port()}", *_ports()],
+                    f"--ray-client-server-port={free_port()}", *node_ports()],
                    env=env, check=True, capture_output=True, timeout=120)
     try:
         out = subprocess.run([sys.executable, "-c", REPORT_NODE_TYPES, f"127.0.0.1:{gcs}"], env=env,
@@ -79,12 +68,7 @@ def _submit(cluster, run_dir: Path, *overrides: str, wait: bool) -> subprocess.C
     cmd = [str(BIN / "ray"), "job", "submit", f"--address={cluster['dashboard']}", "--working-dir", ".",
            *([] if wait else ["--no-wait"]), "--", "python", "jobs/full_pipeline.py",
            "--config", "jobs/configs/smoke.yaml", "--run-dir", str(run_dir), *overrides]
-    for _ in range(30):  # the head's job agent takes a few seconds to come up after `ray start`
-        job = subprocess.run(cmd, cwd=ROOT, env=cluster["env"], capture_output=True, text=True, timeout=900)
-        if "No available agent" not in job.stderr + job.stdout:
-            return job
-        time.sleep(2)
-    return job
+    return submit(cmd, ROOT, cluster["env"])
 
 
 def _logs(cluster, job_id: str) -> str:
@@ -116,7 +100,7 @@ def test_job_on_a_zero_cpu_head_waits_for_a_worker_node_then_finishes(zero_cpu_h
 
     # The autoscaler's part: a worker node of the reported type joins.
     subprocess.run([str(BIN / "ray"), "start", f"--address={cluster['gcs']}", "--num-cpus=4",
-                    "--disable-usage-stats", *_ports()],
+                    "--disable-usage-stats", *node_ports()],
                    env=cluster["env"], check=True, capture_output=True, timeout=120)
     deadline, status = time.monotonic() + 900, ""
     while time.monotonic() < deadline:

@@ -16,7 +16,9 @@ from elrea_ray.sweep import trial_demand
 ROOT = Path(__file__).resolve().parents[1]
 CC = ROOT / "cluster_configs"
 KUBE = CC / "kuberay"
-PROJECT_IN_IMAGE = "/home/ray/elrea-ray"  # cluster_configs/Dockerfile WORKDIR
+# where the image installs the project: the Dockerfile's WORKDIR
+PROJECT_IN_IMAGE = next(line.split()[1] for line in (CC / "Dockerfile").read_text().splitlines()
+                        if line.startswith("WORKDIR"))
 SHARED = "/mnt/shared"
 
 

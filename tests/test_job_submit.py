@@ -3,7 +3,6 @@ the entry script runs unchanged as a Ray job against a separately started cluste
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -11,14 +10,10 @@ from pathlib import Path
 
 import pytest
 
+from tests.ray_processes import free_port, node_ports, submit
+
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_ray_job_submit_runs_the_smoke_pipeline(tmp_path):
@@ -26,12 +21,9 @@ def test_ray_job_submit_runs_the_smoke_pipeline(tmp_path):
     env = {**os.environ, "PATH": f"{bindir}:{os.environ['PATH']}", "RAY_AUTH_MODE": "disabled",
            "HF_HUB_OFFLINE": "1"}
     env.pop("RAY_ADDRESS", None)
-    gcs, dash = _free_port(), _free_port()
+    gcs, dash = free_port(), free_port()
     # Every port of its own: another Ray on this machine (the test session's) holds the defaults.
-    ports = [f"--dashboard-agent-listen-port={_free_port()}", f"--dashboard-agent-grpc-port={_free_port()}",
-             f"--runtime-env-agent-port={_free_port()}", f"--metrics-export-port={_free_port()}",
-             f"--ray-client-server-port={_free_port()}", f"--node-manager-port={_free_port()}",
-             f"--object-manager-port={_free_port()}"]
+    ports = [*node_ports(), f"--ray-client-server-port={free_port()}"]
     temp = Path("/tmp") / f"ray-job-{os.getpid()}"  # short: Ray's socket paths have a length limit
     subprocess.run([str(bindir / "ray"), "start", "--head", f"--port={gcs}", f"--dashboard-port={dash}",
                     "--num-cpus=4", f"--temp-dir={temp}", "--disable-usage-stats", *ports],
@@ -41,11 +33,7 @@ def test_ray_job_submit_runs_the_smoke_pipeline(tmp_path):
         cmd = [str(bindir / "ray"), "job", "submit", f"--address=http://127.0.0.1:{dash}", "--working-dir", ".",
                "--", "python", "jobs/full_pipeline.py", "--config", "jobs/configs/smoke.yaml",
                "--run-dir", str(run_dir)]
-        for _ in range(30):  # the head's job agent takes a few seconds to come up after `ray start`
-            job = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
-            if "No available agent" not in job.stderr + job.stdout:
-                break
-            time.sleep(2)
+        job = submit(cmd, ROOT, env)
         assert job.returncode == 0, job.stdout[-3000:] + job.stderr[-3000:]
         assert "succeeded" in job.stdout + job.stderr
         metrics = json.loads((run_dir / "eval" / "metrics.json").read_text())

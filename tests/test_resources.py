@@ -6,7 +6,8 @@ import pytest
 
 from conftest import SMOKE
 from elrea_ray.config import ConfigError, TrainConfig, load_config
-from elrea_ray.train import fit_many, resource_problem, worker_bundle
+from elrea_ray.resources import resource_problem, worker_bundle
+from elrea_ray.train import fit_many
 
 
 def test_worker_bundle_whole_and_fractional_gpus():

@@ -2,7 +2,6 @@
 
 import json
 import random
-import socket
 import string
 from concurrent.futures import ThreadPoolExecutor
 
@@ -10,13 +9,9 @@ import httpx
 import numpy as np
 import pytest
 
+from tests.ray_processes import free_port
+
 pytestmark = pytest.mark.slow
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -25,7 +20,7 @@ def server(smoke_run):
 
     from serve_apps.elrea_app import build_app
 
-    port = _free_port()
+    port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     serve.run(build_app({"run_dir": str(smoke_run.root), "num_cpus": 0.5, "max_batch_size": 8,
                          "batch_wait_timeout_s": 0.2}), name="elrea", route_prefix="/")

@@ -4,7 +4,6 @@ in flight, and a request over its timeout. Figures are printed as `FIGURE ...` l
 
 import os
 import signal
-import socket
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -12,15 +11,11 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import pytest
 
+from tests.ray_processes import free_port
+
 pytestmark = pytest.mark.slow
 
 APP = "elrea-ft"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _figure(line: str) -> None:
@@ -52,7 +47,7 @@ def server(smoke_run):
 
     from serve_apps.elrea_app import build_app
 
-    port = _free_port()
+    port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     serve.run(build_app({"run_dir": str(smoke_run.root), "num_replicas": 2, "num_cpus": 0.25,
                          "max_ongoing_requests": 8, "max_batch_size": 8, "batch_wait_timeout_s": 0.05}),
