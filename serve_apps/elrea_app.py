@@ -28,7 +28,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, model_validator
 from ray import serve
 
-from elrea_ray.serving import RequestError, completion_body, parse_request, stream_chunk
+from elrea_ray.openai_api import RequestError, completion_body, parse_request, stream_chunk
 
 log = logging.getLogger("ray.serve")
 app = FastAPI(title="elrea-ray", docs_url=None, redoc_url=None)
