@@ -9,8 +9,12 @@ node type could ever satisfy. Without an autoscaler the live nodes are all there
 
 from __future__ import annotations
 
+import contextlib
+import itertools
 import sys
+import threading
 import time
+from typing import Iterator
 
 
 def worker_bundle(cpus_per_worker: float, use_gpu: bool, gpus_per_worker: float = 1.0) -> dict[str, float]:
@@ -97,6 +101,11 @@ def autoscaler_node_types() -> list[dict] | None:
             for g in config.node_group_configs]
 
 
+def _offer(node_types: list[dict]) -> str:
+    return "; ".join(", ".join(f"{r} {a:g}" for r, a in t["resources"].items())
+                     + f" x{'unlimited' if t['max_count'] < 0 else t['max_count']}" for t in node_types)
+
+
 def _live() -> tuple[dict[str, float], list[dict[str, float]]]:
     import ray
 
@@ -104,36 +113,43 @@ def _live() -> tuple[dict[str, float], list[dict[str, float]]]:
     return ray.cluster_resources(), nodes
 
 
-def check_resources(num_workers: int, bundle: dict[str, float], what: str, keys: str | None = None,
-                    spare_cpus: float = 0.0, wait_s: float = 300.0, report_every_s: float = 15.0,
-                    node_types: list[dict] | None = None, wait: bool = True) -> None:
-    """Make sure `num_workers` x `bundle` can start: fail at once when it never could, else ask the
-    autoscaler for it and wait up to `wait_s` seconds, printing every `report_every_s` what is
-    missing. `node_types` overrides what the autoscaler reports (None: read it from the GCS).
-    `wait=False`: only the never-satisfiable check (a stage checked before the run starts)."""
-    total, live = _live()
-    types = node_types if node_types is not None else autoscaler_node_types()
-    if types is None:  # a fixed cluster: what is there now is all there will be
-        problem = resource_problem(num_workers, bundle, total, live, keys, spare_cpus)
-        if problem:
-            raise RuntimeError(f"{what}: {problem}")
-        return
-    never = impossible(num_workers, bundle, live, types, keys, spare_cpus)
-    if never:
-        offer = "; ".join(", ".join(f"{r} {a:g}" for r, a in t["resources"].items())
-                          + f" x{'unlimited' if t['max_count'] < 0 else t['max_count']}" for t in types)
-        raise RuntimeError(f"{what}: {never} (autoscaler node types: {offer})")
-    problem = resource_problem(num_workers, bundle, total, live, keys, spare_cpus)
-    if problem is None or not wait:
-        return
-    if wait_s <= 0:
-        raise RuntimeError(f"{what}: {problem} (ray.resource_wait_s=0: no waiting for the autoscaler)")
+# `request_resources` replaces the previous request of the same driver, so concurrent stages (the
+# experts train side by side) publish the union of what they all still wait for or run on, and a
+# stage withdraws its part when it ends; the last one out clears the request.
+_demand_lock = threading.Lock()
+_demands: dict[int, list[dict[str, float]]] = {}
+_tokens = itertools.count()
+
+
+def _publish() -> None:
     from ray.autoscaler.sdk import request_resources
 
-    bundles = [dict(bundle) for _ in range(num_workers)]
-    if spare_cpus:
-        bundles.append({"CPU": spare_cpus})
-    request_resources(bundles=bundles)
+    request_resources(bundles=[b for bundles in _demands.values() for b in bundles])
+
+
+def outstanding_demand() -> list[dict[str, float]]:
+    """The bundles this driver asks the autoscaler for now (all stages together)."""
+    with _demand_lock:
+        return [dict(b) for bundles in _demands.values() for b in bundles]
+
+
+@contextlib.contextmanager
+def autoscaler_demand(bundles: list[dict[str, float]]) -> Iterator[None]:
+    """Ask the autoscaler for `bundles` beside every other stage's, until the block ends."""
+    with _demand_lock:
+        token = next(_tokens)
+        _demands[token] = [dict(b) for b in bundles]
+        _publish()
+    try:
+        yield
+    finally:
+        with _demand_lock:
+            del _demands[token]
+            _publish()
+
+
+def _wait_until_fits(num_workers: int, bundle: dict[str, float], what: str, keys: str | None,
+                     spare_cpus: float, wait_s: float, report_every_s: float, problem: str) -> None:
     start = last = time.monotonic()
     print(f"{what}: waiting up to {wait_s:g} s for the autoscaler: {problem}", flush=True)
     while True:
@@ -150,6 +166,60 @@ def check_resources(num_workers: int, bundle: dict[str, float], what: str, keys:
             last = now
             have = ", ".join(f"{r} {total.get(r, 0.0):g}" for r in bundle)
             print(f"{what}: still waiting ({now - start:.0f} s): {problem}; cluster now: {have}", flush=True)
+
+
+@contextlib.contextmanager
+def resources_for(num_workers: int, bundle: dict[str, float], what: str, keys: str | None = None,
+                  spare_cpus: float = 0.0, wait_s: float = 300.0, report_every_s: float = 15.0,
+                  node_types: list[dict] | None = None) -> Iterator[None]:
+    """Make sure `num_workers` x `bundle` can start, and keep asking the autoscaler for it while
+    the block runs (the job placing its workers), so that nodes it started for us are not taken
+    back as idle before the job lands on them.
+
+    Fails at once when the request never could be met; else, when the cluster lacks it now, asks
+    the autoscaler and waits up to `wait_s` seconds, printing every `report_every_s` what is
+    missing. `node_types` overrides what the autoscaler reports (None: read it from the GCS)."""
+    total, live = _live()
+    types = node_types if node_types is not None else autoscaler_node_types()
+    if types is None:  # a fixed cluster: what is there now is all there will be
+        problem = resource_problem(num_workers, bundle, total, live, keys, spare_cpus)
+        if problem:
+            raise RuntimeError(f"{what}: {problem}")
+        yield
+        return
+    never = impossible(num_workers, bundle, live, types, keys, spare_cpus)
+    if never:
+        raise RuntimeError(f"{what}: {never} (autoscaler node types: {_offer(types)})")
+    problem = resource_problem(num_workers, bundle, total, live, keys, spare_cpus)
+    if problem is None:
+        yield
+        return
+    if wait_s <= 0:
+        raise RuntimeError(f"{what}: {problem} (ray.resource_wait_s=0: no waiting for the autoscaler)")
+    bundles = [dict(bundle) for _ in range(num_workers)] + ([{"CPU": spare_cpus}] if spare_cpus else [])
+    with autoscaler_demand(bundles):
+        _wait_until_fits(num_workers, bundle, what, keys, spare_cpus, wait_s, report_every_s, problem)
+        yield
+
+
+def check_resources(num_workers: int, bundle: dict[str, float], what: str, keys: str | None = None,
+                    spare_cpus: float = 0.0, wait_s: float = 300.0, report_every_s: float = 15.0,
+                    node_types: list[dict] | None = None, wait: bool = True) -> None:
+    """`resources_for` without a block: returns once the request fits (its autoscaler request is
+    withdrawn then). `wait=False`: only the never-satisfiable check (a stage checked before the
+    run starts)."""
+    if not wait:
+        total, live = _live()
+        types = node_types if node_types is not None else autoscaler_node_types()
+        problem = (resource_problem(num_workers, bundle, total, live, keys, spare_cpus) if types is None
+                   else impossible(num_workers, bundle, live, types, keys, spare_cpus))
+        if problem is None:
+            return
+        if types is not None:
+            problem += f" (autoscaler node types: {_offer(types)})"
+        raise RuntimeError(f"{what}: {problem}")
+    with resources_for(num_workers, bundle, what, keys, spare_cpus, wait_s, report_every_s, node_types):
+        pass
 
 
 def cluster_offer() -> dict[str, float]:

@@ -8,6 +8,8 @@ a rerun of the same stage key resumes from the last one instead of step 0.
 
 from __future__ import annotations
 
+import contextlib
+
 import json
 import math
 import os
@@ -22,6 +24,7 @@ from typing import Any
 
 import torch
 
+from elrea_ray import resources
 from elrea_ray.config import ModelConfig, TrainConfig
 from elrea_ray.resources import worker_bundle
 
@@ -330,8 +333,6 @@ def check_resources(num_workers: int, cpus_per_worker: float, use_gpu: bool, wha
                     wait_s: float = 300.0, wait: bool = True) -> None:
     """Fail at once for a request no node (type) could ever hold, else wait for the autoscaler
     (elrea_ray.resources); Ray itself would wait forever."""
-    from elrea_ray import resources
-
     resources.check_resources(num_workers, worker_bundle(cpus_per_worker, use_gpu, gpus_per_worker), what,
                               keys, spare_cpus, wait_s, wait=wait)
 
@@ -350,9 +351,6 @@ def fit_adapter(run_name: str, loop_cfg: dict, tc: TrainConfig, storage: str | P
     if store.is_remote(storage):
         storage_fs, storage = store.filesystem(str(storage))
 
-    if check:  # asks the autoscaler and waits up to wait_s (ray.resource_wait_s) for the workers
-        check_resources(num_workers, cpus_per_worker, use_gpu, f"training {run_name}",
-                        gpus_per_worker=gpus_per_worker, wait_s=wait_s)
     trainer = TorchTrainer(
         train_loop,
         train_loop_config=loop_cfg,
@@ -364,7 +362,14 @@ def fit_adapter(run_name: str, loop_cfg: dict, tc: TrainConfig, storage: str | P
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=1),
             failure_config=ray.train.FailureConfig(max_failures=tc.max_failures)),
     )
-    result = trainer.fit()
+    # With `check`, a request the cluster lacks now is asked of the autoscaler (beside every other
+    # expert's) and waited for up to wait_s (ray.resource_wait_s), and kept while the run places
+    # its workers; the request is withdrawn when the run ends.
+    bundle = worker_bundle(cpus_per_worker, use_gpu, gpus_per_worker)
+    held = (resources.resources_for(num_workers, bundle, f"training {run_name}", wait_s=wait_s) if check
+            else contextlib.nullcontext())
+    with held:
+        result = trainer.fit()
     if result.error:
         raise RuntimeError(f"training {run_name} failed: {result.error}")
     return dict(result.return_value or {})

@@ -109,3 +109,63 @@ def test_a_stage_waits_a_bounded_time_for_nodes_it_asked_for(ray_local, capsys):
                         node_types=types)
     out = capsys.readouterr().out
     assert "waiting up to 2 s for the autoscaler" in out
+
+
+def _published_request() -> list[dict]:
+    """What this driver asks Ray's autoscaler for, read back where `request_resources` writes it."""
+    import json
+
+    from ray._private.ray_constants import AUTOSCALER_RESOURCE_REQUEST_CHANNEL
+    from ray.experimental.internal_kv import _internal_kv_get
+
+    raw = _internal_kv_get(AUTOSCALER_RESOURCE_REQUEST_CHANNEL)
+    return json.loads(raw) if raw else []
+
+
+def test_concurrent_stages_ask_for_the_union_and_withdraw_when_done(ray_local):
+    import threading
+    import time
+
+    from elrea_ray.resources import outstanding_demand, resources_for
+
+    # Two experts that each need a 64-CPU node the local Ray lacks (a node type could hold them):
+    # while both wait, the autoscaler is asked for both; when both give up, for nothing.
+    types = [{"resources": {"CPU": 64.0}, "max_count": 4}]
+    errors: list[Exception] = []
+
+    def expert(cpus: float) -> None:
+        try:
+            with resources_for(1, {"CPU": cpus}, f"training expert-{cpus:g}", wait_s=6, report_every_s=10,
+                               node_types=types):
+                pass
+        except RuntimeError as e:
+            errors.append(e)
+
+    threads = [threading.Thread(target=expert, args=(c,)) for c in (48.0, 64.0)]
+    for t in threads:
+        t.start()
+    deadline = time.monotonic() + 5
+    while len(outstanding_demand()) < 2 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    published = sorted(b["CPU"] for b in _published_request())
+    for t in threads:
+        t.join(30)
+    assert published == [48.0, 64.0]
+    assert len(errors) == 2 and all("waited 6 s" in str(e) for e in errors)
+    assert outstanding_demand() == [] and _published_request() == []
+
+
+def test_a_request_is_held_while_its_block_runs_and_withdrawn_after(ray_local):
+    import ray
+
+    from elrea_ray.resources import autoscaler_demand, outstanding_demand, resources_for
+
+    # A request the live nodes already hold asks the autoscaler for nothing.
+    have = ray.cluster_resources()["CPU"]
+    with resources_for(1, {"CPU": have}, "training base",
+                       node_types=[{"resources": {"CPU": 64.0}, "max_count": 1}]):
+        assert outstanding_demand() == []
+    # A demand stays published for the whole block (the job placing its workers), then goes.
+    with autoscaler_demand([{"CPU": 2.0}, {"CPU": 2.0}]):
+        assert [b["CPU"] for b in _published_request()] == [2.0, 2.0]
+    assert _published_request() == []
