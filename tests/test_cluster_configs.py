@@ -146,6 +146,15 @@ def test_kuberay_versions_secret_and_shared_memory(name, spec_key):
         assert _gib(shm["sizeLimit"]) <= 0.4 * _gib(c["resources"]["limits"]["memory"])
 
 
+def test_ray_up_nodes_get_a_hugging_face_token_from_the_shared_disk():
+    doc = yaml.safe_load((CC / "aws-gpu.yaml").read_text())
+    opts = doc["docker"]["run_options"]
+    token = [o for o in opts if "HF_TOKEN" in o]
+    assert token == ["-e HF_TOKEN_PATH=/mnt/shared/hf-token"]
+    # the token file lives on the file system every node mounts
+    assert any(o.startswith("-v /mnt/shared:") for o in opts)
+
+
 def test_ray_up_shm_is_below_node_memory_and_torch_is_cuda():
     text = (CC / "aws-gpu.yaml").read_text()
     c = yaml.safe_load(text)
