@@ -126,6 +126,25 @@ def cmd_report(args) -> int:
     return 0
 
 
+def cmd_export(args) -> int:
+    from elrea_ray.export import ExportError, export_run, push_to_hub
+    from elrea_ray.serving import BundleError
+
+    run = RunDir.at(args.run_dir)
+    run.pull(log=lambda msg: None)  # an s3:// run is mirrored locally first
+    try:
+        out = export_run(run.root, args.out, args.format, args.base_model)
+    except (ExportError, BundleError) as e:
+        raise CommandError(str(e)) from None
+    print(f"wrote {args.format} adapters to {out} (see {out / 'README.md'})")
+    if args.push_to_hub:
+        try:
+            print(f"pushed to {push_to_hub(out, args.push_to_hub)}")
+        except ExportError as e:
+            raise CommandError(str(e)) from None
+    return 0
+
+
 def cmd_serve(args) -> int:
     import ray
     from ray import serve
@@ -196,6 +215,17 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--address", help="Ray cluster to join (default: RAY_ADDRESS, a local `ray start`, or a new local Ray)")
     p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("export", help="write a run's adapters as plain PEFT folders or vLLM's multi-LoRA layout")
+    p.add_argument("run_dir", metavar="RUN_DIR", help="a finished run directory (local or s3://)")
+    p.add_argument("--format", choices=("peft", "vllm"), default="peft",
+                   help="peft: adapters/<name>/ + routing/ (centroids, epoch checkpoints, routing.json); "
+                        "vllm: <name>/ folders + lora_modules.json")
+    p.add_argument("--out", required=True, metavar="DIR", help="a new (or empty) folder")
+    p.add_argument("--base-model", metavar="NAME",
+                   help="base_model_name_or_path written into the adapters (default: the run's backbone)")
+    p.add_argument("--push-to-hub", metavar="REPO", help="also upload the folder to this Hugging Face repo")
+    p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("validate-config", help="load and check a config; print the resolved values and stage keys", **kw)
     _config_args(p)
