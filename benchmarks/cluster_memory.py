@@ -32,7 +32,7 @@ def write_features(folder: Path, n: int, d: int, seed: int = 0) -> list[str]:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from elrea_ray.pipeline import BATCHES_PER_BLOCK, shard_rows
+    from elrea_ray.stages.gradients import BATCHES_PER_BLOCK, shard_rows
 
     folder.mkdir(parents=True)
     rng = np.random.default_rng(seed)
@@ -54,7 +54,7 @@ def write_features(folder: Path, n: int, d: int, seed: int = 0) -> list[str]:
 
 def child(folder: str, n: int, fit_sample: int, method: str) -> None:
     """Runs in a fresh process: the stage's clustering on the shards, then prints peak RSS."""
-    from elrea_ray.cluster_stage import cluster_streamed
+    from elrea_ray.stages.clusters import cluster_streamed
     from elrea_ray.clustering import cluster_source_report, fit_clusters
 
     ids = [f"ex-{r:07d}" for r in range(n)]

@@ -2,7 +2,7 @@
 
 For each size N, a fresh driver process builds a run folder (a tiny-random-llama epoch
 checkpoint and an N-row train split of generated chat prompts, plus 256-row validation and test
-splits), starts a local Ray and runs the pipeline's own stage, `pipeline.build_gradients`, which
+splits), starts a local Ray and runs the pipeline's own stage, `elrea_ray.stages.gradients.run`, which
 reads Parquet in blocks, maps `FeatureMapper` actors over them and writes features for all three
 splits (test prompts go through the same actors and code). A thread samples RSS every 0.25 s:
 the driver's RSS, and the USS (private memory) and RSS of every Ray Data map worker (the actors
@@ -37,7 +37,9 @@ def child(n: int, workdir: Path, d_proj: int, actor_env: dict[str, str]) -> dict
     from elrea_ray.checkpoints import save_epoch_checkpoint
     from elrea_ray.config import load_config
     from elrea_ray.model import lora_parameters, new_lora_model
-    from elrea_ray.pipeline import build_gradients, read_features
+    from elrea_ray.stages import gradients
+    from elrea_ray.stages.common import StageContext
+    from elrea_ray.stages.gradients import read_features
 
     cfg = load_config(ROOT / "jobs/configs/smoke.yaml",
                       ["train.epochs=1", f"gradients.d_proj={d_proj}", "ray.num_cpus=2",
@@ -101,7 +103,7 @@ def child(n: int, workdir: Path, d_proj: int, actor_env: dict[str, str]) -> dict
     out = run.stage_dir("gradients")
     out.mkdir(parents=True, exist_ok=True)
     t1 = time.perf_counter()
-    info = build_gradients(cfg, run, out)
+    info = gradients.run(StageContext(cfg, run, {}, out))
     seconds = time.perf_counter() - t1
     stop.set()
     ray.shutdown()

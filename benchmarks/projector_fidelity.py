@@ -25,11 +25,11 @@ from scipy.stats import pearsonr, spearmanr
 from sklearn.metrics import adjusted_rand_score
 
 from elrea_ray.checkpoints import load_adam_state
-from elrea_ray.clustering import fit_clusters
 from elrea_ray.config import ModelConfig
 from elrea_ray.gradients import FeatureExtractor
 from elrea_ray.model import load_tokenizer
 from elrea_ray.projection import ProjectorSpec, RademacherProjector, make_projector
+from elrea_ray.stages.clusters import fit
 
 
 def encode(tok, messages: list[dict], max_length: int) -> list[int]:
@@ -97,13 +97,8 @@ def main() -> None:
     del fx
 
     def cluster(x: np.ndarray) -> np.ndarray:
-        """The run's clustering settings (as pipeline.build_clusters), on unit-norm features."""
-        x = unit(x).astype(np.float32)
-        if cc["method"] == "kmeans":
-            return fit_clusters(x, "kmeans", num_clusters=cc["initial_clusters"], seed=0).labels
-        return fit_clusters(x, "balanced_birch", initial_clusters=cc["initial_clusters"],
-                            max_ratio=cc["max_ratio"], max_rounds=cc["max_rounds"],
-                            min_cluster_size=cc["min_cluster_size"], threshold=cc["threshold"], seed=0).labels
+        """The run's clustering settings (the clusters stage's own fit), on unit-norm features."""
+        return fit(unit(x).astype(np.float32), cc, seed=0).labels
 
     # Exact features as coordinates in the span of the N gradients: C C^T = the exact Gram matrix,
     # so every cosine and distance (all that the clustering sees) is exact, in N dimensions

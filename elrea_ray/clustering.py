@@ -297,3 +297,10 @@ def cluster_source_report(labels: np.ndarray, sources: np.ndarray | list) -> dic
         "purity": float(purity),
         "counts": counts,
     }
+
+
+def random_partition(sizes: list[int], seed: int) -> np.ndarray:
+    """Labels 0..C-1 with exactly sizes[c] members each, assigned by a seeded permutation (the
+    paper's Random Cluster baseline: ELREA's cluster sizes, random members)."""
+    labels = np.repeat(np.arange(len(sizes)), sizes)
+    return np.random.default_rng(seed).permutation(labels)

@@ -742,6 +742,13 @@ def render_conversation(tokenizer, prompt_messages: list[dict], response: str) -
     return ids, len(prompt_ids)
 
 
+def instruction_ids(tokenizer, prompt_json: str, max_length: int) -> list[int]:
+    """The chat-formatted instruction of a row's `prompt` column (generation prompt included), at
+    most max_length tokens: a longer one loses its first tokens, so the assistant header that
+    decoding continues stays. Gradient features and evaluation both read prompts through this."""
+    return render_prompt(tokenizer, json.loads(prompt_json))[-max_length:]
+
+
 def stop_ids(tokenizer) -> list[int]:
     """Token ids that end a generation: eos and the end-of-turn token the chat template writes
     after an assistant turn (Gemma <end_of_turn>, Llama 3 <|eot_id|>, Qwen <|im_end|>); every

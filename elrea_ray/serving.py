@@ -14,36 +14,7 @@ from typing import Iterator
 import numpy as np
 import torch
 
-from elrea_ray.pipeline import BUNDLE_FORMAT_VERSION
-
-
-class BundleError(RuntimeError):
-    """The bundle cannot be served (missing files, wrong version, layout mismatch)."""
-
-
-def load_bundle(run_dir: str | Path) -> tuple[Path, dict]:
-    """(local root, bundle) of a run; an s3:// run is pulled into its local mirror first."""
-    from elrea_ray import storage
-
-    if storage.is_remote(run_dir):
-        from elrea_ray.artifacts import RunDir
-
-        run = RunDir.at(str(run_dir))
-        run.pull(stages=("base", "clusters", "experts"), log=lambda msg: None)  # what serving reads
-        root = run.root
-    else:
-        root = Path(run_dir).expanduser().resolve()
-    path = root / "bundle.json"
-    if not path.exists():
-        raise BundleError(f"no bundle.json in {root}: run jobs/full_pipeline.py until the experts stage")
-    bundle = json.loads(path.read_text())
-    if bundle.get("format_version") != BUNDLE_FORMAT_VERSION:
-        raise BundleError(f"{path}: format_version {bundle.get('format_version')} is not "
-                          f"{BUNDLE_FORMAT_VERSION}, the one this version serves")
-    for p in [*bundle["adapters"].values(), *bundle["epoch_checkpoints"], bundle["centroids"]]:
-        if not (root / p).exists():
-            raise BundleError(f"{path} lists {p}, which does not exist under {root}")
-    return root, bundle
+from elrea_ray.bundle import BundleError, load_bundle
 
 
 @dataclass

@@ -46,10 +46,17 @@ from typing import Any, Callable, Iterator
 import yaml
 
 from elrea_ray.artifacts import ArtifactError, RunDir, stage_key
+from elrea_ray.bundle import write_bundle
 from elrea_ray.config import Config, ConfigError, from_dict, merge
-from elrea_ray.pipeline import (_slice, build_base, build_clusters, build_data, build_experts,
-                                build_gradients, decode_split, read_features, routing_weights,
-                                stage_keys, write_bundle)
+from elrea_ray.pipeline import stage_keys
+from elrea_ray.stages import base as base_stage
+from elrea_ray.stages import clusters as clusters_stage
+from elrea_ray.stages import data as data_stage
+from elrea_ray.stages import experts as experts_stage
+from elrea_ray.stages import gradients as gradients_stage
+from elrea_ray.stages.common import StageContext, config_slice
+from elrea_ray.stages.evaluate import decode_split, routing_weights
+from elrea_ray.stages.gradients import read_features
 
 # sweep field -> the config key it sets
 PARAMS = {"initial_clusters": "clustering.initial_clusters", "experts_lr": "experts.lr",
@@ -244,7 +251,7 @@ def seed_from_run(cfg: Config, source: str | Path, experts: bool = True,
 
 def validation_key(cfg: Config, keys: dict[str, str]) -> str:
     ec = cfg.eval
-    return stage_key("validation", {"routing": _slice(cfg.routing), "metric": cfg.sweep.metric,
+    return stage_key("validation", {"routing": config_slice(cfg.routing), "metric": cfg.sweep.metric,
                                     "max_new_tokens": ec.max_new_tokens, "batch_size": ec.batch_size},
                      [keys["experts"], keys["gradients"]])
 
@@ -292,14 +299,16 @@ def run_trial(cfg: Config, sweep_root: Path, log: Callable[[str], None] = print)
 
     up = RunDir.at(sweep_root / "upstream" / keys["gradients"])
     with building(up):
-        stage(up, "data", lambda out: build_data(cfg, out))
-        stage(up, "base", lambda out: build_base(cfg, up, keys, out))
-        stage(up, "gradients", lambda out: build_gradients(cfg, up, out))
+        in_up = StageContext(cfg, up, keys, log=log).at
+        stage(up, "data", lambda out: data_stage.run(in_up(out)))
+        stage(up, "base", lambda out: base_stage.run(in_up(out)))
+        stage(up, "gradients", lambda out: gradients_stage.run(in_up(out)))
     ex = RunDir.at(sweep_root / "experts" / keys["experts"])
     with building(ex):
         link_stages(ex, up, UPSTREAM)
-        stage(ex, "clusters", lambda out: build_clusters(cfg, ex, out))
-        stage(ex, "experts", lambda out: build_experts(cfg, ex, keys, out))
+        in_ex = StageContext(cfg, ex, keys, log=log).at
+        stage(ex, "clusters", lambda out: clusters_stage.run(in_ex(out)))
+        stage(ex, "experts", lambda out: experts_stage.run(in_ex(out)))
     tr = RunDir.at(sweep_root / "trials" / vkey)
     with building(tr):
         link_stages(tr, ex, UPSTREAM + EXPERTS)

@@ -176,8 +176,8 @@ def write_shards(folder, X, ids, sources, rows_per_shard, seed=0):
 
 
 def test_streamed_stage_equals_the_in_memory_fit_when_the_sample_covers_all_rows(tmp_path):
-    from elrea_ray.cluster_stage import cluster_streamed
-    from elrea_ray.pipeline import read_features
+    from elrea_ray.stages.clusters import cluster_streamed
+    from elrea_ray.stages.gradients import read_features
 
     X, y = planted([100] * 4, d=64, noise=1.0, seed=11)
     ids, sources = [f"ex-{i}" for i in range(len(X))], [f"src{k}" for k in y]
@@ -199,7 +199,7 @@ def test_streamed_stage_equals_the_in_memory_fit_when_the_sample_covers_all_rows
 
 
 def test_streamed_stage_fits_a_bounded_sample_and_assigns_every_row(tmp_path):
-    from elrea_ray.cluster_stage import cluster_streamed
+    from elrea_ray.stages.clusters import cluster_streamed
 
     X, y = planted([150, 100, 100, 50], d=64, noise=1.0, seed=12)
     ids, sources = [f"ex-{i}" for i in range(len(X))], [f"src{k}" for k in y]
@@ -222,7 +222,7 @@ def test_streamed_stage_fits_a_bounded_sample_and_assigns_every_row(tmp_path):
 
 def test_streamed_stage_names_rows_that_do_not_match_the_data(tmp_path):
     from elrea_ray.artifacts import ArtifactError
-    from elrea_ray.cluster_stage import cluster_streamed
+    from elrea_ray.stages.clusters import cluster_streamed
 
     X, y = planted([20, 20], d=16, seed=13)
     ids = [f"ex-{i}" for i in range(len(X))]

@@ -34,7 +34,7 @@ def _figure(line: str) -> None:
 
 
 def _features(run_dir: Path, split: str) -> tuple[list[str], np.ndarray]:
-    from elrea_ray.pipeline import read_features
+    from elrea_ray.stages.gradients import read_features
 
     ids, _, X = read_features(Path(run_dir) / "gradients" / split)
     order = np.argsort(ids)
@@ -203,7 +203,7 @@ def test_driver_killed_in_gradients_and_in_experts_resumes_to_identical_results(
 def test_train_worker_crash_resumes_from_the_last_checkpoint_with_the_same_loss(smoke_run, tmp_path):
     from safetensors.torch import load_file
 
-    from elrea_ray.pipeline import _asdict
+    from elrea_ray.stages.common import plain
     from elrea_ray.train import fit_adapter
 
     cfg = smoke_config(smoke_run.root)
@@ -211,12 +211,12 @@ def test_train_worker_crash_resumes_from_the_last_checkpoint_with_the_same_loss(
     assert tc.max_failures >= 1 and tc.checkpoint_every_steps == 4
     marker = tmp_path / "fault-fired"
     out = tmp_path / "base"
-    # the base stage's own loop config (pipeline.build_base), plus the test hook: rank 0's process
+    # the base stage's own loop config (stages.base.job), plus the test hook: rank 0's process
     # dies (os._exit) after step 5, once; the last checkpoint before it is step 4. The hook waits
     # 3 s first: Ray Train V2's controller collects reported checkpoints when it polls the
     # workers (every 2 s, RAY_TRAIN_HEALTH_CHECK_INTERVAL_S), and one reported less than a poll
     # before a crash is lost (measured: the retry then started from step 0).
-    loop = {"name": "base", "seed": cfg.run.seed, "model": _asdict(cfg.model), "train": _asdict(tc),
+    loop = {"name": "base", "seed": cfg.run.seed, "model": plain(cfg.model), "train": plain(tc),
             "data_file": str(smoke_run.data_file("train")), "example_ids": None, "init_adapter": None,
             "out_dir": str(out), "save_epochs": True,
             "fault": {"after_step": 5, "rank": 0, "marker": str(marker), "wait_s": 3.0}}
@@ -246,7 +246,8 @@ def test_gradient_actor_killed_mid_stage_every_example_once(smoke_run, tmp_path)
     import ray
     from ray.util.state import list_actors
 
-    from elrea_ray.pipeline import build_gradients
+    from elrea_ray.stages import gradients
+    from elrea_ray.stages.common import StageContext
 
     cfg = smoke_config(smoke_run.root)
     out = tmp_path / "gradients"
@@ -279,13 +280,13 @@ def test_gradient_actor_killed_mid_stage_every_example_once(smoke_run, tmp_path)
     t = threading.Thread(target=killer, daemon=True)
     t.start()
     # reads the smoke run's data and base adapters, writes only into tmp_path
-    info = build_gradients(cfg, smoke_run, out)
+    info = gradients.run(StageContext(cfg, smoke_run, {}, out))
     done.set()
     t.join(timeout=5)
     seconds = time.time() - t_start
     assert killed and killed[0][1] < seconds, f"the actor was not killed while the stage ran {errors[-3:]}"
     for split in SPLITS:
-        from elrea_ray.pipeline import read_features
+        from elrea_ray.stages.gradients import read_features
 
         ids, _, X = read_features(out / split)
         counts = Counter(ids)
@@ -318,14 +319,17 @@ def _bad_files(tmp_path: Path) -> tuple[Path, Path]:
 def test_bad_rows_are_skipped_and_counted_in_the_manifest_or_named(tmp_path):
     from elrea_ray.artifacts import RunDir
     from elrea_ray.data import DataError
-    from elrea_ray.pipeline import build_data, check_lengths, stage_keys
+    from elrea_ray.pipeline import stage_keys
+    from elrea_ray.stages import data
+    from elrea_ray.stages.base import check_lengths
+    from elrea_ray.stages.common import StageContext
 
     train, test = _bad_files(tmp_path)
     files = ["data.kind=files", f"data.train_files=[{train}]", f"data.test_files=[{test}]",
              "data.validation_per_source=1"]
     cfg = smoke_config(tmp_path / "skip", *files, "data.bad_rows=skip")
     run = RunDir.at(cfg.run.run_dir)
-    run.run_stage("data", stage_keys(cfg)["data"], lambda out: build_data(cfg, out), log=lambda s: None)
+    run.run_stage("data", stage_keys(cfg)["data"], lambda out: data.run(StageContext(cfg, run, {}, out)), log=lambda s: None)
     counts = run.read_manifest()["stages"]["data"]["info"]["files"][str(train)]
     assert counts["read"] == 10 and counts["kept"] == 7
     assert counts["skipped"] == {"missing_field": 1, "wrong_type": 1, "empty_text": 1}
@@ -333,10 +337,10 @@ def test_bad_rows_are_skipped_and_counted_in_the_manifest_or_named(tmp_path):
 
     cfg = smoke_config(tmp_path / "error", *files)  # data.bad_rows: error (the default)
     with pytest.raises(DataError, match=r"mix\.jsonl, line 7: missing field 'instruction'"):
-        build_data(cfg, tmp_path)
+        data.run(StageContext(cfg, None, {}, tmp_path))
     train.write_text("\n".join(train.read_text().splitlines()[:6] + train.read_text().splitlines()[9:]) + "\n")
     run = RunDir.at(cfg.run.run_dir)
-    run.run_stage("data", stage_keys(cfg)["data"], lambda out: build_data(cfg, out), log=lambda s: None)
+    run.run_stage("data", stage_keys(cfg)["data"], lambda out: data.run(StageContext(cfg, run, {}, out)), log=lambda s: None)
     with pytest.raises(DataError, match=r"mix\.jsonl, line 7: longer than model\.max_length=256 tokens"):
         check_lengths(cfg, run)
 

@@ -51,7 +51,7 @@ def test_smoke_run_writes_exactly_the_expected_artifacts(smoke_run):
 def test_features_cover_every_example_once_and_are_unit_norm(smoke_run):
     import numpy as np
 
-    from elrea_ray.pipeline import read_features
+    from elrea_ray.stages.gradients import read_features
 
     for split in ("train", "test"):
         ids, _, X = read_features(smoke_run.gradient_dir(split))
@@ -71,16 +71,17 @@ def test_gradient_split_streams_in_blocks_over_an_actor_pool(smoke_run, tmp_path
 
     import numpy as np
 
-    from elrea_ray import pipeline
-    from elrea_ray.pipeline import build_gradients, read_features
+    from elrea_ray.stages import gradients
+    from elrea_ray.stages.common import StageContext
+    from elrea_ray.stages.gradients import read_features
 
-    monkeypatch.setattr(pipeline, "SHARD_BYTES", 1)  # shard_rows -> one block per file
+    monkeypatch.setattr(gradients, "SHARD_BYTES", 1)  # shard_rows -> one block per file
     cfg = smoke_config(smoke_run.root, "gradients.batch_size=2", "gradients.num_actors=2")
     out = tmp_path / "gradients"
     out.mkdir()
-    info = build_gradients(cfg, smoke_run, out)  # reads the smoke run, writes only into tmp_path
+    info = gradients.run(StageContext(cfg, smoke_run, {}, out))  # reads the smoke run, writes only into tmp_path
     block = info["reproducibility"]["block_rows"]
-    assert block == 2 * 4 * pipeline.BATCHES_PER_BLOCK
+    assert block == 2 * 4 * gradients.BATCHES_PER_BLOCK
     for split in ("train", "validation", "test"):
         rows = info["rows"][split]
         shards = sorted((out / split).glob("*.parquet"))
@@ -99,7 +100,7 @@ def test_read_features_in_a_given_order_names_what_does_not_match(tmp_path):
     import pyarrow as pa
 
     from elrea_ray.artifacts import ArtifactError
-    from elrea_ray.pipeline import read_features
+    from elrea_ray.stages.gradients import read_features
 
     X = np.arange(12, dtype=np.float32).reshape(3, 4)
     pq.write_table(pa.table({"example_id": ["b", "c", "a"], "source": ["s1", "s2", "s3"],
@@ -114,7 +115,7 @@ def test_read_features_in_a_given_order_names_what_does_not_match(tmp_path):
 
 
 def test_feature_shards_hold_whole_blocks_of_about_64_mib():
-    from elrea_ray.pipeline import shard_rows
+    from elrea_ray.stages.gradients import shard_rows
 
     assert shard_rows(8192, 64) == 2048 and shard_rows(512, 64) == 32768
     assert shard_rows(10**7, 64) == 64  # never less than one block

@@ -63,7 +63,7 @@ def test_report_script_rebuilds_from_artifacts(copy_of_smoke, capsys):
 
 
 def _mapper(smoke_run, methods):
-    from elrea_ray.pipeline import EvalMapper
+    from elrea_ray.stages.evaluate import EvalMapper
 
     bundle = json.loads(smoke_run.bundle.read_text())
     adapters = {n: str(smoke_run.root / p) for n, p in bundle["adapters"].items()}
@@ -92,7 +92,8 @@ def test_moe_merge_averages_the_lora_matrices(smoke_run):
 
 def test_eval_mapper_moe_merge_one_hot_equals_base_and_top_k_weights(smoke_run):
     from elrea_ray.config import load_config
-    from elrea_ray.pipeline import read_features, routing_weights
+    from elrea_ray.stages.evaluate import routing_weights
+    from elrea_ray.stages.gradients import read_features
 
     test = pq.read_table(smoke_run.data_file("test")).to_pylist()[:3]
     m, adapters = _mapper(smoke_run, ["base", "moe_merge"])

@@ -1,28 +1,29 @@
-"""Stage 3 over feature shards without holding the feature table.
+"""Stage 3: balanced BIRCH (or k-means) fitted on a sample in one Ray task, every row assigned in
+streamed batches, without holding the feature table.
 
 Two passes over the gradient shards, a batch at a time: the first gathers the fit sample (at most
 `fit_sample` rows, drawn by position in data-file order), the second assigns every row to its
 nearest centroid and sums the members of each cluster for the final centroids (ELREA eq. 5.8). The
 driver holds the sample, one batch, the [C, d] sums and O(n) ids and labels, so its memory does not
-grow with the feature table (200k x 8192 float32 is 6.5 GB). No Ray here: the caller decides where
-the fit runs.
+grow with the feature table (200k x 8192 float32 is 6.5 GB). `cluster_streamed` uses no Ray: the
+caller decides where the fit runs (`run` sends it to a Ray task).
 """
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
 
 import numpy as np
 
-from elrea_ray.clustering import ClusteringResult, assign
 from elrea_ray.artifacts import ArtifactError
+from elrea_ray.clustering import ClusteringResult, assign
+from elrea_ray.stages.common import StageContext, plain
 
 # Rows per streamed batch: 1,024 x 8192 float32 = 32 MB, about half a shard at that width.
 BATCH_ROWS = 1024
-
-
 @dataclass(frozen=True)
 class StreamedClusters:
     """Everything the stage writes; ids, sources and labels in data-file order."""
@@ -123,3 +124,44 @@ def cluster_streamed(folder: Path, data_ids: list[str], fit_sample: int, seed: i
     centroids = (sums / np.where(norms > 0, norms, 1.0)).astype(np.float32)
     return StreamedClusters(ids=list(data_ids), sources=sources, labels=remap[raw], centroids=centroids,
                             fit=result, fit_sample=int(len(sample)))
+
+
+def fit(X: np.ndarray, cc: dict, seed: int) -> ClusteringResult:
+    """The configured clustering (`cc`: the clustering section as a dict) fitted on X [n, d]."""
+    from elrea_ray.clustering import fit_clusters
+
+    if cc["method"] == "kmeans":
+        return fit_clusters(X, "kmeans", num_clusters=cc["initial_clusters"], seed=seed)
+    return fit_clusters(X, "balanced_birch", initial_clusters=cc["initial_clusters"],
+                        max_ratio=cc["max_ratio"], max_rounds=cc["max_rounds"],
+                        min_cluster_size=cc["min_cluster_size"], threshold=cc["threshold"], seed=seed)
+
+
+def run(ctx: StageContext) -> dict:
+    """Writes clusters/centroids.safetensors [C, d_proj], assignments.parquet (example_id, source,
+    cluster) and report.json (sizes, rounds, threshold, NMI/ARI/purity against the sources)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    import ray
+    from safetensors.numpy import save_file
+
+    from elrea_ray.clustering import cluster_source_report
+
+    cfg, run_dir, out = ctx.cfg, ctx.run, ctx.out
+    # In data-file order: the fit sample is drawn by position, whatever order the shards have. The
+    # features stream shard by shard (the driver never holds the table); only the sample is fitted.
+    data_ids = pq.read_table(run_dir.data_file("train"), columns=["example_id"]).column("example_id").to_pylist()
+    cc = cfg.clustering
+    fit_task = ray.remote(num_cpus=1)(fit)
+    res = cluster_streamed(run_dir.gradient_dir("train"), data_ids, cc.fit_sample, cfg.run.seed,
+                           fit=lambda Xs: ray.get(fit_task.remote(Xs, plain(cc), cfg.run.seed)))
+    labels, C = res.labels, len(res.centroids)
+    save_file({"centroids": res.centroids}, str(out / "centroids.safetensors"))
+    pq.write_table(pa.table({"example_id": res.ids, "source": res.sources, "cluster": labels}),
+                   out / "assignments.parquet")
+    report = {"num_clusters": C, "sizes": np.bincount(labels, minlength=C).tolist(),
+              "rounds": res.fit.rounds, "threshold": res.fit.threshold, "fit_sample": res.fit_sample,
+              "method": cc.method}
+    report.update(cluster_source_report(labels, res.sources))
+    (out / "report.json").write_text(json.dumps(report, indent=2, default=str))
+    return {k: report[k] for k in ("num_clusters", "sizes", "nmi", "ari", "purity") if k in report}

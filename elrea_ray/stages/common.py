@@ -1,0 +1,66 @@
+"""What every stage shares: its context, the config slices its key hashes, and the ONE builder of
+an adapter training job (base adapter, experts and trained baselines)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from elrea_ray.artifacts import RunDir
+from elrea_ray.config import Config, TrainConfig
+
+SPLITS = ("train", "validation", "test")
+
+# Settings that decide where and how fast a stage runs but not what it computes; they stay out of
+# the stage keys, so giving a stage more CPUs or actors does not invalidate finished work.
+EXECUTION_ONLY = {"cpus_per_worker", "cpus_per_actor", "num_actors", "max_concurrent", "logging_steps",
+                  "checkpoint_every_steps", "max_failures", "gpus_per_worker"}
+
+
+@dataclass(frozen=True)
+class StageContext:
+    """What a stage's `run` gets: the config, the run directory it reads, every stage's key, and
+    `out`, the folder it writes (the stage's `.partial`, renamed into place when it returns)."""
+
+    cfg: Config
+    run: RunDir
+    keys: dict[str, str]
+    out: Path | None = None
+    log: Callable[[str], None] = print
+
+    def at(self, out: Path) -> "StageContext":
+        return dataclasses.replace(self, out=out)
+
+
+def plain(x) -> dict:
+    """A config dataclass as JSON-plain dicts and lists (tuples become lists)."""
+    return json.loads(json.dumps(dataclasses.asdict(x)))
+
+
+def config_slice(x) -> dict:
+    """The part of a config section that decides what a stage computes (see EXECUTION_ONLY)."""
+    return {k: v for k, v in plain(x).items() if k not in EXECUTION_ONLY}
+
+
+def expert_recipe(cfg: Config) -> TrainConfig:
+    """Experts reuse the base recipe (batch, Adam, schedule) with their own lr, epochs and scaling."""
+    ec = cfg.experts
+    return dataclasses.replace(cfg.train, lr=ec.lr, epochs=ec.epochs, num_workers=ec.num_workers,
+                               cpus_per_worker=ec.cpus_per_worker, use_gpu=ec.use_gpu)
+
+
+def adapter_job(cfg: Config, run: RunDir, run_name: str, name: str, seed: int, tc: TrainConfig,
+                members: list[str] | None, init: str | None, folder: Path, save_epochs: bool = False,
+                gpus_per_worker: float = 1.0) -> dict:
+    """The `fit_adapter` keyword arguments of one adapter (base, expert or baseline): loop config,
+    recipe `tc` (its num_workers / cpus_per_worker / use_gpu are the scaling), resource check."""
+    loop = {"name": name, "seed": seed, "model": plain(cfg.model), "train": plain(tc),
+            "data_file": run.ref(run.data_file("train")), "example_ids": members, "init_adapter": init,
+            "out_dir": run.ref(folder), "save_epochs": save_epochs}
+    return {"run_name": run_name, "loop_cfg": loop, "tc": tc, "storage": run.ref(run.ray_storage),
+            "num_workers": tc.num_workers, "cpus_per_worker": tc.cpus_per_worker, "use_gpu": tc.use_gpu,
+            "gpus_per_worker": gpus_per_worker, "check": cfg.ray.check_resources,
+            "wait_s": cfg.ray.resource_wait_s}

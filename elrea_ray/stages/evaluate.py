@@ -1,0 +1,241 @@
+"""Stage 5: every eval method decoded side by side on the test split (Ray Data over an actor pool
+running the routed ensemble), scored, tabulated with intervals and reported.
+
+Writes eval/weights.parquet (each weighted method's [1 + C] weights per test item),
+predictions.parquet, metrics.json, results.md and the report (elrea_ray/report.py).
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+
+from elrea_ray.artifacts import RunDir
+from elrea_ray.config import Config
+from elrea_ray.stages.common import StageContext
+
+
+def _share_groups(sets: dict[str, np.ndarray]) -> list[tuple[list[int], list[str]]]:
+    """Methods whose adapter sets nest (column 0, the bare backbone, is free) share one decoding
+    call; others get their own, so that no row pays for the rank blocks of adapters its group
+    never uses (a stacked row computes every adapter of its call; see elrea_ray.stacked).
+    Returns (columns of the call: 0 and the group's adapters, the group's methods) per call."""
+    groups: list[tuple[set[int], list[str]]] = []
+    for m, w in sets.items():
+        used = {int(a) for a in np.flatnonzero(w.any(0)) if a}
+        for g in groups:
+            if used <= g[0] or g[0] <= used:
+                g[0].update(used)
+                g[1].append(m)
+                break
+        else:
+            groups.append((used, [m]))
+    return [([0, *sorted(used)], methods) for used, methods in groups]
+
+
+class EvalMapper:
+    """Ray Data callable: the backbone with all C+1 adapters loaded once per actor; decodes every
+    method for a batch of test prompts (ensembles as ONE batched forward with a KV cache)."""
+
+    def __init__(self, model_cfg: dict, adapters: dict[str, str], methods: list[str], max_new_tokens: int,
+                 use_gpu: bool):
+        import torch
+
+        from elrea_ray.config import ModelConfig
+        from elrea_ray.model import load_adapters, load_tokenizer
+        from elrea_ray.storage import localize
+
+        self.mc = ModelConfig(**model_cfg)
+        self.tok = load_tokenizer(self.mc)
+        device = "cuda" if use_gpu and torch.cuda.is_available() else "cpu"
+        adapters = {n: str(localize(p)) for n, p in adapters.items()}
+        self.model = load_adapters(self.mc, adapters, device)
+        self.names = list(adapters)  # "base", "expert-00", ...
+        self.methods = methods
+        self.max_new_tokens = max_new_tokens
+
+    def __call__(self, batch: dict) -> dict:
+        from elrea_ray.data import instruction_ids, score, stop_ids
+        from elrea_ray.ensemble import ensemble_generate_many
+        from elrea_ray.stacked import BACKBONE
+
+        prompts = [instruction_ids(self.tok, p, self.mc.max_length) for p in batch["prompt"]]
+        eos, pad = stop_ids(self.tok), self.tok.pad_token_id
+        out = {"example_id": batch["example_id"], "source": batch["source"]}
+        rows = [{"answer": a, "meta": m, "source": s} for a, m, s in
+                zip(batch["answer"], batch["meta"], batch["source"])]
+        # Every method but MoE merging decodes in ONE call over [backbone, adapters...]: the
+        # methods share each (prompt, adapter) prefill (ensemble_generate_many).
+        names = [BACKBONE, *self.names]
+        sets = {}
+        for method in self.methods:
+            if method == "moe_merge":
+                continue
+            w = np.zeros((len(prompts), len(names)))
+            if method in ("backbone", "base"):
+                w[:, names.index(BACKBONE if method == "backbone" else "base")] = 1.0
+            else:
+                w[:, 1:] = np.stack([np.asarray(x, dtype=np.float64) for x in batch[f"w_{method}"]])
+            sets[method] = w
+        gens = {}
+        for cols, group in _share_groups(sets):  # methods over nested adapter sets decode together
+            gens.update(ensemble_generate_many(self.model, prompts, [names[a] for a in cols],
+                                               {m: sets[m][:, cols] for m in group},
+                                               self.max_new_tokens, eos, pad))
+        for method in self.methods:
+            if method == "moe_merge":
+                gen = self._merged_generate(prompts, batch["w_moe_merge"], eos, pad)
+            else:
+                gen = gens[method]
+            text = [self.tok.decode(g, skip_special_tokens=True) for g in gen]
+            out[f"pred_{method}"] = np.array(text, dtype=object)
+            out[f"score_{method}"] = np.array([score(r, t) for r, t in zip(rows, text)], dtype=np.float64)
+        return out
+
+    def _merged_generate(self, prompts, weights, eos, pad):
+        """MoE Merging: per prompt, one adapter averaged with its normalised routing weights."""
+        from elrea_ray.ensemble import single_generate
+        from elrea_ray.merging import drop_adapter, merge_adapters, normalized_alphas
+
+        gen = []
+        for p, w in zip(prompts, weights):
+            alphas = normalized_alphas(np.asarray(w, dtype=np.float64))
+            name = merge_adapters(self.model, self.names, alphas.tolist(), "__merged__")
+            gen.extend(single_generate(self.model, [p], name, self.max_new_tokens, eos, pad))
+            drop_adapter(self.model, name)
+        return gen
+
+
+def routing_weights(cfg: Config, run: RunDir, features: np.ndarray,
+                    methods: tuple[str, ...] = ("elrea", "uniform", "top1")) -> dict[str, np.ndarray]:
+    """[N, 1 + C] weight matrices (column 0 = base adapter) for every weighted method asked for:
+    elrea (routing.top_k as configured), uniform, top<k> (k capped at C: top-all is ELREA) and
+    moe_merge (the ELREA weights, merged into one adapter per prompt)."""
+    from safetensors.numpy import load_file
+
+    from elrea_ray.config import top_k_of
+    from elrea_ray.routing import route, uniform_weights
+
+    centroids = load_file(str(run.clusters_file("centroids.safetensors")))["centroids"]
+    N, C = len(features), centroids.shape[0]
+    rc = cfg.routing
+    out = {}
+    ew, bw = route(features, centroids, temperature=rc.temperature, top_k=rc.top_k, min_weight=rc.min_weight)
+    out["elrea"] = np.concatenate([bw[:, None], ew], axis=1)
+    for m in methods:
+        k = top_k_of(m)
+        if k is not None:
+            ek, bk = route(features, centroids, temperature=rc.temperature, top_k=min(k, C))
+            out[m] = np.concatenate([bk[:, None], ek], axis=1)
+    if "uniform" in methods:
+        uw, ub = uniform_weights(N, C)
+        out["uniform"] = np.concatenate([ub[:, None], uw], axis=1)
+    if "moe_merge" in methods:
+        out["moe_merge"] = out["elrea"]
+    return out
+
+
+def decode_split(ec, model_cfg: dict, adapters: dict[str, str], rows: list[dict],
+                 weights: dict[str, np.ndarray], methods: list[str]):
+    """Decode and score `methods` on data rows over an EvalMapper actor pool (evaluation on the
+    test split, sweep trials on the validation split). weights: [len(rows), n] per weighted
+    method over `adapters` in order (column 0 = base). Returns the predictions DataFrame in row
+    order: example_id, source, pred_<method>, score_<method>."""
+    import ray
+
+    items = []
+    for i, r in enumerate(rows):
+        item = {k: r[k] for k in ("example_id", "source", "prompt", "answer", "meta")}
+        for m, w in weights.items():
+            item[f"w_{m}"] = w[i].tolist()
+        items.append(item)
+    preds = ray.data.from_items(items).map_batches(
+        EvalMapper, batch_size=ec.batch_size, batch_format="numpy",
+        fn_constructor_kwargs={"model_cfg": model_cfg, "adapters": adapters, "methods": methods,
+                               "max_new_tokens": ec.max_new_tokens, "use_gpu": ec.use_gpu},
+        compute=ray.data.ActorPoolStrategy(size=ec.num_actors), num_cpus=ec.cpus_per_actor,
+        num_gpus=1 if ec.use_gpu else 0).to_pandas()
+    return preds.set_index("example_id").loc[[r["example_id"] for r in rows]].reset_index()
+
+
+def _weights(cfg: Config, run: RunDir, test: list[dict], adapters: dict[str, str]
+             ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """(weights, wide): every weighted method's weights as routed ([N, 1 + C] over base and the
+    experts; a trained baseline's over its own adapters), and the same over ALL adapters loaded
+    (`adapters`, extended here with the trained baselines'; 0 = not run)."""
+    from elrea_ray.stages import baselines
+    from elrea_ray.stages.gradients import read_features
+
+    _, _, feats = read_features(run.gradient_dir("test"), order=[r["example_id"] for r in test])
+    weights = routing_weights(cfg, run, feats, cfg.eval.methods)
+    wide = dict(weights)
+    if not baselines.trained_baselines(cfg):
+        return weights, wide
+    info = baselines.read_info(run)
+    adapters.update({n: run.ref(run.stage_dir("baselines") / p) for n, p in info["adapters"].items()})
+    names = list(adapters)
+    routed = list(weights)
+    for m, b in baselines.weights(cfg, run, test, info).items():
+        weights[m] = b["w"]
+        wide[m] = np.zeros((len(test), len(names)))
+        wide[m][:, [names.index(n) for n in b["names"]]] = b["w"]
+    for m in routed:
+        wide[m] = np.concatenate([weights[m], np.zeros((len(test), len(names) - weights[m].shape[1]))], 1)
+    return weights, wide
+
+
+def _metrics(cfg: Config, run: RunDir, preds, weights: dict[str, np.ndarray], test: list[dict]) -> dict:
+    """metrics.json: the accuracy table, own-source routing, the clusters' figures."""
+    import pyarrow.parquet as pq
+
+    from elrea_ray.evaluate import accuracy_table, majority_source, own_source_routing_rate
+    from elrea_ray.stages import baselines
+
+    ec = cfg.eval
+    table = accuracy_table(preds["source"].tolist(), {m: preds[f"score_{m}"].tolist() for m in ec.methods},
+                           resamples=ec.bootstrap, seed=cfg.run.seed)
+    assignments = pq.read_table(run.clusters_file("assignments.parquet"))
+    majority = majority_source(np.asarray(assignments.column("cluster").to_pylist()),
+                               assignments.column("source").to_pylist())
+    routing = own_source_routing_rate(weights["elrea"][:, 1:], [r["source"] for r in test], majority)
+    clusters = json.loads(run.clusters_file("report.json").read_text())
+    metrics = {"methods": table, "own_source_routing": routing,
+               "clusters": {k: clusters.get(k) for k in ("num_clusters", "sizes", "nmi", "ari", "purity")},
+               "cluster_majority_source": {str(k): v for k, v in majority.items()},
+               "mean_base_weight": float(weights["elrea"][:, 0].mean())}
+    if baselines.trained_baselines(cfg):
+        emb = baselines.read_info(run).get("embedding_clusters")
+        if emb:
+            metrics["embedding_clusters"] = emb
+    return metrics
+
+
+def run(ctx: StageContext) -> dict:
+    """Decodes every eval method on the test split and writes the eval folder (see above)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from elrea_ray.evaluate import results_markdown
+    from elrea_ray.report import write_report
+
+    cfg, run_dir, out = ctx.cfg, ctx.run, ctx.out
+    bundle = json.loads(run_dir.bundle.read_text())
+    test = pq.read_table(run_dir.data_file("test")).to_pylist()
+    adapters = {n: run_dir.ref(run_dir.root / p) for n, p in bundle["adapters"].items()}
+    weights, wide = _weights(cfg, run_dir, test, adapters)
+    # The weights of every weighted method per test item (column 0 = base), for the report.
+    pq.write_table(pa.table({"example_id": [r["example_id"] for r in test],
+                             "source": [r["source"] for r in test],
+                             **{f"w_{m}": [w.tolist() for w in weights[m]] for m in weights}}),
+                   out / "weights.parquet")
+    preds = decode_split(cfg.eval, bundle["model"], adapters, test, wide, list(cfg.eval.methods))
+    pq.write_table(pa.Table.from_pandas(preds, preserve_index=False), out / "predictions.parquet")
+    metrics = _metrics(cfg, run_dir, preds, weights, test)
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    md = results_markdown(metrics["methods"], metrics["own_source_routing"], metrics["clusters"])
+    (out / "results.md").write_text("# ELREA evaluation (test split)\n\n" + md)
+    write_report(run_dir.root, out)
+    table = metrics["methods"]
+    return {"micro": {m: table[m]["micro"]["acc"] for m in table},
+            "own_source_routing": metrics["own_source_routing"]["rate"]}
