@@ -128,7 +128,7 @@ def cmd_report(args) -> int:
 
 def cmd_export(args) -> int:
     from elrea_ray.export import ExportError, export_run, push_to_hub
-    from elrea_ray.serving import BundleError
+    from elrea_ray.bundle import BundleError
 
     run = RunDir.at(args.run_dir)
     run.pull(log=lambda msg: None)  # an s3:// run is mirrored locally first

@@ -108,7 +108,7 @@ expert with the largest routing weight (from `elrea-ray serve`'s `routing` field
 def export_run(run_dir: str | Path, out: str | Path, fmt: str = "peft", base_model: str | None = None) -> Path:
     """Write the run's adapters to `out` (which must not exist or be empty) in `fmt`; returns `out`.
     The folder appears complete or not at all (written beside it, then renamed)."""
-    from elrea_ray.serving import load_bundle
+    from elrea_ray.bundle import load_bundle
 
     if fmt not in FORMATS:
         raise ExportError(f"--format {fmt!r}: use one of {', '.join(FORMATS)}")

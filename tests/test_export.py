@@ -27,7 +27,7 @@ def test_exported_peft_folders_give_the_bundles_logits(exported):
 
     from elrea_ray.config import ModelConfig
     from elrea_ray.model import load_adapters, load_backbone
-    from elrea_ray.serving import load_bundle
+    from elrea_ray.bundle import load_bundle
 
     run, out = exported
     root, bundle = load_bundle(run)
@@ -49,7 +49,7 @@ def test_exported_peft_folders_give_the_bundles_logits(exported):
 def test_routing_state_and_readmes_describe_what_to_load(exported):
     from safetensors.numpy import load_file
 
-    from elrea_ray.serving import load_bundle
+    from elrea_ray.bundle import load_bundle
 
     run, out = exported
     root, bundle = load_bundle(run)
