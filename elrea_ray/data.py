@@ -1,4 +1,4 @@
-"""Example rows, their tokenisation with instruction/response marks, and scoring.
+"""Example rows and their tokenisation with instruction/response marks (scoring: elrea_ray/scorers.py).
 
 Every split is a list of canonical rows (plain dicts, written as Parquet by the pipeline):
 
@@ -20,13 +20,11 @@ boundary `instruction_len` is exact (re-tokenising the joined string could merge
 from __future__ import annotations
 
 import codecs
-import functools
 import hashlib
 import json
 import math
 import random
-import re
-from decimal import Decimal, InvalidOperation
+from decimal import Decimal
 from fractions import Fraction
 from pathlib import Path
 from typing import Any
@@ -34,11 +32,12 @@ from typing import Any
 import torch
 
 from elrea_ray.config import DATA_FORMATS, DataConfig
+from elrea_ray.scorers import BENCHMARKS, LETTERS, boxed_content, gold_letter, last_boxed, parse_mathqa_options
 
 SPLITS = ("train", "validation", "test")
 FORMATS = DATA_FORMATS
 # The scorer a file format implies (elrea_ray.scorers); a row's `benchmark` field or the config's
-# data.benchmarks (per source) override it. Formats absent here are scored by `score`'s generic rule.
+# data.benchmarks (per source) override it. Formats absent here are scored by `scorers.score`'s generic rule.
 FORMAT_BENCHMARK = {"question_answer": "gsm8k", "math": "math", "multiple_choice": "mmlu", "bbh": "bbh",
                     "svamp": "svamp", "mathqa": "mathqa", "messages": "less"}
 
@@ -351,7 +350,7 @@ def _text(rec: dict, field: str, *, required: bool, nonempty: bool = False) -> s
 def _gold_from_response(response: str) -> str:
     """When a file has no `answer` column: a \\boxed{} answer, a GSM8K '#### N' tail, or the
     response itself when it is one short line."""
-    boxed = _boxed(response)
+    boxed = boxed_content(response)
     if boxed is not None:
         return boxed.strip()
     if "####" in response:
@@ -412,16 +411,12 @@ def _scalar(rec: dict, field: str) -> str:
 
 def multiple_choice_prompt(question: str, choices: list[str]) -> str:
     """The MMLU-style zero-shot prompt: the question, lettered choices, and what to answer."""
-    from elrea_ray.scorers import LETTERS
-
     lines = [question.strip(), ""] + [f"{LETTERS[k]}. {c}" for k, c in enumerate(choices)]
     return "\n".join(lines) + "\nAnswer with the letter of the correct choice."
 
 
 def _benchmark_record(rec: dict, fmt: str, need_response: bool) -> tuple[str, str, str, dict]:
     """(user text, response, gold, extra meta) of the paper's benchmark formats."""
-    from elrea_ray.scorers import LETTERS, gold_letter, last_boxed, parse_mathqa_options
-
     if fmt == "math":
         user = _text(rec, "problem", required=True, nonempty=True)
         response = _text(rec, "solution", required=need_response, nonempty=need_response)
@@ -504,8 +499,6 @@ def _row_from_record(rec: Any, fmt: str, split: str) -> tuple[list[dict], str, s
         gold = str(a)
     benchmark = rec.get("benchmark")
     if benchmark is not None:
-        from elrea_ray.scorers import BENCHMARKS
-
         if benchmark not in BENCHMARKS:
             raise _BadRow("bad_benchmark", f"field 'benchmark' is {benchmark!r}; expected one of "
                           f"{', '.join(BENCHMARKS)}")
@@ -856,121 +849,3 @@ def length_bucketed_batches(lengths: list[int], batch_size: int, seed: int, shuf
     if shuffle:
         rng.shuffle(batches)
     return batches
-
-
-# -- scoring --------------------------------------------------------------------------------------
-
-_NUM = r"[-+]?(?:(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?|\.\d+)(?:[eE][-+]?\d+)?"  # -4, 1,234, 0.5, .5, 1e3
-_NUMBER = re.compile(r"(?<![\w.])" + _NUM)  # a number not glued to a word ("x2") or a decimal point
-_GOLD_NUMBER = re.compile(r"\s*" + _NUM + r"\.?\s*")  # a whole string that is a number ("12." too)
-_PREFIX = re.compile(r"^(?:(?:so|thus|therefore|hence)[, ]+)?(?:the\s+)?(?:final\s+)?"
-                     r"(?:answer|result|output|solution)(?:\s+is)?\s*[:=\-]?\s*", re.IGNORECASE)
-_QUOTES = "\"'`*“”‘’"
-
-
-def _boxed(text: str) -> str | None:
-    """The content of the last \\boxed{...} (braces balanced), or None."""
-    start = text.rfind("\\boxed{")
-    if start < 0:
-        return None
-    i, depth = start + len("\\boxed{"), 1
-    for j in range(i, len(text)):
-        if text[j] == "{":
-            depth += 1
-        elif text[j] == "}":
-            depth -= 1
-            if depth == 0:
-                return text[i:j]
-    return None
-
-
-def _to_decimal(s: str) -> Decimal | None:
-    try:
-        d = Decimal(s.strip().replace(",", ""))
-    except InvalidOperation:
-        return None
-    return d if d.is_finite() else None
-
-
-def _clean_line(text: str) -> str:
-    for line in text.splitlines():
-        line = line.strip()
-        if not line:
-            continue
-        for _ in range(2):  # "Answer: 'olleh'." -> olleh
-            line = _PREFIX.sub("", line).strip()
-            line = line.rstrip(".").strip().strip(_QUOTES).strip()
-        return line
-    return ""
-
-
-def extract_answer(text: str, gold: str) -> str:
-    """The answer a reader would take from generated text: the content of a \\boxed{}; else, when
-    the gold answer is a number, the first number in the text (-, decimals, 1,234 commas; returned
-    as the gold's spelling when numerically equal, so exact-match scorers accept "12.0" for "12");
-    else the first non-empty line without quotes, a trailing period or an "Answer:" prefix."""
-    text = (text or "").strip()
-    gold_num = _to_decimal(gold) if _GOLD_NUMBER.fullmatch(gold or "") else None
-    boxed = _boxed(text)
-    if boxed is not None:
-        candidate = boxed.strip()
-    elif gold_num is not None:
-        m = _NUMBER.search(text)
-        if m is None:
-            return _clean_line(text)
-        candidate = m.group(0)
-    else:
-        return _clean_line(text)
-    value = _to_decimal(candidate) if _GOLD_NUMBER.fullmatch(candidate) else None
-    if value is None:
-        return candidate
-    if gold_num is not None and value == gold_num:
-        return gold.strip()
-    return candidate.replace(",", "").lstrip("+")
-
-
-@functools.lru_cache(maxsize=64)
-def _scorer(family: str, config_json: str):
-    """One dataset object per (family, config): some constructors read word lists."""
-    return _create_dataset(family, json.loads(config_json), size=1, seed=0)
-
-
-def _normalise(s: str) -> str:
-    return " ".join(s.strip().strip(_QUOTES).rstrip(".").split()).lower()
-
-
-def score(row: dict, prediction: str) -> float:
-    """1.0 if the prediction answers the row correctly, else 0.0.
-
-    Rows whose meta names a benchmark (math, gsm8k, svamp, mathqa, mmlu, bbh, exact) use that
-    benchmark's scorer (elrea_ray.scorers); reasoning-gym rows are judged by the family's own
-    scorer on the extracted answer (its partial credit, e.g. 0.01 for a wrong number, counts as
-    wrong below 0.99); other rows (LESS-style chat files included) by comparing the extracted
-    answer with the gold one, numerically when both are numbers.
-    """
-    meta = row.get("meta") or {}
-    if isinstance(meta, str):
-        meta = json.loads(meta) if meta.strip() else {}
-    gold = str(row.get("answer") or "")
-    if meta.get("benchmark") and meta["benchmark"] != "less":
-        from elrea_ray.scorers import score_answer
-
-        return score_answer(meta["benchmark"], prediction, gold, meta.get("choices"))
-    if meta.get("family"):
-        entry = meta["entry"]
-        ds = _scorer(meta["family"], json.dumps(meta.get("dataset_config") or {}, sort_keys=True))
-        try:
-            s = ds.score_answer(answer=extract_answer(prediction, str(entry["answer"])), entry=entry)
-        except Exception:  # a scorer that chokes on free text has judged it wrong
-            return 0.0
-        return 1.0 if s is not None and s >= 0.99 else 0.0
-    boxed = _boxed(gold)
-    gold = boxed if boxed is not None else gold.rsplit("####", 1)[-1]
-    gold = gold.strip()
-    if not gold:
-        return 0.0
-    pred = extract_answer(prediction, gold)
-    g, p = _to_decimal(gold), _to_decimal(pred)
-    if g is not None and p is not None and _GOLD_NUMBER.fullmatch(gold) and _GOLD_NUMBER.fullmatch(pred):
-        return 1.0 if abs(g - p) <= Decimal("1e-6") * max(Decimal(1), abs(g)) else 0.0
-    return 1.0 if _normalise(pred) == _normalise(gold) else 0.0

@@ -1,7 +1,9 @@
 """Answer scorers for the paper's benchmark formats (ELREA §5.3 / Appendix D: MATH-Combined scored
 with the Hendrycks MATH answer parsing of `\\boxed{}`; MMLU and BBH by exact match).
 
-`score_answer(benchmark, prediction, gold, choices)` returns 1.0 or 0.0. Benchmarks:
+`score(row, prediction)` scores a data row (elrea_ray/data.py) by the benchmark its meta names,
+its reasoning-gym family's own scorer, or the generic rule; `score_answer(benchmark, prediction,
+gold, choices)` returns 1.0 or 0.0 under one benchmark's rules. Benchmarks:
 
     math      final answer in the last \\boxed{} (or \\fbox{}); both sides normalised the way the
               MATH code does (units, \\left/\\right, spaces, \\dfrac, a/b vs \\frac{a}{b}, 0.5 vs
@@ -20,11 +22,13 @@ with the Hendrycks MATH answer parsing of `\\boxed{}`; MMLU and BBH by exact mat
               final line / number against the gold reply
     exact     normalised exact match of the whole reply
 
-Pure functions, no Ray, no model.
+Pure functions, no Ray, no model (reasoning-gym rows use that package's scorers).
 """
 
 from __future__ import annotations
 
+import functools
+import json
 import re
 from decimal import Decimal, InvalidOperation
 from fractions import Fraction
@@ -349,7 +353,124 @@ def score_answer(benchmark: str, prediction: str, gold: str, choices: list[str] 
     if benchmark == "exact":
         return 1.0 if normalize_exact(prediction) == normalize_exact(gold) and gold.strip() else 0.0
     if benchmark == "less":
-        from elrea_ray.data import score as generic_score
-
-        return generic_score({"answer": gold, "meta": "{}"}, prediction)
+        return score({"answer": gold, "meta": "{}"}, prediction)
     raise ValueError(f"unknown benchmark {benchmark!r}; use one of {', '.join(BENCHMARKS)}")
+
+
+# -- data rows: benchmark, reasoning-gym family or the generic rule -----------------------------
+
+_ANY_NUM = r"[-+]?(?:(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?|\.\d+)(?:[eE][-+]?\d+)?"  # -4, 1,234, 0.5, .5, 1e3
+_ANY_NUMBER = re.compile(r"(?<![\w.])" + _ANY_NUM)  # a number not glued to a word ("x2") or a decimal point
+_WHOLE_NUMBER = re.compile(r"\s*" + _ANY_NUM + r"\.?\s*")  # a whole string that is a number ("12." too)
+_ANSWER_PREFIX = re.compile(r"^(?:(?:so|thus|therefore|hence)[, ]+)?(?:the\s+)?(?:final\s+)?"
+                            r"(?:answer|result|output|solution)(?:\s+is)?\s*[:=\-]?\s*", re.IGNORECASE)
+_QUOTES = "\"'`*“”‘’"
+
+
+def boxed_content(text: str) -> str | None:
+    """The content of the last \\boxed{...} (braces balanced), or None."""
+    start = text.rfind("\\boxed{")
+    if start < 0:
+        return None
+    i, depth = start + len("\\boxed{"), 1
+    for j in range(i, len(text)):
+        if text[j] == "{":
+            depth += 1
+        elif text[j] == "}":
+            depth -= 1
+            if depth == 0:
+                return text[i:j]
+    return None
+
+
+def _decimal(s: str) -> Decimal | None:
+    try:
+        d = Decimal(s.strip().replace(",", ""))
+    except InvalidOperation:
+        return None
+    return d if d.is_finite() else None
+
+
+def _clean_line(text: str) -> str:
+    for line in text.splitlines():
+        line = line.strip()
+        if not line:
+            continue
+        for _ in range(2):  # "Answer: 'olleh'." -> olleh
+            line = _ANSWER_PREFIX.sub("", line).strip()
+            line = line.rstrip(".").strip().strip(_QUOTES).strip()
+        return line
+    return ""
+
+
+def extract_answer(text: str, gold: str) -> str:
+    """The answer a reader would take from generated text: the content of a \\boxed{}; else, when
+    the gold answer is a number, the first number in the text (-, decimals, 1,234 commas; returned
+    as the gold's spelling when numerically equal, so exact-match scorers accept "12.0" for "12");
+    else the first non-empty line without quotes, a trailing period or an "Answer:" prefix."""
+    text = (text or "").strip()
+    gold_num = _decimal(gold) if _WHOLE_NUMBER.fullmatch(gold or "") else None
+    boxed = boxed_content(text)
+    if boxed is not None:
+        candidate = boxed.strip()
+    elif gold_num is not None:
+        m = _ANY_NUMBER.search(text)
+        if m is None:
+            return _clean_line(text)
+        candidate = m.group(0)
+    else:
+        return _clean_line(text)
+    value = _decimal(candidate) if _WHOLE_NUMBER.fullmatch(candidate) else None
+    if value is None:
+        return candidate
+    if gold_num is not None and value == gold_num:
+        return gold.strip()
+    return candidate.replace(",", "").lstrip("+")
+
+
+@functools.lru_cache(maxsize=64)
+def _family_scorer(family: str, config_json: str):
+    """One reasoning-gym dataset object per (family, config), for its `score_answer`: some
+    constructors read word lists. The config is the one the row was built with."""
+    import reasoning_gym
+
+    return reasoning_gym.create_dataset(family, size=1, seed=0, **json.loads(config_json))
+
+
+def _normalise(s: str) -> str:
+    return " ".join(s.strip().strip(_QUOTES).rstrip(".").split()).lower()
+
+
+def score(row: dict, prediction: str) -> float:
+    """1.0 if the prediction answers the row correctly, else 0.0.
+
+    Rows whose meta names a benchmark (math, gsm8k, svamp, mathqa, mmlu, bbh, exact) use that
+    benchmark's scorer (`score_answer`); reasoning-gym rows are judged by the family's own
+    scorer on the extracted answer (its partial credit, e.g. 0.01 for a wrong number, counts as
+    wrong below 0.99); other rows (LESS-style chat files included) by comparing the extracted
+    answer with the gold one, numerically when both are numbers.
+    """
+    meta = row.get("meta") or {}
+    if isinstance(meta, str):
+        meta = json.loads(meta) if meta.strip() else {}
+    gold = str(row.get("answer") or "")
+    if meta.get("benchmark") and meta["benchmark"] != "less":
+        return score_answer(meta["benchmark"], prediction, gold, meta.get("choices"))
+    if meta.get("family"):
+        entry = meta["entry"]
+        ds = _family_scorer(meta["family"], json.dumps(meta.get("dataset_config") or {}, sort_keys=True))
+        try:
+            s = ds.score_answer(answer=extract_answer(prediction, str(entry["answer"])), entry=entry)
+        except Exception:  # a scorer that chokes on free text has judged it wrong
+            return 0.0
+        return 1.0 if s is not None and s >= 0.99 else 0.0
+    boxed = boxed_content(gold)
+    gold = boxed if boxed is not None else gold.rsplit("####", 1)[-1]
+    gold = gold.strip()
+    if not gold:
+        return 0.0
+    pred = extract_answer(prediction, gold)
+    g, p = _decimal(gold), _decimal(pred)
+    if g is not None and p is not None and _WHOLE_NUMBER.fullmatch(gold) and _WHOLE_NUMBER.fullmatch(pred):
+        return 1.0 if abs(g - p) <= Decimal("1e-6") * max(Decimal(1), abs(g)) else 0.0
+    return 1.0 if _normalise(pred) == _normalise(gold) else 0.0

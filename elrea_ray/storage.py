@@ -30,7 +30,7 @@ from urllib.parse import parse_qs, unquote, urlsplit, urlunsplit
 
 import pyarrow.fs as pafs
 
-from elrea_ray.artifacts import MARKER, ArtifactError
+from elrea_ray.markers import MARKER, ArtifactError
 
 _S3_QUERY = {"endpoint_override", "scheme", "region"}
 _THREADS = 8  # parallel object transfers; S3 latency, not bandwidth, bounds small files

@@ -1,8 +1,10 @@
+import dataclasses
 from pathlib import Path
 
 import pytest
 
-from elrea_ray.config import Config, ConfigError, load_config
+from elrea_ray.config import (ClusteringConfig, Config, ConfigError, EvalConfig, ModelConfig, TrainConfig,
+                              load_config)
 
 CONFIGS = sorted((Path(__file__).resolve().parents[1] / "jobs" / "configs").glob("*.yaml"))
 
@@ -73,3 +75,18 @@ def test_flash_attention_needs_flash_attn():
         pytest.skip("flash_attn is installed here")
     with pytest.raises(ConfigError, match=r"model\.attn_implementation.*flash_attn"):
         load_config(None, ["model.attn_implementation=flash_attention_2"])
+
+
+def test_every_config_built_anywhere_is_checked():
+    # A section built directly (a worker rebuilding it from a dict, a test, dataclasses.replace)
+    # checks itself, with the same dotted name the loader's messages use.
+    with pytest.raises(ConfigError, match=r"train\.lr must be > 0"):
+        TrainConfig(lr=-1.0)
+    with pytest.raises(ConfigError, match=r"model\.lora_r must be >= 1"):
+        ModelConfig(**{**dataclasses.asdict(ModelConfig()), "lora_r": 0})
+    with pytest.raises(ConfigError, match=r"clustering\.method"):
+        dataclasses.replace(ClusteringConfig(), method="dbscan")
+    with pytest.raises(ConfigError, match=r"eval\.methods"):
+        Config(eval=EvalConfig(methods=("elrea", "magic")))
+    with pytest.raises(ConfigError, match=r"config section train must be a TrainConfig"):
+        Config(train={"lr": 1e-4})

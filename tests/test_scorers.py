@@ -5,9 +5,9 @@ import json
 import pytest
 
 from elrea_ray.config import DataConfig
-from elrea_ray.data import build_splits, read_rows, score
+from elrea_ray.data import build_splits, read_rows
 from elrea_ray.scorers import (gold_letter, last_boxed, math_equal, normalize_math, parse_mathqa_options,
-                               predicted_letter, score_answer)
+                               predicted_letter, score, score_answer)
 
 
 def _jsonl(path, records):

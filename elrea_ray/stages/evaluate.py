@@ -56,8 +56,9 @@ class EvalMapper:
         self.max_new_tokens = max_new_tokens
 
     def __call__(self, batch: dict) -> dict:
-        from elrea_ray.data import instruction_ids, score, stop_ids
+        from elrea_ray.data import instruction_ids, stop_ids
         from elrea_ray.ensemble import ensemble_generate_many
+        from elrea_ray.scorers import score
         from elrea_ray.stacked import BACKBONE
 
         prompts = [instruction_ids(self.tok, p, self.mc.max_length) for p in batch["prompt"]]
