@@ -20,6 +20,7 @@ scored by exact match against any of the task's targets.
 from __future__ import annotations
 
 import difflib
+import hashlib
 import json
 import os
 import random
@@ -82,16 +83,23 @@ def _member(task: str) -> str:
     return _TASKS + task.replace(":", "/") + "/task.json"
 
 
-def _cached(cache: Path, task: str) -> Path:
-    return cache / "tasks" / (task.replace(":", "__") + ".json")
+def _archive_id(archive: Path) -> str:
+    """Names the archive's tasks in the cache: its size and first MiB (another archive, another id)."""
+    with open(archive, "rb") as f:
+        head = f.read(1 << 20)
+    return hashlib.sha1(str(archive.stat().st_size).encode() + head).hexdigest()[:12]
+
+
+def _cached(folder: Path, task: str) -> Path:
+    return folder / (task.replace(":", "__") + ".json")
 
 
 def load_tasks(tasks: list[str], archive: Path, cache: Path | None = None) -> dict[str, dict]:
     """{task: its task.json} for `tasks` ("name" or "name:subtask"), one pass over the archive
     for those not cached yet. An unknown name, or a task whose examples live in its subtasks, is
     an error that lists the names to use instead."""
-    cache = cache or cache_dir()
-    out = {t: json.loads(_cached(cache, t).read_text()) for t in tasks if _cached(cache, t).is_file()}
+    folder = (cache or cache_dir()) / "tasks" / _archive_id(Path(archive))
+    out = {t: json.loads(_cached(folder, t).read_text()) for t in tasks if _cached(folder, t).is_file()}
     missing = {_member(t): t for t in tasks if t not in out}
     if not missing:
         return out
@@ -108,7 +116,7 @@ def load_tasks(tasks: list[str], archive: Path, cache: Path | None = None) -> di
                         parents.append(task)  # read on: its subtasks' names follow
                         continue
                     out[task] = data
-                    dest = _cached(cache, task)
+                    dest = _cached(folder, task)
                     dest.parent.mkdir(parents=True, exist_ok=True)
                     tmp = dest.with_suffix(".tmp")
                     tmp.write_text(json.dumps(data))

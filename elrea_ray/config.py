@@ -10,6 +10,7 @@ section validates itself when it is built (`Section.__post_init__`), wherever th
 from __future__ import annotations
 
 import dataclasses
+import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -139,7 +140,7 @@ class DataConfig(Section):
 
     SECTION: ClassVar[str] = "data"
 
-    kind: str = "reasoning_gym"  # reasoning_gym | files
+    kind: str = "reasoning_gym"  # reasoning_gym | files | bigbench
     sources: tuple[str, ...] = ("chain_sum", "products", "spell_backward", "letter_counting")
     train_per_source: int = 500
     validation_per_source: int = 50
@@ -160,19 +161,34 @@ class DataConfig(Section):
     # the dataset's split; source: the mixture source of its rows (default: the path's last part);
     # use_for: train | validation | test (default train)
     hub: tuple[dict[str, str], ...] = ()
+    # kind=bigbench: BIG-bench tasks ("name" or "name:subtask") read from the bigbench==1.0.0 sdist,
+    # which the first run fetches into the cache with `pip download --no-deps` (elrea_ray/bigbench.py);
+    # each task is one source, split train/validation/test by *_per_source
+    tasks: tuple[str, ...] = ()
+    shots: int = 0  # few-shot examples (from the training rows) before each query, as BIG-bench's n-shot
+    bigbench_archive: str = ""  # a local bigbench-1.0.0.tar.gz to read instead of fetching it
 
     def validate(self, p: str) -> None:
-        _check(self.kind in ("reasoning_gym", "files"), f"{p}.kind", "reasoning_gym or files", self.kind)
+        _check(self.kind in ("reasoning_gym", "files", "bigbench"), f"{p}.kind",
+               "reasoning_gym, files or bigbench", self.kind)
         from elrea_ray.scorers import BENCHMARKS
 
         _check(self.format in DATA_FORMATS, f"{p}.format", "one of " + ", ".join(DATA_FORMATS), self.format)
         for src, b in self.benchmarks.items():
             _check(b in BENCHMARKS, f"{p}.benchmarks[{src}]", "one of " + ", ".join(BENCHMARKS), b)
         _check(self.bad_rows in ("error", "skip"), f"{p}.bad_rows", "error or skip", self.bad_rows)
-        if self.kind == "reasoning_gym":
-            _check(len(self.sources) >= 1, f"{p}.sources", "a non-empty list of task families", self.sources)
+        if self.kind in ("reasoning_gym", "bigbench"):
+            if self.kind == "reasoning_gym":
+                _check(len(self.sources) >= 1, f"{p}.sources", "a non-empty list of task families", self.sources)
             for n in ("train_per_source", "validation_per_source", "test_per_source"):
                 _check(getattr(self, n) >= 1, f"{p}.{n}", ">= 1", getattr(self, n))
+        _check(0 <= self.shots <= 5, f"{p}.shots", "an integer in [0, 5]", self.shots)
+        if self.kind == "bigbench":
+            _check(len(self.tasks) >= 1, f"{p}.tasks", "a non-empty list of BIG-bench task names", self.tasks)
+            for t in self.tasks:
+                _check(isinstance(t, str) and re.fullmatch(r"[a-z0-9_]+(:[a-z0-9_]+)?", t) is not None,
+                       f"{p}.tasks", "BIG-bench task names like navigate or logical_deduction:three_objects", t)
+            _check(len(set(self.tasks)) == len(self.tasks), f"{p}.tasks", "distinct task names", self.tasks)
         for i, h in enumerate(self.hub):
             unknown = sorted(set(h) - set(HUB_KEYS))
             _check(not unknown, f"{p}.hub[{i}]", "a mapping with keys " + ", ".join(HUB_KEYS), unknown)

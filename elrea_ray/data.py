@@ -625,8 +625,23 @@ def build_splits_with_report(cfg: DataConfig, seed: int) -> tuple[dict[str, list
         if not cfg.validation_files:
             splits["train"], splits["validation"] = _hold_out(splits["train"], cfg.validation_per_source,
                                                               seed)
+    elif cfg.kind == "bigbench":
+        from elrea_ray import bigbench
+
+        sizes = {"train": cfg.train_per_source, "validation": cfg.validation_per_source,
+                 "test": cfg.test_per_source}
+        try:
+            archive = bigbench.fetch_archive(archive=cfg.bigbench_archive or None)
+            tasks = bigbench.load_tasks(list(cfg.tasks), archive)
+            for name in cfg.tasks:
+                rows = bigbench.task_rows(name, tasks[name], seed, sizes, cfg.shots, cfg.system_prompt)
+                for split in SPLITS:
+                    splits[split].extend(rows[split])
+        except bigbench.BigBenchError as e:
+            raise DataError(str(e)) from None
+        report["bigbench"] = {"archive": archive.name, "tasks": list(cfg.tasks), "shots": cfg.shots}
     else:
-        raise DataError(f"unknown data kind {cfg.kind!r}; use reasoning_gym or files")
+        raise DataError(f"unknown data kind {cfg.kind!r}; use reasoning_gym, files or bigbench")
     if not splits["train"]:
         raise DataError("the training split is empty (every row was skipped or no file had rows)")
     ids = [r["example_id"] for s in SPLITS for r in splits[s]]

@@ -29,8 +29,10 @@ def stage_keys(cfg: Config) -> dict[str, str]:
     k: dict[str, str] = {}
     seed = cfg.run.seed
     data_cfg = plain(cfg.data)
-    if not data_cfg["benchmarks"]:  # added later; left out when unset so older runs keep their keys
-        del data_cfg["benchmarks"]
+    del data_cfg["bigbench_archive"]  # where the archive lies, not what it holds
+    for name, unset in (("benchmarks", {}), ("tasks", []), ("shots", 0)):
+        if data_cfg[name] == unset:  # added later; left out when unset so older runs keep their keys
+            del data_cfg[name]
     k["data"] = stage_key("data", {"data": data_cfg, "seed": seed}, [])
     model = plain(cfg.model)
     train = config_slice(cfg.train)

@@ -454,6 +454,10 @@ def score(row: dict, prediction: str) -> float:
     if isinstance(meta, str):
         meta = json.loads(meta) if meta.strip() else {}
     gold = str(row.get("answer") or "")
+    if meta.get("benchmark") == "bigbench":  # the task's options or targets travel in the row
+        from elrea_ray.bigbench import score as bigbench_score
+
+        return bigbench_score(prediction, meta)
     if meta.get("benchmark") and meta["benchmark"] != "less":
         return score_answer(meta["benchmark"], prediction, gold, meta.get("choices"))
     if meta.get("family"):

@@ -74,10 +74,15 @@ def test_tasks_are_read_from_the_archive_and_cached(tmp_path, archive):
     tasks = bb.load_tasks(["walk", "shelf:three"], archive, cache)
     assert tasks["walk"]["examples"] == MC_TASK["examples"]
     assert tasks["shelf:three"]["name"] == "three"
-    archive.write_bytes(b"not a tar file")  # cached now: the archive is not read again
-    assert bb.load_tasks(["walk"], archive, cache)["walk"]["name"] == "walk"
+    # cached now: the same archive is not read again (a moved copy of it either)
+    moved = archive.rename(tmp_path / "elsewhere.tar.gz")
+    assert bb.load_tasks(["walk"], moved, cache)["walk"]["name"] == "walk"
+    # another archive's tasks are its own
+    other = _archive(tmp_path / "other", {"walk": {**MC_TASK, "name": "walk2"}})
+    assert bb.load_tasks(["walk"], other, cache)["walk"]["name"] == "walk2"
+    (tmp_path / "bad.tar.gz").write_bytes(b"not a tar file")
     with pytest.raises(bb.BigBenchError, match="not a readable BIG-bench archive"):
-        bb.load_tasks(["count"], archive, cache)
+        bb.load_tasks(["count"], tmp_path / "bad.tar.gz", cache)
 
 
 def test_unknown_tasks_parents_and_unscorable_metrics_are_named(tmp_path, archive):
@@ -147,3 +152,32 @@ def test_generative_answers_match_any_target_exactly():
     meta = {"choices": None, "targets": ["3", "three"]}
     assert bb.score("three", meta) == bb.score(" 3.\nbecause ...", meta) == 1.0
     assert bb.score("33", meta) == bb.score("it is three", meta) == 0.0
+
+
+def test_a_bigbench_config_builds_scored_splits(tmp_path, archive):
+    from elrea_ray.config import ConfigError, load_config
+    from elrea_ray.data import build_splits
+    from elrea_ray.scorers import score
+
+    cfg = load_config("jobs/configs/smoke.yaml", [
+        "data.kind=bigbench", "data.tasks=[walk, count]", f"data.bigbench_archive={archive}",
+        "data.train_per_source=8", "data.validation_per_source=2", "data.test_per_source=5", "data.shots=1"])
+    splits = build_splits(cfg.data, seed=0)
+    assert {s: len(r) for s, r in splits.items()} == {"train": 16, "validation": 4, "test": 10}
+    assert {r["source"] for r in splits["test"]} == {"walk", "count"}
+    row = next(r for r in splits["test"] if r["source"] == "walk")
+    assert score(row, row["answer"]) == 1.0
+    assert score(row, "True" if row["answer"] == "False" else "False") == 0.0
+    for bad, field in (("data.tasks=[]", "data.tasks"), ("data.tasks=[Navigate]", "data.tasks"),
+                       ("data.shots=9", "data.shots")):
+        with pytest.raises(ConfigError, match=field):
+            load_config("jobs/configs/smoke.yaml", ["data.kind=bigbench", "data.tasks=[walk]", bad])
+
+
+def test_bigbench_settings_leave_other_runs_keys_alone():
+    from elrea_ray.config import load_config
+    from elrea_ray.pipeline import stage_keys
+
+    plain = stage_keys(load_config("jobs/configs/smoke.yaml", []))
+    moved = stage_keys(load_config("jobs/configs/smoke.yaml", ["data.bigbench_archive=elsewhere.tar.gz"]))
+    assert plain == moved
