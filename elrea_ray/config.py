@@ -428,6 +428,30 @@ class SweepConfig(Section):
         _check(0 < self.cpus_per_trial <= 1, f"{p}.cpus_per_trial", "in (0, 1]", self.cpus_per_trial)
 
 
+TRACKING_BACKENDS = ("none", "tensorboard", "mlflow")
+
+
+@dataclass(frozen=True)
+class TrackingConfig(Section):
+    """Experiment tracking of every trained adapter (config, loss and lr per logged step), the
+    evaluation table and the report (elrea_ray/tracking.py)."""
+
+    SECTION: ClassVar[str] = "tracking"
+
+    backend: str = "tensorboard"  # none | tensorboard (event files in <run>/tracking) | mlflow
+    uri: str = ""  # mlflow: the tracking URI ("": MLFLOW_TRACKING_URI or MLflow's default)
+    project: str = "elrea-ray"  # mlflow: the experiment name
+
+    def validate(self, p: str) -> None:
+        _check(self.backend in TRACKING_BACKENDS, f"{p}.backend", " | ".join(TRACKING_BACKENDS), self.backend)
+        if self.backend == "mlflow":
+            import importlib.util
+
+            _check(importlib.util.find_spec("mlflow") is not None, f"{p}.backend",
+                   "mlflow installed (pip install 'elrea-ray[tracking]')", self.backend)
+        _check(bool(self.project.strip()), f"{p}.project", "a non-empty name", self.project)
+
+
 @dataclass(frozen=True)
 class Config:
     run: RunConfig = field(default_factory=RunConfig)
@@ -441,6 +465,7 @@ class Config:
     routing: RoutingConfig = field(default_factory=RoutingConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     sweep: SweepConfig = field(default_factory=SweepConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
     def __post_init__(self) -> None:
         # Each section validated itself when built; here only that every section is one.

@@ -22,6 +22,7 @@ from elrea_ray.bundle import write_bundle
 from elrea_ray.config import Config
 from elrea_ray.stages import base, baselines, clusters, data, evaluate, experts, gradients
 from elrea_ray.stages.common import StageContext, config_slice, plain
+from elrea_ray.tracking import log_stage, tracker
 
 
 def stage_keys(cfg: Config) -> dict[str, str]:
@@ -110,6 +111,7 @@ def run_pipeline(cfg: Config, log=print) -> RunDir:
     run = RunDir.at(cfg.run.run_dir, cfg.run.local_dir)
     keys = stage_keys(cfg)
     ctx = StageContext(cfg, run, keys, log=log)
+    tracked = tracker(cfg, run.root)
     with run.lock():
         _start(cfg, run, keys, log)
         t0 = time.time()
@@ -117,6 +119,8 @@ def run_pipeline(cfg: Config, log=print) -> RunDir:
             if name not in keys:
                 continue  # the baselines stage runs only when eval.methods asks for it
             _, ran = run.run_stage(name, keys[name], lambda out, stage=stage: stage.run(ctx.at(out)), log)
+            if name != "eval":  # eval is logged with its report, below
+                log_stage(tracked, cfg, name, run.root)
             if name == "experts" and (ran or not run.bundle.exists()
                                       or json.loads(run.bundle.read_text()).get("keys") != keys):
                 write_bundle(cfg, run, keys)
@@ -125,5 +129,6 @@ def run_pipeline(cfg: Config, log=print) -> RunDir:
 
             log(f"[report] {write_report(run.root)['html']}")
             run.sync_up("eval")
+        log_stage(tracked, cfg, "eval", run.root)
         log(f"pipeline finished in {time.time() - t0:.0f} s; run directory {run.root}")
     return run

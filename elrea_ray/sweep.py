@@ -372,6 +372,7 @@ def run_sweep(cfg: Config, log: Callable[[str], None] = print) -> dict:
     root.mkdir(parents=True, exist_ok=True)
     from elrea_ray.pipeline import check_stage_resources
     from elrea_ray.resources import cluster_offer
+    from elrea_ray.tracking import tracker
 
     check_stage_resources(cfg)  # the pipeline's check: what no node (type) could ever hold fails now
     # On an autoscaling cluster the offer counts the nodes it may still add (trials then wait for them).
@@ -391,7 +392,8 @@ def run_sweep(cfg: Config, log: Callable[[str], None] = print) -> dict:
         # A fresh experiment name per invocation: the stages themselves are what a rerun reuses.
         run_config=tune.RunConfig(name=f"sweep-{time.strftime('%Y%m%d-%H%M%S')}",
                                   storage_path=str(root / "tune"),
-                                  failure_config=tune.FailureConfig(max_failures=0)))
+                                  failure_config=tune.FailureConfig(max_failures=0),
+                                  callbacks=tracker(cfg, root).tune_callbacks()))
     grid = tuner.fit()
     if grid.errors:
         raise RuntimeError(f"sweep: {len(grid.errors)} of {len(grid)} trials failed; first error:\n"

@@ -14,7 +14,8 @@ import json
 from pathlib import Path
 from typing import Any
 
-BACKENDS = ("none", "tensorboard", "mlflow")
+from elrea_ray.config import TRACKING_BACKENDS as BACKENDS
+from elrea_ray.config import Config
 
 
 def _flat(d: dict, prefix: str = "") -> dict[str, Any]:
@@ -25,6 +26,25 @@ def _flat(d: dict, prefix: str = "") -> dict[str, Any]:
             out.update(_flat(v, key + "."))
         else:
             out[key] = v if isinstance(v, (int, float, str, bool)) or v is None else json.dumps(v)
+    return out
+
+
+def eval_scalars(metrics: dict) -> dict[str, float]:
+    """The evaluation table as named numbers (eval/metrics.json): per method its accuracy, the
+    interval's ends, the paired difference from M+Q_base, and the accuracy per source."""
+    out: dict[str, float] = {}
+    for m, v in metrics.get("methods", {}).items():
+        micro = v.get("micro", {})
+        if "acc" in micro:
+            out[f"accuracy.{m}"] = float(micro["acc"])
+            lo, hi = micro.get("ci", [None, None])
+            if lo is not None:
+                out[f"ci_low.{m}"], out[f"ci_high.{m}"] = float(lo), float(hi)
+        if "diff" in v.get("vs_base", {}):
+            out[f"vs_base.{m}"] = float(v["vs_base"]["diff"])
+        for src, s in v.get("per_source", {}).items():
+            if "acc" in s:
+                out[f"accuracy_by_source.{m}.{src}"] = float(s["acc"])
     return out
 
 
@@ -68,12 +88,11 @@ class Tracker:
         """Log every method's accuracy and the report's files (tables, figures), once."""
         if self.backend == "none" or self._done("eval"):
             return False
-        metrics = json.loads(Path(metrics_file).read_text())
-        scores = {m: v["accuracy"] for m, v in metrics.get("methods", {}).items() if "accuracy" in v}
+        scores = eval_scalars(json.loads(Path(metrics_file).read_text()))
         if self.backend == "tensorboard":
             w = self._tb("eval")
-            for m, acc in scores.items():
-                w.add_scalar(f"eval/accuracy/{m}", acc, 0)
+            for tag, value in scores.items():
+                w.add_scalar(f"eval/{tag.replace('.', '/')}", value, 0)
             for f in files:
                 if f.suffix == ".md" and f.exists():
                     w.add_text(f.name, f.read_text())
@@ -82,7 +101,7 @@ class Tracker:
             import mlflow
 
             with self._mlflow_run("eval"):
-                mlflow.log_metrics({f"accuracy.{m}": float(a) for m, a in scores.items()})
+                mlflow.log_metrics(scores)
                 for f in [metrics_file, *files]:
                     if Path(f).is_file():
                         mlflow.log_artifact(str(f))
@@ -91,13 +110,10 @@ class Tracker:
         self._mark("eval")
         return True
 
-    def tune_callbacks(self, sweep_dir: Path) -> list:
-        """Ray Tune's own logger callbacks for this backend (TensorBoard event files under
-        sweep_dir/tracking, or one MLflow run per trial)."""
-        if self.backend == "tensorboard":
-            from ray.tune.logger import TBXLoggerCallback
-
-            return [TBXLoggerCallback()]
+    def tune_callbacks(self) -> list:
+        """Ray Tune's own logger callbacks for this backend: one MLflow run per trial with its
+        config and reported metrics. (TensorBoard needs none: Tune's default TBXLoggerCallback
+        already writes each trial's event files into its trial folder.)"""
         if self.backend == "mlflow":
             from ray.air.integrations.mlflow import MLflowLoggerCallback
 
@@ -159,3 +175,30 @@ class _Nested:
         mlflow.end_run()  # the child
         mlflow.end_run()  # the parent, reopened for it
         return False
+
+
+def tracker(cfg: Config, root: Path) -> Tracker:
+    """The run's tracker from the config's `tracking` section; the run is named after its folder."""
+    t = cfg.tracking
+    return Tracker(t.backend, root, Path(root).name, uri=t.uri, project=t.project)
+
+
+def log_stage(tr: Tracker, cfg: Config, stage: str, root: Path) -> None:
+    """Log what a finished stage wrote: each adapter's training log (base, experts, baselines),
+    or the evaluation table and report."""
+    from dataclasses import asdict
+
+    root = Path(root)
+    if stage in ("base", "experts", "baselines"):
+        section = {"base": "train", "experts": "experts", "baselines": "train"}[stage]  # the recipe's section
+        folder = {"base": root / "adapters" / "base", "experts": root / "adapters" / "experts",
+                  "baselines": root / "adapters" / "baselines"}[stage]
+        logs = [folder / "train_log.json"] if stage == "base" else sorted(folder.glob("*/train_log.json"))
+        for log in logs:
+            name = "base" if stage == "base" else f"{stage}/{log.parent.name}"
+            tr.log_training(name.replace("/", "-"), {"model": asdict(cfg.model), "train": asdict(cfg.train),
+                                                     section: asdict(getattr(cfg, section)),
+                                                     "seed": cfg.run.seed}, log)
+    elif stage == "eval":
+        ev = root / "eval"
+        tr.log_eval(ev / "metrics.json", [ev / "results.md", ev / "report.md", ev / "report.html", ev / "figures"])

@@ -10,7 +10,11 @@ from elrea_ray.tracking import Tracker
 LOG = {"name": "base", "steps_per_epoch": 3, "total_steps": 6,
        "log": [{"loss": 2.0 - 0.25 * s, "step": s, "epoch": 1 + (s > 3), "lr": 1e-3 * (6 - s) / 6}
                for s in range(1, 7)]}
-METRICS = {"methods": {"elrea": {"accuracy": 0.4}, "mq_base": {"accuracy": 0.35}}}
+# eval/metrics.json's shape
+METRICS = {"methods": {
+    "elrea": {"micro": {"acc": 0.4, "n": 20, "ci": [0.2, 0.6]}, "vs_base": {"diff": 0.05, "ci": [-0.1, 0.2]},
+              "per_source": {"sums": {"acc": 0.5, "n": 10}, "words": {"acc": 0.3, "n": 10}}},
+    "mq_base": {"micro": {"acc": 0.35, "n": 20, "ci": [0.15, 0.55]}}}}
 
 
 @pytest.fixture()
@@ -51,7 +55,10 @@ def test_tensorboard_gets_loss_lr_and_the_eval_table_once(run):
     got = _scalars(run / "tracking" / "tensorboard" / "base")
     assert [s for s, _ in got["train/loss"]] == [1, 2, 3, 4, 5, 6]
     assert got["train/loss"][-1][1] == pytest.approx(0.5) and got["train/lr"][0][1] == pytest.approx(1e-3 * 5 / 6)
-    assert _scalars(run / "tracking" / "tensorboard" / "eval")["eval/accuracy/elrea"][0][1] == pytest.approx(0.4)
+    ev = _scalars(run / "tracking" / "tensorboard" / "eval")
+    assert ev["eval/accuracy/elrea"][0][1] == pytest.approx(0.4)
+    assert ev["eval/vs_base/elrea"][0][1] == pytest.approx(0.05)
+    assert ev["eval/accuracy_by_source/elrea/words"][0][1] == pytest.approx(0.3)
     # a resumed run does not log a finished stage twice
     assert not Tracker("tensorboard", run, "run").log_training("base", {}, run / "adapters" / "base" / "train_log.json")
 
@@ -76,6 +83,7 @@ def test_mlflow_runs_read_back_with_losses_and_the_eval_table(run, tmp_path, mon
     history = mlflow.tracking.MlflowClient().get_metric_history(by_name["base"]["run_id"], "loss")
     assert [m.step for m in history] == [1, 2, 3, 4, 5, 6] and history[-1].value == pytest.approx(0.5)
     assert by_name["eval"]["metrics.accuracy.elrea"] == pytest.approx(0.4)
+    assert by_name["eval"]["metrics.ci_low.mq_base"] == pytest.approx(0.15)
     files = {a.path for a in mlflow.tracking.MlflowClient().list_artifacts(by_name["eval"]["run_id"])}
     assert {"metrics.json", "results.md"} <= files
 
@@ -83,3 +91,38 @@ def test_mlflow_runs_read_back_with_losses_and_the_eval_table(run, tmp_path, mon
 def test_an_unknown_backend_is_named():
     with pytest.raises(ValueError, match="tracking.backend must be one of none, tensorboard, mlflow"):
         Tracker("wandb", ".", "x")
+
+
+def test_the_smoke_run_writes_tensorboard_events_by_default(smoke_run):
+    tb = smoke_run.root / "tracking" / "tensorboard"
+    base = _scalars(tb / "base")
+    log = json.loads((smoke_run.root / "adapters" / "base" / "train_log.json").read_text())["log"]
+    assert [s for s, _ in base["train/loss"]] == [e["step"] for e in log]
+    experts = sorted(p.name for p in tb.glob("experts-expert-*"))
+    assert experts and all("train/loss" in _scalars(tb / e) for e in experts)
+    assert "eval/accuracy/elrea" in _scalars(tb / "eval")
+
+
+def test_a_run_with_mlflow_logs_every_adapter_and_the_eval_table(copy_of_smoke, tmp_path, monkeypatch):
+    import mlflow
+
+    from conftest import smoke_config
+    from elrea_ray.pipeline import run_pipeline
+
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
+    uri = (tmp_path / "mlruns").as_uri()
+    # every stage is finished in the copy (tracking is in no stage key): the run only logs them
+    run_pipeline(smoke_config(copy_of_smoke, "tracking.backend=mlflow", f"tracking.uri={uri}",
+                              "tracking.project=elrea-smoke"))
+    mlflow.set_tracking_uri(uri)
+    runs = mlflow.search_runs(experiment_names=["elrea-smoke"])
+    names = set(runs["tags.mlflow.runName"])
+    experts = {p.name for p in (copy_of_smoke / "adapters" / "experts").glob("expert-*")}
+    assert {"run", "base", "eval"} | {f"experts-{e}" for e in experts} <= names
+    base = runs[runs["tags.mlflow.runName"] == "base"].iloc[0]
+    assert float(base["params.train.lr"]) > 0 and base["metrics.loss"] > 0
+    ev = runs[runs["tags.mlflow.runName"] == "eval"].iloc[0]
+    metrics = json.loads((copy_of_smoke / "eval" / "metrics.json").read_text())["methods"]
+    assert ev["metrics.accuracy.elrea"] == pytest.approx(metrics["elrea"]["micro"]["acc"])
+    files = {a.path for a in mlflow.tracking.MlflowClient().list_artifacts(ev["run_id"])}
+    assert {"metrics.json", "results.md", "report.html", "figures"} <= files
