@@ -164,7 +164,7 @@ class Engine:
                 "forced_adapter": adapter, "adapters_run": [n for n, x in zip(self.names, w) if x != 0]}
 
     # -- the decode loop ------------------------------------------------------------------------
-    def submit(self, req: GenRequest, sink) -> "Handle":
+    def submit(self, req: GenRequest, sink) -> Handle:
         """Queue a request on the continuous-batching loop (`elrea_ray.decoding`); raises
         InvalidRequest when a field is wrong; `sink` receives its events from the loop thread."""
         return self.loop.submit(req, sink)
