@@ -19,13 +19,18 @@ from tests.test_ensemble import CFG, NAMES, train_adapters
 W = np.array([0.3, 0.5, 0.7])  # a dense routing over base, expert-00, expert-01
 
 
-def route(reqs):
-    """Fixed dense weights, one-hot for a forced adapter (as Engine._weights)."""
-    out = np.tile(W, (len(reqs), 1))
-    for i, r in enumerate(reqs):
-        if r.adapter is not None:
-            out[i] = np.eye(len(NAMES))[NAMES.index(r.adapter)]
-    return out
+def route_with(w):
+    def route(reqs):
+        """Fixed weights, one-hot for a forced adapter (as Engine._weights)."""
+        out = np.tile(w, (len(reqs), 1))
+        for i, r in enumerate(reqs):
+            if r.adapter is not None:
+                out[i] = np.eye(len(NAMES))[NAMES.index(r.adapter)]
+        return out
+    return route
+
+
+route = route_with(W)
 
 
 @pytest.fixture(scope="module")
@@ -81,9 +86,12 @@ def test_alone_equals_the_ensemble_decoder(model, tok, prompts):
         assert got.text == tok.decode(want, skip_special_tokens=True)
 
 
-def test_request_admitted_mid_decode_gets_its_solo_tokens(model, tok, prompts):
-    want = [solo(model, tok, GenRequest(p, max_tokens=10)).token_ids for p in prompts[:3]]
-    loop = new_loop(model, tok)
+@pytest.mark.parametrize("backend,w", [("stacked", W), ("stacked", np.array([0.0, 0.5, 0.7])),
+                                       ("peft", W)], ids=["dense", "sparse", "peft"])
+def test_request_admitted_mid_decode_gets_its_solo_tokens(model, tok, prompts, backend, w):
+    want = ensemble_generate(model, prompts[:3], NAMES, np.tile(w, (3, 1)), 10, None, tok.pad_token_id)
+    loop = DecodeLoop(model, NAMES, tok, [], route=route_with(w), backend=backend)
+    assert (loop.stacked is None) == (backend == "peft")
     recs = [Recorder() for _ in range(3)]
     loop.submit(GenRequest(prompts[0], max_tokens=10), recs[0])
     for _ in range(3):
@@ -98,8 +106,7 @@ def test_request_admitted_mid_decode_gets_its_solo_tokens(model, tok, prompts):
     while loop.step():
         pass
     assert [r.tokens for r in recs] == want
-    assert all(r.final.kind == "done" and r.final.result.token_ids == w for r, w in zip(recs, want))
-    assert recs[0].events.index(recs[0].final) < len(recs[0].events)  # finished first, the others later
+    assert all(r.final.kind == "done" and r.final.result.token_ids == t for r, t in zip(recs, want))
     assert loop.running == 0 and loop.cache is None
 
 

@@ -2,6 +2,7 @@
 
 import json
 import random
+import socket
 import string
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -135,17 +136,18 @@ def test_concurrent_streams_are_decoded_in_one_batch(client, server):
     assert after["steps"] - before["steps"] < alone
 
 
-def _long_body(server, need=120):
-    """A completion body whose greedy decoding runs past `need` tokens (the tiny random model
-    stops at whatever end-of-turn token it happens to pick)."""
+def _long_body(server, need=60):
+    """A completion body that decodes past `need` tokens: ignore_eos where the protocol takes it,
+    else a hot seeded sampling of the tiny random model that happens to avoid end-of-turn tokens."""
     best = (-1, -1)
-    for i in range(12):
-        body = {"prompt": f"Write a long story about the number {i}.", "max_tokens": 200}
+    for seed in range(24):
+        body = {"prompt": "Write a long story.", "max_tokens": 200, "ignore_eos": True, "temperature": 2.0,
+                "seed": seed}
         n = httpx.post(server + "/v1/completions", json=body, timeout=120).json()["usage"]["completion_tokens"]
-        best = max(best, (n, i))
+        best = max(best, (n, seed))
         if n >= need:
             return body
-    pytest.fail(f"no prompt decodes past {need} tokens (longest: {best[0]}, prompt {best[1]})")
+    pytest.fail(f"no seed decodes past {need} tokens (longest: {best[0]}, seed {best[1]})")
 
 
 def _wait_for(cond, what, timeout=30.0):
@@ -168,7 +170,7 @@ def test_a_stream_ends_before_the_long_request_it_is_batched_with(client, server
         assert chunks[-1].choices[0].finish_reason in ("stop", "length") and chunks[-1].usage.completion_tokens <= 2
         assert not long.done() and stats()["running"] == 1  # the stream left; the long request decodes on
         r = long.result()
-    assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] >= 120
+    assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] >= 60
 
 
 def test_client_disconnect_frees_its_slot_and_its_row(smoke_run, server):
@@ -184,14 +186,12 @@ def test_client_disconnect_frees_its_slot_and_its_row(smoke_run, server):
         body = _long_body(u)
         for stream in (True, False):
             before = stats()
-            with httpx.Client(timeout=httpx.Timeout(120, read=0.5 if not stream else 120)) as http:
-                if stream:
-                    with http.stream("POST", u + "/v1/completions", json={**body, "stream": True}) as r:
-                        assert r.status_code == 200
-                        next(r.iter_lines())  # the first chunk arrived; then the client leaves
-                else:
-                    with pytest.raises(httpx.ReadTimeout):  # the client gives up and closes the connection
-                        http.post(u + "/v1/completions", json=body)
+            with socket.create_connection(("127.0.0.1", int(u.split(":")[-1].split("/")[0]))) as sock:
+                data = json.dumps({**body, "stream": stream}).encode()
+                sock.sendall(b"POST /one/v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                             b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n" % len(data) + data)
+                _wait_for(lambda: stats()["running"] == 1, "the request to decode")
+            # the client left mid-decode (the socket is closed)
             _wait_for(lambda: stats()["inflight"] == 0 and stats()["running"] == 0, "the slot to be freed")
             after = stats()
             assert after["requests_cancelled"] == before["requests_cancelled"] + 1, stream
@@ -205,8 +205,9 @@ def test_client_disconnect_frees_its_slot_and_its_row(smoke_run, server):
 def test_stats_and_prometheus_metrics_read_the_decode_loop(server):
     import ray
 
+    _long_body(server)  # at least one request that generated tokens
     s = httpx.get(server + "/v1/stats").json()
-    assert s["tokens_generated"] > 0 and s["requests_finished"] > 0 and s["queued"] == 0
+    assert s["tokens_generated"] >= 60 and s["requests_finished"] > 0 and s["queued"] == 0
     assert sum(s["expert_selections"].values()) == s["requests_admitted"]
     port = ray.nodes()[0]["MetricsExportPort"]
     wanted = ["elrea_generated_tokens", "elrea_running_batch_size", "elrea_queue_length",
