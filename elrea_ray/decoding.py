@@ -406,29 +406,21 @@ class DecodeLoop:
             except Exception as e:  # e.g. a generator the device refuses
                 self.stats["requests_failed"] += 1
                 h._send(Event("error", error=f"the sampling state could not be built: {type(e).__name__}: {e}"))
-        if not new:
-            return
-        try:
-            state = self._prefill(new)
-        except Exception as e:
-            if len(new) == 1:
-                self.stats["requests_failed"] += 1
-                new[0].handle._send(Event("error", error=f"the prompt forward failed: {type(e).__name__}: {e}"))
-                return
-            for s in new:  # one at a time, so that only the request that fails fails
-                self._admit_prefilled([s])
-            return
-        self._join(new, *state)
+        if new:
+            self._prefill_and_join(new)
 
-    def _admit_prefilled(self, new: list[_Seq]) -> None:
+    def _prefill_and_join(self, new: list[_Seq]) -> None:
+        """Prompt forward of the new sequences, then into the running batch; when that fails for a
+        group, each is retried alone, so that only the request that fails fails."""
         try:
-            state = self._prefill(new)
+            self._join(new, *self._prefill(new))
         except Exception as e:
-            for s in new:
-                self.stats["requests_failed"] += 1
-                s.handle._send(Event("error", error=f"the prompt forward failed: {type(e).__name__}: {e}"))
-            return
-        self._join(new, *state)
+            if len(new) > 1:
+                for s in new:
+                    self._prefill_and_join([s])
+                return
+            self.stats["requests_failed"] += 1
+            new[0].handle._send(Event("error", error=f"the prompt forward failed: {type(e).__name__}: {e}"))
 
     def _forward(self, ids, mask, positions, cache, row_adapter):
         """Every row's last hidden state (stacked, plain head) or logits, and the cache."""
@@ -512,6 +504,22 @@ class DecodeLoop:
     def _join(self, new: list[_Seq], cache, mask, last_pos, row_seq, row_adapter, row_weight, logits) -> None:
         """Merge prefilled sequences into the running batch (rows ordered adapter-major, so that
         dense routing takes the stacked forward's grouped path)."""
+        if not self.seqs:
+            self.seqs, self.cache, self.mask, self.last_pos = list(new), cache, mask, last_pos
+            self.row_seq, self.row_adapter, self.row_weight, self.next_logits = row_seq, row_adapter, row_weight, logits
+        else:
+            width = max(self.mask.shape[1], mask.shape[1])
+            _merge_caches(self.cache, cache, width)
+            self.mask = torch.cat([_pad_left(self.mask, width), _pad_left(mask, width)])
+            self.last_pos = torch.cat([self.last_pos, last_pos])
+            self.row_seq = torch.cat([self.row_seq, row_seq + len(self.seqs)])
+            self.row_adapter = torch.cat([self.row_adapter, row_adapter])
+            self.row_weight = torch.cat([self.row_weight, row_weight])
+            self.next_logits = torch.cat([self.next_logits, logits])
+            self.seqs += new
+        order = torch.as_tensor(np.lexsort((self.row_seq.cpu().numpy(), self.row_adapter.cpu().numpy())),
+                                device=self.device)
+        self._select_rows(order)
         for s in new:
             k = self._route_key(s.req)
             w, n = self._routes.get(k, (s.weights, 0))
@@ -523,22 +531,6 @@ class DecodeLoop:
                 top = self.names[1 + int(np.argmax(s.weights[1:]))] if len(self.names) > 1 else self.names[0]
             self.stats["expert_selections"][top] += 1
         self.stats["requests_admitted"] += len(new)
-        if not self.seqs:
-            self.seqs, self.cache, self.mask, self.last_pos = list(new), cache, mask, last_pos
-            self.row_seq, self.row_adapter, self.row_weight, self.next_logits = row_seq, row_adapter, row_weight, logits
-        else:
-            width = max(self.mask.shape[1], mask.shape[1])
-            _merge_caches(self.cache, cache, self.mask.shape[1], mask.shape[1], width)
-            self.mask = torch.cat([_pad_left(self.mask, width), _pad_left(mask, width)])
-            self.last_pos = torch.cat([self.last_pos, last_pos])
-            self.row_seq = torch.cat([self.row_seq, row_seq + len(self.seqs)])
-            self.row_adapter = torch.cat([self.row_adapter, row_adapter])
-            self.row_weight = torch.cat([self.row_weight, row_weight])
-            self.next_logits = torch.cat([self.next_logits, logits])
-            self.seqs += new
-        order = torch.as_tensor(np.lexsort((self.row_seq.cpu().numpy(), self.row_adapter.cpu().numpy())),
-                                device=self.device)
-        self._select_rows(order)
 
     def _select_rows(self, rows: torch.Tensor) -> None:
         self.cache.batch_select_indices(rows)
@@ -713,16 +705,17 @@ def _pad_left(mask: torch.Tensor, width: int) -> torch.Tensor:
     return mask if mask.shape[1] == width else torch.cat([mask.new_zeros(mask.shape[0], width - mask.shape[1]), mask], 1)
 
 
-def _merge_caches(running, new, running_len: int, new_len: int, width: int) -> None:
+def _merge_caches(running, new, width: int) -> None:
     """Append the new rows' KV cache to the running one along the batch, both left padded to
     `width` positions (the padded positions are masked out by the attention mask)."""
     from transformers.cache_utils import DynamicLayer
 
     if len(running.layers) != len(new.layers):
         raise ValueError("the caches have different layer counts")
-    for a, b in zip(running.layers, new.layers):
+    for a, b in zip(running.layers, new.layers):  # checked before any layer changes
         if type(a) is not DynamicLayer or type(b) is not DynamicLayer:
-            raise UnsupportedAdapter(f"continuous batching merges plain KV caches only, not {type(a).__name__}")
+            raise ValueError(f"continuous batching merges plain KV caches only, not {type(a).__name__}")
+    for a, b in zip(running.layers, new.layers):
         for name in ("keys", "values"):
             x, y = getattr(a, name), getattr(b, name)
             x = F.pad(x, (0, 0, width - x.shape[2], 0)) if x.shape[2] < width else x

@@ -310,3 +310,12 @@ def test_loop_thread_streams_each_request_to_its_own_end(model, tok, prompts):
         loop.stop()
     with pytest.raises(RuntimeError, match="not running"):
         loop.check_health()
+
+
+def test_top_p_keeps_the_nucleus(model, tok, prompts):
+    greedy = solo(model, tok, GenRequest(prompts[0], max_tokens=6)).token_ids
+    narrow = solo(model, tok, GenRequest(prompts[0], max_tokens=6, temperature=1.5, top_p=1e-6, seed=1))
+    assert narrow.token_ids == greedy  # only the most likely token is left in the nucleus
+    wide = [solo(model, tok, GenRequest(prompts[0], max_tokens=6, temperature=1.5, seed=s)).token_ids
+            for s in range(3)]
+    assert len({tuple(w) for w in wide}) > 1  # different seeds, different samples
