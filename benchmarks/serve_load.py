@@ -102,8 +102,8 @@ def main() -> None:
                   f"({f['ok']}/{f['n']} ok)")
         print(f"ensemble vs base c={c}: {figures['ensemble', c]['mean'] / figures['base', c]['mean']:.2f}x")
     stats = httpx.get(url + "/v1/stats").json()
-    print(f"server: {stats['batches_served']} batches, {stats['requests_batched']} requests batched, "
-          f"largest batch {stats['max_batch_seen']}")
+    print(f"server: {stats['requests_admitted']} requests, {stats['steps']} decoding steps, "
+          f"{stats['tokens_generated']} tokens, largest running batch {stats['max_running_seen']}")
     serve.shutdown()
     ray.shutdown()
 

@@ -5,16 +5,16 @@ results into OpenAI responses; `serve_apps/elrea_app.py` wraps both in a Ray Ser
 
 from __future__ import annotations
 
-import json
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 
 from elrea_ray.bundle import BundleError, load_bundle
+
+if TYPE_CHECKING:
+    from elrea_ray.decoding import Handle
 
 
 @dataclass
@@ -83,6 +83,11 @@ class Engine:
         from elrea_ray.data import stop_ids
 
         self.stop_ids = stop_ids(self.tok)  # eos and the template's end-of-turn token
+        from elrea_ray.decoding import DecodeLoop
+
+        # one continuous-batching loop per replica; the app sets max_batch_size and starts it
+        self.loop = DecodeLoop(self.model, self.names, self.tok, self.stop_ids, route=self._weights,
+                               describe=self._routing_info)
 
     # -- requests -----------------------------------------------------------------------------
     def model_ids(self) -> list[str]:
@@ -128,65 +133,12 @@ class Engine:
         return {"base_weight": float(w[0]), "expert_weights": experts, "top_clusters": top,
                 "forced_adapter": adapter, "adapters_run": [n for n, x in zip(self.names, w) if x != 0]}
 
-    def _sampler(self, reqs: list[GenRequest]):
-        if all(r.temperature == 0 for r in reqs):
-            return None
-        gens = {i: torch.Generator().manual_seed(r.seed if r.seed is not None else int(time.time_ns() % 2**31))
-                for i, r in enumerate(reqs)}
-
-        def sample(mixed: torch.Tensor, active: list[int]) -> torch.Tensor:
-            out = []
-            for row, b in zip(mixed, active):
-                r = reqs[b]
-                if r.temperature == 0:
-                    out.append(int(row.argmax()))
-                    continue
-                probs = torch.softmax(row.float() / r.temperature, -1)
-                if r.top_p < 1.0:
-                    sp, si = probs.sort(descending=True)
-                    keep = sp.cumsum(-1) - sp < r.top_p
-                    probs = torch.zeros_like(probs).scatter(0, si[keep], sp[keep])
-                out.append(int(torch.multinomial(probs / probs.sum(), 1, generator=gens[b])))
-            return torch.tensor(out)
-        return sample
-
-    def stream(self, reqs: list[GenRequest]) -> Iterator[list[tuple[int, str]]]:
-        """Yields [(request index, text delta), ...] per decoding step; the last item per request
-        carries no text but is followed by `self.last_results`."""
-        from elrea_ray.ensemble import ensemble_stream
-
-        w = self._weights(reqs)
-        ids: list[list[int]] = [[] for _ in reqs]
-        texts = ["" for _ in reqs]
-        stopped = [False] * len(reqs)
-        finish = ["length"] * len(reqs)
-        steps = ensemble_stream(self.model, [r.prompt_ids for r in reqs], self.names, w,
-                                [r.max_tokens for r in reqs], self.stop_ids, self.tok.pad_token_id,
-                                self._sampler(reqs))
-        for step in steps:
-            deltas = []
-            for b, t in step:
-                if stopped[b]:
-                    continue
-                ids[b].append(t)
-                new = self.tok.decode(ids[b], skip_special_tokens=True)
-                cut = min((new.find(s) for s in reqs[b].stop if s and s in new), default=-1)
-                if cut >= 0:
-                    new, stopped[b], finish[b] = new[:cut], True, "stop"
-                delta, texts[b] = new[len(texts[b]):], new
-                if delta:
-                    deltas.append((b, delta))
-            if deltas:
-                yield deltas
-            if all(stopped):
-                break
-        for b, r in enumerate(reqs):
-            if not stopped[b] and len(ids[b]) < r.max_tokens:
-                finish[b] = "stop"  # ended with EOS
-        self.last_results = [GenResult(ids[b], texts[b], finish[b], self._routing_info(w[b], r.adapter))
-                             for b, r in enumerate(reqs)]
+    # -- the decode loop ------------------------------------------------------------------------
+    def submit(self, req: GenRequest, sink) -> Handle:
+        """Queue a request on the continuous-batching loop (`elrea_ray.decoding`); raises
+        InvalidRequest when a field is wrong; `sink` receives its events from the loop thread."""
+        return self.loop.submit(req, sink)
 
     def generate(self, reqs: list[GenRequest]) -> list[GenResult]:
-        for _ in self.stream(reqs):
-            pass
-        return self.last_results
+        """Decode requests to their ends (stepping in this thread unless the loop thread runs)."""
+        return self.loop.generate(reqs)

@@ -5,13 +5,14 @@
 
 Each replica holds the backbone and all C+1 adapters once and mixes their logits inside one
 batched forward (per-expert deployments or model multiplexing cannot mix logits inside one forward).
-Concurrent requests are batched with `@serve.batch` for the routing gradients and for decoding:
-non-streaming requests with each other, streaming requests with each other (each stream gets its
-own tokens as the shared batch decodes them).
+Each replica runs one continuous-batching decode loop (`elrea_ray.decoding`): a request joins the
+running batch at the next decoding step and leaves it at its own end (EOS, stop string,
+max_tokens) or when its client disconnects; streaming and non-streaming requests share the batch.
 
 Routes: POST /v1/completions, POST /v1/chat/completions (both with "stream": true as SSE),
-GET /v1/models, GET /health. Extra request fields: "top_k" (experts kept), "adapter" (force
-"base" or "expert-XX"); responses carry a "routing" object (weights, top clusters, adapters run).
+GET /v1/models, GET /health, GET /v1/stats. Extra request fields: "top_k" (experts kept),
+"adapter" (force "base" or "expert-XX"); responses carry a "routing" object (weights, top
+clusters, adapters run).
 """
 
 
@@ -50,7 +51,9 @@ class AppArgs(BaseModel):
     # Requests a replica admits at once; beyond: 429 with Retry-After. Below max_ongoing_requests
     # so that overload is answered at once; None: max_ongoing_requests (overload queues in Serve).
     max_inflight: int | None = None
-    max_batch_size: int = 8
+    max_batch_size: int = 8  # sequences decoding together in a replica's running batch
+    # When the running batch is empty, wait this long before the first prompt forward, so that
+    # requests arriving together share it (and their common prompt prefix); 0: start at once.
     batch_wait_timeout_s: float = 0.02
     request_timeout_s: float = 120.0  # beyond: 504
 
@@ -70,6 +73,49 @@ def _error(e: RequestError) -> JSONResponse:
     return JSONResponse(e.body(), status_code=e.status)
 
 
+class _Metrics:
+    """The replica's Prometheus metrics (`ray.serve.metrics`), fed from the decode loop's counters
+    once a second; /v1/stats reads the same counters."""
+
+    TTFT_S = [0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60]
+    ROUTING_S = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 5]
+
+    def __init__(self):
+        from ray.serve.metrics import Counter, Gauge, Histogram
+
+        self.queue = Gauge("elrea_queue_length", description="requests waiting for a slot in the running batch")
+        self.running = Gauge("elrea_running_batch_size", description="sequences in the running decode batch")
+        self.tokens = Counter("elrea_generated_tokens", description="tokens generated (rate: tokens/s)")
+        self.requests = Counter("elrea_engine_requests", description="requests that left the decode loop",
+                                tag_keys=("outcome",))
+        self.selections = Counter("elrea_expert_selections", description="routed requests per top expert",
+                                  tag_keys=("expert",))
+        self.ttft = Histogram("elrea_time_to_first_token_s", description="submission to first token",
+                              boundaries=self.TTFT_S)
+        self.routing = Histogram("elrea_routing_s", description="routing time per distinct prompt",
+                                 boundaries=self.ROUTING_S)
+        self._seen: dict = {}
+
+    def _inc(self, metric, key, total, tags=None):
+        delta = total - self._seen.get(key, 0)
+        if delta > 0:
+            metric.inc(delta, tags=tags)
+        self._seen[key] = total
+
+    def push(self, loop) -> None:
+        s = loop.stats
+        self.queue.set(loop.queued)
+        self.running.set(loop.running)
+        self._inc(self.tokens, "tokens", s["tokens_generated"])
+        for outcome in ("finished", "cancelled", "failed"):
+            self._inc(self.requests, outcome, s[f"requests_{outcome}"], {"outcome": outcome})
+        for name, n in s["expert_selections"].items():
+            self._inc(self.selections, ("expert", name), n, {"expert": name})
+        while loop.observations:
+            kind, value = loop.observations.popleft()
+            (self.ttft if kind == "ttft_s" else self.routing).observe(value)
+
+
 @serve.deployment
 @serve.ingress(app)
 class ELREAServer:
@@ -78,22 +124,14 @@ class ELREAServer:
 
         self.args = AppArgs(**args)
         self.engine = Engine(self.args.run_dir, device="cuda" if self.args.num_gpus > 0 else "cpu")
-        self.batches_served = 0
-        self.requests_batched = 0
-        self.max_batch_seen = 0
-        self.stream_batches_served = 0
-        self.stream_requests_batched = 0
-        self.max_stream_batch_seen = 0
+        self.engine.loop.max_batch_size = self.args.max_batch_size
+        self.engine.loop.admission_wait_s = self.args.batch_wait_timeout_s
+        self.engine.loop.start()
         self.inflight = 0
         self.rejected_overload = 0
-        self._batch_seconds = 1.0  # running mean of one decoding batch, for Retry-After
-        self._lock = asyncio.Lock()  # one decode at a time per replica
-        self.set_batch_params()
-
-    def set_batch_params(self):
-        for batched in (self.generate_batch, self.stream_batch):
-            batched.set_max_batch_size(self.args.max_batch_size)
-            batched.set_batch_wait_timeout_s(self.args.batch_wait_timeout_s)
+        self._request_seconds = 1.0  # running mean of a request's time in the engine, for Retry-After
+        self._metrics = _Metrics()
+        self._pusher: asyncio.Task | None = None
 
     def _authorised(self, request: Request) -> bool:
         if not self.args.api_key:
@@ -110,60 +148,61 @@ class ELREAServer:
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise RequestError(f"the request body is not valid JSON: {e}") from None
 
-    async def _decode(self, fn, *args):
-        """Run one decoding batch in the executor, one at a time per replica (the model is not
-        reentrant), keeping the running mean of a batch's time for Retry-After."""
-        async with self._lock:
-            t0 = time.monotonic()
-            out = await asyncio.get_running_loop().run_in_executor(None, fn, *args)
-            self._batch_seconds = 0.8 * self._batch_seconds + 0.2 * (time.monotonic() - t0)
-        return out
+    # -- the decode loop's side ---------------------------------------------------------------
+    def _ensure_pusher(self) -> None:
+        if self._pusher is None or self._pusher.done():
+            self._pusher = asyncio.get_running_loop().create_task(self._push_metrics())
 
-    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.02)
-    async def generate_batch(self, reqs: list) -> list:
-        results = await self._decode(self.engine.generate, reqs)
-        self.batches_served += 1
-        self.requests_batched += len(reqs)
-        self.max_batch_seen = max(self.max_batch_seen, len(reqs))
-        return results
-
-    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.02)
-    async def stream_batch(self, items: list) -> list:
-        """Streaming requests decoded as one batch: items are (request, asyncio.Queue); every
-        step's text deltas go to their request's queue, then ("done", result) or ("error", msg)."""
-        reqs, queues = [r for r, _ in items], [q for _, q in items]
-        loop = asyncio.get_running_loop()
-
-        def run():
+    async def _push_metrics(self):
+        while True:
             try:
-                for step in self.engine.stream(reqs):
-                    for b, delta in step:
-                        loop.call_soon_threadsafe(queues[b].put_nowait, ("delta", delta))
-                for q, res in zip(queues, self.engine.last_results):
-                    loop.call_soon_threadsafe(q.put_nowait, ("done", res))
-            except Exception as e:  # surfaces as a final error event in every stream, never a torn one
-                log.warning("streaming batch failed: %s", type(e).__name__)
-                for q in queues:
-                    loop.call_soon_threadsafe(q.put_nowait, ("error", str(e)))
+                self._metrics.push(self.engine.loop)
+            except Exception as e:  # metrics must never take the replica down
+                log.warning("metrics push failed: %s", type(e).__name__)
+            await asyncio.sleep(1.0)
 
-        await self._decode(run)
-        self.stream_batches_served += 1
-        self.stream_requests_batched += len(items)
-        self.max_stream_batch_seen = max(self.max_stream_batch_seen, len(items))
-        return [None] * len(items)
+    def _submit(self, req):
+        """Queue the request on the decode loop: (handle, asyncio.Queue of its events). Raises
+        InvalidRequest when the engine refuses a field."""
+        events: asyncio.Queue = asyncio.Queue()
+        loop = asyncio.get_running_loop()
+        handle = self.engine.submit(req, lambda ev: loop.call_soon_threadsafe(events.put_nowait, ev))
+        return handle, events
+
+    async def _next_event(self, handle, events: asyncio.Queue):
+        """The request's next event, or None once it is over its time (it is then cancelled)."""
+        left = handle.submitted_at + self.args.request_timeout_s - time.monotonic()
+        try:
+            return await asyncio.wait_for(events.get(), max(0.0, left))
+        except asyncio.TimeoutError:
+            handle.cancel()
+            return None
+
+    def _release(self, handle) -> None:
+        """The request is over (finished, failed, timed out or its client left): its row leaves
+        the batch at the next step boundary."""
+        handle.cancel()
+        took = time.monotonic() - handle.submitted_at
+        self._request_seconds = 0.8 * self._request_seconds + 0.2 * took
 
     def _overloaded(self) -> JSONResponse:
-        """429 with an honest Retry-After: the batches ahead of a new request, times a batch's time."""
+        """429 with an honest Retry-After: the requests ahead of a new one, in units of the batch,
+        times a request's recent time."""
         self.rejected_overload += 1
-        wait = math.ceil(self._batch_seconds * (1 + self.inflight / self.args.max_batch_size))
+        wait = math.ceil(self._request_seconds * (1 + self.inflight / self.args.max_batch_size))
         e = RequestError(f"the server is at its limit of {self.args.max_inflight} requests in flight; "
                          f"retry in about {wait} s", status=429, code="rate_limit_exceeded")
         return JSONResponse(e.body(), status_code=429, headers={"Retry-After": str(wait)})
+
+    def _timeout(self) -> RequestError:
+        return RequestError(f"the request took longer than {self.args.request_timeout_s} s", status=504,
+                            code="timeout")
 
     async def _handle(self, request: Request, chat: bool):
         if not self._authorised(request):
             return _error(RequestError("missing or wrong API key (Authorization: Bearer ...)", status=401,
                                        code="authentication_error"))
+        self._ensure_pusher()
         if self.inflight >= self.args.max_inflight:
             return self._overloaded()
         self.inflight += 1
@@ -177,56 +216,65 @@ class ELREAServer:
                 self.inflight -= 1
 
     async def _admitted(self, request: Request, chat: bool):
+        from elrea_ray.decoding import InvalidRequest
+
         try:
             req, meta = parse_request(await self._body(request), self.engine, chat)
+            handle, events = self._submit(req)
         except RequestError as e:
             return _error(e)
+        except InvalidRequest as e:
+            return _error(RequestError(str(e), e.field))
         except Exception as e:  # e.g. a chat template that rejects the turns: still the client's input
             log.warning("request rejected: %s", type(e).__name__)
             return _error(RequestError(f"the request could not be processed: {type(e).__name__}"))
         if meta["stream"]:
-            return StreamingResponse(self._stream(req, meta), media_type="text/event-stream")
-        try:
-            res = await asyncio.wait_for(self.generate_batch(req), timeout=self.args.request_timeout_s)
-        except asyncio.TimeoutError:
-            return _error(RequestError(f"the request took longer than {self.args.request_timeout_s} s",
-                                       status=504, code="timeout"))
-        return JSONResponse(completion_body(res, req, meta))
-
-    async def _stream(self, req, meta):
-        try:
-            async for chunk in self._stream_chunks(req, meta):
-                yield chunk
+            return StreamingResponse(self._stream(req, meta, handle, events), media_type="text/event-stream")
+        try:  # a client that leaves cancels this coroutine: the finally takes its row out of the batch
+            while True:
+                ev = await self._next_event(handle, events)
+                if ev is None:
+                    return _error(self._timeout())
+                if ev.kind == "done":
+                    return JSONResponse(completion_body(ev.result, req, meta))
+                if ev.kind == "error":
+                    return _error(RequestError(f"decoding failed: {ev.error}", status=500, code="server_error"))
         finally:
+            self._release(handle)
+
+    async def _stream(self, req, meta, handle, events):
+        try:
+            async for chunk in self._stream_chunks(req, meta, handle, events):
+                yield chunk
+        finally:  # also when the client disconnects: the slot and the row are freed at once
+            self._release(handle)
             self.inflight -= 1
 
-    async def _stream_chunks(self, req, meta):
+    async def _stream_chunks(self, req, meta, handle, events):
         rid = ("chatcmpl-" if meta["chat"] else "cmpl-") + uuid.uuid4().hex[:24]
-        queue: asyncio.Queue = asyncio.Queue()
         if meta["chat"]:
             yield stream_chunk(rid, meta, None, role=True)
-        batch = asyncio.ensure_future(self.stream_batch((req, queue)))
-        # not awaited (a stream ends at its own "done"): retrieve the outcome so that nothing
-        # is logged as an unretrieved exception if the client left early
-        batch.add_done_callback(lambda f: None if f.cancelled() else f.exception())
-        deadline = time.monotonic() + self.args.request_timeout_s
-        while True:  # a client that leaves early leaves the batch decoding for the others
-            try:
-                kind, value = await asyncio.wait_for(queue.get(), max(0.0, deadline - time.monotonic()))
-            except asyncio.TimeoutError:
-                kind, value = "error", f"the request took longer than {self.args.request_timeout_s} s"
-            if kind == "delta":
-                yield stream_chunk(rid, meta, value)
-            elif kind == "done":
-                usage = {"prompt_tokens": len(req.prompt_ids), "completion_tokens": len(value.token_ids),
-                         "total_tokens": len(req.prompt_ids) + len(value.token_ids)}
-                yield stream_chunk(rid, meta, None, value.finish_reason,
-                                   extra={"usage": usage, "routing": value.routing})
+        while True:
+            ev = await self._next_event(handle, events)
+            if ev is None or ev.kind == "error":
+                message = str(self._timeout()) if ev is None else f"decoding failed: {ev.error}"
+                yield f"data: {json.dumps({'error': {'message': message, 'type': 'server_error'}})}\n\n"
                 break
-            else:
-                yield f"data: {json.dumps({'error': {'message': value, 'type': 'server_error'}})}\n\n"
-                break
+            if ev.kind == "delta":
+                if ev.text:
+                    yield stream_chunk(rid, meta, ev.text)
+                continue
+            res = ev.result
+            usage = {"prompt_tokens": len(req.prompt_ids), "completion_tokens": len(res.token_ids),
+                     "total_tokens": len(req.prompt_ids) + len(res.token_ids)}
+            yield stream_chunk(rid, meta, None, res.finish_reason, extra={"usage": usage, "routing": res.routing})
+            break
         yield "data: [DONE]\n\n"
+
+    async def check_health(self):
+        """Serve's health check: the decode loop thread is alive and, when it has work, stepping."""
+        self._ensure_pusher()
+        self.engine.loop.check_health(stall_s=max(60.0, self.args.request_timeout_s))
 
     @app.post("/v1/completions")
     async def completions(self, request: Request):
@@ -252,11 +300,11 @@ class ELREAServer:
     async def stats(self, request: Request):
         if not self._authorised(request):
             return _error(RequestError("missing or wrong API key", status=401, code="authentication_error"))
-        return {"batches_served": self.batches_served, "requests_batched": self.requests_batched,
-                "max_batch_seen": self.max_batch_seen, "stream_batches_served": self.stream_batches_served,
-                "stream_requests_batched": self.stream_requests_batched,
-                "max_stream_batch_seen": self.max_stream_batch_seen, "inflight": self.inflight,
-                "rejected_overload": self.rejected_overload}
+        loop = self.engine.loop
+        s = dict(loop.stats)
+        s["expert_selections"] = dict(s["expert_selections"])
+        return {**s, "running": loop.running, "queued": loop.queued, "max_batch_size": loop.max_batch_size,
+                "inflight": self.inflight, "rejected_overload": self.rejected_overload}
 
 
 def build_app(args: dict) -> serve.Application:

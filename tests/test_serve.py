@@ -2,7 +2,9 @@
 
 import json
 import random
+import socket
 import string
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
@@ -105,11 +107,11 @@ def test_32_concurrent_requests_succeed_in_batches(server):
         codes = [r.status_code for r in ex.map(one, range(32))]
     assert codes == [200] * 32
     stats = httpx.get(server + "/v1/stats").json()
-    assert stats["max_batch_seen"] > 1 and stats["requests_batched"] >= 32
+    assert stats["max_running_seen"] > 1 and stats["requests_admitted"] >= 32
 
 
 def test_concurrent_streams_are_decoded_in_one_batch(client, server):
-    """Streaming requests arriving together share a decoding batch; each stream still gets its
+    """Streaming requests arriving together share the running batch; each stream still gets its
     own tokens, a final chunk with usage and routing, and its own end."""
     before = httpx.get(server + "/v1/stats").json()
     model = client.models.list().data[0].id
@@ -128,9 +130,94 @@ def test_concurrent_streams_are_decoded_in_one_batch(client, server):
         assert finish in ("stop", "length") and usage.completion_tokens <= 4 and usage.prompt_tokens > 0
         assert abs(sum(routing["expert_weights"].values()) - 1.0) < 1e-6
     after = httpx.get(server + "/v1/stats").json()
-    assert after["stream_requests_batched"] - before["stream_requests_batched"] == 6
-    assert after["max_stream_batch_seen"] > 1
-    assert after["stream_batches_served"] - before["stream_batches_served"] < 6
+    assert after["requests_admitted"] - before["requests_admitted"] == 6
+    # one after the other, every token and every end-of-sequence would take a step of its own
+    alone = sum(usage.completion_tokens for _, _, usage, _ in results) + sum(f == "stop" for _, f, _, _ in results)
+    assert after["steps"] - before["steps"] < alone
+
+
+def _long_body(server, need=60):
+    """A completion body that decodes past `need` tokens: ignore_eos where the protocol takes it,
+    else a hot seeded sampling of the tiny random model that happens to avoid end-of-turn tokens."""
+    best = (-1, -1)
+    for seed in range(24):
+        body = {"prompt": "Write a long story.", "max_tokens": 200, "ignore_eos": True, "temperature": 2.0,
+                "seed": seed}
+        n = httpx.post(server + "/v1/completions", json=body, timeout=120).json()["usage"]["completion_tokens"]
+        best = max(best, (n, seed))
+        if n >= need:
+            return body
+    pytest.fail(f"no seed decodes past {need} tokens (longest: {best[0]}, seed {best[1]})")
+
+
+def _wait_for(cond, what, timeout=30.0):
+    t0 = time.monotonic()
+    while not cond():
+        assert time.monotonic() - t0 < timeout, f"timed out waiting for {what}"
+        time.sleep(0.02)
+
+
+def test_a_stream_ends_before_the_long_request_it_is_batched_with(client, server):
+    """Continuous batching: a short stream joins a running long request and leaves the batch at
+    its own end, while the long one goes on decoding."""
+    body = _long_body(server)
+    stats = lambda: httpx.get(server + "/v1/stats").json()  # noqa: E731
+    with ThreadPoolExecutor(1) as ex:
+        long = ex.submit(httpx.post, server + "/v1/completions", json=body, timeout=120)
+        _wait_for(lambda: stats()["running"] >= 1, "the long request to start decoding")
+        chunks = list(client.completions.create(model=client.models.list().data[0].id, prompt="Hi there.",
+                                                max_tokens=2, stream=True))
+        assert chunks[-1].choices[0].finish_reason in ("stop", "length") and chunks[-1].usage.completion_tokens <= 2
+        assert not long.done() and stats()["running"] == 1  # the stream left; the long request decodes on
+        r = long.result()
+    assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] >= 60
+
+
+def test_client_disconnect_frees_its_slot_and_its_row(smoke_run, server):
+    from ray import serve
+
+    from serve_apps.elrea_app import build_app
+
+    serve.run(build_app({"run_dir": str(smoke_run.root), "num_cpus": 0.25, "max_inflight": 1,
+                         "max_batch_size": 1, "batch_wait_timeout_s": 0.0}), name="one", route_prefix="/one")
+    u = server + "/one"
+    stats = lambda: httpx.get(u + "/v1/stats").json()  # noqa: E731
+    try:
+        body = _long_body(u)
+        for stream in (True, False):
+            before = stats()
+            with socket.create_connection(("127.0.0.1", int(u.split(":")[-1].split("/")[0]))) as sock:
+                data = json.dumps({**body, "stream": stream}).encode()
+                sock.sendall(b"POST /one/v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                             b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n" % len(data) + data)
+                _wait_for(lambda: stats()["running"] == 1, "the request to decode")
+            # the client left mid-decode (the socket is closed)
+            _wait_for(lambda: stats()["inflight"] == 0 and stats()["running"] == 0, "the slot to be freed")
+            after = stats()
+            assert after["requests_cancelled"] == before["requests_cancelled"] + 1, stream
+            assert after["requests_finished"] == before["requests_finished"], stream  # it did not run to its end
+            ok = httpx.post(u + "/v1/completions", json={"prompt": "hi", "max_tokens": 2}, timeout=60)
+            assert ok.status_code == 200  # not 429: the slot is free
+    finally:
+        serve.delete("one")
+
+
+def test_stats_and_prometheus_metrics_read_the_decode_loop(server):
+    import ray
+
+    _long_body(server)  # at least one request that generated tokens
+    s = httpx.get(server + "/v1/stats").json()
+    assert s["tokens_generated"] >= 60 and s["requests_finished"] > 0 and s["queued"] == 0
+    assert sum(s["expert_selections"].values()) == s["requests_admitted"]
+    port = ray.nodes()[0]["MetricsExportPort"]
+    wanted = ["elrea_generated_tokens", "elrea_running_batch_size", "elrea_queue_length",
+              "elrea_time_to_first_token_s", "elrea_routing_s", "elrea_expert_selections"]
+
+    def exported():
+        text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
+        return all(w in text for w in wanted)
+
+    _wait_for(exported, "the replica's metrics in Ray's Prometheus export", timeout=60)
 
 
 @pytest.mark.parametrize("body,status,param", [
