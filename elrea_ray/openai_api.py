@@ -274,6 +274,45 @@ def _logprobs(body: dict, chat: bool) -> int | None:
     return (top or 0) if want else None
 
 
+def _model_and_adapter(body: dict, engine) -> tuple[str, str | None]:
+    """(model id, forced adapter or None); an adapter's model id forces that adapter."""
+    model = body.get("model")
+    if model is None:
+        model = engine.model_id
+    if not isinstance(model, str):
+        raise _type_error("model", "a string", model)
+    if model not in engine.model_ids():
+        raise RequestError(f"model {model!r} does not exist; available: {', '.join(engine.model_ids())}",
+                           "model", status=404, code="model_not_found")
+    adapter = body.get("adapter")
+    if adapter is not None and not isinstance(adapter, str):
+        raise _type_error("adapter", "a string", adapter)
+    if adapter is not None and adapter not in engine.names:
+        raise RequestError(f"adapter {adapter!r} does not exist; available: {', '.join(engine.names)}",
+                           "adapter", status=404, code="model_not_found")
+    if model == engine.model_id:
+        return model, adapter
+    if adapter is not None and adapter != model:
+        raise RequestError(f"'model' {model!r} and 'adapter' {adapter!r} name different adapters; give one "
+                           f"of them, or model {engine.model_id!r} with the adapter", "adapter")
+    return model, model
+
+
+def _stream(body: dict) -> tuple[bool, bool]:
+    """(stream, stream_options.include_usage)."""
+    stream = _bool(body, "stream")
+    so = body.get("stream_options")
+    if so is None:
+        return stream, False
+    if not stream:
+        raise RequestError("'stream_options' is only allowed with \"stream\": true", "stream_options")
+    if not isinstance(so, dict) or set(so) - {"include_usage"}:
+        raise RequestError("'stream_options' must be {\"include_usage\": true|false}", "stream_options")
+    if so.get("include_usage") is not None and not isinstance(so["include_usage"], bool):
+        raise _type_error("stream_options.include_usage", "true or false", so["include_usage"])
+    return stream, bool(so.get("include_usage"))
+
+
 @dataclass(frozen=True)
 class CheckedRequest:
     """A body whose every field is checked, before tokenising (the costly part)."""
@@ -301,25 +340,7 @@ def check_request(body: Any, engine, chat: bool) -> CheckedRequest:
         where = "chat completions" if chat else "completions"
         raise RequestError(f"unknown field {unknown[0]!r} for {where}; known fields: {', '.join(sorted(allowed))}",
                            unknown[0], code="unknown_parameter")
-    model = body.get("model")
-    if model is None:
-        model = engine.model_id
-    if not isinstance(model, str):
-        raise _type_error("model", "a string", model)
-    if model not in engine.model_ids():
-        raise RequestError(f"model {model!r} does not exist; available: {', '.join(engine.model_ids())}",
-                           "model", status=404, code="model_not_found")
-    adapter = body.get("adapter")
-    if adapter is not None and not isinstance(adapter, str):
-        raise _type_error("adapter", "a string", adapter)
-    if adapter is not None and adapter not in engine.names:
-        raise RequestError(f"adapter {adapter!r} does not exist; available: {', '.join(engine.names)}",
-                           "adapter", status=404, code="model_not_found")
-    if model != engine.model_id:  # an adapter's model id forces that adapter
-        if adapter is not None and adapter != model:
-            raise RequestError(f"'model' {model!r} and 'adapter' {adapter!r} name different adapters; give one "
-                               f"of them, or model {engine.model_id!r} with the adapter", "adapter")
-        adapter = model
+    model, adapter = _model_and_adapter(body, engine)
     n = _int(body, "n", 1, MAX_CHOICES, 1)
     _refuse_unsupported(body, chat, n)
     vocab = len(engine.tok)
@@ -336,13 +357,7 @@ def check_request(body: Any, engine, chat: bool) -> CheckedRequest:
     seed = _int(body, "seed", 0, SEED_LIMIT - 1, None)
     if seed is not None and seed + n > SEED_LIMIT:  # choice i samples with seed + i
         raise _value_error("seed", f"below 2**63 - n ({SEED_LIMIT - n}) with n={n}", seed)
-    stream = _bool(body, "stream")
-    so = body.get("stream_options")
-    if so is not None:
-        if not stream:
-            raise RequestError("'stream_options' is only allowed with \"stream\": true", "stream_options")
-        if not isinstance(so, dict) or set(so) - {"include_usage"}:
-            raise RequestError("'stream_options' must be {\"include_usage\": true|false}", "stream_options")
+    stream, include_usage = _stream(body)
     echo = False if chat else _bool(body, "echo")
     logprobs = _logprobs(body, chat)
     if echo and logprobs is not None:
@@ -363,7 +378,7 @@ def check_request(body: Any, engine, chat: bool) -> CheckedRequest:
         ignore_eos=_bool(body, "ignore_eos"), logprobs=logprobs,
     )
     return CheckedRequest(chat=chat, model=model, messages=messages, prompt=prompt, n=n, stream=stream,
-                          include_usage=bool(so and _bool(so, "include_usage")), echo=echo, template=template)
+                          include_usage=include_usage, echo=echo, template=template)
 
 
 def encode_request(c: CheckedRequest, engine) -> tuple[list[GenRequest], dict]:
