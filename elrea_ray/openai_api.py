@@ -8,8 +8,10 @@ refuses them ("unknown_parameter"); docs/serving.md lists what is honoured and w
 
 from __future__ import annotations
 
+import functools
 import json
 import math
+import re
 import time
 import uuid
 from dataclasses import dataclass, replace
@@ -417,6 +419,38 @@ def _token(tok, token_id: int) -> str:
     return tok.decode([int(token_id)])
 
 
+@functools.lru_cache(maxsize=1)
+def _byte_level_chars() -> dict[str, int]:
+    """GPT-2's byte-level BPE alphabet: the printable character standing for each byte."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    chars, extra = {}, 0
+    for b in range(256):
+        if b in printable:
+            chars[chr(b)] = b
+        else:
+            chars[chr(256 + extra)] = b
+            extra += 1
+    return chars
+
+
+_BYTE_PIECE = re.compile(r"<0x([0-9A-Fa-f]{2})>")  # SentencePiece's byte fallback
+
+
+def _token_bytes(tok, token_id: int, text: str) -> list[int]:
+    """The token's exact UTF-8 bytes (OpenAI's `bytes`): a token holding part of a character
+    decodes to U+FFFD, so its bytes come from the vocabulary piece when the tokenizer is
+    byte-level BPE (GPT-2, Llama 3, SmolLM2) or uses byte fallback (SentencePiece)."""
+    piece = tok.convert_ids_to_tokens(int(token_id))
+    if isinstance(piece, str) and "\ufffd" in text:
+        chars = _byte_level_chars()
+        if all(c in chars for c in piece):
+            return [chars[c] for c in piece]
+        m = _BYTE_PIECE.fullmatch(piece)
+        if m:
+            return [int(m.group(1), 16)]
+    return list(text.encode("utf-8"))
+
+
 def _lp(x: float) -> float:
     return max(float(x), LOGPROB_FLOOR) if not math.isnan(x) else LOGPROB_FLOOR
 
@@ -425,7 +459,7 @@ def _chat_logprobs(entries: list[dict], tok) -> list[dict]:
     """OpenAI chat shape: [{token, logprob, bytes, top_logprobs: [{token, logprob, bytes}]}]."""
     def one(tid, lp):
         text = _token(tok, tid)
-        return {"token": text, "logprob": _lp(lp), "bytes": list(text.encode("utf-8"))}
+        return {"token": text, "logprob": _lp(lp), "bytes": _token_bytes(tok, tid, text)}
     return [{**one(e["token_id"], e["logprob"]), "top_logprobs": [one(t, lp) for t, lp in e.get("top", [])]}
             for e in entries]
 

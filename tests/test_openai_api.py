@@ -253,6 +253,18 @@ def test_chat_body_with_choices_and_logprobs(engine):
     assert body["routing"]["base_weight"] == 0.2 and body["object"] == "chat.completion"
 
 
+def test_logprob_bytes_rebuild_characters_split_across_tokens(engine):
+    """A token holding half of "é" decodes to U+FFFD; its `bytes` are still exact, so the bytes
+    of all tokens concatenate to the text's UTF-8."""
+    tok = engine.tok
+    _, meta = chat(engine, logprobs=True)
+    text = "café über 日本"
+    body = completion_body([_result(tok, text, 0)], meta, tok)
+    content = body["choices"][0]["logprobs"]["content"]
+    assert any("\ufffd" in t["token"] for t in content)  # the tokenizer does split characters
+    assert b"".join(bytes(t["bytes"]) for t in content) == text.encode("utf-8")
+
+
 def test_completion_body_logprobs_echo_and_offsets(engine):
     tok = engine.tok
     _, meta = comp(engine, logprobs=0)
