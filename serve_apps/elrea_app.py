@@ -102,7 +102,8 @@ def api_key(args: AppArgs, environ=os.environ) -> str | None:
 
 
 def _error(e: RequestError) -> JSONResponse:
-    return JSONResponse(e.body(), status_code=e.status)
+    headers = {"WWW-Authenticate": "Bearer"} if e.status == 401 else None  # RFC 6750
+    return JSONResponse(e.body(), status_code=e.status, headers=headers)
 
 
 # Errors raised outside the routes (unknown path, wrong method) or unhandled inside them leave

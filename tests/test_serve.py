@@ -155,7 +155,8 @@ def test_fuzzed_bodies_never_500(server):
     rng = random.Random(0)
     values = [None, True, -1, 0, 10**12, 1.5, "", "x" * 50, [], [1, 2], {}, {"a": 1}, ["hi"], "\u0000\ud7ff"]
     keys = ["prompt", "messages", "max_tokens", "temperature", "top_p", "stop", "model", "adapter", "top_k",
-            "seed", "stream", "n"]
+            "seed", "stream", "n", "logit_bias", "stream_options", "min_tokens", "ignore_eos", "echo",
+            "presence_penalty", "response_format", "tools", "user", "best_of"]
     codes = []
     with httpx.Client(timeout=60) as http:
         for i in range(500):
@@ -188,6 +189,7 @@ def test_api_key_guards_every_route_but_health(smoke_run, server, tmp_path):
             assert httpx.get(u + path).status_code == 401
             r = httpx.get(u + path, headers={"Authorization": "Bearer wrong"})
             assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
+            assert r.headers["WWW-Authenticate"] == "Bearer"
         body = {"prompt": "hi", "max_tokens": 2}
         assert httpx.post(u + "/v1/completions", json=body).status_code == 401
         ok = httpx.post(u + "/v1/completions", json=body, headers={"Authorization": "Bearer s3cret"}, timeout=60)
