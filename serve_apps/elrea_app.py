@@ -320,10 +320,12 @@ class ELREAServer:
         deadline = time.monotonic() + self.args.request_timeout_s
         results: dict = {}
         while len(results) < len(reqs):  # a client that leaves early leaves the batch decoding for the others
+            status = 500
             try:
                 i, kind, value = await asyncio.wait_for(queue.get(), max(0.0, deadline - time.monotonic()))
             except asyncio.TimeoutError:
                 kind, value = "error", f"the request took longer than {self.args.request_timeout_s} s"
+                status = 504
             try:
                 if kind == "delta":
                     yield writer.delta(i, value)
@@ -331,7 +333,7 @@ class ELREAServer:
                     results[i] = value
                     yield writer.finish(i, value)
                 else:
-                    yield writer.error(value)
+                    yield writer.error(value, status)
                     break
             except RequestError as e:  # e.g. logprobs asked for and not returned
                 yield writer.error(str(e), e.status)
