@@ -154,6 +154,10 @@ def cmd_serve(args) -> int:
     app_args: dict = {"run_dir": args.run_dir}
     for item in args.app_args:
         key, sep, value = item.partition("=")
+        if key == "api_key":
+            from serve_apps.elrea_app import API_KEY_MOVED
+
+            raise CommandError(API_KEY_MOVED)
         if not sep or key not in AppArgs.model_fields or key == "run_dir":
             raise CommandError(f"app argument {item!r} must be key=value with key one of "
                                f"{sorted(set(AppArgs.model_fields) - {'run_dir'})}")
@@ -210,7 +214,7 @@ def parser() -> argparse.ArgumentParser:
     p = sub.add_parser("serve", help="serve a run's routed ensemble as an OpenAI-compatible endpoint")
     p.add_argument("run_dir", metavar="RUN_DIR", help="a finished run directory (local or s3://)")
     p.add_argument("app_args", nargs="*", metavar="KEY=VALUE",
-                   help="app arguments of serve_apps.elrea_app.AppArgs, e.g. max_batch_size=16 api_key=...")
+                   help="app arguments of serve_apps.elrea_app.AppArgs, e.g. max_batch_size=16 api_key_file=...")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--address", help="Ray cluster to join (default: RAY_ADDRESS, a local `ray start`, or a new local Ray)")

@@ -99,8 +99,9 @@ class Engine:
         return render_prompt(self.tok, messages)
 
     def encode_text(self, prompt: str) -> list[int]:
-        # A completion prompt is treated as one user turn, as the pipeline formats instructions.
-        return self.encode_chat([{"role": "user", "content": prompt}])
+        # A completion continues the raw text: no chat template, the tokenizer's own special
+        # tokens (a BOS where the model expects one). Routing then sees this raw text.
+        return list(self.tok(prompt)["input_ids"])
 
     # -- routing and decoding -----------------------------------------------------------------
     def route(self, prompt_ids: list[list[int]], top_k: list[int | None]) -> np.ndarray:

@@ -10,9 +10,11 @@ running batch at the next decoding step and leaves it at its own end (EOS, stop 
 max_tokens) or when its client disconnects; streaming and non-streaming requests share the batch.
 
 Routes: POST /v1/completions, POST /v1/chat/completions (both with "stream": true as SSE),
-GET /v1/models, GET /health, GET /v1/stats. Extra request fields: "top_k" (experts kept),
+GET /v1/models, GET /v1/models/{id}, GET /health, GET /v1/stats. Extra request fields: "top_k" (experts kept),
 "adapter" (force "base" or "expert-XX"); responses carry a "routing" object (weights, top
-clusters, adapters run).
+clusters, adapters run). Every error body, whatever its status, is OpenAI's error object.
+The bearer key comes from $ELREA_API_KEY or the file named by `api_key_file`, never from the
+app arguments (those show in the Serve dashboard).
 """
 
 
@@ -21,25 +23,36 @@ import hmac
 import json
 import logging
 import math
+import os
 import time
-import uuid
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, model_validator
 from ray import serve
+from starlette.exceptions import HTTPException
 
-from elrea_ray.openai_api import RequestError, completion_body, parse_request, stream_chunk
+from elrea_ray.openai_api import (MAX_BODY_BYTES, SSE_DONE, RequestError, StreamWriter, check_request,
+                                  completion_body, encode_request, error_body)
 
 log = logging.getLogger("ray.serve")
 app = FastAPI(title="elrea-ray", docs_url=None, redoc_url=None)
+
+API_KEY_ENV = "ELREA_API_KEY"
+API_KEY_MOVED = (f"'api_key' is not an app argument (app arguments show in the Serve dashboard); set "
+                 f"{API_KEY_ENV} in the replicas' environment, or api_key_file=<path of a file holding the key>")
 
 
 class AppArgs(BaseModel):
     """`serve run ... key=value` arguments or the `args:` block of a Serve config file."""
 
     run_dir: str  # local path, or an s3:// run that each replica pulls into its node's mirror
-    api_key: str | None = None  # bearer key required on every route but /health
+    # A file on every replica's node holding the bearer key required on every route but /health
+    # (e.g. a mounted Kubernetes secret); unset: $ELREA_API_KEY of the replica, else no key.
+    api_key_file: str | None = None
     num_replicas: int = 1  # fixed replica count, unless max_replicas turns autoscaling on
     min_replicas: int = 1
     max_replicas: int | None = None  # set (> min_replicas) for Serve autoscaling
@@ -57,6 +70,13 @@ class AppArgs(BaseModel):
     batch_wait_timeout_s: float = 0.02
     request_timeout_s: float = 120.0  # beyond: 504
 
+    @model_validator(mode="before")
+    @classmethod
+    def _no_key_in_args(cls, data):
+        if isinstance(data, dict) and "api_key" in data:
+            raise ValueError(API_KEY_MOVED)
+        return data
+
     @model_validator(mode="after")
     def _check(self):
         if self.max_inflight is None:
@@ -69,8 +89,53 @@ class AppArgs(BaseModel):
         return self
 
 
+def api_key(args: AppArgs, environ=os.environ) -> str | None:
+    """The bearer key: the contents of args.api_key_file, else $ELREA_API_KEY, else None (no key)."""
+    if args.api_key_file:
+        path = Path(args.api_key_file).expanduser()
+        try:
+            key = path.read_text().strip()
+        except OSError as e:
+            raise ValueError(f"api_key_file {str(path)!r} cannot be read on this node: {e.strerror}") from None
+        if not key:
+            raise ValueError(f"api_key_file {str(path)!r} is empty")
+        return key
+    return environ.get(API_KEY_ENV) or None
+
+
 def _error(e: RequestError) -> JSONResponse:
-    return JSONResponse(e.body(), status_code=e.status)
+    headers = {"WWW-Authenticate": "Bearer"} if e.status == 401 else None  # RFC 6750
+    return JSONResponse(e.body(), status_code=e.status, headers=headers)
+
+
+# Errors raised outside the routes (unknown path, wrong method) or unhandled inside them leave
+# in OpenAI's shape too, never as Starlette's plain text.
+@app.exception_handler(HTTPException)
+async def _http_error(request: Request, e: HTTPException) -> JSONResponse:
+    message = f"{request.method} {request.url.path}: {e.detail}"
+    return JSONResponse(error_body(e.status_code, message), status_code=e.status_code, headers=e.headers)
+
+
+@app.exception_handler(RequestValidationError)
+async def _validation_error(request: Request, e: RequestValidationError) -> JSONResponse:
+    return JSONResponse(error_body(400, f"invalid request: {e.errors()}"), status_code=400)
+
+
+@app.exception_handler(Exception)
+async def _unhandled(request: Request, e: Exception) -> JSONResponse:
+    log.warning("unhandled error on %s: %s", request.url.path, type(e).__name__)
+    return JSONResponse(error_body(500, f"internal server error ({type(e).__name__})"), status_code=500)
+
+
+class _Tagged:
+    """A queue's put_nowait that tags each event with its choice index, so that the n choices
+    of one request share a queue."""
+
+    def __init__(self, queue: asyncio.Queue, index: int):
+        self.queue, self.index = queue, index
+
+    def put_nowait(self, item: tuple) -> None:
+        self.queue.put_nowait((self.index, *item))
 
 
 class _Metrics:
@@ -123,10 +188,14 @@ class ELREAServer:
         from elrea_ray.serving import Engine
 
         self.args = AppArgs(**args)
+        self.api_key = api_key(self.args)
         self.engine = Engine(self.args.run_dir, device="cuda" if self.args.num_gpus > 0 else "cpu")
         self.engine.loop.max_batch_size = self.args.max_batch_size
         self.engine.loop.admission_wait_s = self.args.batch_wait_timeout_s
         self.engine.loop.start()
+        self.created = int((self.engine.root / "bundle.json").stat().st_mtime)
+        # Tokenising off the event loop, one request at a time (a tokenizer is not reentrant).
+        self._tokeniser = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tokenise")
         self.inflight = 0
         self.rejected_overload = 0
         self._request_seconds = 1.0  # running mean of a request's time in the engine, for Retry-After
@@ -134,19 +203,38 @@ class ELREAServer:
         self._pusher: asyncio.Task | None = None
 
     def _authorised(self, request: Request) -> bool:
-        if not self.args.api_key:
+        if not self.api_key:
             return True
         got = request.headers.get("authorization", "")
-        return hmac.compare_digest(got.encode(), f"Bearer {self.args.api_key}".encode())
+        return hmac.compare_digest(got.encode(), f"Bearer {self.api_key}".encode())
 
-    async def _body(self, request: Request) -> dict:
-        raw = await request.body()
-        if len(raw) > 1_000_000:
-            raise RequestError("the request body is larger than 1 MB", status=413)
+    @staticmethod
+    async def _body(request: Request):
+        """The JSON body, checked before it is read: Content-Type application/json (415; a
+        cross-site form post cannot send it), Content-Length at most 1 MB (413), and a body
+        without Content-Length read with a running cap."""
+        ctype = request.headers.get("content-type", "")
+        if ctype.split(";")[0].strip().lower() != "application/json":
+            raise RequestError(f"Content-Type must be application/json, got {ctype or 'none'!r}", status=415)
+        length = request.headers.get("content-length")
+        if length is not None and not length.strip().isdigit():
+            raise RequestError(f"Content-Length {length!r} is not a number of bytes")
+        if length is not None and int(length) > MAX_BODY_BYTES:
+            raise RequestError(f"the request body ({int(length)} bytes) is larger than {MAX_BODY_BYTES} bytes",
+                               status=413)
+        raw, size = [], 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > MAX_BODY_BYTES:
+                raise RequestError(f"the request body is larger than {MAX_BODY_BYTES} bytes", status=413)
+            raw.append(chunk)
+
+        def no_constants(name):
+            raise ValueError(f"{name} is not a JSON number")
         try:
-            return json.loads(raw)
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise RequestError(f"the request body is not valid JSON: {e}") from None
+            return json.loads(b"".join(raw), parse_constant=no_constants)
+        except (ValueError, RecursionError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+            raise RequestError(f"the request body is not valid JSON: {e}"[:300]) from None
 
     # -- the decode loop's side ---------------------------------------------------------------
     def _ensure_pusher(self) -> None:
@@ -161,28 +249,41 @@ class ELREAServer:
                 log.warning("metrics push failed: %s", type(e).__name__)
             await asyncio.sleep(1.0)
 
-    def _submit(self, req):
-        """Queue the request on the decode loop: (handle, asyncio.Queue of its events). Raises
-        InvalidRequest when the engine refuses a field."""
+    def _submit(self, reqs: list) -> tuple[list, asyncio.Queue]:
+        """Queue a request's choices (one GenRequest each) on the decode loop: (handles, an
+        asyncio.Queue of (choice index, Event)). A field the engine refuses is a 400 naming it."""
+        from elrea_ray.decoding import InvalidRequest
+
         events: asyncio.Queue = asyncio.Queue()
         loop = asyncio.get_running_loop()
-        handle = self.engine.submit(req, lambda ev: loop.call_soon_threadsafe(events.put_nowait, ev))
-        return handle, events
+        handles = []
+        try:
+            for i, req in enumerate(reqs):
+                handles.append(self.engine.submit(
+                    req, lambda ev, i=i: loop.call_soon_threadsafe(events.put_nowait, (i, ev))))
+        except InvalidRequest as e:
+            for h in handles:
+                h.cancel()
+            raise RequestError(str(e), e.field) from None
+        return handles, events
 
-    async def _next_event(self, handle, events: asyncio.Queue):
-        """The request's next event, or None once it is over its time (it is then cancelled)."""
-        left = handle.submitted_at + self.args.request_timeout_s - time.monotonic()
+    async def _next_event(self, handles: list, events: asyncio.Queue):
+        """The next (choice, Event) of a request, or None once it is over its time (its rows are
+        then cancelled)."""
+        left = min(h.submitted_at for h in handles) + self.args.request_timeout_s - time.monotonic()
         try:
             return await asyncio.wait_for(events.get(), max(0.0, left))
         except asyncio.TimeoutError:
-            handle.cancel()
+            for h in handles:
+                h.cancel()
             return None
 
-    def _release(self, handle) -> None:
-        """The request is over (finished, failed, timed out or its client left): its row leaves
+    def _release(self, handles: list) -> None:
+        """The request is over (finished, failed, timed out or its client left): its rows leave
         the batch at the next step boundary."""
-        handle.cancel()
-        took = time.monotonic() - handle.submitted_at
+        for h in handles:
+            h.cancel()
+        took = time.monotonic() - min(h.submitted_at for h in handles)
         self._request_seconds = 0.8 * self._request_seconds + 0.2 * took
 
     def _overloaded(self) -> JSONResponse:
@@ -200,8 +301,7 @@ class ELREAServer:
 
     async def _handle(self, request: Request, chat: bool):
         if not self._authorised(request):
-            return _error(RequestError("missing or wrong API key (Authorization: Bearer ...)", status=401,
-                                       code="authentication_error"))
+            return _error(RequestError("missing or wrong API key (Authorization: Bearer ...)", status=401))
         self._ensure_pusher()
         if self.inflight >= self.args.max_inflight:
             return self._overloaded()
@@ -211,65 +311,91 @@ class ELREAServer:
             response = await self._admitted(request, chat)
             streaming = isinstance(response, StreamingResponse)
             return response
+        except RequestError as e:
+            return _error(e)
+        except Exception as e:
+            log.warning("request failed: %s", type(e).__name__)
+            return _error(RequestError(f"internal server error ({type(e).__name__})", status=500))
         finally:
             if not streaming:  # a stream releases its slot when it ends
                 self.inflight -= 1
 
-    async def _admitted(self, request: Request, chat: bool):
-        from elrea_ray.decoding import InvalidRequest
-
+    async def _parse(self, request: Request, chat: bool):
+        """(GenRequests, meta): the cheap checks on the event loop, tokenising in its executor."""
+        checked = check_request(await self._body(request), self.engine, chat)
         try:
-            req, meta = parse_request(await self._body(request), self.engine, chat)
-            handle, events = self._submit(req)
-        except RequestError as e:
-            return _error(e)
-        except InvalidRequest as e:
-            return _error(RequestError(str(e), e.field))
+            return await asyncio.get_running_loop().run_in_executor(
+                self._tokeniser, encode_request, checked, self.engine)
+        except RequestError:
+            raise
         except Exception as e:  # e.g. a chat template that rejects the turns: still the client's input
             log.warning("request rejected: %s", type(e).__name__)
-            return _error(RequestError(f"the request could not be processed: {type(e).__name__}"))
-        if meta["stream"]:
-            return StreamingResponse(self._stream(req, meta, handle, events), media_type="text/event-stream")
-        try:  # a client that leaves cancels this coroutine: the finally takes its row out of the batch
-            while True:
-                ev = await self._next_event(handle, events)
-                if ev is None:
-                    return _error(self._timeout())
-                if ev.kind == "done":
-                    return JSONResponse(completion_body(ev.result, req, meta))
-                if ev.kind == "error":
-                    return _error(RequestError(f"decoding failed: {ev.error}", status=500, code="server_error"))
-        finally:
-            self._release(handle)
+            raise RequestError(f"the request could not be processed: {type(e).__name__}: {e}"[:300],
+                               "messages" if chat else "prompt") from None
 
-    async def _stream(self, req, meta, handle, events):
+    async def _admitted(self, request: Request, chat: bool):
+        reqs, meta = await self._parse(request, chat)
+        handles, events = self._submit(reqs)
+        if meta["stream"]:
+            return StreamingResponse(self._stream(meta, handles, events), media_type="text/event-stream")
+        try:  # a client that leaves cancels this coroutine: the finally takes its rows out of the batch
+            results: dict = {}
+            while len(results) < len(reqs):
+                got = await self._next_event(handles, events)
+                if got is None:
+                    return _error(self._timeout())
+                i, ev = got
+                if ev.kind == "done":
+                    results[i] = ev.result
+                elif ev.kind == "error":
+                    return _error(RequestError(f"decoding failed: {ev.error}", status=500))
+            return JSONResponse(completion_body([results[i] for i in range(len(reqs))], meta, self.engine.tok))
+        finally:
+            self._release(handles)
+
+    async def _stream(self, meta, handles, events):
         try:
-            async for chunk in self._stream_chunks(req, meta, handle, events):
+            async for chunk in self._stream_chunks(meta, handles, events):
                 yield chunk
-        finally:  # also when the client disconnects: the slot and the row are freed at once
-            self._release(handle)
+        except Exception as e:  # the status line is sent: end with an error event, never a torn stream
+            log.warning("stream failed: %s", type(e).__name__)
+            yield StreamWriter.error(f"internal server error ({type(e).__name__})")
+            yield SSE_DONE
+        finally:  # also when the client disconnects: the slot and the rows are freed at once
+            self._release(handles)
             self.inflight -= 1
 
-    async def _stream_chunks(self, req, meta, handle, events):
-        rid = ("chatcmpl-" if meta["chat"] else "cmpl-") + uuid.uuid4().hex[:24]
-        if meta["chat"]:
-            yield stream_chunk(rid, meta, None, role=True)
-        while True:
-            ev = await self._next_event(handle, events)
-            if ev is None or ev.kind == "error":
-                message = str(self._timeout()) if ev is None else f"decoding failed: {ev.error}"
-                yield f"data: {json.dumps({'error': {'message': message, 'type': 'server_error'}})}\n\n"
+    async def _stream_chunks(self, meta, handles, events):
+        """The n choices' events, interleaved as their tokens arrive, each choice ending at its
+        own "done"; then the usage chunk (stream_options.include_usage) and [DONE]."""
+        writer = StreamWriter(meta, self.engine.tok)
+        for chunk in writer.start():
+            yield chunk
+        results: dict = {}
+        while len(results) < len(handles):
+            got = await self._next_event(handles, events)
+            if got is None:
+                yield writer.error(str(self._timeout()), 504)
                 break
-            if ev.kind == "delta":
-                if ev.text:
-                    yield stream_chunk(rid, meta, ev.text)
-                continue
-            res = ev.result
-            usage = {"prompt_tokens": len(req.prompt_ids), "completion_tokens": len(res.token_ids),
-                     "total_tokens": len(req.prompt_ids) + len(res.token_ids)}
-            yield stream_chunk(rid, meta, None, res.finish_reason, extra={"usage": usage, "routing": res.routing})
-            break
-        yield "data: [DONE]\n\n"
+            i, ev = got
+            try:
+                if ev.kind == "delta":
+                    if ev.text or ev.logprobs:
+                        yield writer.delta(i, ev.text, ev.logprobs)
+                elif ev.kind == "done":
+                    results[i] = ev.result
+                    yield writer.finish(i, ev.result)
+                else:
+                    yield writer.error(f"decoding failed: {ev.error}", 500)
+                    break
+            except RequestError as e:  # e.g. logprobs asked for and not returned
+                yield writer.error(str(e), e.status)
+                break
+        else:
+            usage = writer.usage([results[i] for i in range(len(handles))])
+            if usage:
+                yield usage
+        yield SSE_DONE
 
     async def check_health(self):
         """Serve's health check: the decode loop thread is alive and, when it has work, stepping."""
@@ -284,13 +410,24 @@ class ELREAServer:
     async def chat_completions(self, request: Request):
         return await self._handle(request, chat=True)
 
+    def _model(self, model_id: str) -> dict:
+        return {"id": model_id, "object": "model", "created": self.created, "owned_by": "elrea-ray"}
+
     @app.get("/v1/models")
     async def models(self, request: Request):
         if not self._authorised(request):
-            return _error(RequestError("missing or wrong API key", status=401, code="authentication_error"))
-        now = int(time.time())
-        return {"object": "list", "data": [{"id": m, "object": "model", "created": now, "owned_by": "elrea-ray"}
-                                           for m in self.engine.model_ids()]}
+            return _error(RequestError("missing or wrong API key", status=401))
+        return {"object": "list", "data": [self._model(m) for m in self.engine.model_ids()]}
+
+    @app.get("/v1/models/{model_id}")
+    async def model(self, model_id: str, request: Request):
+        if not self._authorised(request):
+            return _error(RequestError("missing or wrong API key", status=401))
+        if model_id not in self.engine.model_ids():
+            return _error(RequestError(f"model {model_id!r} does not exist; available: "
+                                       f"{', '.join(self.engine.model_ids())}", "model", status=404,
+                                       code="model_not_found"))
+        return self._model(model_id)
 
     @app.get("/health")
     async def health(self):
@@ -299,7 +436,7 @@ class ELREAServer:
     @app.get("/v1/stats")
     async def stats(self, request: Request):
         if not self._authorised(request):
-            return _error(RequestError("missing or wrong API key", status=401, code="authentication_error"))
+            return _error(RequestError("missing or wrong API key", status=401))
         loop = self.engine.loop
         s = dict(loop.stats)
         s["expert_selections"] = dict(s["expert_selections"])

@@ -68,6 +68,7 @@ def test_the_job_scripts_are_the_same_commands():
     (["serve", "no-such-run"], "has no bundle.json"),
     (["serve", "no-such-run", "max_batch_size"], "must be key=value"),
     (["serve", "no-such-run", "batchsize=4"], "batchsize=4"),
+    (["serve", "no-such-run", "api_key=s3cret"], "ELREA_API_KEY"),
     (["report", "no-such-run"], "metrics.json is missing"),
 ])
 def test_serve_and_report_refuse_what_cannot_start(args, message):

@@ -118,11 +118,11 @@ def test_concurrent_streams_are_decoded_in_one_batch(client, server):
 
     def one(i):
         chunks = list(client.chat.completions.create(
-            model=model, max_tokens=4, stream=True,
+            model=model, max_tokens=4, stream=True, stream_options={"include_usage": True},
             messages=[{"role": "user", "content": f"What is {i} + {i}?"}]))
-        last = chunks[-1]
+        last = chunks[-2]  # the choice's last chunk; then the usage chunk
         text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
-        return text, last.choices[0].finish_reason, last.usage, last.model_extra["routing"]
+        return text, last.choices[0].finish_reason, chunks[-1].usage, last.model_extra["routing"]
 
     with ThreadPoolExecutor(6) as ex:
         results = list(ex.map(one, range(6)))
@@ -242,7 +242,8 @@ def test_fuzzed_bodies_never_500(server):
     rng = random.Random(0)
     values = [None, True, -1, 0, 10**12, 1.5, "", "x" * 50, [], [1, 2], {}, {"a": 1}, ["hi"], "\u0000\ud7ff"]
     keys = ["prompt", "messages", "max_tokens", "temperature", "top_p", "stop", "model", "adapter", "top_k",
-            "seed", "stream", "n"]
+            "seed", "stream", "n", "logit_bias", "stream_options", "min_tokens", "ignore_eos", "echo",
+            "presence_penalty", "response_format", "tools", "user", "best_of"]
     codes = []
     with httpx.Client(timeout=60) as http:
         for i in range(500):
@@ -259,19 +260,23 @@ def test_fuzzed_bodies_never_500(server):
     assert httpx.post(server + "/v1/completions", json={"prompt": "hi", "max_tokens": 2}, timeout=60).status_code == 200
 
 
-def test_api_key_guards_every_route_but_health(smoke_run, server):
+def test_api_key_guards_every_route_but_health(smoke_run, server, tmp_path):
     from ray import serve
 
     from serve_apps.elrea_app import build_app
 
-    serve.run(build_app({"run_dir": str(smoke_run.root), "num_cpus": 0.25, "api_key": "s3cret"}),
+    key_file = tmp_path / "api-key"
+    key_file.write_text("s3cret\n")
+    serve.run(build_app({"run_dir": str(smoke_run.root), "num_cpus": 0.25, "api_key_file": str(key_file)}),
               name="secure", route_prefix="/secure")
     u = server + "/secure"
     try:
         assert httpx.get(u + "/health").status_code == 200
-        for path in ("/v1/models", "/v1/stats"):
+        for path in ("/v1/models", "/v1/models/base", "/v1/stats"):
             assert httpx.get(u + path).status_code == 401
-            assert httpx.get(u + path, headers={"Authorization": "Bearer wrong"}).status_code == 401
+            r = httpx.get(u + path, headers={"Authorization": "Bearer wrong"})
+            assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
+            assert r.headers["WWW-Authenticate"] == "Bearer"
         body = {"prompt": "hi", "max_tokens": 2}
         assert httpx.post(u + "/v1/completions", json=body).status_code == 401
         ok = httpx.post(u + "/v1/completions", json=body, headers={"Authorization": "Bearer s3cret"}, timeout=60)
@@ -300,7 +305,7 @@ def test_overload_gets_429_with_retry_after_and_the_rest_succeed(smoke_run, serv
         for r in responses:
             if r.status_code == 429:
                 assert int(r.headers["Retry-After"]) >= 1
-                assert r.json()["error"]["type"] == "rate_limit_exceeded"
+                assert r.json()["error"]["code"] == "rate_limit_exceeded"
         stats = httpx.get(u + "/v1/stats").json()
         assert stats["inflight"] == 0 and stats["rejected_overload"] == codes.count(429)
         assert one(0).status_code == 200  # the slots were given back
@@ -317,7 +322,45 @@ def test_app_args_are_checked():
         AppArgs(run_dir="x", max_inflight=100, max_ongoing_requests=64)
     with pytest.raises(ValidationError, match="max_replicas"):
         AppArgs(run_dir="x", min_replicas=3, max_replicas=2)
+    with pytest.raises(ValidationError, match="ELREA_API_KEY.*api_key_file"):
+        AppArgs(run_dir="x", api_key="s3cret")  # app arguments show in the Serve dashboard
     app = build_app({"run_dir": "x", "max_replicas": 4, "num_gpus": 0.5})
     deployment = app._bound_deployment  # the deployment the application binds
     assert deployment._deployment_config.autoscaling_config.max_replicas == 4
     assert deployment.ray_actor_options["num_gpus"] == 0.5
+
+
+def test_the_api_key_comes_from_a_file_or_the_environment(tmp_path):
+    from serve_apps.elrea_app import AppArgs, api_key
+
+    assert api_key(AppArgs(run_dir="x"), environ={}) is None
+    assert api_key(AppArgs(run_dir="x"), environ={"ELREA_API_KEY": "from-env"}) == "from-env"
+    f = tmp_path / "key"
+    f.write_text("from-file\n")
+    assert api_key(AppArgs(run_dir="x", api_key_file=str(f)), environ={"ELREA_API_KEY": "from-env"}) == "from-file"
+    f.write_text("  \n")
+    with pytest.raises(ValueError, match="is empty"):
+        api_key(AppArgs(run_dir="x", api_key_file=str(f)), environ={})
+    with pytest.raises(ValueError, match="cannot be read"):
+        api_key(AppArgs(run_dir="x", api_key_file=str(tmp_path / "missing")), environ={})
+
+
+def test_unhandled_errors_leave_in_openai_shape():
+    """The app's exception handlers, on a FastAPI app of their own with a route that fails."""
+    from fastapi import FastAPI
+    from fastapi.testclient import TestClient
+
+    from serve_apps import elrea_app
+
+    app = FastAPI()
+    app.exception_handlers.update(elrea_app.app.exception_handlers)
+
+    @app.get("/boom")
+    async def boom():
+        raise RuntimeError("no")
+
+    with TestClient(app, raise_server_exceptions=False) as http:
+        r = http.get("/boom")
+        assert r.status_code == 500 and r.json()["error"]["type"] == "server_error"
+        r = http.get("/nothing")
+        assert r.status_code == 404 and r.json()["error"]["type"] == "invalid_request_error"

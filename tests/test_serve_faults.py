@@ -2,6 +2,7 @@
 run's bundle: a replica SIGKILLed under 32 concurrent clients, graceful shutdown with requests
 in flight, and a request over its timeout. Figures are printed as `FIGURE ...` lines (-s)."""
 
+import json
 import os
 import signal
 import threading
@@ -148,8 +149,13 @@ def test_request_over_its_timeout_gets_504_not_a_hang(server, smoke_run):
         r = httpx.post(server + "/slow/v1/completions", json={"prompt": "hi", "max_tokens": 200}, timeout=60)
         took = time.time() - t0
         _figure(f"request over a 0.05 s timeout: HTTP {r.status_code} after {took:.2f} s")
-        assert r.status_code in (408, 504) and r.json()["error"]["type"] == "timeout"
+        assert r.status_code in (408, 504) and r.json()["error"]["code"] == "timeout"
         assert took < 10
+        # a stream has sent its status line: it ends with an error event of the same shape, then [DONE]
+        events = httpx.post(server + "/slow/v1/completions", timeout=60,
+                            json={"prompt": "hi", "max_tokens": 200, "stream": True}).text.split("\n\n")
+        err = json.loads([e for e in events if '"error"' in e][0][len("data: "):])["error"]
+        assert err["code"] == "timeout" and err["type"] == "server_error" and events[-2] == "data: [DONE]"
         assert httpx.get(server + "/slow/health", timeout=10).status_code == 200  # the replica lives
     finally:
         serve.delete("slow")
