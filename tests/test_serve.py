@@ -166,8 +166,8 @@ def test_a_stream_ends_before_the_long_request_it_is_batched_with(client, server
         long = ex.submit(httpx.post, server + "/v1/completions", json=body, timeout=120)
         _wait_for(lambda: stats()["running"] >= 1, "the long request to start decoding")
         chunks = list(client.completions.create(model=client.models.list().data[0].id, prompt="Hi there.",
-                                                max_tokens=2, stream=True))
-        assert chunks[-1].choices[0].finish_reason in ("stop", "length") and chunks[-1].usage.completion_tokens <= 2
+                                                max_tokens=2, stream=True, stream_options={"include_usage": True}))
+        assert chunks[-2].choices[0].finish_reason in ("stop", "length") and chunks[-1].usage.completion_tokens <= 2
         assert not long.done() and stats()["running"] == 1  # the stream left; the long request decodes on
         r = long.result()
     assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] >= 60
