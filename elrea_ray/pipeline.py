@@ -29,7 +29,7 @@ def stage_keys(cfg: Config) -> dict[str, str]:
     k: dict[str, str] = {}
     seed = cfg.run.seed
     data_cfg = plain(cfg.data)
-    if not data_cfg["benchmarks"]:  # added later; left out when unset so older runs keep their keys
+    if not data_cfg["benchmarks"]:  # left out when empty: the data key then does not depend on it
         del data_cfg["benchmarks"]
     k["data"] = stage_key("data", {"data": data_cfg, "seed": seed}, [])
     model = plain(cfg.model)
@@ -118,10 +118,5 @@ def run_pipeline(cfg: Config, log=print) -> RunDir:
             if name == "experts" and (ran or not run.bundle.exists()
                                       or json.loads(run.bundle.read_text()).get("keys") != keys):
                 write_bundle(cfg, run, keys)
-        if not run.eval_file("report.html").exists():  # an eval finished before reports existed
-            from elrea_ray.report import write_report
-
-            log(f"[report] {write_report(run.root)['html']}")
-            run.sync_up("eval")
         log(f"pipeline finished in {time.time() - t0:.0f} s; run directory {run.root}")
     return run
