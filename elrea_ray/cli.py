@@ -118,7 +118,7 @@ def cmd_report(args) -> int:
     metrics = run.root / "eval" / "metrics.json"
     if not metrics.exists():
         raise CommandError(f"{metrics} is missing; run the pipeline's eval stage first")
-    out = write_report(run.root)
+    out = write_report(run)
     run.sync_up("eval")  # an s3:// run gets the new report too
     print(f"wrote {out['markdown']} and {out['html']} ({len(out['figures'])} figures)")
     for note in out["notes"]:

@@ -20,6 +20,9 @@ from sklearn.exceptions import ConvergenceWarning
 from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score
 
 METHODS = ("balanced_birch", "kmeans")
+# How many parts a re-split round may cut a cluster into: initial_clusters - r in round r (the
+# paper's "each new iteration targets fewer sub-clusters") or initial_clusters in every round.
+PART_CAPS = ("decreasing", "initial")
 
 
 @dataclass(frozen=True)
@@ -153,18 +156,22 @@ def balanced_birch(
     X: np.ndarray,
     initial_clusters: int = 5,
     max_ratio: float = 5.0,
-    max_rounds: int = 3,
+    max_iterations: int = 3,
     min_cluster_size: int = 1,
     threshold: float | None = None,
     branching_factor: int = 50,
     seed: int = 0,
+    part_cap: str = "decreasing",
 ) -> ClusteringResult:
     """The paper's balanced BIRCH (ELREA step 3) on unit features X [N, d].
 
-    BIRCH with `initial_clusters`; then in rounds r = 1..`max_rounds`, every cluster larger
-    than `max_ratio` x the smallest is re-clustered with BIRCH into ceil(size / smallest)
-    parts (docs/method.md), capped at initial_clusters - r so that each round targets fewer
-    sub-clusters (paper step 3). Clusters below `min_cluster_size` are first merged into
+    Iterations as the paper counts them ("up to 3 iterations ... 8 clusters after 2
+    iterations, 10 after 3"): iteration 1 is BIRCH with `initial_clusters`; each further
+    iteration, up to `max_iterations` in all, is a re-split round r = 1, 2, ... in which every
+    cluster larger than `max_ratio` x the smallest is re-clustered with BIRCH into
+    ceil(size / smallest) parts (docs/method.md), capped at initial_clusters - r so that each
+    round targets fewer sub-clusters (paper step 3; `part_cap="initial"` caps every round at
+    initial_clusters instead). Clusters below `min_cluster_size` are first merged into
     their nearest neighbour, so that outliers do not trigger splits. Stops early once
     balanced or when the cap falls below 2. `threshold=None` chooses it with
     `birch_threshold`; `seed` only picks that function's sample (BIRCH is deterministic).
@@ -173,7 +180,9 @@ def balanced_birch(
     "part_sizes"}]}, with the cluster ids of that moment.
     """
     X = _unit_rows(X)
-    for name, value, low in (("initial_clusters", initial_clusters, 1), ("max_rounds", max_rounds, 0),
+    if part_cap not in PART_CAPS:
+        raise ValueError(f"balanced_birch: part_cap must be one of {', '.join(PART_CAPS)}, got {part_cap!r}")
+    for name, value, low in (("initial_clusters", initial_clusters, 1), ("max_iterations", max_iterations, 1),
                              ("min_cluster_size", min_cluster_size, 1),
                              ("branching_factor", branching_factor, 2)):
         if value < low:
@@ -186,7 +195,7 @@ def balanced_birch(
 
     labels = _birch(X, initial_clusters, threshold, branching_factor)
     rounds: list[dict] = []
-    for round_no in range(1, max_rounds + 1):
+    for round_no in range(1, max_iterations):  # iteration 1 was the fit above
         labels, merges = _merge_small(X, _by_size(labels), min_cluster_size)
         sizes = np.bincount(labels)
         smallest = int(sizes.min())
@@ -197,7 +206,8 @@ def balanced_birch(
             # Round r targets at most initial_clusters - r parts: the paper's "each new iteration
             # targets fewer sub-clusters", which reproduces its counts (5 -> 8 after one re-split
             # into 4, -> 10 after one into 3); a cap of initial_clusters would give 5 -> 9 -> 13.
-            parts = min(math.ceil(sizes[c] / smallest), initial_clusters - round_no)
+            cap = initial_clusters - round_no if part_cap == "decreasing" else initial_clusters
+            parts = min(math.ceil(sizes[c] / smallest), cap)
             if parts < 2:
                 continue
             sub = _birch(X[members], parts, threshold, branching_factor)

@@ -281,15 +281,22 @@ class GradientConfig(Section):
 
 @dataclass(frozen=True)
 class ClusteringConfig(Section):
-    """Stage 3 (paper: balanced BIRCH on 5,000 sampled points, target 5, re-split > 5x, 3 rounds)."""
+    """Stage 3 (paper: balanced BIRCH on 5,000 sampled points, target 5, re-split > 5x, at most 3
+    iterations counting the first fit)."""
 
     SECTION: ClassVar[str] = "clustering"
 
     method: str = "balanced_birch"  # balanced_birch | kmeans
     initial_clusters: int = 5  # BIRCH target; for kmeans the fixed cluster count
     fit_sample: int = 5000  # max rows the fit sees (paper: 5,000); all rows are then assigned, streamed
-    max_ratio: float = 5.0
-    max_rounds: int = 3
+    max_ratio: float = 5.0  # re-split a cluster larger than this times the smallest
+    # BIRCH iterations, the first fit counted as iteration 1 (the paper's "up to 3 iterations": 8
+    # clusters after 2, 10 after 3), so at most max_iterations - 1 re-split rounds
+    max_iterations: int = 3
+    # parts a re-split may cut a cluster into: ceil(size / smallest), capped at initial_clusters - r
+    # in round r ("decreasing": the paper's "each new iteration targets fewer sub-clusters") or at
+    # initial_clusters in every round ("initial")
+    part_cap: str = "decreasing"
     min_cluster_size: int = 1
     threshold: float | None = None  # None: chosen from nearest-neighbour distances of the sample
 
@@ -299,7 +306,9 @@ class ClusteringConfig(Section):
         _check(self.initial_clusters >= 1, f"{p}.initial_clusters", ">= 1", self.initial_clusters)
         _check(self.fit_sample >= 2, f"{p}.fit_sample", ">= 2", self.fit_sample)
         _check(self.max_ratio >= 1.0, f"{p}.max_ratio", ">= 1", self.max_ratio)
-        _check(self.max_rounds >= 0, f"{p}.max_rounds", ">= 0", self.max_rounds)
+        _check(self.max_iterations >= 1, f"{p}.max_iterations", ">= 1 (the first BIRCH fit counts as 1)",
+               self.max_iterations)
+        _check(self.part_cap in ("decreasing", "initial"), f"{p}.part_cap", "decreasing or initial", self.part_cap)
         _check(self.min_cluster_size >= 1, f"{p}.min_cluster_size", ">= 1", self.min_cluster_size)
         _check(self.threshold is None or self.threshold > 0, f"{p}.threshold", "> 0 or null",
                self.threshold)
@@ -541,6 +550,11 @@ def _coerce(value: Any, tp: Any, name: str) -> Any:
     raise ConfigError(f"{name}: unsupported type {tp}")
 
 
+# Keys that were renamed, and what to write instead.
+RENAMED = {"clustering.max_rounds": "use clustering.max_iterations, which counts the first BIRCH fit as "
+                                    "iteration 1 (max_rounds: N re-split rounds is max_iterations: N + 1)"}
+
+
 def from_dict(raw: dict) -> Config:
     """Build a validated Config from nested dicts; unknown sections and keys are errors."""
     if not isinstance(raw, dict):
@@ -558,6 +572,8 @@ def from_dict(raw: dict) -> Config:
         known = {f.name for f in dataclasses.fields(cls)}
         kwargs = {}
         for key, value in body.items():
+            if f"{sname}.{key}" in RENAMED:
+                raise ConfigError(f"{sname}.{key} is no longer a config key: {RENAMED[f'{sname}.{key}']}")
             if key not in known:
                 raise ConfigError(f"unknown config key {sname}.{key}; known keys: {', '.join(sorted(known))}")
             kwargs[key] = _coerce(value, hints[key], f"{sname}.{key}")

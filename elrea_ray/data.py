@@ -574,11 +574,6 @@ def _canonical_rows(records, columns, path: str, stem: str, split: str, fmt: str
     return rows, {"read": len(records), "skipped": skipped}
 
 
-def prompt_messages(row: dict) -> list[dict]:
-    """The chat messages of a row's instruction."""
-    return json.loads(row["prompt"])
-
-
 # -- splits ---------------------------------------------------------------------------------------
 
 def build_splits_with_report(cfg: DataConfig, seed: int) -> tuple[dict[str, list[dict]], dict]:

@@ -1,11 +1,13 @@
 """Stage 5 statistics: per-source accuracy with n and 95% intervals, paired bootstrap differences
-against M+Q_base, and the routing figures a small demo can show robustly. Pure functions, no Ray.
+against M+Q_base, and the routing figures a small demo can show robustly; and the eval stage's
+routing-weights file, which the report reads back. No Ray.
 """
 
 from __future__ import annotations
 
 import math
 from collections import Counter, defaultdict
+from pathlib import Path
 
 import numpy as np
 
@@ -137,3 +139,23 @@ def results_markdown(table: dict, routing: dict | None = None, clusters: dict | 
                  f"{_pct(routing['rate'])}% of {routing['n']} test items "
                  f"[{_pct(routing['ci'][0])}, {_pct(routing['ci'][1])}] (chance {_pct(routing['chance'])}%).\n")
     return text
+
+
+def write_weights(path: Path, rows: list[dict], weights: dict[str, np.ndarray]) -> None:
+    """weights.parquet: example_id, source and w_<method> (its weights per row, column 0 = base)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"example_id": [r["example_id"] for r in rows], "source": [r["source"] for r in rows],
+                             **{f"w_{m}": [w.tolist() for w in weights[m]] for m in weights}}), path)
+
+
+def read_weights(path: Path) -> tuple[list[str], dict[str, np.ndarray]]:
+    """(sources, {method: [N, n] float64}) of a weights.parquet; ([], {}) when there is none."""
+    import pyarrow.parquet as pq
+
+    if not path.exists():
+        return [], {}
+    t = pq.read_table(path)
+    return t.column("source").to_pylist(), {c[2:]: np.asarray(t.column(c).to_pylist(), dtype=np.float64)
+                                            for c in t.column_names if c.startswith("w_")}

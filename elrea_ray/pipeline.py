@@ -32,7 +32,7 @@ def stage_keys(cfg: Config) -> dict[str, str]:
     data_cfg = plain(cfg.data)
     del data_cfg["bigbench_archive"]  # where the archive lies, not what it holds
     for name, unset in (("benchmarks", {}), ("tasks", []), ("shots", 0)):
-        if data_cfg[name] == unset:  # added later; left out when unset so older runs keep their keys
+        if data_cfg[name] == unset:  # left out when unset: the data key then does not depend on them
             del data_cfg[name]
     k["data"] = stage_key("data", {"data": data_cfg, "seed": seed}, [])
     model = plain(cfg.model)
@@ -119,16 +119,9 @@ def run_pipeline(cfg: Config, log=print) -> RunDir:
             if name not in keys:
                 continue  # the baselines stage runs only when eval.methods asks for it
             _, ran = run.run_stage(name, keys[name], lambda out, stage=stage: stage.run(ctx.at(out)), log)
-            if name != "eval":  # eval is logged with its report, below
-                log_stage(tracked, cfg, name, run.root)
+            log_stage(tracked, cfg, name, run.root)  # once per item, also for a stage finished before
             if name == "experts" and (ran or not run.bundle.exists()
                                       or json.loads(run.bundle.read_text()).get("keys") != keys):
                 write_bundle(cfg, run, keys)
-        if not run.eval_file("report.html").exists():  # an eval finished before reports existed
-            from elrea_ray.report import write_report
-
-            log(f"[report] {write_report(run.root)['html']}")
-            run.sync_up("eval")
-        log_stage(tracked, cfg, "eval", run.root)
         log(f"pipeline finished in {time.time() - t0:.0f} s; run directory {run.root}")
     return run

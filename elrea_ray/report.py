@@ -1,10 +1,9 @@
 """The evaluation report of a run: `eval/report.md` (figures as PNG files beside it) and
 `eval/report.html` (the same, figures embedded as base64 PNG, readable offline).
 
-Built from the run directory's artifacts alone (no model, no Ray), so `python jobs/report.py
---run-dir DIR` rebuilds it for any finished run, and the eval stage writes it as its last step.
-Runs made before a file existed (eval/weights.parquet, train_log.json) still get a report: routing
-weights are recomputed from the test features and centroids, and a missing loss log is said so.
+Built from the run directory's artifacts alone (no model, no Ray), through the same readers the
+pipeline uses, so `python jobs/report.py --run-dir DIR` rebuilds it for any finished run, and the
+eval stage writes it as its last step.
 """
 
 from __future__ import annotations
@@ -17,7 +16,8 @@ from pathlib import Path
 
 import numpy as np
 
-from elrea_ray.evaluate import majority_source, method_title, results_markdown
+from elrea_ray.artifacts import RunDir
+from elrea_ray.evaluate import majority_source, method_title, read_weights, results_markdown
 
 MAP_POINTS = 3000  # the 2-D feature map shows at most this many training points (seeded sample)
 
@@ -28,67 +28,34 @@ def _read_json(path: Path) -> dict | None:
     return json.loads(path.read_text()) if path.exists() else None
 
 
-def _features(folder: Path) -> tuple[list[str], list[str], np.ndarray] | None:
-    import pyarrow.parquet as pq
+def _train_features(run: RunDir) -> tuple[list[str], list[str], np.ndarray] | None:
+    """The training split's gradient features, as the pipeline reads them, or None when absent."""
+    from elrea_ray.stages.gradients import read_features
 
-    if not folder.exists() or not any(folder.glob("*.parquet")):
-        return None
-    t = pq.read_table(folder)
-    col = t.column("feature").combine_chunks()
-    X = col.flatten().to_numpy().reshape(-1, col.type.list_size).astype(np.float32)
-    return t.column("example_id").to_pylist(), t.column("source").to_pylist(), X
+    folder = run.gradient_dir("train")
+    return read_features(folder) if folder.exists() and any(folder.glob("*.parquet")) else None
 
 
-def _routing_weights(root: Path, eval_dir: Path) -> tuple[list[str], dict[str, np.ndarray], str]:
-    """(test sources, {method: [N, 1 + C]}, where they came from)."""
-    import pyarrow.parquet as pq
-
-    path = eval_dir / "weights.parquet"
-    if path.exists():
-        t = pq.read_table(path)
-        ws = {c[2:]: np.asarray(t.column(c).to_pylist(), dtype=np.float64)
-              for c in t.column_names if c.startswith("w_")}
-        return t.column("source").to_pylist(), ws, "eval/weights.parquet"
-    from safetensors.numpy import load_file
-
-    from elrea_ray.routing import route
-
-    feats = _features(root / "gradients" / "test")
-    bundle = _read_json(root / "bundle.json") or {}
-    if feats is None or not (root / "clusters" / "centroids.safetensors").exists():
-        return [], {}, "not available"
-    centroids = load_file(str(root / "clusters" / "centroids.safetensors"))["centroids"]
-    rc = bundle.get("routing", {})
-    ew, bw = route(feats[2], centroids, temperature=rc.get("temperature", 1.0), top_k=rc.get("top_k"))
-    return feats[1], {"elrea": np.concatenate([bw[:, None], ew], axis=1)}, \
-        "recomputed from gradients/test and clusters/centroids (this run predates eval/weights.parquet)"
-
-
-def _loss_logs(root: Path) -> dict[str, dict]:
+def _loss_logs(run: RunDir) -> dict[str, dict]:
     logs = {}
-    base = _read_json(root / "adapters" / "base" / "train_log.json")
+    base = _read_json(run.stage_dir("base") / "train_log.json")
     if base:
         logs["base"] = base
-    for p in sorted((root / "adapters" / "experts").glob("expert-*/train_log.json")):
+    for p in sorted(run.stage_dir("experts").glob("expert-*/train_log.json")):
         logs[p.parent.name] = json.loads(p.read_text())
     return logs
 
 
-def _table(eval_dir: Path, metrics: dict, config: dict) -> dict:
-    """The accuracy table recomputed from the per-item scores (so a run evaluated before a statistic
-    was added still gets it), with the eval stage's bootstrap settings; else metrics.json's."""
+def _clusters(run: RunDir) -> tuple[dict[int, str], dict[str, int]]:
+    """(each cluster's majority training source, each training example's cluster)."""
     import pyarrow.parquet as pq
 
-    from elrea_ray.evaluate import accuracy_table
-
-    p = eval_dir / "predictions.parquet"
-    if not p.exists():
-        return metrics["methods"]
-    t = pq.read_table(p)
-    methods = [m for m in metrics["methods"] if f"score_{m}" in t.column_names]
-    return accuracy_table(t.column("source").to_pylist(), {m: t.column(f"score_{m}").to_pylist() for m in methods},
-                          resamples=config.get("eval", {}).get("bootstrap", 1000),
-                          seed=config.get("run", {}).get("seed", 0))
+    path = run.clusters_file("assignments.parquet")
+    if not path.exists():
+        return {}, {}
+    a = pq.read_table(path).to_pylist()
+    majority = majority_source(np.array([r["cluster"] for r in a]), [r["source"] for r in a])
+    return majority, {r["example_id"]: int(r["cluster"]) for r in a}
 
 
 # -- figures --------------------------------------------------------------------------------------
@@ -346,11 +313,11 @@ def _stage_times(manifest: dict) -> list[tuple[str, float | None]]:
     return [(name, st.get("seconds")) for name, st in (manifest.get("stages") or {}).items()]
 
 
-def _examples(root: Path, eval_dir: Path, methods: list[str], per_source: int = 2) -> list[dict]:
+def _examples(run: RunDir, eval_dir: Path, methods: list[str], per_source: int = 2) -> list[dict]:
     import pyarrow.parquet as pq
 
     p = eval_dir / "predictions.parquet"
-    test = root / "data" / "test.parquet"
+    test = run.data_file("test")
     if not p.exists() or not test.exists():
         return []
     preds = {r["example_id"]: r for r in pq.read_table(p).to_pylist()}
@@ -375,70 +342,35 @@ def _short(s: str, n: int = 160) -> str:
 
 # -- the report -----------------------------------------------------------------------------------
 
-def write_report(root: str | Path, eval_dir: str | Path | None = None) -> dict:
-    """Write report.md, report.html and figures/*.png into `eval_dir` (default: <root>/eval) from the
-    run's artifacts. Returns {"markdown", "html", "figures": {name: path}, "notes": [...]}."""
-    import pyarrow.parquet as pq
-
-    root = Path(root)
-    eval_dir = Path(eval_dir) if eval_dir is not None else root / "eval"
-    metrics = _read_json(eval_dir / "metrics.json")
-    if metrics is None:
-        raise FileNotFoundError(f"{eval_dir / 'metrics.json'} is missing: run the eval stage first")
-    manifest = _read_json(root / "manifest.json") or {}
-    clusters = _read_json(root / "clusters" / "report.json") or {}
-    config = manifest.get("config", {})
-    table = _table(eval_dir, metrics, config)
-    figs_dir = eval_dir / "figures"
-    figs_dir.mkdir(parents=True, exist_ok=True)
-    figures: dict[str, Path] = {}
-    notes: list[str] = []
-
-    figures["accuracy"] = fig_accuracy(table, figs_dir)
-    vs = fig_vs_base(table, figs_dir)
-    if vs:
-        figures["vs_base"] = vs
-    majority: dict[int, str] = {}
-    cluster_of: dict[str, int] = {}
-    assignments = root / "clusters" / "assignments.parquet"
-    if assignments.exists():
-        a = pq.read_table(assignments).to_pylist()
-        cluster_of = {r["example_id"]: int(r["cluster"]) for r in a}
-        majority = majority_source(np.array([r["cluster"] for r in a]), [r["source"] for r in a])
+def _figures(run: RunDir, eval_dir: Path, table: dict, clusters: dict, seed: int) -> tuple[dict[str, Path], dict]:
+    """Every figure the run's artifacts allow, into eval_dir/figures; returns (figures, facts the
+    text cites: majority source per cluster, variance the feature map explains)."""
+    folder = eval_dir / "figures"
+    folder.mkdir(parents=True, exist_ok=True)
+    majority, cluster_of = _clusters(run)
+    figures = {"accuracy": fig_accuracy(table, folder), "vs_base": fig_vs_base(table, folder)}
     if clusters.get("counts"):
-        figures["clusters_by_source"] = fig_cluster_heatmap(clusters["counts"], majority, clusters, figs_dir)
-    feats = _features(root / "gradients" / "train")
+        figures["clusters_by_source"] = fig_cluster_heatmap(clusters["counts"], majority, clusters, folder)
+    feats = _train_features(run)
     explained = None
     if feats is not None:
-        figures["feature_map"], explained = fig_feature_map(*feats, cluster_of, figs_dir,
-                                                            seed=config.get("run", {}).get("seed", 0))
-    test_sources, weights, weights_from = _routing_weights(root, eval_dir)
+        figures["feature_map"], explained = fig_feature_map(*feats, cluster_of, folder, seed=seed)
+    test_sources, weights = read_weights(eval_dir / "weights.parquet")
     if "elrea" in weights:
-        figures["routing_weights"] = fig_routing(test_sources, weights["elrea"], majority, figs_dir)
-        if weights_from != "eval/weights.parquet":
-            notes.append(f"Routing weights were {weights_from}.")
-    logs = _loss_logs(root)
-    loss = fig_loss(logs, figs_dir, majority)
-    if loss:
-        figures["training_loss"] = loss
-    else:
-        notes.append("No training loss log in this run (adapters/base/train_log.json and "
-                     "adapters/experts/expert-XX/train_log.json are written by the train stage since the "
-                     "evaluation report was added; rerun the base and expert stages to get the curves).")
+        figures["routing_weights"] = fig_routing(test_sources, weights["elrea"], majority, folder)
+    figures["training_loss"] = fig_loss(_loss_logs(run), folder, majority)
+    return {k: v for k, v in figures.items() if v}, {"majority": majority, "explained": explained}
 
+
+def _md_results(run: RunDir, config: dict, table: dict, clusters: dict) -> list[str]:
+    """Title line, headline, the accuracy table, coverage and per-source differences."""
     methods = list(table)
-    examples = _examples(root, eval_dir, methods)
     model = config.get("model", {}).get("name_or_path", "?")
     data = config.get("data", {})
     sources = list(next(iter(table.values()))["per_source"]) if table else []
-    stage_times = _stage_times(manifest)
-    total = sum(t for _, t in stage_times if t)
-    routing = metrics.get("own_source_routing") or {}
-    cl = metrics.get("clusters") or {}
-
     md: list[str] = ["# ELREA evaluation report", ""]
-    md += [f"Run `{root}` · model `{model}` · data `{data.get('kind', '?')}` with sources "
-           f"{', '.join(sources)} · {cl.get('num_clusters', '?')} clusters · built "
+    md += [f"Run `{run.root}` · model `{model}` · data `{data.get('kind', '?')}` with sources "
+           f"{', '.join(sources)} · {clusters.get('num_clusters', '?')} clusters · built "
            f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}.", ""]
     md += ["## Headline", "", headline(table), ""]
     md += ["## Results", "", results_markdown(table), ""]
@@ -452,29 +384,36 @@ def write_report(root: str | Path, eval_dir: str | Path | None = None) -> dict:
         md.append(f"| {method_title(m)} | " + " | ".join(
             f"{100 * per[s]['vs_base']['diff']:+.1f} [{100 * per[s]['vs_base']['ci'][0]:+.1f}, "
             f"{100 * per[s]['vs_base']['ci'][1]:+.1f}]" for s in sources) + " |")
-    md += ["", "![accuracy](figures/accuracy.png)", ""]
-    if "vs_base" in figures:
-        md += ["![difference from M+Q_base](figures/vs_base.png)", ""]
-    md += ["## Clusters", ""]
+    return md
+
+
+def _md_cluster_table(clusters: dict, majority: dict[int, str]) -> list[str]:
+    rounds = clusters.get("rounds")
+    md = [f"{clusters.get('num_clusters')} clusters (method {clusters.get('method')}, "
+          f"{len(rounds) if isinstance(rounds, list) else rounds} balancing rounds, sizes {clusters.get('sizes')}). "
+          f"Against the training sources: NMI {clusters.get('nmi', float('nan')):.3f}, ARI "
+          f"{clusters.get('ari', float('nan')):.3f}, purity {clusters.get('purity', float('nan')):.3f}.", ""]
+    counts = clusters.get("counts") or {}
+    srcs = sorted({s for c in counts.values() for s in c})
+    md += ["| cluster | majority source | " + " | ".join(srcs) + " |", "|---|---|" + "---|" * len(srcs)]
+    for c in sorted(counts, key=int):
+        md.append(f"| {c} | {majority.get(int(c), '?')} | " + " | ".join(
+            str(counts[c].get(s, 0)) for s in srcs) + " |")
+    return md + ["", "![clusters by source](figures/clusters_by_source.png)", ""]
+
+
+def _md_clusters(clusters: dict, metrics: dict, figures: dict, facts: dict) -> list[str]:
+    """Cluster sizes and agreement with the sources, the embedding baseline's, own-source routing,
+    the feature map and the routing weights."""
+    md = ["## Clusters", ""]
     if clusters:
-        rounds = clusters.get("rounds")
-        md += [f"{clusters.get('num_clusters')} clusters (method {clusters.get('method')}, "
-               f"{len(rounds) if isinstance(rounds, list) else rounds} balancing rounds, sizes {clusters.get('sizes')}). Against the "
-               f"training sources: NMI {clusters.get('nmi', float('nan')):.3f}, ARI "
-               f"{clusters.get('ari', float('nan')):.3f}, purity {clusters.get('purity', float('nan')):.3f}.",
-               ""]
-        counts = clusters.get("counts") or {}
-        srcs = sorted({s for c in counts.values() for s in c})
-        md += ["| cluster | majority source | " + " | ".join(srcs) + " |", "|---|---|" + "---|" * len(srcs)]
-        for c in sorted(counts, key=int):
-            md.append(f"| {c} | {majority.get(int(c), '?')} | " + " | ".join(
-                str(counts[c].get(s, 0)) for s in srcs) + " |")
-        md += ["", "![clusters by source](figures/clusters_by_source.png)", ""]
+        md += _md_cluster_table(clusters, facts["majority"])
     emb = metrics.get("embedding_clusters")
     if emb:
         md += [f"Instruction-embedding baseline: {emb['num_clusters']} clusters of the MiniLM embeddings "
                f"(sizes {emb['sizes']}), NMI {emb['nmi']:.3f}, ARI {emb['ari']:.3f}, purity "
                f"{emb['purity']:.3f} against the sources.", ""]
+    routing = metrics.get("own_source_routing") or {}
     if routing:
         md += [f"Own-source top expert: for {100 * routing['rate']:.1f}% of {routing['n']} test items the "
                f"highest-weighted expert is a cluster whose majority training source is the item's own "
@@ -482,33 +421,68 @@ def write_report(root: str | Path, eval_dir: str | Path | None = None) -> dict:
                f"{100 * routing['chance']:.1f}%.", ""]
     if "feature_map" in figures:
         md += [f"Gradient features in 2-D (PCA of the unit-norm projected Adam features; the two "
-               f"components explain {100 * explained:.1f}% of the variance, so distances in the map "
+               f"components explain {100 * facts['explained']:.1f}% of the variance, so distances in the map "
                "are only indicative):", "", "![feature map](figures/feature_map.png)", ""]
     if "routing_weights" in figures:
         md += ["## Routing weights", "",
-               f"ELREA's weights per test item ({weights_from}). Expert weights are a softmax over the "
+               "ELREA's weights per test item (eval/weights.parquet). Expert weights are a softmax over the "
                "standardised cosines (they sum to 1); the base adapter adds 1 - max cos (paper eq. 5.9-5.10).",
                "", "![routing weights](figures/routing_weights.png)", ""]
-    md += ["## Training", ""]
+    return md
+
+
+def _md_training(figures: dict, manifest: dict) -> list[str]:
+    """The loss curves and each stage's seconds."""
+    md = ["## Training", ""]
     if "training_loss" in figures:
         md += ["![training loss](figures/training_loss.png)", ""]
+    stage_times = _stage_times(manifest)
     if stage_times:
         md += ["| stage | seconds |", "|---|---|"] + [f"| {n} | {'' if t is None else f'{t:.0f}'} |"
                                                       for n, t in stage_times]
-        md += [f"| total | {total:.0f} |", ""]
-    if examples:
-        md += ["## Examples", "", "| source | prompt | gold | " + " | ".join(method_title(m) for m in methods)
-               + " |", "|---|---|---|" + "---|" * len(methods)]
-        for ex in examples:
-            cells = [f"{'✓' if s == 1.0 else '✗'} `{_short(p, 40)}`" for p, s in ex["preds"].values()]
-            md.append(f"| {ex['source']} | {_short(ex['prompt'], 90)} | `{_short(ex['answer'], 30)}` | "
-                      + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
-        md.append("")
+        md += [f"| total | {sum(t for _, t in stage_times if t):.0f} |", ""]
+    return md
+
+
+def _md_examples(run: RunDir, eval_dir: Path, methods: list[str]) -> list[str]:
+    """A few test items per source with every method's answer, marked right or wrong."""
+    examples = _examples(run, eval_dir, methods)
+    if not examples:
+        return []
+    md = ["## Examples", "", "| source | prompt | gold | " + " | ".join(method_title(m) for m in methods)
+          + " |", "|---|---|---|" + "---|" * len(methods)]
+    for ex in examples:
+        cells = [f"{'✓' if s == 1.0 else '✗'} `{_short(p, 40)}`" for p, s in ex["preds"].values()]
+        md.append(f"| {ex['source']} | {_short(ex['prompt'], 90)} | `{_short(ex['answer'], 30)}` | "
+                  + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
+    return md + [""]
+
+
+def write_report(run: RunDir, eval_dir: Path | None = None) -> dict:
+    """Write report.md, report.html and figures/*.png into `eval_dir` (default: the run's eval
+    folder) from the run's artifacts. Returns {"markdown", "html", "figures": {name: path}, "notes"}."""
+    eval_dir = Path(eval_dir) if eval_dir is not None else run.stage_dir("eval")
+    metrics = _read_json(eval_dir / "metrics.json")
+    if metrics is None:
+        raise FileNotFoundError(f"{eval_dir / 'metrics.json'} is missing: run the eval stage first")
+    manifest = _read_json(run.manifest) or {}
+    clusters = _read_json(run.clusters_file("report.json")) or {}
+    config = manifest.get("config", {})
+    table = metrics["methods"]
+    figures, facts = _figures(run, eval_dir, table, clusters, seed=config.get("run", {}).get("seed", 0))
+    notes = [] if "training_loss" in figures else [
+        "No training loss log (adapters/base/train_log.json, adapters/experts/expert-XX/train_log.json)."]
+    md = _md_results(run, config, table, metrics.get("clusters") or {})
+    md += ["", "![accuracy](figures/accuracy.png)", ""]
+    if "vs_base" in figures:
+        md += ["![difference from M+Q_base](figures/vs_base.png)", ""]
+    md += _md_clusters(clusters, metrics, figures, facts) + _md_training(figures, manifest)
+    md += _md_examples(run, eval_dir, list(table))
     if notes:
         md += ["## Notes", ""] + [f"- {n}" for n in notes] + [""]
     text = "\n".join(md)
     (eval_dir / "report.md").write_text(text)
-    (eval_dir / "report.html").write_text(_html(text, figs_dir))
+    (eval_dir / "report.html").write_text(_html(text, eval_dir / "figures"))
     return {"markdown": eval_dir / "report.md", "html": eval_dir / "report.html", "figures": figures,
             "notes": notes}
 

@@ -19,6 +19,7 @@ import tempfile
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -155,143 +156,184 @@ def _accumulate_step(net, batch, ids, labels, rank: int, world: int, micro: int,
     return total_loss, n_tokens
 
 
-def train_loop(cfg: dict) -> dict:
-    """Runs on every Ray Train worker. `cfg` holds plain values only (paths, dicts)."""
-    import ray.train
-    import ray.train.torch
+@dataclass
+class _Progress:
+    """Where a training run stands; saved in every resume checkpoint."""
 
-    from elrea_ray.checkpoints import parameter_layout, save_epoch_checkpoint
-    from elrea_ray.data import length_bucketed_batches
-    from elrea_ray.model import load_adapters, load_tokenizer, lora_parameters, new_lora_model
+    step: int = 0
+    lr_sum: float = 0.0  # sum of the step learning rates in the current epoch (its mean_lr)
+    last_loss: float = float("nan")
+    history: list[dict] = field(default_factory=list)  # every logged {step, epoch, loss, lr}
 
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    tc = TrainConfig(**cfg["train"])
-    mc = ModelConfig(**cfg["model"])
-    name, seed = cfg["name"], cfg["seed"]
-    device = ray.train.torch.get_device() if tc.use_gpu else torch.device("cpu")
-    torch.manual_seed(seed)
 
+def _setup(cfg: dict, tc: TrainConfig, mc: ModelConfig, device, world: int, n_examples: int):
+    """(model, DDP-wrapped net, Adam, linear schedule, steps per epoch, total steps)."""
     from elrea_ray import storage
+    from elrea_ray.model import load_adapters, lora_parameters, new_lora_model
 
-    tok = load_tokenizer(mc)
-    data_file = str(storage.localize(cfg["data_file"]))
-    ids, labels, dropped = _load_examples(data_file, cfg.get("example_ids"), tok, mc.max_length)
-    if not ids:
-        raise ValueError(f"{name}: no training examples left (dropped {dropped} longer than "
-                         f"model.max_length={mc.max_length})")
     if cfg.get("init_adapter"):
         model = load_adapters(mc, {"default": str(storage.localize(cfg["init_adapter"]))}, device,
                               is_trainable=True)
     else:
-        model = new_lora_model(mc, device, seed=seed)
+        model = new_lora_model(mc, device, seed=cfg["seed"])
     model.train()
     params = [p for _, p in lora_parameters(model)]
     opt = torch.optim.Adam(params, lr=tc.lr, betas=(tc.adam_beta1, tc.adam_beta2), eps=tc.adam_eps,
                            weight_decay=tc.weight_decay)
     # e.g. 2000 examples / batch 16 = 125 steps per epoch, x 2 epochs = 250 steps
-    steps_per_epoch = math.ceil(len(ids) / tc.batch_size)
+    steps_per_epoch = math.ceil(n_examples / tc.batch_size)
     total = steps_per_epoch * tc.epochs
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(total, int(tc.warmup_ratio * total)))
     net = model
     if world > 1:
         net = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None)
+    return model, net, opt, sched, steps_per_epoch, total
 
+
+def _resume(model, opt, sched, rank: int, device) -> _Progress:
+    """The progress of the last resume checkpoint Ray Train hands this run (weights, Adam, schedule
+    and this rank's RNG restored into the objects), or a fresh start."""
+    import ray.train
+
+    from elrea_ray.model import lora_parameters
+
+    start = ray.train.get_checkpoint()
+    if start is None:
+        return _Progress()
+    with start.as_directory() as d:
+        state = torch.load(Path(d) / "train_state.pt", weights_only=False)
+        rng_file = Path(d) / f"rng-rank{rank}.pt"
+        rng_state = torch.load(rng_file, weights_only=False) if rng_file.exists() else None
+    with torch.no_grad():
+        for (n, p), saved in zip(lora_parameters(model), state["params"]):
+            p.copy_(saved.to(p.device))
+    opt.load_state_dict(state["optimizer"])
+    sched.load_state_dict(state["scheduler"])
+    # Each rank's RNG (dropout masks) continues where it was, so a resumed run computes the
+    # same steps as one that was never interrupted (bitwise on CPU).
+    if rng_state is not None:
+        torch.set_rng_state(rng_state["cpu"])
+        if rng_state.get("cuda") is not None and device.type == "cuda":
+            torch.cuda.set_rng_state(rng_state["cuda"], device)
+    return _Progress(state["step"], state["lr_sum"], state.get("last_loss", float("nan")),
+                     list(state.get("history", [])))
+
+
+def _save_epoch(cfg: dict, out_dir: Path, model, opt, sched, p: _Progress, epoch: int, steps_per_epoch: int) -> None:
+    """adapters/base/epoch-E/: the adapter, Adam state and parameter layout the gradient stage reads."""
+    from elrea_ray import storage
+    from elrea_ray.checkpoints import parameter_layout, save_epoch_checkpoint
+
+    folder = out_dir / f"epoch-{epoch}"
+    save_epoch_checkpoint(folder, model, opt, step=p.step, lr=sched.get_last_lr()[0],
+                          mean_lr=p.lr_sum / steps_per_epoch, epoch=epoch)
+    (folder / "parameter_layout.json").write_text(json.dumps(parameter_layout(model)))
+    if storage.is_remote(cfg["out_dir"]):
+        storage.push_dir(folder, storage.join(cfg["out_dir"], folder.name))
+        shutil.rmtree(folder)
+
+
+def _save_final(cfg: dict, out_dir: Path, model, p: _Progress, steps_per_epoch: int, total: int) -> None:
+    """The trained adapter (and train_log.json beside it), saved beside and renamed into place: a kill
+    mid-save never leaves a folder that looks finished (the experts stage skips experts whose
+    folder exists after a driver restart)."""
+    from elrea_ray import storage
+
+    final = out_dir if not cfg.get("save_epochs") else out_dir / "final"
+    tmp = final.with_name(final.name + ".saving")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    model.save_pretrained(tmp)
+    if final.exists():
+        shutil.rmtree(final)
+    os.rename(tmp, final)
+    # The loss curve, beside the adapter (Ray Train v2 keeps only the latest checkpoint's metrics).
+    (out_dir / "train_log.json").write_text(json.dumps(
+        {"name": cfg["name"], "steps_per_epoch": steps_per_epoch, "total_steps": total, "log": p.history}))
+    if storage.is_remote(cfg["out_dir"]):  # adapter_config.json last: the stage skips experts whose folder has it
+        storage.push_dir(out_dir, cfg["out_dir"], last="adapter_config.json")
+
+
+def train_loop(cfg: dict) -> dict:
+    """Runs on every Ray Train worker. `cfg` holds plain values only (paths, dicts)."""
+    import ray.train
+    import ray.train.torch
+
+    from elrea_ray import storage
+    from elrea_ray.data import length_bucketed_batches
+    from elrea_ray.model import load_tokenizer
+
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    tc, mc = TrainConfig(**cfg["train"]), ModelConfig(**cfg["model"])
+    name, seed = cfg["name"], cfg["seed"]
+    device = ray.train.torch.get_device() if tc.use_gpu else torch.device("cpu")
+    torch.manual_seed(seed)
+    tok = load_tokenizer(mc)
+    ids, labels, dropped = _load_examples(str(storage.localize(cfg["data_file"])), cfg.get("example_ids"),
+                                          tok, mc.max_length)
+    if not ids:
+        raise ValueError(f"{name}: no training examples left (dropped {dropped} longer than "
+                         f"model.max_length={mc.max_length})")
+    model, net, opt, sched, steps_per_epoch, total = _setup(cfg, tc, mc, device, world, len(ids))
     # Rank 0 writes into out_dir; for an object-store run that is a URI, so it writes into a
     # local staging folder and uploads (epoch folders as they finish, the adapter last).
     remote_out = storage.is_remote(cfg["out_dir"])
     out_dir = Path(tempfile.mkdtemp(prefix=f"elrea-{name}-")) if remote_out else Path(cfg["out_dir"])
-
-    step, lr_sum = 0, 0.0
-    last_loss = float("nan")
-    history: list[dict] = []  # every logged {step, epoch, loss, lr}; written as train_log.json
-    start = ray.train.get_checkpoint()
-    if start is not None:
-        with start.as_directory() as d:
-            state = torch.load(Path(d) / "train_state.pt", weights_only=False)
-            rng_file = Path(d) / f"rng-rank{rank}.pt"
-            rng_state = torch.load(rng_file, weights_only=False) if rng_file.exists() else None
-        with torch.no_grad():
-            for (n, p), saved in zip(lora_parameters(model), state["params"]):
-                p.copy_(saved.to(p.device))
-        opt.load_state_dict(state["optimizer"])
-        sched.load_state_dict(state["scheduler"])
-        step, lr_sum = state["step"], state["lr_sum"]
-        last_loss = state.get("last_loss", float("nan"))
-        history = list(state.get("history", []))
-        # Each rank's RNG (dropout masks) continues where it was, so a resumed run computes the
-        # same steps as one that was never interrupted (bitwise on CPU).
-        if rng_state is not None:
-            torch.set_rng_state(rng_state["cpu"])
-            if rng_state.get("cuda") is not None and device.type == "cuda":
-                torch.cuda.set_rng_state(rng_state["cuda"], device)
-        if rank == 0:
-            _log(f"[{name}] resumed from step {step}/{total}")
-    resumed_from = step
-
+    p = _resume(model, opt, sched, rank, device)
+    if p.step and rank == 0:
+        _log(f"[{name}] resumed from step {p.step}/{total}")
+    resumed_from = p.step
     lengths = [len(x) for x in ids]
     loss_window: list[float] = []
-    for epoch in range(step // steps_per_epoch, tc.epochs):
+    for epoch in range(p.step // steps_per_epoch, tc.epochs):
         batches = length_bucketed_batches(lengths, tc.batch_size, seed=seed + epoch)
         for b_idx, batch in enumerate(batches):
-            if epoch * steps_per_epoch + b_idx < step:
+            if epoch * steps_per_epoch + b_idx < p.step:
                 continue  # done before the resume point
             total_loss, n_tokens = _accumulate_step(net, batch, ids, labels, rank, world,
                                                     tc.micro_batch_size, tok.pad_token_id, device)
-            lr_sum += sched.get_last_lr()[0]
+            p.lr_sum += sched.get_last_lr()[0]
             opt.step()
             sched.step()
             opt.zero_grad(set_to_none=True)
-            step += 1
+            p.step += 1
             loss_window.append(total_loss / max(1, n_tokens))
-            _maybe_inject_fault(cfg, step, rank)
-            epoch_end = step % steps_per_epoch == 0
+            _maybe_inject_fault(cfg, p.step, rank)
+            epoch_end = p.step % steps_per_epoch == 0
             if epoch_end and rank == 0 and cfg.get("save_epochs"):
                 # Written before the resume checkpoint below, so a kill in between redoes it.
-                save_epoch_checkpoint(out_dir / f"epoch-{epoch + 1}", model, opt,
-                                      step=step, lr=sched.get_last_lr()[0],
-                                      mean_lr=lr_sum / steps_per_epoch, epoch=epoch + 1)
-                (out_dir / f"epoch-{epoch + 1}" / "parameter_layout.json").write_text(
-                    json.dumps(parameter_layout(model)))
-                if remote_out:
-                    storage.push_dir(out_dir / f"epoch-{epoch + 1}",
-                                     storage.join(cfg["out_dir"], f"epoch-{epoch + 1}"))
-                    shutil.rmtree(out_dir / f"epoch-{epoch + 1}")
+                _save_epoch(cfg, out_dir, model, opt, sched, p, epoch + 1, steps_per_epoch)
             if epoch_end:
-                lr_sum = 0.0
-            if step % tc.logging_steps == 0 or epoch_end:
-                last_loss = sum(loss_window) / len(loss_window)
-                loss_window.clear()
-                metrics = {"loss": last_loss, "step": step, "epoch": epoch + 1, "lr": sched.get_last_lr()[0]}
-                history.append(metrics)
-                if rank == 0:
-                    _log(f"[{name}] step {step}/{total} epoch {epoch + 1} loss {last_loss:.4f} "
-                         f"lr {metrics['lr']:.2e}")
-                if step % tc.checkpoint_every_steps == 0 or epoch_end:
-                    _report_with_checkpoint(metrics, model, opt, sched, step, lr_sum, rank, last_loss, history)
-                else:
-                    ray.train.report(metrics)
+                p.lr_sum = 0.0
+            if p.step % tc.logging_steps == 0 or epoch_end:
+                _log_and_report(name, model, opt, sched, p, loss_window, epoch + 1, total, rank,
+                                checkpoint=p.step % tc.checkpoint_every_steps == 0 or epoch_end)
     if rank == 0:
-        final = out_dir if not cfg.get("save_epochs") else out_dir / "final"
-        # Saved beside and renamed into place: a kill mid-save never leaves a folder that looks
-        # finished (the experts stage skips experts whose folder exists after a driver restart).
-        tmp = final.with_name(final.name + ".saving")
-        if tmp.exists():
-            shutil.rmtree(tmp)
-        model.save_pretrained(tmp)
-        if final.exists():
-            shutil.rmtree(final)
-        os.rename(tmp, final)
-        # The loss curve, beside the adapter (Ray Train v2 keeps only the latest checkpoint's metrics).
-        (out_dir / "train_log.json").write_text(json.dumps(
-            {"name": name, "steps_per_epoch": steps_per_epoch, "total_steps": total, "log": history}))
-        if remote_out:  # adapter_config.json last: the stage skips experts whose folder has it
-            storage.push_dir(out_dir, cfg["out_dir"], last="adapter_config.json")
+        _save_final(cfg, out_dir, model, p, steps_per_epoch, total)
     if remote_out:
         shutil.rmtree(out_dir, ignore_errors=True)
-    return {"final_loss": last_loss, "steps": step, "examples": len(ids), "dropped_too_long": dropped,
+    return {"final_loss": p.last_loss, "steps": p.step, "examples": len(ids), "dropped_too_long": dropped,
             "resumed_from_step": resumed_from}
+
+
+def _log_and_report(name: str, model, opt, sched, p: _Progress, loss_window: list[float], epoch: int,
+                    total: int, rank: int, checkpoint: bool) -> None:
+    """The mean loss since the last log into the history and the driver's log; reported to Ray
+    Train, with a resume checkpoint when `checkpoint`."""
+    import ray.train
+
+    p.last_loss = sum(loss_window) / len(loss_window)
+    loss_window.clear()
+    metrics = {"loss": p.last_loss, "step": p.step, "epoch": epoch, "lr": sched.get_last_lr()[0]}
+    p.history.append(metrics)
+    if rank == 0:
+        _log(f"[{name}] step {p.step}/{total} epoch {epoch} loss {p.last_loss:.4f} lr {metrics['lr']:.2e}")
+    if checkpoint:
+        _report_with_checkpoint(metrics, model, opt, sched, p.step, p.lr_sum, rank, p.last_loss, p.history)
+    else:
+        ray.train.report(metrics)
 
 
 def _maybe_inject_fault(cfg: dict, step: int, rank: int) -> None:

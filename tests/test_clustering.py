@@ -47,9 +47,9 @@ def test_sklearn_default_threshold_fails_where_the_data_driven_one_works():
     X, y = planted([100] * 4, noise=1.0, d=512)
     common = unit(np.random.default_rng(1).standard_normal((1, 512)))
     X = unit(X + 2.0 * common).astype(np.float32)  # every pairwise cos > 0.8
-    default = balanced_birch(X, initial_clusters=4, threshold=0.5, max_rounds=0)
+    default = balanced_birch(X, initial_clusters=4, threshold=0.5, max_iterations=1)
     assert default.sizes == [400] and nmi(default.labels, y) == 0.0
-    assert nmi(balanced_birch(X, initial_clusters=4, max_rounds=0).labels, y) > 0.95
+    assert nmi(balanced_birch(X, initial_clusters=4, max_iterations=1).labels, y) > 0.95
 
 
 def test_planted_clusters_are_recovered_by_spherical_kmeans():
@@ -65,7 +65,7 @@ def test_oversized_cluster_of_three_blobs_is_re_split():
     core = unit(rng.standard_normal((1, 256)))
     blobs = unit(core + 0.3 * unit(rng.standard_normal((3, 256))))  # blob centres at cos ~0.92
     X, y = planted([334, 333, 333, 100, 100, 100], noise=0.3, seed=3, centers=np.vstack([blobs, far]))
-    first = balanced_birch(X, initial_clusters=4, max_rounds=0)
+    first = balanced_birch(X, initial_clusters=4, max_iterations=1)
     assert first.sizes == [1000, 100, 100, 100]  # plain BIRCH lumps the blobs together
     result = balanced_birch(X, initial_clusters=4, max_ratio=5.0)
     # Round 1: 1000 > 5 x 100, so it is split into min(ceil(1000 / 100), 4 - 1) = 3 parts.
@@ -78,9 +78,41 @@ def test_each_round_targets_fewer_parts():
     # A big diffuse cluster: its first re-split leaves a part still > 5x the smallest, which the
     # next round splits into fewer parts; 5 -> 8 -> 10 clusters, the paper's reported pattern.
     X, _ = planted([1500, 100, 100, 100, 100], d=64, noise=1.0, seed=0)
-    result = balanced_birch(X, initial_clusters=5, max_rounds=3)
+    result = balanced_birch(X, initial_clusters=5, max_iterations=3)
     assert [[s["parts"] for s in r["split"]] for r in result.rounds] == [[4], [3]]
     assert result.num_clusters == 10 and max(result.sizes) <= 5 * min(result.sizes)
+
+
+def test_iterations_count_the_first_fit_as_the_paper_does():
+    # "Up to 3 iterations ... 8 clusters after 2 iterations, 10 after 3": the first BIRCH fit is
+    # iteration 1, so the default allows two re-split rounds. This cluster is still > 5x the
+    # smallest after two, so a fourth iteration would split again.
+    X, _ = planted([3000, 100, 100, 100, 100], d=64, noise=1.0, seed=0)
+    parts = lambda r: [[s["parts"] for s in x["split"]] for x in r.rounds]  # noqa: E731
+    assert balanced_birch(X, initial_clusters=5, max_iterations=1).num_clusters == 5  # the fit alone
+    assert parts(balanced_birch(X, initial_clusters=5, max_iterations=2)) == [[4]]
+    default = balanced_birch(X, initial_clusters=5)
+    assert parts(default) == [[4], [3, 3, 3]] and default.num_clusters == 14
+    assert max(default.sizes) > 5 * min(default.sizes)  # unbalanced, but out of iterations
+    assert parts(balanced_birch(X, initial_clusters=5, max_iterations=4)) == [[4], [3, 3, 3], [2, 2]]
+
+
+def test_part_cap_initial_keeps_the_first_target_in_every_round():
+    X, _ = planted([1500, 100, 100, 100, 100], d=64, noise=1.0, seed=0)
+    result = balanced_birch(X, initial_clusters=5, part_cap="initial")
+    assert result.rounds[0]["split"][0]["parts"] == 5  # min(ceil(1500 / 100), 5), not 5 - 1
+    with pytest.raises(ValueError, match="part_cap"):
+        balanced_birch(X, part_cap="largest")
+
+
+def test_old_max_rounds_key_names_its_replacement():
+    from elrea_ray.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match=r"clustering\.max_rounds .*clustering\.max_iterations"):
+        load_config(None, ["clustering.max_rounds=2"])
+    assert load_config(None, ["clustering.max_iterations=2"]).clustering.max_iterations == 2
+    with pytest.raises(ConfigError, match=r"clustering\.max_iterations must be >= 1"):
+        load_config(None, ["clustering.max_iterations=0"])
 
 
 def test_small_clusters_are_merged_into_their_nearest_neighbour():
@@ -88,7 +120,7 @@ def test_small_clusters_are_merged_into_their_nearest_neighbour():
     outliers = unit(np.random.default_rng(5).standard_normal((3, 256))).astype(np.float32)
     near_first = unit(X[:1] + 0.05 * outliers[:1]).astype(np.float32)  # an outlier close to cluster 0
     X = np.vstack([X, outliers, near_first])
-    plain = balanced_birch(X, initial_clusters=4, max_rounds=0)
+    plain = balanced_birch(X, initial_clusters=4, max_iterations=1)
     assert min(plain.sizes) <= 3  # BIRCH gives the outliers a cluster of their own
     merged = balanced_birch(X, initial_clusters=4, min_cluster_size=10)
     assert min(merged.sizes) >= 10 and merged.num_clusters == 3

@@ -15,7 +15,7 @@ def test_defaults_are_the_papers():
     assert (c.train.lr, c.train.epochs, c.train.batch_size) == (5e-5, 2, 16)
     assert c.experts.lr == 2e-5 and c.gradients.d_proj == 8192
     assert (c.clustering.method, c.clustering.initial_clusters, c.clustering.fit_sample,
-            c.clustering.max_ratio, c.clustering.max_rounds) == ("balanced_birch", 5, 5000, 5.0, 3)
+            c.clustering.max_ratio, c.clustering.max_iterations) == ("balanced_birch", 5, 5000, 5.0, 3)
     assert c.routing.temperature == 1.0 and c.routing.top_k is None
 
 

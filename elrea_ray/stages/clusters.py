@@ -133,8 +133,9 @@ def fit(X: np.ndarray, cc: dict, seed: int) -> ClusteringResult:
     if cc["method"] == "kmeans":
         return fit_clusters(X, "kmeans", num_clusters=cc["initial_clusters"], seed=seed)
     return fit_clusters(X, "balanced_birch", initial_clusters=cc["initial_clusters"],
-                        max_ratio=cc["max_ratio"], max_rounds=cc["max_rounds"],
-                        min_cluster_size=cc["min_cluster_size"], threshold=cc["threshold"], seed=seed)
+                        max_ratio=cc["max_ratio"], max_iterations=cc["max_iterations"],
+                        min_cluster_size=cc["min_cluster_size"], threshold=cc["threshold"], seed=seed,
+                        part_cap=cc["part_cap"])
 
 
 def run(ctx: StageContext) -> dict:

@@ -217,7 +217,7 @@ def run(ctx: StageContext) -> dict:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from elrea_ray.evaluate import results_markdown
+    from elrea_ray.evaluate import results_markdown, write_weights
     from elrea_ray.report import write_report
 
     cfg, run_dir, out = ctx.cfg, ctx.run, ctx.out
@@ -225,18 +225,14 @@ def run(ctx: StageContext) -> dict:
     test = pq.read_table(run_dir.data_file("test")).to_pylist()
     adapters = {n: run_dir.ref(run_dir.root / p) for n, p in bundle["adapters"].items()}
     weights, wide = _weights(cfg, run_dir, test, adapters)
-    # The weights of every weighted method per test item (column 0 = base), for the report.
-    pq.write_table(pa.table({"example_id": [r["example_id"] for r in test],
-                             "source": [r["source"] for r in test],
-                             **{f"w_{m}": [w.tolist() for w in weights[m]] for m in weights}}),
-                   out / "weights.parquet")
+    write_weights(out / "weights.parquet", test, weights)
     preds = decode_split(cfg.eval, bundle["model"], adapters, test, wide, list(cfg.eval.methods))
     pq.write_table(pa.Table.from_pandas(preds, preserve_index=False), out / "predictions.parquet")
     metrics = _metrics(cfg, run_dir, preds, weights, test)
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
     md = results_markdown(metrics["methods"], metrics["own_source_routing"], metrics["clusters"])
     (out / "results.md").write_text("# ELREA evaluation (test split)\n\n" + md)
-    write_report(run_dir.root, out)
+    write_report(run_dir, out)
     table = metrics["methods"]
     return {"micro": {m: table[m]["micro"]["acc"] for m in table},
             "own_source_routing": metrics["own_source_routing"]["rate"]}
