@@ -59,6 +59,36 @@ class InvalidRequest(ValueError):
 
 
 @dataclass
+class GenRequest:
+    prompt_ids: list[int]
+    max_tokens: int = 16
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int | None = None
+    stop: list[str] = field(default_factory=list)
+    top_k_experts: int | None = None
+    adapter: str | None = None  # force one adapter ("base" or "expert-XX"); None: routed ensemble
+    # Sampling controls on the mixed next-token distribution (OpenAI / vLLM semantics).
+    presence_penalty: float = 0.0  # subtracted once from every token already generated
+    frequency_penalty: float = 0.0  # subtracted per occurrence of a generated token
+    logit_bias: dict[int, float] = field(default_factory=dict)  # token id -> added to its logit
+    min_tokens: int = 0  # end-of-sequence ids are masked until this many tokens are out
+    ignore_eos: bool = False  # decode to max_tokens (stop strings still end the row)
+    logprobs: int | None = None  # None: none; k >= 0: each token's logprob and the k most likely
+
+
+@dataclass
+class GenResult:
+    token_ids: list[int]
+    text: str
+    finish_reason: str  # "stop" (end-of-sequence or stop string) or "length"
+    routing: dict
+    # Per generated token, when the request asked for logprobs: {"token_id", "logprob",
+    # "top": [[token_id, logprob], ...]} of the mixed distribution the token was drawn from.
+    logprobs: list[dict] | None = None
+
+
+@dataclass
 class Event:
     """One item of a request's stream: "delta" (the text and token ids of one step, and the token's
     logprobs when asked), then exactly one "done" (with the result) or "error"."""
@@ -669,7 +699,6 @@ class DecodeLoop:
         return s.finish is not None
 
     def _finish(self, s: _Seq, error: str | None = None) -> None:
-        from elrea_ray.serving import GenResult
 
         if error is not None:
             self.stats["requests_failed"] += 1

@@ -17,7 +17,7 @@ import uuid
 from dataclasses import dataclass, replace
 from typing import Any
 
-from elrea_ray.serving import GenRequest, GenResult
+from elrea_ray.decoding import GenRequest, GenResult
 
 MAX_BODY_BYTES = 1_000_000  # larger bodies get 413 before they are read
 MAX_TOKENS = 4096  # per choice

@@ -362,7 +362,6 @@ def _absolute_files(cfg: Config) -> Config:
 
 def run_sweep(cfg: Config, log: Callable[[str], None] = print) -> dict:
     """Run the sweep on the connected Ray; write the table, plot and best.yaml. Returns paths and rows."""
-    import ray
     from ray import tune
     from ray.tune.search.basic_variant import BasicVariantGenerator
 

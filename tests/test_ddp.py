@@ -10,7 +10,6 @@ import threading
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-import torch
 
 from elrea_ray.config import ModelConfig, TrainConfig
 

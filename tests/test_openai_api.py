@@ -9,7 +9,8 @@ import pytest
 
 from elrea_ray.openai_api import (ERROR_KINDS, RequestError, StreamWriter, check_request, completion_body,
                                   error_body, parse_request)
-from elrea_ray.serving import Engine, GenResult
+from elrea_ray.decoding import GenResult
+from elrea_ray.serving import Engine
 
 
 class RequestEngine:
