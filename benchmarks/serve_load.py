@@ -1,13 +1,18 @@
-"""Load on the Ray Serve app: requests/s and p50/p99 latency at 1, 8 and 32 concurrent clients,
-for the routed ensemble and for the same app serving the base adapter alone ("adapter": "base"),
-in one run, against one replica on a local Ray.
+"""Load on the Ray Serve app: requests/s, p50/p99 latency and time to first token at 1, 8 and
+32 concurrent clients, for the routed ensemble and for the same app serving the base adapter
+alone ("adapter": "base"), in one run, against one replica on a local Ray.
 
     python benchmarks/serve_load.py --run-dir runs/default          # a finished pipeline run
-    python benchmarks/serve_load.py --run-dir runs/smoke --max-tokens 8
+    python benchmarks/serve_load.py --run-dir runs/smoke --workload short
 
-Every request is a chat completion over real HTTP with its own prompt; latency is measured at
-the client from send to the full response. Lines such as `ensemble vs base c=8: 2.10x` give the
-ensemble's mean latency over the base adapter's (time ratio), for scripts to read.
+Two workloads: `short` (max_tokens 16; these prompts are answered in a few tokens, so a request
+is mostly routing and prefill) and `long` (max_tokens 64 with vLLM's ignore_eos, so every
+contender decodes 64 tokens and decoding dominates, as in chat use). Every request is a
+streaming chat completion over real HTTP with its own prompt; latency is measured at the client
+from send to the last event, time to first token to the first content event. After each level
+the server's own split of its time (routing, the rest of admission, decoding steps) is printed.
+Lines such as `ensemble vs base short c=8: 2.10x` give the ensemble's mean latency over the base
+adapter's (time ratio), for scripts to read.
 """
 
 from __future__ import annotations
@@ -43,25 +48,48 @@ def percentile(xs: list[float], q: float) -> float:
     return xs[min(len(xs) - 1, max(0, round(q * (len(xs) - 1))))]
 
 
-def load(url: str, concurrency: int, n: int, max_tokens: int, adapter: str | None) -> dict:
+WORKLOADS = {"short": {"max_tokens": 16}, "long": {"max_tokens": 64, "ignore_eos": True}}
+
+
+def load(url: str, concurrency: int, n: int, extra: dict, adapter: str | None) -> dict:
+    import json
+
     import httpx
 
-    def one(i: int) -> tuple[int, float]:
+    def one(i: int) -> tuple[int, float, float]:
         q = QUESTIONS[i % len(QUESTIONS)].format(a=10 + i, b=3 + i % 7)
-        body = {"messages": [{"role": "user", "content": q}], "max_tokens": max_tokens}
+        body = {"messages": [{"role": "user", "content": q}], "stream": True, **extra}
         if adapter:
             body["adapter"] = adapter
         t0 = time.perf_counter()
-        r = httpx.post(url + "/v1/chat/completions", json=body, timeout=600)
-        return r.status_code, time.perf_counter() - t0
+        first = None
+        with httpx.stream("POST", url + "/v1/chat/completions", json=body, timeout=900) as r:
+            for line in r.iter_lines():
+                if first is None and line.startswith("data: {") and '"content"' in line:
+                    delta = json.loads(line[6:])["choices"][0]["delta"]
+                    if delta.get("content"):
+                        first = time.perf_counter() - t0
+            code = r.status_code
+        total = time.perf_counter() - t0
+        return code, total, first if first is not None else total
 
     t0 = time.perf_counter()
     with ThreadPoolExecutor(concurrency) as ex:
         results = list(ex.map(one, range(n)))
     wall = time.perf_counter() - t0
-    lat = [t for code, t in results if code == 200]
+    lat = [t for code, t, _ in results if code == 200]
+    ttft = [f for code, _, f in results if code == 200]
     return {"ok": len(lat), "n": n, "rps": len(lat) / wall, "p50": percentile(lat, 0.5),
-            "p99": percentile(lat, 0.99), "mean": statistics.mean(lat) if lat else float("nan")}
+            "p99": percentile(lat, 0.99), "mean": statistics.mean(lat) if lat else float("nan"),
+            "ttft_p50": percentile(ttft, 0.5) if ttft else float("nan")}
+
+
+def _split(before: dict, after: dict) -> str:
+    d = {k: after[k] - before[k] for k in ("routing_s", "admission_s", "decode_s")}
+    total = d["admission_s"] + d["decode_s"] or 1.0
+    return (f"routing {d['routing_s']:.1f} s ({100 * d['routing_s'] / total:.0f}%), prefill and joining "
+            f"{d['admission_s'] - d['routing_s']:.1f} s, decoding {d['decode_s']:.1f} s "
+            f"({100 * d['decode_s'] / total:.0f}%)")
 
 
 def main() -> None:
@@ -69,7 +97,7 @@ def main() -> None:
     p.add_argument("--run-dir", default="runs/default", help="a pipeline run holding bundle.json")
     p.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
     p.add_argument("--requests", type=int, default=None, help="requests per level (default: max(8, 2 x clients))")
-    p.add_argument("--max-tokens", type=int, default=16)
+    p.add_argument("--workload", choices=("short", "long", "both"), default="both")
     p.add_argument("--max-batch-size", type=int, default=8)
     p.add_argument("--num-cpus", type=int, default=2, help="CPUs of the local Ray")
     p.add_argument("--device", default="cpu", help="cpu, or cuda (the replica then asks for one GPU)")
@@ -90,20 +118,25 @@ def main() -> None:
                          "max_inflight": 64, "max_ongoing_requests": 64, "request_timeout_s": 600}),
               name="elrea", route_prefix="/")
     url = f"http://127.0.0.1:{port}"
-    load(url, 1, 2, args.max_tokens, None)  # warm-up (first-call allocations, routing model)
-    print(f"run {args.run_dir}, {args.max_tokens} max tokens per request, max batch {args.max_batch_size}, "
-          f"one replica, {args.num_cpus} CPUs")
-    figures: dict[tuple[str, int], dict] = {}
-    for c in args.concurrency:
-        n = args.requests or max(8, 2 * c)
-        for mode, adapter in (("ensemble", None), ("base", "base")):
-            f = figures[mode, c] = load(url, c, n, args.max_tokens, adapter)
-            print(f"{mode} c={c}: {f['rps']:.2f} req/s, p50 {f['p50']:.2f} s, p99 {f['p99']:.2f} s "
-                  f"({f['ok']}/{f['n']} ok)")
-        print(f"ensemble vs base c={c}: {figures['ensemble', c]['mean'] / figures['base', c]['mean']:.2f}x")
-    stats = httpx.get(url + "/v1/stats").json()
-    print(f"server: {stats['requests_admitted']} requests, {stats['steps']} decoding steps, "
-          f"{stats['tokens_generated']} tokens, largest running batch {stats['max_running_seen']}")
+    stats = lambda: httpx.get(url + "/v1/stats").json()  # noqa: E731
+    load(url, 1, 2, WORKLOADS["short"], None)  # warm-up (first-call allocations, routing model)
+    print(f"run {args.run_dir}, max batch {args.max_batch_size}, one replica, {args.num_cpus} CPUs")
+    workloads = ["short", "long"] if args.workload == "both" else [args.workload]
+    figures: dict[tuple[str, str, int], dict] = {}
+    for w in workloads:
+        for c in args.concurrency:
+            n = args.requests or max(8, 2 * c)
+            for mode, adapter in (("ensemble", None), ("base", "base")):
+                before = stats()
+                f = figures[w, mode, c] = load(url, c, n, WORKLOADS[w], adapter)
+                print(f"{mode} {w} c={c}: {f['rps']:.2f} req/s, p50 {f['p50']:.2f} s, p99 {f['p99']:.2f} s, "
+                      f"first token p50 {f['ttft_p50']:.2f} s ({f['ok']}/{f['n']} ok); server: "
+                      f"{_split(before, stats())}")
+            ratio = figures[w, "ensemble", c]["mean"] / figures[w, "base", c]["mean"]
+            print(f"ensemble vs base {w} c={c}: {ratio:.2f}x")
+    s = stats()
+    print(f"server: {s['requests_admitted']} requests, {s['steps']} decoding steps, "
+          f"{s['tokens_generated']} tokens, largest running batch {s['max_running_seen']}")
     serve.shutdown()
     ray.shutdown()
 

@@ -250,7 +250,10 @@ class DecodeLoop:
         self.last_progress = time.monotonic()
         self.stats = {"requests_admitted": 0, "requests_finished": 0, "requests_cancelled": 0,
                       "requests_failed": 0, "tokens_generated": 0, "steps": 0, "max_running_seen": 0,
-                      "routings_shared": 0, "expert_selections": {n: 0 for n in self.names}}
+                      "routings_shared": 0, "expert_selections": {n: 0 for n in self.names},
+                      # where the loop's time went: routing, admission (routing + prompt forward +
+                      # cache merge) and decoding steps, in seconds
+                      "routing_s": 0.0, "admission_s": 0.0, "decode_s": 0.0}
         self.observations: deque[tuple[str, float]] = deque(maxlen=10_000)  # ("ttft_s" | "routing_s", value)
 
     # -- the caller's side --------------------------------------------------------------------
@@ -347,11 +350,14 @@ class DecodeLoop:
         self._drop_cancelled()
         free = self.max_batch_size - len(self.seqs)
         if free > 0 and self.pending:
+            t0 = time.monotonic()
             self._admit(self._take_pending(free))
+            self.stats["admission_s"] += time.monotonic() - t0
         if not self.seqs:
             self.last_progress = time.monotonic()
             return False
         self.stats["max_running_seen"] = max(self.stats["max_running_seen"], len(self.seqs))
+        t0 = time.monotonic()
         tokens, failed = self._pick(self.next_logits)
         done = []
         for i, s in enumerate(self.seqs):
@@ -366,6 +372,7 @@ class DecodeLoop:
         if self.seqs:
             self._decode_one()
         self.last_progress = time.monotonic()
+        self.stats["decode_s"] += self.last_progress - t0
         return True
 
     def _take_pending(self, n: int) -> list[Handle]:
@@ -411,7 +418,9 @@ class DecodeLoop:
                         got[k] = np.asarray(self.route([r]), dtype=np.float64)[0]
                     except Exception as e:
                         got[k] = e
-            per = (time.monotonic() - t0) / len(todo)
+            took = time.monotonic() - t0
+            self.stats["routing_s"] += took
+            per = took / len(todo)
             self.observations.extend(("routing_s", per) for _ in todo)
         self.stats["routings_shared"] += len(handles) - len(todo)
         out = []
