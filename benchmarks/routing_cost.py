@@ -10,8 +10,9 @@ model (SmolLM2-135M by default, the embedded default's), two base epoch checkpoi
 few Adam steps each (LoRA dropout 0.1 in the adapter config, as the default run), four expert
 adapters and random unit centroids (the routing cost does not depend on their values).
 
-Contenders run side by side in one process, interleaved round by round (median of --rounds),
-so that load from other processes hits them alike:
+Contenders run side by side in one process, interleaved round by round, so that load from
+other processes hits them alike; each figure is the fastest of --rounds rounds (on a shared
+machine the other processes only ever add time):
   stacked     Engine.route as served: every epoch checkpoint in ONE forward+backward, the
               batch replicated once per epoch, each copy through its own epoch's LoRA weights
   per_epoch   the same extractor with one forward+backward per epoch checkpoint, the epoch's
@@ -30,7 +31,6 @@ import argparse
 import dataclasses
 import json
 import random
-import statistics
 import sys
 import tempfile
 import time
@@ -200,7 +200,7 @@ def main() -> None:
     ap.add_argument("--run-dir", help="a run holding bundle.json (default: build a small bundle here)")
     ap.add_argument("--model", default="smollm2-135m-instruct", help="model of the bundle built here")
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 8, 32])
-    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--d-proj", type=int, default=8192)
@@ -263,7 +263,7 @@ def run(args, run_dir: Path) -> None:
         for _ in range(args.rounds):
             for name, fn in contenders.items():
                 times[name].append(timed(lambda fn=fn: fn(batch), device))
-        med = {k: statistics.median(v) for k, v in times.items()}
+        med = {k: min(v) for k, v in times.items()}
         tokens = sum(map(len, batch))
         print(f"\nbatch {b} ({tokens} tokens), max |weight difference| stacked vs per_epoch {diff:.1e}")
         for name, s in med.items():
