@@ -259,7 +259,7 @@ class GradientConfig(Section):
     projector: str = "countsketch"  # countsketch | sparse_jl | rademacher (the paper's dense JL)
     projector_seed: int = 0
     epoch_weights: str | tuple[float, ...] = "mean_lr"  # mean_lr (as LESS) | equal | explicit list
-    batch_size: int = 8  # examples per batched per-example backward
+    batch_size: int = 8  # rows of one batched per-example backward (examples x epoch checkpoints)
     num_actors: int = 1  # Ray Data actor pool size (one model copy each)
     cpus_per_actor: float = 1.0
     use_gpu: bool = False

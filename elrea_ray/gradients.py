@@ -15,10 +15,16 @@ output receives the output gradient g [B, T, d_out], and the per-example weight 
 sum_t g_t a_t^T, a batched matmul (Opacus' Linear grad sampler). PEFT applies the scale
 alpha/r after lora_B, so the hooks see exactly the factors of d loss / d weight
 (notes/performance.md §4). The backward asks only for d loss / d embeddings, so autograd never
-forms the (unused) batch-summed LoRA weight gradients. A batch costs one forward+backward per
-epoch checkpoint plus 2*T*D flops per example; per batch, the Adam transform runs in place on
-a reused [B, D] buffer, epochs are summed into a second one and projected once (R is linear),
-so per-example gradients never outlive their batch.
+forms the (unused) batch-summed LoRA weight gradients.
+
+The E epoch checkpoints share that one pass: the batch is replicated E times along the batch
+dimension and copy e goes through epoch e's LoRA weights, held stacked as [E, *shape] per LoRA
+parameter, one bmm per LoRA module (`per_example_grads(copies=...)`). So a batch costs ONE
+forward+backward over E x B rows (the same flops as E passes, without E passes' per-op overhead
+or weight copies between them) plus 2*T*D flops per example and epoch; `batch_size` counts those
+rows. The Adam transform then runs in place on each epoch's rows, the epochs are summed into
+the first epoch's rows and projected once (R is linear), so per-example gradients never outlive
+their batch.
 """
 
 from __future__ import annotations
@@ -35,6 +41,7 @@ from typing import Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch.profiler import record_function
 
 from elrea_ray.checkpoints import check_epoch_checkpoint, load_adam_state, parameter_layout, unwrap
 from elrea_ray.config import ModelConfig
@@ -60,17 +67,40 @@ def _hook_plan(model, params) -> list[tuple[torch.nn.Linear, int]]:
     return plan
 
 
+def stack_lora_weights(peft_model, flat_weights: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """E flat LoRA weight vectors [D] (layout order) -> one [E, *shape] tensor per LoRA parameter,
+    in the parameter's dtype and device: the `copies` argument of `per_example_grads`."""
+    params = lora_parameters(unwrap(peft_model))
+    d = sum(p.numel() for _, p in params)
+    for e, w in enumerate(flat_weights):
+        if w.shape != (d,):
+            raise ValueError(f"flat_weights[{e}] has shape {list(w.shape)}, expected [{d}]")
+    out, offset = [], 0
+    for _, p in params:
+        n = p.numel()
+        out.append(torch.stack([w[offset:offset + n].view_as(p) for w in flat_weights]).to(p.device, p.dtype))
+        offset += n
+    return out
+
+
 def per_example_grads(peft_model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                       labels: torch.Tensor, out: torch.Tensor | None = None,
-                      autocast: torch.dtype | None = None) -> torch.Tensor:
+                      autocast: torch.dtype | None = None,
+                      copies: Sequence[torch.Tensor] | None = None) -> torch.Tensor:
     """Per-example gradients [B, D] float32 of loss_i = mean NTP cross-entropy over example i's
     labelled tokens (labels -100 are ignored), flattened in `lora_parameters` order.
 
     One forward and one backward for the whole batch; the model's `.grad`s are left untouched.
     Position ids follow the attention mask, so left or right padding both work. `out`, if given,
-    is a [>=B, D] float32 buffer on the model's device that receives the result. `autocast`
+    is a [>=rows, D] float32 buffer on the model's device that receives the result. `autocast`
     (e.g. torch.bfloat16) runs the forward under torch.autocast; the per-example outer products
     are still summed in float32.
+
+    `copies` (from `stack_lora_weights`): E sets of LoRA weights, one [E, *shape] tensor per
+    LoRA parameter. The batch then goes through all E in the SAME forward and backward: it is
+    replicated E times along the batch dimension and copy e's rows use LoRA weights e in every
+    LoRA module (the model's own LoRA weights are ignored). The result is [E * B, D], copy-major:
+    row e * B + i is example i under weights e, equal to a separate pass with weights e loaded.
     """
     model = unwrap(peft_model)
     params = lora_parameters(model)
@@ -80,6 +110,15 @@ def per_example_grads(peft_model, input_ids: torch.Tensor, attention_mask: torch
     if model.training:
         raise ValueError("per_example_grads needs model.eval() (dropout off, as in LESS)")
     plan = _hook_plan(model, params)
+    n_copies = 1
+    if copies is not None:
+        n_copies = copies[0].shape[0] if len(copies) else 0
+        bad = [name for (name, p), w in zip(params, copies)
+               if w.dim() != 3 or w.shape[0] != n_copies or w.shape[1:] != p.shape]
+        if len(copies) != len(params) or bad or n_copies < 1:
+            raise ValueError(f"copies must hold one [E, *shape] tensor per LoRA parameter ({len(params)}), "
+                             f"E >= 1; got {len(copies)} tensors, mismatched: {bad[:3]}")
+        input_ids, attention_mask, labels = (t.repeat(n_copies, 1) for t in (input_ids, attention_mask, labels))
     batch, d = input_ids.shape[0], sum(p.numel() for _, p in params)
     device = params[0][1].device
     if out is None:
@@ -102,11 +141,16 @@ def per_example_grads(peft_model, input_ids: torch.Tensor, attention_mask: torch
     def forward_hook(i: int, module: torch.nn.Linear, offset: int):
         def hook(_module, inputs, output):
             act = inputs[0]
+            if copies is not None:
+                # Copy e's rows through weights e: one bmm over [E, B*T, d_in]. The module's own
+                # output (its weights times all rows, about 1% of the forward) is discarded.
+                x = act.reshape(n_copies, -1, act.shape[-1])
+                output = torch.bmm(x, copies[i].transpose(1, 2)).reshape(*act.shape[:-1], -1)
             # Mask the factor that carries the rank dimension: it is the smaller of the two.
             mask_out = module.out_features <= module.in_features
 
             def grad_hook(g: torch.Tensor) -> None:
-                with torch.no_grad():
+                with torch.no_grad(), record_function("features.outer"):
                     go, a = g.float(), act.float()
                     if mask_out:
                         go = go.masked_fill(~keep, 0.0)
@@ -121,6 +165,7 @@ def per_example_grads(peft_model, input_ids: torch.Tensor, attention_mask: torch
             if calls[i] > 1 or output.grad_fn is None:
                 raise RuntimeError("per_example_grads: a LoRA module ran twice or without autograd")
             output.register_hook(grad_hook)
+            return output if copies is not None else None
         return hook
 
     # The backward is asked for d loss / d (token embeddings) only, not for the LoRA weights:
@@ -141,18 +186,20 @@ def per_example_grads(peft_model, input_ids: torch.Tensor, attention_mask: torch
     try:
         with torch.enable_grad():
             position_ids = (attention_mask.long().cumsum(-1) - 1).clamp_min(0)
-            with amp:
+            with amp, record_function("features.forward"):
                 logits = model(input_ids=input_ids, attention_mask=attention_mask,
                                position_ids=position_ids, use_cache=False).logits
-            ce = F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]), targets.reshape(-1),
-                                 ignore_index=-100, reduction="none").view(batch, -1)
-            # Per-example normalisation (notes/performance.md §4.1): sum_i mean_t CE_i, not HF's batch mean.
-            loss = (ce.sum(1) / counts).sum()
+            with record_function("features.forward"):
+                ce = F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]), targets.reshape(-1),
+                                     ignore_index=-100, reduction="none").view(batch, -1)
+                # Per-example normalisation (notes/performance.md §4.1): sum_i mean_t CE_i, not HF's batch mean.
+                loss = (ce.sum(1) / counts).sum()
             del logits, ce
             if len(embedded) != 1:
                 raise RuntimeError("per_example_grads: the input embedding ran "
                                    f"{len(embedded)} times; expected once")
-            torch.autograd.grad(loss, embedded)
+            with record_function("features.backward"):
+                torch.autograd.grad(loss, embedded)
     finally:
         for h in handles:
             h.remove()
@@ -251,10 +298,26 @@ class FeatureExtractor:
         self.projector = make_projector(self.projector_spec, self.device)
         # Epochs with weight 0 are checked but not computed (they add nothing to eq. 5.7).
         self.epochs = [self._load_epoch(f, float(we)) for f, we in zip(folders, w) if we > 0]
+        # With several epochs, all of them run in ONE forward+backward, each on its own copy of
+        # the batch through its own LoRA weights (`per_example_grads(copies=...)`): one pass per
+        # batch instead of E, with no weight copies between them. One epoch uses the model's own
+        # LoRA parameters, loaded once.
+        self._copies = (stack_lora_weights(self.model, [e.params for e in self.epochs])
+                        if len(self.epochs) > 1 else None)
         self._loaded = {"epoch": None}  # which epoch the (possibly shared) model holds now
-        self._grads = torch.empty(batch_size, self.d_in, dtype=torch.float32, device=self.device)
-        self._scratch = torch.empty(batch_size, min(_BLOCK, self.d_in), dtype=torch.float32, device=self.device)
-        self._acc: torch.Tensor | None = None  # sum over epochs, allocated when there are several
+        self._allocate()
+
+    def _allocate(self) -> None:
+        """Buffers for one pass: `batch_size` rows (examples x stacked epoch copies)."""
+        rows = self._per_pass() * len(self.epochs)
+        self._grads = torch.empty(rows, self.d_in, dtype=torch.float32, device=self.device)
+        self._scratch = torch.empty(rows, min(_BLOCK, self.d_in), dtype=torch.float32, device=self.device)
+
+    def _per_pass(self) -> int:
+        """Examples per forward+backward: `batch_size` rows hold batch_size // E examples, each
+        replicated once per epoch checkpoint (at least one example), so a pass costs what
+        batch_size examples of one epoch would."""
+        return max(1, self.batch_size // len(self.epochs))
 
     def variant(self, projector: str | ProjectorSpec | None = None, batch_size: int | None = None,
                 mixed_precision: bool | None = None) -> "FeatureExtractor":
@@ -271,10 +334,7 @@ class FeatureExtractor:
             if batch_size < 1:
                 raise ValueError(f"batch_size must be >= 1, got {batch_size}")
             other.batch_size = batch_size
-            other._grads = torch.empty(batch_size, self.d_in, dtype=torch.float32, device=self.device)
-            other._scratch = torch.empty(batch_size, min(_BLOCK, self.d_in), dtype=torch.float32,
-                                         device=self.device)
-            other._acc = None
+            other._allocate()
         if mixed_precision is not None:
             other.autocast = torch.bfloat16 if mixed_precision else None
         return other
@@ -307,6 +367,7 @@ class FeatureExtractor:
                       c2=(1.0 - state.beta2) / bc2, eps=state.eps)
 
     @torch.no_grad()
+    @record_function("features.swap")
     def _set_epoch(self, i: int) -> None:
         if self._loaded["epoch"] == i:
             return
@@ -317,6 +378,7 @@ class FeatureExtractor:
         self._loaded["epoch"] = i
 
     @torch.no_grad()
+    @record_function("features.precondition")
     def _adam(self, g: torch.Tensor, e: _Epoch) -> torch.Tensor:
         """In place: g [B, D] -> gamma = m' / (sqrt(v') + eps), column block by column block."""
         for lo in range(0, g.shape[1], _BLOCK):
@@ -337,21 +399,22 @@ class FeatureExtractor:
             input_ids[i, : len(x)] = torch.as_tensor(x, dtype=torch.long)
             mask[i, : len(x)] = 1
         labels = input_ids.masked_fill(mask == 0, -100)  # loss on every instruction token
-        if len(self.epochs) == 1:  # its weight is 1 after normalisation
+        if self._copies is None:  # one epoch, its weight is 1 after normalisation
             self._set_epoch(0)
             g = per_example_grads(self.model, input_ids, mask, labels, out=self._grads, autocast=self.autocast)
             return self._adam(g, self.epochs[0])
-        if self._acc is None:
-            self._acc = torch.empty_like(self._grads)
-        acc = self._acc[:b].zero_()
-        for i, e in enumerate(self.epochs):
-            self._set_epoch(i)
-            g = per_example_grads(self.model, input_ids, mask, labels, out=self._grads, autocast=self.autocast)
-            acc.add_(self._adam(g, e), alpha=e.weight)
+        # Rows e*b .. (e+1)*b - 1 are the batch under epoch e's weights.
+        g = per_example_grads(self.model, input_ids, mask, labels, out=self._grads, autocast=self.autocast,
+                              copies=self._copies)
+        acc = self._adam(g[:b], self.epochs[0]).mul_(self.epochs[0].weight)
+        for i, e in enumerate(self.epochs[1:], start=1):
+            acc.add_(self._adam(g[i * b:(i + 1) * b], e), alpha=e.weight)
         return acc
 
     def _batch(self, ids: list[list[int]]) -> torch.Tensor:
-        acc = self.projector.project(self._preconditioned(ids))
+        g = self._preconditioned(ids)
+        with record_function("features.project"):
+            acc = self.projector.project(g)
         norms = acc.norm(dim=1, keepdim=True)
         if not bool(torch.isfinite(norms).all()) or bool((norms == 0).any()):
             raise FloatingPointError("a gradient feature is zero or not finite; check the epoch checkpoints")
@@ -362,15 +425,18 @@ class FeatureExtractor:
         N x D floats, so only for small N)."""
         ids = [list(map(int, x)) for x in instruction_ids]
         out = torch.empty(len(ids), self.d_in, dtype=torch.float32)
-        for lo in range(0, len(ids), self.batch_size):
-            out[lo:lo + self.batch_size] = self._preconditioned(ids[lo:lo + self.batch_size]).cpu()
+        n = self._per_pass()
+        for lo in range(0, len(ids), n):
+            out[lo:lo + n] = self._preconditioned(ids[lo:lo + n]).cpu()
         return out
 
     def features(self, instruction_ids: Sequence[Sequence[int]]) -> np.ndarray:
         """[N, d_proj] float32 unit-norm features (eq. 5.7) of N instructions (token id lists).
 
-        Instructions are grouped by length into batches of `batch_size` (less padding); an
-        example's feature does not depend on the others in its batch.
+        Instructions are grouped by length into batches of `batch_size` rows (less padding;
+        with E epoch checkpoints a batch holds batch_size // E instructions, each run through
+        every epoch in the same pass); an example's feature does not depend on the others in its
+        batch.
         """
         if self.model.active_adapter != _ADAPTER:  # a shared model may have switched since
             self.model.set_adapter(_ADAPTER)
@@ -380,7 +446,8 @@ class FeatureExtractor:
                 raise ValueError(f"instruction {i} has {len(x)} tokens; a gradient feature needs >= 2")
         out = np.empty((len(ids), self.projector_spec.d_proj), dtype=np.float32)
         order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
-        for lo in range(0, len(order), self.batch_size):
-            chunk = order[lo:lo + self.batch_size]
+        n = self._per_pass()
+        for lo in range(0, len(order), n):
+            chunk = order[lo:lo + n]
             out[chunk] = self._batch([ids[i] for i in chunk]).cpu().numpy()
         return out

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 
@@ -19,10 +20,10 @@ CFG = ModelConfig(name_or_path="tiny-random-llama", lora_dropout=0.0)
 D_PROJ = 512
 
 
-def train_epochs(folder, epochs=2, steps_per_epoch=3, seed=0):
+def train_epochs(folder, epochs=2, steps_per_epoch=3, seed=0, cfg=CFG):
     """A few Adam steps on random tokens per "epoch", so LoRA B != 0 and Adam moments exist;
     an epoch checkpoint after each. Returns the folders and the optimizer state at each."""
-    model = new_lora_model(CFG, seed=seed)
+    model = new_lora_model(cfg, seed=seed)
     params = [p for _, p in lora_parameters(model)]
     opt = torch.optim.Adam(params, lr=1e-2)
     gen = torch.Generator().manual_seed(seed)
@@ -260,3 +261,106 @@ def test_a_shared_model_gives_the_same_features_and_decodes_its_own_adapters(tra
     np.testing.assert_allclose(shared.features(x), want, rtol=0, atol=1e-6)
     with pytest.raises(ValueError, match="already has an adapter"):
         FeatureExtractor(CFG, [str(f1)], [1.0], d_proj=D_PROJ, model=ensemble)
+
+
+def test_stacked_copies_equal_one_pass_per_weight_set(trained):
+    """`copies`: the batch under E weight sets in one pass equals E passes with each loaded."""
+    from elrea_ray.gradients import stack_lora_weights
+
+    f1, f2 = trained["folders"]
+    model = load_adapters(CFG, {"default": str(f1)}, is_trainable=True).eval()
+    flat = []
+    for f in (f1, f2):
+        m = load_adapters(CFG, {"default": str(f)}, is_trainable=True).eval()
+        flat.append(torch.cat([p.detach().reshape(-1) for _, p in lora_parameters(m)]))
+    _, ids, mask, labels = random_batch([6, 11, 2, 8], model.config.vocab_size, seed=5)
+    stacked = per_example_grads(model, ids, mask, labels, copies=stack_lora_weights(model, flat))
+    assert stacked.shape == (8, flat[0].numel())
+    for e, f in enumerate((f1, f2)):
+        alone = load_adapters(CFG, {"default": str(f)}, is_trainable=True).eval()
+        want = per_example_grads(alone, ids, mask, labels)
+        rel = (stacked[e * 4:(e + 1) * 4] - want).norm(dim=1) / want.norm(dim=1)
+        assert (rel < 1e-5).all(), f"weights {e}: relative errors {rel.tolist()}"
+    assert (stacked[:4] - stacked[4:]).abs().max() > 1e-4  # the two weight sets differ
+    with pytest.raises(ValueError, match="copies must hold one"):
+        per_example_grads(model, ids, mask, labels, copies=stack_lora_weights(model, flat)[1:])
+    with pytest.raises(ValueError, match=r"flat_weights\[1\]"):
+        stack_lora_weights(model, [flat[0], flat[1][:-1]])
+
+
+def write_bundle(root, cfg, folders, epoch_weights, d_proj, centroids):
+    """A serving bundle of the pipeline's format: base = the last epoch, one expert per centroid."""
+    from safetensors.numpy import save_file
+
+    from elrea_ray.bundle import BUNDLE_FORMAT_VERSION
+    from elrea_ray.config import RoutingConfig
+
+    rel = lambda p: str(p.relative_to(root))  # noqa: E731
+    model = load_adapters(cfg, {"default": str(folders[-1])}, is_trainable=True)
+    layout = parameter_layout(model)
+    save_file({"centroids": centroids.astype(np.float32)}, str(root / "centroids.safetensors"))
+    bundle = {
+        "format_version": BUNDLE_FORMAT_VERSION,
+        "model": dataclasses.asdict(cfg),
+        "adapters": {"base": rel(folders[-1]),
+                     **{f"expert-{c:02d}": rel(folders[c % len(folders)]) for c in range(len(centroids))}},
+        "epoch_checkpoints": [rel(f) for f in folders],
+        "epoch_weights": list(epoch_weights),
+        "projector": ProjectorSpec(kind="countsketch", d_in=sum(int(np.prod(s)) for _, s in layout),
+                                   d_proj=d_proj).to_dict(),
+        "parameter_layout": layout,
+        "centroids": "centroids.safetensors",
+        "num_clusters": len(centroids),
+        "routing": dataclasses.asdict(RoutingConfig()),
+        "keys": {},
+    }
+    (root / "bundle.json").write_text(json.dumps(bundle))
+    return bundle
+
+
+def test_engine_route_equals_a_plain_autograd_loop(tmp_path):
+    """Served routing weights (both epoch checkpoints in one stacked pass, batched prompts of
+    different lengths, LoRA dropout 0.1 in the adapter config) equal the paper's recipe done
+    one prompt and one epoch at a time: HF loss.backward(), flattened .grad, eq. 5.5, R, mean
+    over epochs, L2 norm, eqs. 5.9-5.10."""
+    from elrea_ray.routing import route
+    from elrea_ray.serving import Engine
+
+    cfg = ModelConfig(name_or_path="tiny-random-llama", lora_dropout=0.1, dtype="float32")
+    _, folders, _ = train_epochs(tmp_path / "adapters", seed=4, cfg=cfg)
+    assert json.loads((folders[0] / "adapter_config.json").read_text())["lora_dropout"] == 0.1
+    weights = [3.0, 1.0]
+    prompts = [torch.randint(3, 500, (n,), generator=torch.Generator().manual_seed(n)).tolist()
+               for n in (7, 2, 19, 4, 12)]
+
+    # The reference, one prompt and one epoch at a time.
+    layout, per_epoch = None, []
+    for f in folders:
+        model = load_adapters(cfg, {"default": str(f)}, is_trainable=True).eval()
+        layout = parameter_layout(model)
+        state, rows = load_adam_state(f), []
+        for x in prompts:
+            model.zero_grad()
+            model(input_ids=torch.tensor([x]), labels=torch.tensor([x])).loss.backward()
+            rows.append(adam_transform(flat_grad(model), state, layout))
+        per_epoch.append(torch.stack(rows))
+    mixed = (weights[0] * per_epoch[0] + weights[1] * per_epoch[1]) / sum(weights)
+    spec = ProjectorSpec(kind="countsketch", d_in=mixed.shape[1], d_proj=D_PROJ)
+    want_feats = make_projector(spec).project(mixed)
+    want_feats = (want_feats / want_feats.norm(dim=1, keepdim=True)).numpy()
+    # Centroids near the prompts' own features, so the cosines spread and the weights are not flat.
+    rng = np.random.default_rng(0)
+    centroids = want_feats[[0, 2, 4]] + 0.5 * rng.standard_normal((3, D_PROJ)) / np.sqrt(D_PROJ)
+    centroids /= np.linalg.norm(centroids, axis=1, keepdims=True)
+    ew, bw = route(want_feats, centroids)
+    want = np.concatenate([bw[:, None], ew], axis=1)
+    assert want[:, 1:].max() > 0.5 and want[:, 0].min() > 0.01  # routing is neither flat nor trivial
+
+    write_bundle(tmp_path, cfg, folders, weights, D_PROJ, centroids)
+    engine = Engine(tmp_path)
+    assert engine.fx._copies is not None  # the stacked path is the one under test
+    got = engine.route(prompts, [None] * len(prompts))
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-5)
+    np.testing.assert_allclose(engine.fx.features(prompts), want_feats, rtol=0, atol=1e-5)
+    one = np.concatenate([engine.route([x], [None]) for x in prompts])  # batch of 1 as served alone
+    np.testing.assert_allclose(one, want, rtol=0, atol=1e-5)
