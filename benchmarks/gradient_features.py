@@ -3,7 +3,7 @@
 Contenders, all on the same examples, the same model and ONE epoch checkpoint:
   (a) LESS way: batch size 1, `loss.backward()`, the flattened full gradient (torch.cat of the
       .grad's), LESS's Adam transform, a dense Rademacher projection regenerated per call
-      (TRAK's BasicProjector way; notes/performance.md §1-2). ~30 s/example on 2 CPU cores, so it
+      (TRAK's BasicProjector way). ~30 s/example on 2 CPU cores, so it
       runs on --less-examples examples only. Also timed: one projection call over 16 buffered
       gradients (LESS's project_interval), reported as a second, kinder LESS figure.
   (b) ours at batch size 1 with the default projector (separates batching from the projector).

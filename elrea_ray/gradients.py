@@ -13,8 +13,8 @@ The per-example gradients of a whole batch come from ONE backward (`per_example_
 forward hook on every lora_A / lora_B `nn.Linear` keeps its input a [B, T, d_in], a hook on its
 output receives the output gradient g [B, T, d_out], and the per-example weight gradient is
 sum_t g_t a_t^T, a batched matmul (Opacus' Linear grad sampler). PEFT applies the scale
-alpha/r after lora_B, so the hooks see exactly the factors of d loss / d weight
-(notes/performance.md §4). The backward asks only for d loss / d embeddings, so autograd never
+alpha/r after lora_B, so the hooks see exactly the factors of d loss / d weight.
+The backward asks only for d loss / d embeddings, so autograd never
 forms the (unused) batch-summed LoRA weight gradients.
 
 The E epoch checkpoints share that one pass: the batch is replicated E times along the batch
@@ -110,103 +110,131 @@ def per_example_grads(peft_model, input_ids: torch.Tensor, attention_mask: torch
     if model.training:
         raise ValueError("per_example_grads needs model.eval() (dropout off, as in LESS)")
     plan = _hook_plan(model, params)
-    n_copies = 1
+    n_copies = 1 if copies is None else _copies_count(params, copies)
     if copies is not None:
-        n_copies = copies[0].shape[0] if len(copies) else 0
-        bad = [name for (name, p), w in zip(params, copies)
-               if w.dim() != 3 or w.shape[0] != n_copies or w.shape[1:] != p.shape]
-        if len(copies) != len(params) or bad or n_copies < 1:
-            raise ValueError(f"copies must hold one [E, *shape] tensor per LoRA parameter ({len(params)}), "
-                             f"E >= 1; got {len(copies)} tensors, mismatched: {bad[:3]}")
         input_ids, attention_mask, labels = (t.repeat(n_copies, 1) for t in (input_ids, attention_mask, labels))
     batch, d = input_ids.shape[0], sum(p.numel() for _, p in params)
     device = params[0][1].device
-    if out is None:
-        grads = torch.empty(batch, d, dtype=torch.float32, device=device)
-    else:
-        if out.shape[0] < batch or out.shape[1] != d or out.dtype != torch.float32:
-            raise ValueError(f"out must be float32 [>= {batch}, {d}], got {out.dtype} {list(out.shape)}")
-        grads = out[:batch]
+    grads = _grad_buffer(out, batch, d, device)
     input_ids, attention_mask, labels = (t.to(device) for t in (input_ids, attention_mask, labels))
+    targets, counts = _next_token_targets(labels, attention_mask)
     keep = attention_mask.bool().unsqueeze(-1)  # [B, T, 1]; pads contribute nothing, by construction
-    # Position t predicts token t+1; a prediction made from a pad position (left padding) is void.
-    targets = labels[:, 1:].masked_fill(attention_mask[:, :-1] == 0, -100)
-    counts = (targets != -100).sum(1)
-    if bool((counts == 0).any()):
-        bad = (counts == 0).nonzero().flatten().tolist()
-        raise ValueError(f"examples {bad} have no labelled token after the first; an instruction needs >= 2 tokens")
-
-    calls, fired = [0] * len(plan), [0] * len(plan)
-
-    def forward_hook(i: int, module: torch.nn.Linear, offset: int):
-        def hook(_module, inputs, output):
-            act = inputs[0]
-            if copies is not None:
-                # Copy e's rows through weights e: one bmm over [E, B*T, d_in]. The module's own
-                # output (its weights times all rows, about 1% of the forward) is discarded.
-                x = act.reshape(n_copies, -1, act.shape[-1])
-                output = torch.bmm(x, copies[i].transpose(1, 2)).reshape(*act.shape[:-1], -1)
-            # Mask the factor that carries the rank dimension: it is the smaller of the two.
-            mask_out = module.out_features <= module.in_features
-
-            def grad_hook(g: torch.Tensor) -> None:
-                with torch.no_grad(), record_function("features.outer"):
-                    go, a = g.float(), act.float()
-                    if mask_out:
-                        go = go.masked_fill(~keep, 0.0)
-                    else:
-                        a = a.masked_fill(~keep, 0.0)
-                    w = torch.bmm(go.transpose(1, 2), a)  # [B, d_out, d_in] = sum_t g_t a_t^T
-                    n = w.shape[1] * w.shape[2]
-                    grads[:, offset:offset + n].view(batch, w.shape[1], w.shape[2]).copy_(w)
-                    fired[i] += 1
-
-            calls[i] += 1
-            if calls[i] > 1 or output.grad_fn is None:
-                raise RuntimeError("per_example_grads: a LoRA module ran twice or without autograd")
-            output.register_hook(grad_hook)
-            return output if copies is not None else None
-        return hook
-
-    # The backward is asked for d loss / d (token embeddings) only, not for the LoRA weights:
-    # every LoRA module lies on the path from the loss to the embeddings, so each output-gradient
-    # hook fires, while autograd skips the weight gradients (the batch sums of what the hooks
-    # compute per example). The frozen embedding's output is a leaf, made to require grad here.
+    fired = [0] * len(plan)
+    hooks = [m.register_forward_hook(_lora_hook(i, m, off, grads, keep, fired, copies, n_copies))
+             for i, (m, off) in enumerate(plan)]
     embedded: list[torch.Tensor] = []
-
-    def embed_hook(_module, _inputs, output):
-        leaf = output.detach().requires_grad_(True)
-        embedded.append(leaf)
-        return leaf
-
-    handles = [m.register_forward_hook(forward_hook(i, m, off)) for i, (m, off) in enumerate(plan)]
-    handles.append(model.get_input_embeddings().register_forward_hook(embed_hook))
-    amp = (torch.autocast(device.type, dtype=autocast) if autocast is not None
-           else contextlib.nullcontext())
+    hooks.append(model.get_input_embeddings().register_forward_hook(_embedding_leaf(embedded)))
     try:
-        with torch.enable_grad():
-            position_ids = (attention_mask.long().cumsum(-1) - 1).clamp_min(0)
-            with amp, record_function("features.forward"):
-                logits = model(input_ids=input_ids, attention_mask=attention_mask,
-                               position_ids=position_ids, use_cache=False).logits
-            with record_function("features.forward"):
-                ce = F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]), targets.reshape(-1),
-                                     ignore_index=-100, reduction="none").view(batch, -1)
-                # Per-example normalisation (notes/performance.md §4.1): sum_i mean_t CE_i, not HF's batch mean.
-                loss = (ce.sum(1) / counts).sum()
-            del logits, ce
-            if len(embedded) != 1:
-                raise RuntimeError("per_example_grads: the input embedding ran "
-                                   f"{len(embedded)} times; expected once")
-            with record_function("features.backward"):
-                torch.autograd.grad(loss, embedded)
+        _loss_backward(model, input_ids, attention_mask, targets, counts, embedded, autocast, device)
     finally:
-        for h in handles:
+        for h in hooks:
             h.remove()
     if fired != [1] * len(plan):
         missing = [params[i][0] for i, f in enumerate(fired) if f != 1]
         raise RuntimeError(f"per_example_grads: no gradient reached {missing[:3]} (inactive adapter?)")
     return grads
+
+
+def _copies_count(params, copies: Sequence[torch.Tensor]) -> int:
+    """E of `copies`, after checking there is one [E, *shape] tensor per LoRA parameter."""
+    n_copies = copies[0].shape[0] if len(copies) else 0
+    bad = [name for (name, p), w in zip(params, copies)
+           if w.dim() != 3 or w.shape[0] != n_copies or w.shape[1:] != p.shape]
+    if len(copies) != len(params) or bad or n_copies < 1:
+        raise ValueError(f"copies must hold one [E, *shape] tensor per LoRA parameter ({len(params)}), "
+                         f"E >= 1; got {len(copies)} tensors, mismatched: {bad[:3]}")
+    return n_copies
+
+
+def _grad_buffer(out: torch.Tensor | None, batch: int, d: int, device) -> torch.Tensor:
+    if out is None:
+        return torch.empty(batch, d, dtype=torch.float32, device=device)
+    if out.shape[0] < batch or out.shape[1] != d or out.dtype != torch.float32:
+        raise ValueError(f"out must be float32 [>= {batch}, {d}], got {out.dtype} {list(out.shape)}")
+    return out[:batch]
+
+
+def _next_token_targets(labels: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(targets [B, T-1], labelled-token counts [B]): position t predicts token t+1, and a
+    prediction made from a pad position (left padding) is void."""
+    targets = labels[:, 1:].masked_fill(attention_mask[:, :-1] == 0, -100)
+    counts = (targets != -100).sum(1)
+    if bool((counts == 0).any()):
+        bad = (counts == 0).nonzero().flatten().tolist()
+        raise ValueError(f"examples {bad} have no labelled token after the first; an instruction needs >= 2 tokens")
+    return targets, counts
+
+
+def _lora_hook(i: int, module: torch.nn.Linear, offset: int, grads: torch.Tensor, keep: torch.Tensor,
+               fired: list[int], copies: Sequence[torch.Tensor] | None, n_copies: int):
+    """Forward hook of LoRA factor i: registers a hook on its output's gradient that writes the
+    per-example outer products sum_t g_t a_t^T into grads[:, offset:offset + n]."""
+    batch = grads.shape[0]
+    calls = [0]
+
+    def hook(_module, inputs, output):
+        act = inputs[0]
+        if copies is not None:
+            # Copy e's rows through weights e: one bmm over [E, B*T, d_in]. The module's own
+            # output (its weights times all rows, about 1% of the forward) is discarded.
+            x = act.reshape(n_copies, -1, act.shape[-1])
+            output = torch.bmm(x, copies[i].transpose(1, 2)).reshape(*act.shape[:-1], -1)
+        # Mask the factor that carries the rank dimension: it is the smaller of the two.
+        mask_out = module.out_features <= module.in_features
+
+        def grad_hook(g: torch.Tensor) -> None:
+            with torch.no_grad(), record_function("features.outer"):
+                go, a = g.float(), act.float()
+                if mask_out:
+                    go = go.masked_fill(~keep, 0.0)
+                else:
+                    a = a.masked_fill(~keep, 0.0)
+                w = torch.bmm(go.transpose(1, 2), a)  # [B, d_out, d_in] = sum_t g_t a_t^T
+                n = w.shape[1] * w.shape[2]
+                grads[:, offset:offset + n].view(batch, w.shape[1], w.shape[2]).copy_(w)
+                fired[i] += 1
+
+        calls[0] += 1
+        if calls[0] > 1 or output.grad_fn is None:
+            raise RuntimeError("per_example_grads: a LoRA module ran twice or without autograd")
+        output.register_hook(grad_hook)
+        return output if copies is not None else None
+    return hook
+
+
+def _embedding_leaf(embedded: list[torch.Tensor]):
+    """The backward is asked for d loss / d (token embeddings) only, not for the LoRA weights:
+    every LoRA module lies on the path from the loss to the embeddings, so each output-gradient
+    hook fires, while autograd skips the weight gradients (the batch sums of what the hooks
+    compute per example). The frozen embedding's output is a leaf, made to require grad here."""
+    def hook(_module, _inputs, output):
+        leaf = output.detach().requires_grad_(True)
+        embedded.append(leaf)
+        return leaf
+    return hook
+
+
+def _loss_backward(model, input_ids, attention_mask, targets, counts, embedded, autocast, device) -> None:
+    """One forward of the batch and one backward of sum_i mean_t CE_i to the embeddings."""
+    amp = (torch.autocast(device.type, dtype=autocast) if autocast is not None
+           else contextlib.nullcontext())
+    batch = input_ids.shape[0]
+    with torch.enable_grad():
+        position_ids = (attention_mask.long().cumsum(-1) - 1).clamp_min(0)
+        with amp, record_function("features.forward"):
+            logits = model(input_ids=input_ids, attention_mask=attention_mask,
+                           position_ids=position_ids, use_cache=False).logits
+        with record_function("features.forward"):
+            ce = F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]), targets.reshape(-1),
+                                 ignore_index=-100, reduction="none").view(batch, -1)
+            # Per-example normalisation (ELREA eq. 5.5): sum_i mean_t CE_i, not HF's batch mean.
+            loss = (ce.sum(1) / counts).sum()
+        del logits, ce
+        if len(embedded) != 1:
+            raise RuntimeError("per_example_grads: the input embedding ran "
+                               f"{len(embedded)} times; expected once")
+        with record_function("features.backward"):
+            torch.autograd.grad(loss, embedded)
 
 
 @dataclass

@@ -4,7 +4,7 @@ Every random choice (a sign, a bucket) is a pure function of (kind, seed, index)
 number `index` of SplitMix64 seeded with a key derived from (seed, kind). Integer arithmetic
 is exact, so a CPU and a GPU, or two torch versions, build the same projection from the same
 `ProjectorSpec` (unlike a torch RNG stream, or TRAK's fast_jl whose matrix depends on the
-GPU's SM count; notes/performance.md §2). The sketches' O(D) tables are built once with numpy
+GPU's SM count). The sketches' O(D) tables are built once with numpy
 uint64 on the CPU and moved to the device; the dense signs are regenerated on the device
 with int64 torch ops (wraparound multiplication, checked against plain integers in the tests).
 No projector ever holds a D x d_proj matrix unless it is small (< 64M entries).
