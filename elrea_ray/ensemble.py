@@ -20,6 +20,7 @@ and each step feeds one token per row (paper §5 efficiency trick). Two back-end
 
 from __future__ import annotations
 
+import functools
 from typing import Callable, Iterator, Sequence
 
 import numpy as np
@@ -227,23 +228,11 @@ def _plain_head(hf_model) -> torch.nn.Linear | None:
     return None
 
 
-def _decode_stacked(model, stacked, prompts: list[list[int]], w: np.ndarray, limits: list[int],
-                    eos: list[int], pad_token_id: int, sampler,
-                    prompt_of: np.ndarray | None = None,
-                    share_prefix: bool = True) -> Iterator[list[tuple[int, int]]]:
-    """Decode V sequences with weights w [V, A]. Sequence v continues prompts[prompt_of[v]]
-    (default: v itself). Each (prompt, adapter) pair that any sequence uses is prefilled ONCE;
-    sequences sharing a prompt then decode from copies of those cache rows (a KV cache depends
-    on the prompt and the adapter only, not on the mixing weights).
-
-    With `share_prefix`, the prompts' common leading tokens (for chat prompts, the template's
-    system turn: 24 of SmolLM2's ~50 prompt tokens) are prefilled once per adapter, and every
-    row's cache starts from a copy of its adapter's; the rest of each prompt is then prefilled
-    after it, left padded *between* the prefix and the prompt's own tokens (masked out, with
-    positions that skip the pads), which is what a full prefill of the whole prompt computes."""
-    hf_model = model.get_base_model()  # the HF model with the LoRA layers injected
-    head, decoder = _plain_head(hf_model), hf_model.get_decoder()
-    device = next(model.parameters()).device
+def _prefill_plan(prompts: list[list[int]], w: np.ndarray, prompt_of: np.ndarray | None, share_prefix: bool,
+                  pad_token_id: int, device):
+    """The rows `_decode_stacked` prefills and decodes: (pre [R, (prompt, adapter)], shared
+    prefix length, ids, mask, position_ids of the prefill rows, pairs [rows, (sequence, adapter)]
+    of the decoding rows, src: the prefill row each decoding row copies, or None)."""
     V = len(w)
     fan_out = prompt_of is not None
     prompt_of = np.arange(V) if prompt_of is None else np.asarray(prompt_of, dtype=np.int64)
@@ -271,6 +260,54 @@ def _decode_stacked(model, stacked, prompts: list[list[int]], w: np.ndarray, lim
         src = torch.as_tensor([slot[(int(prompt_of[v]), int(a))] for v, a in pairs], device=device)
     else:
         pairs, src = pre, None
+    return pre, shared, ids, mask, position_ids, pairs, src
+
+
+def _last_rows(hf_model, head, decoder, input_ids, attention_mask, positions, cache):
+    """Every row's last hidden state (with a plain head, applied after mixing) or logits, and the cache."""
+    if head is not None:
+        out = decoder(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions,
+                      cache=cache, use_cache=True)
+        return out.last_hidden_state[:, -1, :], out.cache
+    out = hf_model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions,
+                   cache=cache, use_cache=True, logits_to_keep=1)
+    return out.logits[:, -1, :], out.cache
+
+
+def _mix(last: torch.Tensor, head, row_prompt: torch.Tensor, row_weight: torch.Tensor, n_active: int) -> torch.Tensor:
+    """Mixed next-token logits [n_active, vocab] (eq. 5.10): row r adds row_weight[r] times its
+    output to sequence row_prompt[r]."""
+    mixed = torch.zeros(n_active, last.shape[-1], dtype=torch.float32, device=last.device)
+    mixed.index_add_(0, row_prompt, last.float() * row_weight[:, None])
+    if head is not None:  # W (sum_a w_a h_a) + (sum_a w_a) b == sum_a w_a (W h_a + b)
+        logits = F.linear(mixed.to(head.weight.dtype), head.weight).float()
+        if head.bias is not None:
+            total = torch.zeros(n_active, device=last.device).index_add_(0, row_prompt, row_weight)
+            logits = logits + total[:, None] * head.bias.float()
+        mixed = logits
+    return mixed
+
+
+def _decode_stacked(model, stacked, prompts: list[list[int]], w: np.ndarray, limits: list[int],
+                    eos: list[int], pad_token_id: int, sampler,
+                    prompt_of: np.ndarray | None = None,
+                    share_prefix: bool = True) -> Iterator[list[tuple[int, int]]]:
+    """Decode V sequences with weights w [V, A]. Sequence v continues prompts[prompt_of[v]]
+    (default: v itself). Each (prompt, adapter) pair that any sequence uses is prefilled ONCE;
+    sequences sharing a prompt then decode from copies of those cache rows (a KV cache depends
+    on the prompt and the adapter only, not on the mixing weights).
+
+    With `share_prefix`, the prompts' common leading tokens (for chat prompts, the template's
+    system turn: 24 of SmolLM2's ~50 prompt tokens) are prefilled once per adapter, and every
+    row's cache starts from a copy of its adapter's; the rest of each prompt is then prefilled
+    after it, left padded *between* the prefix and the prompt's own tokens (masked out, with
+    positions that skip the pads), which is what a full prefill of the whole prompt computes."""
+    hf_model = model.get_base_model()  # the HF model with the LoRA layers injected
+    head, decoder = _plain_head(hf_model), hf_model.get_decoder()
+    device = next(model.parameters()).device
+    V = len(w)
+    pre, shared, ids, mask, position_ids, pairs, src = _prefill_plan(prompts, w, prompt_of, share_prefix,
+                                                                     pad_token_id, device)
     row_prompt = torch.as_tensor(pairs[:, 0], device=device)  # position of the row's sequence in `active`
     row_adapter = torch.as_tensor(pairs[:, 1], device=device)
     row_weight = torch.as_tensor(w[pairs[:, 0], pairs[:, 1]], dtype=torch.float32, device=device)
@@ -278,27 +315,8 @@ def _decode_stacked(model, stacked, prompts: list[list[int]], w: np.ndarray, lim
     active = list(range(V))  # sequence index of each active sequence, in order
     produced = [0] * V
 
-    def forward(input_ids, attention_mask, positions, cache):
-        """Every row's last hidden state (plain head) or logits, and the cache."""
-        if head is not None:
-            out = decoder(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions,
-                          cache=cache, use_cache=True)
-            return out.last_hidden_state[:, -1, :], out.cache
-        out = hf_model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions,
-                       cache=cache, use_cache=True, logits_to_keep=1)
-        return out.logits[:, -1, :], out.cache
-
-    def mix(last):
-        """Mixed next-token logits [V_active, vocab] (eq. 5.10)."""
-        mixed = torch.zeros(len(active), last.shape[-1], dtype=torch.float32, device=device)
-        mixed.index_add_(0, row_prompt, last.float() * row_weight[:, None])
-        if head is not None:  # W (sum_a w_a h_a) + (sum_a w_a) b == sum_a w_a (W h_a + b)
-            logits = F.linear(mixed.to(head.weight.dtype), head.weight).float()
-            if head.bias is not None:
-                total = torch.zeros(len(active), device=device).index_add_(0, row_prompt, row_weight)
-                logits = logits + total[:, None] * head.bias.float()
-            mixed = logits
-        return mixed
+    forward = functools.partial(_last_rows, hf_model, head, decoder)
+    mix = lambda last: _mix(last, head, row_prompt, row_weight, len(active))  # noqa: E731
 
     with stacked.active():
         cache = None
