@@ -8,5 +8,6 @@ demo:  ## the embedded default: SmolLM2-135M-Instruct on reasoning-gym tasks, lo
 	ELREA_EXTRAS= bash scripts/setup.sh
 	HF_HUB_OFFLINE=1 .venv/bin/python jobs/full_pipeline.py
 
-test: setup  ## every test tier (fast unit tests, the shared smoke run, slow and smollm2 tests)
+test: setup  ## lint, then every test tier (fast unit tests, the shared smoke run, slow and smollm2 tests)
+	.venv/bin/ruff check elrea_ray serve_apps jobs benchmarks tests scripts
 	HF_HUB_OFFLINE=1 .venv/bin/python -m pytest -q

@@ -54,8 +54,8 @@ def write_features(folder: Path, n: int, d: int, seed: int = 0) -> list[str]:
 
 def child(folder: str, n: int, fit_sample: int, method: str) -> None:
     """Runs in a fresh process: the stage's clustering on the shards, then prints peak RSS."""
-    from elrea_ray.stages.clusters import cluster_streamed
     from elrea_ray.clustering import cluster_source_report, fit_clusters
+    from elrea_ray.stages.clusters import cluster_streamed
 
     ids = [f"ex-{r:07d}" for r in range(n)]
     kw = {"num_clusters": GROUPS} if method == "kmeans" else {"initial_clusters": 5}

@@ -62,7 +62,8 @@ def pair_cosines(x: np.ndarray) -> np.ndarray:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--run", default=str(Path(__file__).resolve().parents[1] / "runs/default"), help="a finished pipeline run folder")
+    ap.add_argument("--run", default=str(Path(__file__).resolve().parents[1] / "runs/default"),
+                    help="a finished pipeline run folder")
     ap.add_argument("--per-source", type=int, default=40, help="training examples per source")
     ap.add_argument("--d-proj", type=int, default=8192)
     ap.add_argument("--batch-size", type=int, default=8)

@@ -78,8 +78,8 @@ def build_bundle(root: Path, model: str, prompt_ids: list[list[int]], num_expert
     """A serving bundle of the real format: 2 base epoch checkpoints, experts, centroids."""
     from safetensors.numpy import save_file
 
-    from elrea_ray.projection import ProjectorSpec
     from elrea_ray.bundle import BUNDLE_FORMAT_VERSION
+    from elrea_ray.projection import ProjectorSpec
 
     cfg = ModelConfig(name_or_path=model, lora_dropout=0.1, dtype="float32")
     peft_model = new_lora_model(cfg, seed=0)

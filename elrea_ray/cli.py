@@ -127,8 +127,8 @@ def cmd_report(args) -> int:
 
 
 def cmd_export(args) -> int:
-    from elrea_ray.export import ExportError, export_run, push_to_hub
     from elrea_ray.bundle import BundleError
+    from elrea_ray.export import ExportError, export_run, push_to_hub
 
     run = RunDir.at(args.run_dir)
     run.pull(log=lambda msg: None)  # an s3:// run is mirrored locally first
@@ -217,7 +217,8 @@ def parser() -> argparse.ArgumentParser:
                    help="app arguments of serve_apps.elrea_app.AppArgs, e.g. max_batch_size=16 api_key_file=...")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--address", help="Ray cluster to join (default: RAY_ADDRESS, a local `ray start`, or a new local Ray)")
+    p.add_argument("--address",
+                   help="Ray cluster to join (default: RAY_ADDRESS, a local `ray start`, or a new local Ray)")
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("export", help="write a run's adapters as plain PEFT folders or vLLM's multi-LoRA layout")
@@ -231,7 +232,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--push-to-hub", metavar="REPO", help="also upload the folder to this Hugging Face repo")
     p.set_defaults(func=cmd_export)
 
-    p = sub.add_parser("validate-config", help="load and check a config; print the resolved values and stage keys", **kw)
+    p = sub.add_parser("validate-config", help="load and check a config; print the resolved values and stage keys",
+                       **kw)
     _config_args(p)
     p.set_defaults(func=cmd_validate_config)
     return top

@@ -574,7 +574,8 @@ class DecodeLoop:
     def _select_rows(self, rows: torch.Tensor) -> None:
         self.cache.batch_select_indices(rows)
         self.mask, self.last_pos = self.mask[rows], self.last_pos[rows]
-        self.row_seq, self.row_adapter, self.row_weight = self.row_seq[rows], self.row_adapter[rows], self.row_weight[rows]
+        self.row_seq, self.row_adapter = self.row_seq[rows], self.row_adapter[rows]
+        self.row_weight = self.row_weight[rows]
 
     def _remove(self, gone: list[int]) -> None:
         """Take sequences out of the batch: their rows leave the cache, and cache columns that are
@@ -740,7 +741,9 @@ def _holdback(text: str, stops: Sequence[str]) -> int:
 
 
 def _pad_left(mask: torch.Tensor, width: int) -> torch.Tensor:
-    return mask if mask.shape[1] == width else torch.cat([mask.new_zeros(mask.shape[0], width - mask.shape[1]), mask], 1)
+    if mask.shape[1] == width:
+        return mask
+    return torch.cat([mask.new_zeros(mask.shape[0], width - mask.shape[1]), mask], 1)
 
 
 def _merge_caches(running, new, width: int) -> None:

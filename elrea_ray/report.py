@@ -125,8 +125,8 @@ def fig_vs_base(table: dict, folder: Path) -> Path | None:
     colors = ["tab:green" if a > 0 else "tab:red" if b < 0 else "tab:grey" for a, b in zip(lo, hi)]
     ax.hlines(y, lo, hi, color=colors, lw=2)
     ax.scatter(d, y, color=colors, zorder=3)
-    for yi, di, l, h in zip(y, d, lo, hi):
-        ax.annotate(f"{di:+.1f} [{l:+.1f}, {h:+.1f}]", (h, yi), xytext=(6, -3), textcoords="offset points",
+    for yi, di, low, h in zip(y, d, lo, hi):
+        ax.annotate(f"{di:+.1f} [{low:+.1f}, {h:+.1f}]", (h, yi), xytext=(6, -3), textcoords="offset points",
                     fontsize=8)
     ax.axvline(0, color="black", lw=0.8)
     ax.set_yticks(y, [method_title(m) for m, _ in rows])

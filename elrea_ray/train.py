@@ -9,7 +9,6 @@ a rerun of the same stage key resumes from the last one instead of step 0.
 from __future__ import annotations
 
 import contextlib
-
 import json
 import math
 import os
@@ -82,6 +81,7 @@ def _lr_lambda(total_steps: int, warmup_steps: int):
 
 def _load_examples(data_file: str, example_ids: list[str] | None, tok, max_length: int):
     import json
+
     import pyarrow.parquet as pq
 
     from elrea_ray.data import encode, sft_labels

@@ -35,8 +35,16 @@ from pydantic import BaseModel, model_validator
 from ray import serve
 from starlette.exceptions import HTTPException
 
-from elrea_ray.openai_api import (MAX_BODY_BYTES, SSE_DONE, RequestError, StreamWriter, check_request,
-                                  completion_body, encode_request, error_body)
+from elrea_ray.openai_api import (
+    MAX_BODY_BYTES,
+    SSE_DONE,
+    RequestError,
+    StreamWriter,
+    check_request,
+    completion_body,
+    encode_request,
+    error_body,
+)
 
 log = logging.getLogger("ray.serve")
 app = FastAPI(title="elrea-ray", docs_url=None, redoc_url=None)

@@ -120,5 +120,6 @@ def test_a_request_no_node_type_could_hold_fails_within_seconds(zero_cpu_head, t
     took = time.monotonic() - start
     out = job.stdout + job.stderr
     assert job.returncode != 0, out[-3000:]
-    assert "stage base (Ray Train)" in out and "16 CPUs" in out and "autoscaler node types: CPU 4 x2" in out, out[-3000:]
+    assert "stage base (Ray Train)" in out and "16 CPUs" in out, out[-3000:]
+    assert "autoscaler node types: CPU 4 x2" in out, out[-3000:]
     assert took < 120, f"the impossible request took {took:.0f} s to fail"  # a hang guard, not a timing

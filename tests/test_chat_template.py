@@ -44,8 +44,7 @@ def test_response_is_assistant_content_and_end_of_turn(name):
 
 @pytest.mark.parametrize("name", sorted(TEMPLATES))
 def test_instruction_is_the_generation_prompt_rendering(name):
-    from elrea_ray.data import encode, render_prompt
-    from elrea_ray.data import instruction_ids
+    from elrea_ray.data import encode, instruction_ids, render_prompt
 
     tok, _ = _tokenizer(name)
     text = tok.apply_chat_template(MESSAGES, tokenize=False, add_generation_prompt=True)
@@ -66,8 +65,7 @@ def test_stop_ids_hold_end_of_turn_and_eos(name):
 
 
 def test_long_instruction_keeps_the_assistant_header():
-    from elrea_ray.data import encode, render_prompt
-    from elrea_ray.data import instruction_ids
+    from elrea_ray.data import encode, instruction_ids, render_prompt
 
     tok, _ = _tokenizer("llama3")
     long = [{"role": "user", "content": "word " * 200}]

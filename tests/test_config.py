@@ -3,8 +3,7 @@ from pathlib import Path
 
 import pytest
 
-from elrea_ray.config import (ClusteringConfig, Config, ConfigError, EvalConfig, ModelConfig, TrainConfig,
-                              load_config)
+from elrea_ray.config import ClusteringConfig, Config, ConfigError, EvalConfig, ModelConfig, TrainConfig, load_config
 
 CONFIGS = sorted((Path(__file__).resolve().parents[1] / "jobs" / "configs").glob("*.yaml"))
 

@@ -7,9 +7,19 @@ import random
 import pytest
 
 from elrea_ray.config import DataConfig, ModelConfig
-from elrea_ray.data import (FAMILY_CONFIGS, DataError, build_splits, build_splits_with_report, collate,
-                            encode, instruction_labels, length_bucketed_batches, read_rows,
-                            reasoning_gym_rows, sft_labels)
+from elrea_ray.data import (
+    FAMILY_CONFIGS,
+    DataError,
+    build_splits,
+    build_splits_with_report,
+    collate,
+    encode,
+    instruction_labels,
+    length_bucketed_batches,
+    read_rows,
+    reasoning_gym_rows,
+    sft_labels,
+)
 from elrea_ray.scorers import extract_answer, score
 
 

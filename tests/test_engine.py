@@ -10,10 +10,9 @@ import numpy as np
 import pytest
 import torch
 
-from elrea_ray.decoding import DecodeLoop, InvalidRequest
+from elrea_ray.decoding import DecodeLoop, GenRequest, InvalidRequest
 from elrea_ray.ensemble import ensemble_generate
 from elrea_ray.model import load_adapters, load_tokenizer
-from elrea_ray.decoding import GenRequest
 from tests.test_ensemble import CFG, NAMES, train_adapters
 
 W = np.array([0.3, 0.5, 0.7])  # a dense routing over base, expert-00, expert-01

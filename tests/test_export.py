@@ -25,9 +25,9 @@ def exported(smoke_run, tmp_path_factory):
 def test_exported_peft_folders_give_the_bundles_logits(exported):
     from peft import PeftModel
 
+    from elrea_ray.bundle import load_bundle
     from elrea_ray.config import ModelConfig
     from elrea_ray.model import load_adapters, load_backbone
-    from elrea_ray.bundle import load_bundle
 
     run, out = exported
     root, bundle = load_bundle(run)

@@ -20,7 +20,6 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-
 from conftest import ROOT, SMOKE, smoke_config
 
 pytestmark = pytest.mark.slow
@@ -329,7 +328,8 @@ def test_bad_rows_are_skipped_and_counted_in_the_manifest_or_named(tmp_path):
              "data.validation_per_source=1"]
     cfg = smoke_config(tmp_path / "skip", *files, "data.bad_rows=skip")
     run = RunDir.at(cfg.run.run_dir)
-    run.run_stage("data", stage_keys(cfg)["data"], lambda out: data.run(StageContext(cfg, run, {}, out)), log=lambda s: None)
+    run.run_stage("data", stage_keys(cfg)["data"], lambda out: data.run(StageContext(cfg, run, {}, out)),
+                  log=lambda s: None)
     counts = run.read_manifest()["stages"]["data"]["info"]["files"][str(train)]
     assert counts["read"] == 10 and counts["kept"] == 7
     assert counts["skipped"] == {"missing_field": 1, "wrong_type": 1, "empty_text": 1}
@@ -340,7 +340,8 @@ def test_bad_rows_are_skipped_and_counted_in_the_manifest_or_named(tmp_path):
         data.run(StageContext(cfg, None, {}, tmp_path))
     train.write_text("\n".join(train.read_text().splitlines()[:6] + train.read_text().splitlines()[9:]) + "\n")
     run = RunDir.at(cfg.run.run_dir)
-    run.run_stage("data", stage_keys(cfg)["data"], lambda out: data.run(StageContext(cfg, run, {}, out)), log=lambda s: None)
+    run.run_stage("data", stage_keys(cfg)["data"], lambda out: data.run(StageContext(cfg, run, {}, out)),
+                  log=lambda s: None)
     with pytest.raises(DataError, match=r"mix\.jsonl, line 7: longer than model\.max_length=256 tokens"):
         check_lengths(cfg, run)
 
@@ -353,7 +354,8 @@ def test_smoke_manifest_records_too_long_counts(smoke_run):
 # -- item 7: infeasible resources --------------------------------------------------------------------
 
 @pytest.mark.parametrize("override,match", [
-    ("train.use_gpu=true", r"stage base.*needs 1 GPUs \(1 x 1\) but the Ray cluster has 0 GPUs; set train\.use_gpu=false"),
+    ("train.use_gpu=true",
+     r"stage base.*needs 1 GPUs \(1 x 1\) but the Ray cluster has 0 GPUs; set train\.use_gpu=false"),
     ("gradients.use_gpu=true", r"stage gradients.*GPUs; set gradients\.use_gpu=false"),
     ("train.num_workers=8", r"stage base.*needs 8 CPUs \(8 x 1; train\.num_workers, train\.cpus_per_worker\) "
                             r"but the Ray cluster has 4 CPUs"),

@@ -7,9 +7,16 @@ import json
 
 import pytest
 
-from elrea_ray.openai_api import (ERROR_KINDS, RequestError, StreamWriter, check_request, completion_body,
-                                  error_body, parse_request)
 from elrea_ray.decoding import GenResult
+from elrea_ray.openai_api import (
+    ERROR_KINDS,
+    RequestError,
+    StreamWriter,
+    check_request,
+    completion_body,
+    error_body,
+    parse_request,
+)
 from elrea_ray.serving import Engine
 
 
@@ -22,7 +29,8 @@ class RequestEngine:
     encode_text = Engine.encode_text
 
     def __init__(self, tok):
-        self.tok, self.model_id, self.names, self.max_context = tok, "elrea-run", ["base", "expert-00", "expert-01"], 256
+        self.tok, self.model_id, self.max_context = tok, "elrea-run", 256
+        self.names = ["base", "expert-00", "expert-01"]
 
 
 @pytest.fixture(scope="module")

@@ -5,7 +5,6 @@ import json
 
 import pyarrow.parquet as pq
 import pytest
-
 from conftest import smoke_config
 
 pytestmark = pytest.mark.slow

@@ -35,7 +35,8 @@ def test_pattern_catches_machine_paths():
     for bad in ("/".join(["", "work", "main", "runs"]), 'default="/' + 'root/x"', "OUT=/" + "tmp/out",
                 "/".join(["", "home", "alice", "data"])):
         assert MACHINE_PATH.search(bad), bad
-    for fine in ("runs/default", "s3://b/run", "$TMPDIR/x", "docs/method.md", "/mnt/shared/runs", "/home/ray/elrea-ray"):
+    for fine in ("runs/default", "s3://b/run", "$TMPDIR/x", "docs/method.md", "/mnt/shared/runs",
+                 "/home/ray/elrea-ray"):
         assert not MACHINE_PATH.search(fine), fine
 
 

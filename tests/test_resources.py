@@ -3,8 +3,8 @@ fractional GPUs) and requests that can never be placed failing at once, naming t
 instead of Ray Train waiting for them forever."""
 
 import pytest
-
 from conftest import SMOKE
+
 from elrea_ray.config import ConfigError, TrainConfig, load_config
 from elrea_ray.resources import resource_problem, worker_bundle
 from elrea_ray.train import fit_many

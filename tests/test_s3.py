@@ -139,7 +139,8 @@ def test_bad_object_store_uris_fail_fast_naming_the_uri(s3, tmp_path):
         s.bind(("127.0.0.1", 0))
         closed = f"127.0.0.1:{s.getsockname()[1]}"
     t0 = time.time()
-    with pytest.raises(ArtifactError, match=r"run directory s3://bkt/run\?endpoint_override=127.0.0.1.* is not reachable"):
+    unreachable = r"run directory s3://bkt/run\?endpoint_override=127.0.0.1.* is not reachable"
+    with pytest.raises(ArtifactError, match=unreachable):
         RunDir.at(uri(closed, "bkt", "run"), tmp_path / "m")
     print(f"unreachable endpoint refused in {time.time() - t0:.1f} s")
     with pytest.raises(ArtifactError, match="unknown query parameter"):
@@ -176,6 +177,7 @@ def test_pipeline_on_s3_resumes_from_the_object_store(ray_local, s3, bucket, tmp
     """One smoke run into s3://, a rerun from an empty mirror (nothing rebuilt), then a changed
     expert setting (only experts and eval rerun)."""
     from conftest import smoke_config
+
     from elrea_ray.pipeline import run_pipeline, stage_keys
 
     remote, mirror = uri(s3, bucket, "run"), tmp_path / "mirror"

@@ -6,8 +6,16 @@ import pytest
 
 from elrea_ray.config import DataConfig
 from elrea_ray.data import build_splits, read_rows
-from elrea_ray.scorers import (gold_letter, last_boxed, math_equal, normalize_math, parse_mathqa_options,
-                               predicted_letter, score, score_answer)
+from elrea_ray.scorers import (
+    gold_letter,
+    last_boxed,
+    math_equal,
+    normalize_math,
+    parse_mathqa_options,
+    predicted_letter,
+    score,
+    score_answer,
+)
 
 
 def _jsonl(path, records):

@@ -67,13 +67,14 @@ def test_streaming_equals_non_streaming(client):
 
 
 def test_routing_equals_the_library_and_forcing_base_equals_base_adapter(client, smoke_run):
+    from safetensors.numpy import load_file
+
     from elrea_ray.config import ModelConfig
     from elrea_ray.ensemble import single_generate
     from elrea_ray.gradients import FeatureExtractor
     from elrea_ray.model import load_adapters, load_tokenizer
     from elrea_ray.projection import ProjectorSpec
     from elrea_ray.routing import route
-    from safetensors.numpy import load_file
 
     b = json.loads(smoke_run.bundle.read_text())
     mc = ModelConfig(**b["model"])
@@ -254,7 +255,8 @@ def test_fuzzed_bodies_never_500(server):
                     body["max_tokens"] = rng.choice([0, -3, "a", None, 10**9])
                 raw = json.dumps(body).encode()
             path = "/v1/chat/completions" if i % 2 else "/v1/completions"
-            codes.append(http.post(server + path, content=raw, headers={"content-type": "application/json"}).status_code)
+            r = http.post(server + path, content=raw, headers={"content-type": "application/json"})
+            codes.append(r.status_code)
     assert not [c for c in codes if c >= 500], sorted(set(codes))
     assert httpx.post(server + "/v1/completions", json={"prompt": "hi", "max_tokens": 2}, timeout=60).status_code == 200
 

@@ -10,12 +10,12 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from conftest import SMOKE
+
+from elrea_ray import sweep
 from elrea_ray.artifacts import ArtifactError, RunDir
 from elrea_ray.config import ConfigError, load_config
 from elrea_ray.pipeline import stage_keys
-from elrea_ray import sweep
 
 
 def test_grid_points_and_trial_configs(tmp_path):

@@ -105,8 +105,8 @@ def test_the_smoke_run_writes_tensorboard_events_by_default(smoke_run):
 
 def test_a_run_with_mlflow_logs_every_adapter_and_the_eval_table(copy_of_smoke, tmp_path, monkeypatch):
     import mlflow
-
     from conftest import smoke_config
+
     from elrea_ray.pipeline import run_pipeline
 
     monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
