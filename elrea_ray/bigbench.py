@@ -111,7 +111,10 @@ def load_tasks(tasks: list[str], archive: Path, cache: Path | None = None) -> di
                     names.append(m.name[len(_TASKS):-len("/task.json")].replace("/", ":"))
                 if m.name in missing:
                     task = missing.pop(m.name)
-                    data = json.load(tar.extractfile(m))
+                    try:
+                        data = json.load(tar.extractfile(m))
+                    except ValueError as e:
+                        raise BigBenchError(f"{archive}: {m.name} is not valid JSON: {e}") from None
                     if "examples" not in data:
                         parents.append(task)  # read on: its subtasks' names follow
                         continue
@@ -155,8 +158,10 @@ def _examples(name: str, task: dict) -> list[dict]:
             if not isinstance(scores, dict) or len(scores) < 2:
                 raise BigBenchError(f"{name} example {i}: a multiple-choice example needs target_scores")
             best = max(scores.values())
-            gold = next(k for k, v in scores.items() if v == best)  # BIG-bench: the first best option
-            out.append({"input": ex["input"], "targets": [gold], "choices": list(scores)})
+            # every option with the top score is right (BIG-bench's multiple_choice_grade); the
+            # first one is the training response, as BIG-bench picks its target
+            golds = [k for k, v in scores.items() if v == best]
+            out.append({"input": ex["input"], "targets": golds, "choices": list(scores)})
         else:
             target = ex.get("target")
             targets = target if isinstance(target, list) else [target]
@@ -238,9 +243,9 @@ def chosen_option(prediction: str, choices: list[str]) -> str | None:
 
 
 def score(prediction: str, meta: dict) -> float:
-    """1.0 if the generation names the gold option (multiple choice) or equals one of the targets
+    """1.0 if the generation names a gold option (multiple choice) or equals one of the targets
     (exact match after lower-casing and trimming spaces and end punctuation), else 0.0."""
     if meta.get("choices"):
-        return float(chosen_option(prediction, meta["choices"]) == meta["targets"][0])
+        return float(chosen_option(prediction, meta["choices"]) in meta["targets"])
     answer = prediction.strip().splitlines()[0] if prediction.strip() else ""
     return float(_norm(answer) in {_norm(t) for t in meta["targets"]})

@@ -129,12 +129,11 @@ def cmd_report(args) -> int:
 def cmd_export(args) -> int:
     from elrea_ray.bundle import BundleError
     from elrea_ray.export import ExportError, export_run, push_to_hub
+    from elrea_ray.markers import ArtifactError
 
-    run = RunDir.at(args.run_dir)
-    run.pull(log=lambda msg: None)  # an s3:// run is mirrored locally first
-    try:
-        out = export_run(run.root, args.out, args.format, args.base_model)
-    except (ExportError, BundleError) as e:
+    try:  # an s3:// run: load_bundle pulls what the bundle lists into the local mirror
+        out = export_run(args.run_dir, args.out, args.format, args.base_model)
+    except (ExportError, BundleError, ArtifactError) as e:
         raise CommandError(str(e)) from None
     print(f"wrote {args.format} adapters to {out} (see {out / 'README.md'})")
     if args.push_to_hub:

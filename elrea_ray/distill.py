@@ -87,7 +87,7 @@ def fit_router(h: np.ndarray, expert_weights: np.ndarray, base_weight: np.ndarra
     if hidden < 0:
         raise ValueError(f"hidden must be >= 0 (0: a linear head), got {hidden}")
     gen = torch.Generator().manual_seed(seed)
-    mean, std = x.mean(0), x.std(0).clamp_min(1e-6)
+    mean, std = x.mean(0), x.std(0, unbiased=False).clamp_min(1e-6)
     width = hidden or d
     layers = {"w_out": torch.randn(width, target.shape[1] + 1, generator=gen) * width ** -0.5,
               "b_out": torch.zeros(target.shape[1] + 1)}
@@ -123,6 +123,8 @@ def pooled_hidden_states(model, prompts: list[list[int]], pad_token_id: int, bat
     was_training = model.training
     model.eval()
     try:
+        if any(len(p) == 0 for p in prompts):
+            raise ValueError("pooled_hidden_states: a prompt has no tokens")
         with torch.no_grad():
             for lo in range(0, len(prompts), batch_size):
                 chunk = prompts[lo:lo + batch_size]

@@ -137,6 +137,9 @@ def export_run(run_dir: str | Path, out: str | Path, fmt: str = "peft", base_mod
             modules = [{"name": n, "path": n, "base_model_name": base_model} for n in names]
             (tmp / "lora_modules.json").write_text(json.dumps(modules, indent=2) + "\n")
         (tmp / "README.md").write_text(_readme(fmt, base_model, names, source))
+        umask = os.umask(0)
+        os.umask(umask)
+        tmp.chmod(0o777 & ~umask)  # mkdtemp's 0700 would keep other users (a vLLM container) out
         if out.exists():
             out.rmdir()
         os.replace(tmp, out)

@@ -119,9 +119,9 @@ def run_pipeline(cfg: Config, log=print) -> RunDir:
             if name not in keys:
                 continue  # the baselines stage runs only when eval.methods asks for it
             _, ran = run.run_stage(name, keys[name], lambda out, stage=stage: stage.run(ctx.at(out)), log)
-            log_stage(tracked, cfg, name, run.root)  # once per item, also for a stage finished before
             if name == "experts" and (ran or not run.bundle.exists()
                                       or json.loads(run.bundle.read_text()).get("keys") != keys):
                 write_bundle(cfg, run, keys)
+            log_stage(tracked, cfg, name, run.root, keys[name])  # once per stage key; never fails the run
         log(f"pipeline finished in {time.time() - t0:.0f} s; run directory {run.root}")
     return run

@@ -139,13 +139,17 @@ def autoscaler_demand(bundles: list[dict[str, float]]) -> Iterator[None]:
     with _demand_lock:
         token = next(_tokens)
         _demands[token] = [dict(b) for b in bundles]
-        _publish()
     try:
+        with _demand_lock:
+            _publish()
         yield
     finally:
         with _demand_lock:
             del _demands[token]
-            _publish()
+            try:
+                _publish()
+            except Exception as e:  # the autoscaler keeps the old request; the stage's own error wins
+                print(f"could not withdraw the autoscaler request: {type(e).__name__}: {e}", flush=True)
 
 
 def _wait_until_fits(num_workers: int, bundle: dict[str, float], what: str, keys: str | None,

@@ -355,9 +355,10 @@ def _absolute_files(cfg: Config) -> Config:
     """Tune runs each trial in its own working directory: make data file paths absolute first."""
     d = cfg.data
     fix = lambda fs: tuple(str(Path(f).expanduser().resolve()) for f in fs)  # noqa: E731
+    archive = fix([d.bigbench_archive])[0] if d.bigbench_archive else ""
     return cfg.replace(data=dataclasses.replace(d, train_files=fix(d.train_files),
                                                 validation_files=fix(d.validation_files),
-                                                test_files=fix(d.test_files)))
+                                                test_files=fix(d.test_files), bigbench_archive=archive))
 
 
 def run_sweep(cfg: Config, log: Callable[[str], None] = print) -> dict:

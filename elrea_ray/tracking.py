@@ -60,9 +60,11 @@ class Tracker:
         self._parent: str | None = None
 
     # -- what the pipeline calls -------------------------------------------------------------
-    def log_training(self, adapter: str, config: dict, train_log: Path) -> bool:
-        """Log an adapter's config and its per-step loss/lr from its train_log.json, once."""
-        if self.backend == "none" or self._done(f"train-{adapter}"):
+    def log_training(self, adapter: str, config: dict, train_log: Path, key: str = "") -> bool:
+        """Log an adapter's config and its per-step loss/lr from its train_log.json, once per
+        `key` (the stage key that produced it: a retrained adapter is logged again)."""
+        item = f"train-{adapter}" + (f"-{key}" if key else "")
+        if self.backend == "none" or self._done(item):
             return False
         log = json.loads(Path(train_log).read_text())
         steps = [e for e in log.get("log", []) if "loss" in e]
@@ -81,12 +83,13 @@ class Tracker:
                 mlflow.log_params(_flat(config))
                 for e in steps:
                     mlflow.log_metrics({k: float(e[k]) for k in ("loss", "lr", "epoch") if k in e}, step=e["step"])
-        self._mark(f"train-{adapter}")
+        self._mark(item)
         return True
 
-    def log_eval(self, metrics_file: Path, files: list[Path]) -> bool:
-        """Log every method's accuracy and the report's files (tables, figures), once."""
-        if self.backend == "none" or self._done("eval"):
+    def log_eval(self, metrics_file: Path, files: list[Path], key: str = "") -> bool:
+        """Log every method's accuracy and the report's files (tables, figures), once per `key`."""
+        item = "eval" + (f"-{key}" if key else "")
+        if self.backend == "none" or self._done(item):
             return False
         scores = eval_scalars(json.loads(Path(metrics_file).read_text()))
         if self.backend == "tensorboard":
@@ -107,7 +110,7 @@ class Tracker:
                         mlflow.log_artifact(str(f))
                     elif Path(f).is_dir():
                         mlflow.log_artifacts(str(f), artifact_path=Path(f).name)
-        self._mark("eval")
+        self._mark(item)
         return True
 
     def tune_callbacks(self) -> list:
@@ -128,24 +131,36 @@ class Tracker:
         return SummaryWriter(logdir=str(self.dir / "tensorboard" / sub))
 
     def _mlflow_run(self, child: str):
-        """A child run of this pipeline run's parent run (created once, its id kept in the run
-        directory so a resumed run logs into the same parent)."""
+        """A child run of this pipeline run's parent run. The parent is created once per
+        (tracking URI, experiment) and its id kept in the run directory, so a resumed run logs
+        into the same parent; one that the backend no longer has is replaced."""
         import mlflow
 
         if self.uri:
             mlflow.set_tracking_uri(self.uri)
         mlflow.set_experiment(self.project)
-        id_file = self.dir / "mlflow_parent_run_id"
+        where = {"uri": mlflow.get_tracking_uri(), "project": self.project}
+        id_file = self.dir / "mlflow_parent.json"
         if self._parent is None and id_file.exists():
-            self._parent = id_file.read_text().strip()
+            saved = json.loads(id_file.read_text())
+            self._parent = saved["run_id"] if {k: saved.get(k) for k in where} == where else None
+        if self._parent is not None:
+            try:
+                mlflow.start_run(run_id=self._parent)
+            except Exception:  # deleted, or another backend's id: start a new parent
+                self._parent = None
         if self._parent is None:
-            with mlflow.start_run(run_name=self.name) as parent:
-                mlflow.set_tag("elrea.run_dir", self.name)
-                self._parent = parent.info.run_id
+            mlflow.start_run(run_name=self.name)
+            mlflow.set_tag("elrea.run_dir", self.name)
+            self._parent = mlflow.active_run().info.run_id
             self.dir.mkdir(parents=True, exist_ok=True)
-            id_file.write_text(self._parent)
-        mlflow.start_run(run_id=self._parent)
-        return _Nested(mlflow.start_run(run_name=child, nested=True))
+            id_file.write_text(json.dumps({**where, "run_id": self._parent}))
+        try:
+            child_run = mlflow.start_run(run_name=child, nested=True)
+        except BaseException:
+            mlflow.end_run()  # the parent, reopened for it
+            raise
+        return _Nested(child_run)
 
     # -- once per item -----------------------------------------------------------------------
     def _marker(self, item: str) -> Path:
@@ -169,10 +184,10 @@ class _Nested:
     def __enter__(self):
         return self.child
 
-    def __exit__(self, *exc):
+    def __exit__(self, exc_type, *exc):
         import mlflow
 
-        mlflow.end_run()  # the child
+        mlflow.end_run("FINISHED" if exc_type is None else "FAILED")  # the child
         mlflow.end_run()  # the parent, reopened for it
         return False
 
@@ -183,12 +198,19 @@ def tracker(cfg: Config, root: Path) -> Tracker:
     return Tracker(t.backend, root, Path(root).name, uri=t.uri, project=t.project)
 
 
-def log_stage(tr: Tracker, cfg: Config, stage: str, root: Path) -> None:
+def log_stage(tr: Tracker, cfg: Config, stage: str, root: Path, key: str = "") -> None:
     """Log what a finished stage wrote: each adapter's training log (base, experts, baselines),
-    or the evaluation table and report."""
+    or the evaluation table and report. A tracking failure (an unreachable server) is printed
+    and never stops the pipeline."""
+    try:
+        _log_stage(tr, cfg, stage, Path(root), key)
+    except Exception as e:
+        print(f"[tracking] could not log stage {stage} to {tr.backend}: {type(e).__name__}: {e}", flush=True)
+
+
+def _log_stage(tr: Tracker, cfg: Config, stage: str, root: Path, key: str) -> None:
     from dataclasses import asdict
 
-    root = Path(root)
     if stage in ("base", "experts", "baselines"):
         section = {"base": "train", "experts": "experts", "baselines": "train"}[stage]  # the recipe's section
         folder = {"base": root / "adapters" / "base", "experts": root / "adapters" / "experts",
@@ -198,7 +220,8 @@ def log_stage(tr: Tracker, cfg: Config, stage: str, root: Path) -> None:
             name = "base" if stage == "base" else f"{stage}/{log.parent.name}"
             tr.log_training(name.replace("/", "-"), {"model": asdict(cfg.model), "train": asdict(cfg.train),
                                                      section: asdict(getattr(cfg, section)),
-                                                     "seed": cfg.run.seed}, log)
+                                                     "seed": cfg.run.seed}, log, key)
     elif stage == "eval":
         ev = root / "eval"
-        tr.log_eval(ev / "metrics.json", [ev / "results.md", ev / "report.md", ev / "report.html", ev / "figures"])
+        tr.log_eval(ev / "metrics.json", [ev / "results.md", ev / "report.md", ev / "report.html", ev / "figures"],
+                    key)

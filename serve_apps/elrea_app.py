@@ -111,6 +111,25 @@ def api_key(args: AppArgs, environ=os.environ) -> str | None:
     return environ.get(API_KEY_ENV) or None
 
 
+# GenRequest fields the engine may name in a refusal, as the OpenAI body spells them
+_OPENAI_PARAM = {"prompt_ids": "messages", "top_k_experts": "top_k", "logprobs": "top_logprobs"}
+
+
+class _Stream(StreamingResponse):
+    """A streamed response that runs `release` however it ends: also when the client leaves
+    before the first chunk (then its generator never starts, and its own finally never runs)."""
+
+    def __init__(self, content, release):
+        super().__init__(content, media_type="text/event-stream")
+        self._release = release
+
+    async def __call__(self, scope, receive, send):
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self._release()
+
+
 def _error(e: RequestError) -> JSONResponse:
     headers = {"WWW-Authenticate": "Bearer"} if e.status == 401 else None  # RFC 6750
     return JSONResponse(e.body(), status_code=e.status, headers=headers)
@@ -133,17 +152,6 @@ async def _validation_error(request: Request, e: RequestValidationError) -> JSON
 async def _unhandled(request: Request, e: Exception) -> JSONResponse:
     log.warning("unhandled error on %s: %s", request.url.path, type(e).__name__)
     return JSONResponse(error_body(500, f"internal server error ({type(e).__name__})"), status_code=500)
-
-
-class _Tagged:
-    """A queue's put_nowait that tags each event with its choice index, so that the n choices
-    of one request share a queue."""
-
-    def __init__(self, queue: asyncio.Queue, index: int):
-        self.queue, self.index = queue, index
-
-    def put_nowait(self, item: tuple) -> None:
-        self.queue.put_nowait((self.index, *item))
 
 
 class _Metrics:
@@ -269,10 +277,12 @@ class ELREAServer:
             for i, req in enumerate(reqs):
                 handles.append(self.engine.submit(
                     req, lambda ev, i=i: loop.call_soon_threadsafe(events.put_nowait, (i, ev))))
-        except InvalidRequest as e:
+        except BaseException as e:  # no choice decodes without a reader
             for h in handles:
                 h.cancel()
-            raise RequestError(str(e), e.field) from None
+            if isinstance(e, InvalidRequest):
+                raise RequestError(str(e), _OPENAI_PARAM.get(e.field, e.field)) from None
+            raise
         return handles, events
 
     async def _next_event(self, handles: list, events: asyncio.Queue):
@@ -293,6 +303,18 @@ class ELREAServer:
             h.cancel()
         took = time.monotonic() - min(h.submitted_at for h in handles)
         self._request_seconds = 0.8 * self._request_seconds + 0.2 * took
+
+    def _stream_release(self, handles: list):
+        """The release of a streamed request: its rows and its admission slot, exactly once
+        (both the stream's generator and its response call it)."""
+        done = [False]
+
+        def release() -> None:
+            if not done[0]:
+                done[0] = True
+                self._release(handles)
+                self.inflight -= 1
+        return release
 
     def _overloaded(self) -> JSONResponse:
         """429 with an honest Retry-After: the requests ahead of a new one, in units of the batch,
@@ -345,7 +367,8 @@ class ELREAServer:
         reqs, meta = await self._parse(request, chat)
         handles, events = self._submit(reqs)
         if meta["stream"]:
-            return StreamingResponse(self._stream(meta, handles, events), media_type="text/event-stream")
+            release = self._stream_release(handles)
+            return _Stream(self._stream(meta, handles, events, release), release)
         try:  # a client that leaves cancels this coroutine: the finally takes its rows out of the batch
             results: dict = {}
             while len(results) < len(reqs):
@@ -361,7 +384,7 @@ class ELREAServer:
         finally:
             self._release(handles)
 
-    async def _stream(self, meta, handles, events):
+    async def _stream(self, meta, handles, events, release):
         try:
             async for chunk in self._stream_chunks(meta, handles, events):
                 yield chunk
@@ -370,8 +393,7 @@ class ELREAServer:
             yield StreamWriter.error(f"internal server error ({type(e).__name__})")
             yield SSE_DONE
         finally:  # also when the client disconnects: the slot and the rows are freed at once
-            self._release(handles)
-            self.inflight -= 1
+            release()
 
     async def _stream_chunks(self, meta, handles, events):
         """The n choices' events, interleaved as their tokens arrive, each choice ending at its

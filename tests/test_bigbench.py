@@ -181,3 +181,12 @@ def test_bigbench_settings_leave_other_runs_keys_alone():
     plain = stage_keys(load_config("jobs/configs/smoke.yaml", []))
     moved = stage_keys(load_config("jobs/configs/smoke.yaml", ["data.bigbench_archive=elsewhere.tar.gz"]))
     assert plain == moved
+
+
+def test_every_top_scoring_option_is_right():
+    task = {"name": "tie", "preferred_score": "multiple_choice_grade",
+            "examples": [{"input": f"q{i}", "target_scores": {"a": 1, "b": 1, "c": 0}} for i in range(10)]}
+    row = bb.task_rows("tie", task, 0, {"train": 4, "validation": 1, "test": 2})["test"][0]
+    meta = json.loads(row["meta"])
+    assert row["response"] == "a" and meta["targets"] == ["a", "b"]
+    assert bb.score("b", meta) == bb.score("a", meta) == 1.0 and bb.score("c", meta) == 0.0

@@ -126,3 +126,22 @@ def test_a_run_with_mlflow_logs_every_adapter_and_the_eval_table(copy_of_smoke, 
     assert ev["metrics.accuracy.elrea"] == pytest.approx(metrics["elrea"]["micro"]["acc"])
     files = {a.path for a in mlflow.tracking.MlflowClient().list_artifacts(ev["run_id"])}
     assert {"metrics.json", "results.md", "report.html", "figures"} <= files
+
+
+def test_a_tracking_failure_is_reported_and_never_stops_the_run(run, tmp_path, monkeypatch, capsys):
+    from elrea_ray.config import load_config
+    from elrea_ray.tracking import log_stage
+
+    # MLflow 3 refuses a plain-folder store without its switch: the backend fails at once
+    monkeypatch.delenv("MLFLOW_ALLOW_FILE_STORE", raising=False)
+    cfg = load_config("jobs/configs/smoke.yaml", [])
+    log_stage(Tracker("mlflow", run, "run", uri=(tmp_path / "mlruns").as_uri()), cfg, "eval", run, "k1")
+    assert "[tracking] could not log stage eval to mlflow" in capsys.readouterr().out
+    assert not (run / "tracking" / "logged").exists()  # nothing marked: a later run tries again
+
+
+def test_a_new_stage_key_is_logged_again(run):
+    t = Tracker("tensorboard", run, "run")
+    log = run / "adapters" / "base" / "train_log.json"
+    assert t.log_training("base", {}, log, key="a") and not t.log_training("base", {}, log, key="a")
+    assert t.log_training("base", {}, log, key="b")  # the base adapter was retrained
