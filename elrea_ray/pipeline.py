@@ -22,7 +22,7 @@ from elrea_ray.bundle import write_bundle
 from elrea_ray.config import Config
 from elrea_ray.stages import base, baselines, clusters, data, evaluate, experts, gradients
 from elrea_ray.stages.common import StageContext, config_slice, plain
-from elrea_ray.tracking import log_stage, tracker
+from elrea_ray.tracking import log_stage, publish_tracking, pull_tracking, tracker
 
 
 def stage_keys(cfg: Config) -> dict[str, str]:
@@ -114,6 +114,7 @@ def run_pipeline(cfg: Config, log=print) -> RunDir:
     tracked = tracker(cfg, run.root)
     with run.lock():
         _start(cfg, run, keys, log)
+        pull_tracking(run)
         t0 = time.time()
         for name, stage in STAGES:
             if name not in keys:
@@ -123,5 +124,6 @@ def run_pipeline(cfg: Config, log=print) -> RunDir:
                                       or json.loads(run.bundle.read_text()).get("keys") != keys):
                 write_bundle(cfg, run, keys)
             log_stage(tracked, cfg, name, run.root, keys[name])  # once per stage key; never fails the run
+            publish_tracking(run)
         log(f"pipeline finished in {time.time() - t0:.0f} s; run directory {run.root}")
     return run

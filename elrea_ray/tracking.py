@@ -225,3 +225,21 @@ def _log_stage(tr: Tracker, cfg: Config, stage: str, root: Path, key: str) -> No
         ev = root / "eval"
         tr.log_eval(ev / "metrics.json", [ev / "results.md", ev / "report.md", ev / "report.html", ev / "figures"],
                     key)
+
+
+def pull_tracking(run) -> None:
+    """An object-store run: bring its tracking/ folder (markers, the MLflow parent, TensorBoard
+    files) into the local mirror, so a resumed run on another machine logs nothing twice."""
+    if run.remote is not None:
+        from elrea_ray import storage
+
+        folder = run.root / "tracking"
+        storage.pull_dir(run.ref(folder), folder, merge=True)
+
+
+def publish_tracking(run) -> None:
+    """An object-store run: upload the tracking/ folder (a few small files per stage)."""
+    folder = run.root / "tracking"
+    if run.remote is not None and folder.is_dir():
+        for f in sorted(p for p in folder.rglob("*") if p.is_file()):
+            run.publish(f)

@@ -37,6 +37,17 @@ def test_smoke_run_writes_exactly_the_expected_artifacts(smoke_run):
                  for n in ("adapter_config.json", "adapter_model.safetensors", "train_log.json")}
     stage_markers = {f"{d}/_COMPLETE" for d in ("data", "adapters/base", "gradients", "clusters",
                                                   "adapters/experts", "eval")}
+    # experiment tracking (tensorboard by default): one marker per logged item and stage key, and
+    # one folder of event files per adapter and for the evaluation
+    keys = json.loads((root / "manifest.json").read_text())["keys"]
+    experts = [f"experts-expert-{c:02d}" for c in range(C)]
+    expected |= {f"tracking/logged/tensorboard-train-base-{keys['base']}",
+                 f"tracking/logged/tensorboard-eval-{keys['eval']}"}
+    expected |= {f"tracking/logged/tensorboard-train-{e}-{keys['experts']}" for e in experts}
+    events = {f for f in files if f.startswith("tracking/tensorboard/")}
+    assert {f.split("/")[2] for f in events} == {"base", "eval", *experts}
+    assert all(f.split("/")[3].startswith("events.out.tfevents.") for f in events)
+    expected |= events
     got = {f for f in files if "README.md" not in f
            and not (f.startswith("gradients/") and f != "gradients/_COMPLETE")}
     assert expected | stage_markers <= got, sorted((expected | stage_markers) - got)
