@@ -361,8 +361,11 @@ class RoutingConfig(Section):
 # alone, M+Q_base, ELREA, Uniform Weights, top-k experts + base (`top1`, `top3`, ... any k; k >= C is
 # ELREA itself) and MoE Merging (the adapters averaged per prompt with the routing weights).
 # Behind the same switch, baselines that train adapters of their own in a `baselines` stage:
-# random_clusters (Random Cluster), dataset (M+Q_dataset), embedding (Instruction Embedding).
-EVAL_METHODS = ("backbone", "base", "elrea", "uniform", "moe_merge", "random_clusters", "dataset", "embedding")
+# random_clusters (Random Cluster), dataset (M+Q_dataset), embedding (Instruction Embedding) and
+# base_continued, the compute-matched control: Q_base trained on the whole mix for as many more
+# optimiser steps as the experts took together, with the experts' recipe (not in the paper).
+EVAL_METHODS = ("backbone", "base", "elrea", "uniform", "moe_merge", "random_clusters", "dataset", "embedding",
+                "base_continued")
 
 
 def top_k_of(method: str) -> int | None:
@@ -378,7 +381,7 @@ class EvalConfig(Section):
 
     SECTION: ClassVar[str] = "eval"
 
-    methods: tuple[str, ...] = ("backbone", "base", "elrea", "uniform", "top1")
+    methods: tuple[str, ...] = ("backbone", "base", "elrea", "uniform", "top1", "base_continued")
     max_new_tokens: int = 16
     batch_size: int = 8  # prompts per decoding batch (each replicated C+1 times for ensembles)
     num_actors: int = 1

@@ -20,6 +20,7 @@ METHOD_TITLES = {
     "random_clusters": "random clusters (all weights 1)",
     "dataset": "M+Q_dataset (own source's adapter)",
     "embedding": "instruction embedding (MiniLM)",
+    "base_continued": "M+Q_base continued (compute-matched)",
 }
 
 
@@ -56,9 +57,16 @@ def paired_bootstrap(a: np.ndarray, b: np.ndarray, resamples: int, seed: int = 0
     return (float(diff.mean()), float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5)))
 
 
+# The references every other method is compared with (paired, item by item): M+Q_base and the
+# compute-matched control, when they were evaluated.
+REFERENCES = {"vs_base": "base", "vs_continued": "base_continued"}
+
+
 def accuracy_table(sources: list[str], scores: dict[str, list[float]], resamples: int = 1000,
                    seed: int = 0) -> dict:
-    """{method: {"per_source": {src: {acc, n, ci}}, "micro": {...}, "vs_base": {diff, ci}}}"""
+    """{method: {"per_source": {src: {acc, n, ci, vs_base, vs_continued}}, "micro": {acc, n, ci},
+    "vs_base": {diff, ci}, "vs_continued": {diff, ci}}}; a vs_* entry where that reference was
+    evaluated and is not the method itself."""
     out: dict = {}
     src = np.asarray(sources)
     for method, s in scores.items():
@@ -71,14 +79,16 @@ def accuracy_table(sources: list[str], scores: dict[str, list[float]], resamples
         k, n = int(s.sum()), len(s)
         entry = {"per_source": per, "micro": {"acc": k / n if n else float("nan"), "n": n,
                                               "ci": wilson_interval(k, n)}}
-        if "base" in scores and method != "base":
-            b = np.asarray(scores["base"], float)
+        for key, ref in REFERENCES.items():
+            if ref not in scores or method == ref:
+                continue
+            b = np.asarray(scores[ref], float)
             d, lo, hi = paired_bootstrap(s, b, resamples, seed)
-            entry["vs_base"] = {"diff": d, "ci": (lo, hi)}
+            entry[key] = {"diff": d, "ci": (lo, hi)}
             for name in per:  # the same paired bootstrap within each source
                 m = src == name
                 d, lo, hi = paired_bootstrap(s[m], b[m], resamples, seed)
-                per[name]["vs_base"] = {"diff": d, "ci": (lo, hi)}
+                per[name][key] = {"diff": d, "ci": (lo, hi)}
         out[method] = entry
     return out
 
@@ -110,13 +120,23 @@ def _pct(x: float) -> str:
     return "nan" if x != x else f"{100 * x:.1f}"
 
 
+def _diff_text(vs: dict | None) -> str:
+    """A paired difference in points with its interval, "+1.2 [-0.5, +2.9]"; "—" where none."""
+    if vs is None:
+        return "—"
+    return f"{100 * vs['diff']:+.1f} [{100 * vs['ci'][0]:+.1f}, {100 * vs['ci'][1]:+.1f}]"
+
+
 def results_markdown(table: dict, routing: dict | None = None, clusters: dict | None = None) -> str:
     """The results table as markdown: one row per method, a column per source and the micro average."""
     methods = list(table)
     sources = list(next(iter(table.values()))["per_source"]) if table else []
     head = "| method | " + " | ".join(f"{s} (n={table[methods[0]]['per_source'][s]['n']})" for s in sources)
-    head += f" | micro (n={table[methods[0]]['micro']['n']}) | vs M+Q_base |\n" if methods else "\n"
-    lines = [head, "|" + "---|" * (len(sources) + 3) + "\n"]
+    refs = [k for k, ref in REFERENCES.items() if ref in table]
+    ref_titles = {"vs_base": "vs M+Q_base", "vs_continued": "vs continued"}
+    head += f" | micro (n={table[methods[0]]['micro']['n']})" if methods else ""
+    head += "".join(f" | {ref_titles[k]}" for k in refs) + " |\n"
+    lines = [head, "|" + "---|" * (len(sources) + 2 + len(refs)) + "\n"]
     for m in methods:
         row = table[m]
         cells = []
@@ -124,13 +144,17 @@ def results_markdown(table: dict, routing: dict | None = None, clusters: dict | 
             e = row["per_source"][s]
             cells.append(f"{_pct(e['acc'])} [{_pct(e['ci'][0])}, {_pct(e['ci'][1])}]")
         mi = row["micro"]
-        vs = row.get("vs_base")
-        vs_txt = "—" if vs is None else f"{100 * vs['diff']:+.1f} [{100 * vs['ci'][0]:+.1f}, {100 * vs['ci'][1]:+.1f}]"
+        vs_txt = [_diff_text(row.get(k)) for k in refs]
         lines.append(f"| {method_title(m)} | " + " | ".join(cells)
-                     + f" | {_pct(mi['acc'])} [{_pct(mi['ci'][0])}, {_pct(mi['ci'][1])}] | {vs_txt} |\n")
+                     + f" | {_pct(mi['acc'])} [{_pct(mi['ci'][0])}, {_pct(mi['ci'][1])}]"
+                     + "".join(f" | {t}" for t in vs_txt) + " |\n")
     text = "".join(lines)
-    text += "\nAccuracy in %, 95% Wilson interval in brackets; the last column is the paired bootstrap " \
-            "difference from M+Q_base (points, 95% interval).\n"
+    text += "\nAccuracy in %, 95% Wilson interval in brackets."
+    if refs:
+        text += (" The last columns are the paired bootstrap differences (points, 95% interval) from "
+                 + " and from ".join({"vs_base": "M+Q_base", "vs_continued": "the compute-matched M+Q_base "
+                                      "continued"}[k] for k in refs) + ".")
+    text += "\n"
     if clusters:
         text += (f"\nClusters: {clusters['num_clusters']} (sizes {clusters['sizes']}); against the "
                  f"sources NMI {clusters['nmi']:.3f}, ARI {clusters['ari']:.3f}, purity {clusters['purity']:.3f}.\n")

@@ -50,7 +50,8 @@ def stage_keys(cfg: Config) -> dict[str, str]:
         k["baselines"] = stage_key("baselines", {"methods": trained, "experts": config_slice(cfg.experts),
                                                  "train": train, "model": model,
                                                  "clustering": config_slice(cfg.clustering), "seed": seed},
-                                   [k["base"], k["clusters"]])
+                                   [k["base"], k["clusters"]]
+                                   + ([k["experts"]] if "base_continued" in trained else []))  # its step budget
         evals_on.append(k["baselines"])
     k["eval"] = stage_key("eval", {"eval": config_slice(cfg.eval), "routing": config_slice(cfg.routing)},
                           evals_on)

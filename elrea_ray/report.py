@@ -275,10 +275,19 @@ def fig_loss(logs: dict[str, dict], folder: Path, majority: dict[int, str] | Non
 # -- text -----------------------------------------------------------------------------------------
 
 def headline(table: dict) -> str:
-    """One plain sentence: did ELREA beat M+Q_base, by how much, and is it beyond the interval."""
+    """Plain sentences: did ELREA beat M+Q_base (and the compute-matched M+Q_base continued, when
+    evaluated), by how much, and is it beyond the interval."""
     if "elrea" not in table or "base" not in table or "vs_base" not in table["elrea"]:
         return "ELREA or M+Q_base was not evaluated, so there is no headline comparison."
-    e, b, v = table["elrea"]["micro"], table["base"]["micro"], table["elrea"]["vs_base"]
+    text = _versus(table, "base", "M+Q_base", "vs_base")
+    if "vs_continued" in table["elrea"]:
+        text += " Against the compute-matched control: " + _versus(
+            table, "base_continued", "M+Q_base continued for the experts' steps", "vs_continued")
+    return text
+
+
+def _versus(table: dict, ref: str, title: str, key: str) -> str:
+    e, b, v = table["elrea"]["micro"], table[ref]["micro"], table["elrea"][key]
     d, lo, hi = 100 * v["diff"], 100 * v["ci"][0], 100 * v["ci"][1]
     verdict = ("beat" if d > 0 else "did not beat" if d < 0 else "tied with")
     if lo != lo:
@@ -287,7 +296,7 @@ def headline(table: dict) -> str:
         beyond = "the 95% interval excludes 0, so the difference is larger than its interval"
     else:
         beyond = "the 95% interval includes 0, so the difference is within noise at this test size"
-    return (f"ELREA {verdict} M+Q_base on the micro average: {100 * e['acc']:.1f}% vs {100 * b['acc']:.1f}% "
+    return (f"ELREA {verdict} {title} on the micro average: {100 * e['acc']:.1f}% vs {100 * b['acc']:.1f}% "
             f"over n={e['n']} test items, a difference of {d:+.1f} points [95% paired bootstrap "
             f"{lo:+.1f}, {hi:+.1f}]; {beyond}.")
 
@@ -375,6 +384,12 @@ def _md_results(run: RunDir, config: dict, table: dict, clusters: dict) -> list[
     md += ["## Headline", "", headline(table), ""]
     md += ["## Results", "", results_markdown(table), ""]
     md += [coverage(methods), ""]
+    continued = (_read_json(run.stage_dir("baselines") / "baselines.json") or {}).get("continued")
+    if continued and "base_continued" in table:
+        md += [f"The compute-matched control M+Q_base continued is Q_base trained {continued['continued_steps']} "
+               f"more optimiser steps on the whole mix ({continued['continued_examples_seen']} rows), with the "
+               f"experts' recipe; the {continued['experts']} experts took {continued['steps']} steps together "
+               f"({continued['examples_seen']} rows).", ""]
     md += ["Per-source differences from M+Q_base (points, 95% paired bootstrap):", ""]
     md += ["| method | " + " | ".join(sources) + " |", "|---|" + "---|" * len(sources)]
     for m in methods:

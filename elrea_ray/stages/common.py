@@ -54,12 +54,14 @@ def expert_recipe(cfg: Config) -> TrainConfig:
 
 def adapter_job(cfg: Config, run: RunDir, run_name: str, name: str, seed: int, tc: TrainConfig,
                 members: list[str] | None, init: str | None, folder: Path, save_epochs: bool = False,
-                gpus_per_worker: float = 1.0) -> dict:
+                gpus_per_worker: float = 1.0, max_steps: int | None = None) -> dict:
     """The `fit_adapter` keyword arguments of one adapter (base, expert or baseline): loop config,
-    recipe `tc` (its num_workers / cpus_per_worker / use_gpu are the scaling), resource check."""
+    recipe `tc` (its num_workers / cpus_per_worker / use_gpu are the scaling), resource check.
+    members: the training rows' example ids (None: all); max_steps: exactly that many optimiser
+    steps in place of tc.epochs (the epochs repeat, the last one cut)."""
     loop = {"name": name, "seed": seed, "model": plain(cfg.model), "train": plain(tc),
             "data_file": run.ref(run.data_file("train")), "example_ids": members, "init_adapter": init,
-            "out_dir": run.ref(folder), "save_epochs": save_epochs}
+            "out_dir": run.ref(folder), "save_epochs": save_epochs, "max_steps": max_steps}
     return {"run_name": run_name, "loop_cfg": loop, "tc": tc, "storage": run.ref(run.ray_storage),
             "num_workers": tc.num_workers, "cpus_per_worker": tc.cpus_per_worker, "use_gpu": tc.use_gpu,
             "gpus_per_worker": gpus_per_worker, "check": cfg.ray.check_resources,
