@@ -91,6 +91,14 @@ def cmd_run(args) -> int:
     cfg = _load(args, "run.run_dir")
     RunDir.at(cfg.run.run_dir, cfg.run.local_dir).check_unlocked()  # refuse a second run before starting Ray
     connect_ray(cfg)
+    if cfg.eval.seeds:  # one whole run per seed, then the pooled table
+        from elrea_ray.seeds import run_seeds
+
+        pooled = run_seeds(cfg)
+        print()
+        print(pooled.read_text())
+        print(f"pooled results: {pooled}")
+        return 0
     print_results(run_pipeline(cfg))
     return 0
 

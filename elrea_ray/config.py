@@ -388,6 +388,13 @@ class EvalConfig(Section):
     cpus_per_actor: float = 1.0
     use_gpu: bool = False
     bootstrap: int = 1000  # resamples for the 95% intervals
+    # Each expert also decoded alone on every test item (C single-adapter decodes, sharing the
+    # ensemble's prefill): the report's specialisation table, does expert k beat M+Q_base on the
+    # test items routed to its cluster?
+    specialisation: bool = True
+    # Whole pipeline once per seed (run.seed = s, each in <run_dir>/seed-<s>), pooled into
+    # <run_dir>/pooled.md with intervals over seeds and items (elrea_ray/seeds.py); () = one run.
+    seeds: tuple[int, ...] = ()
 
     def validate(self, p: str) -> None:
         for m in self.methods:
@@ -397,6 +404,8 @@ class EvalConfig(Section):
         _check(self.batch_size >= 1, f"{p}.batch_size", ">= 1", self.batch_size)
         _check(self.num_actors >= 1, f"{p}.num_actors", ">= 1", self.num_actors)
         _check(self.bootstrap >= 0, f"{p}.bootstrap", ">= 0", self.bootstrap)
+        _check(all(isinstance(s, int) and s >= 0 for s in self.seeds) and len(set(self.seeds)) == len(self.seeds),
+               f"{p}.seeds", "distinct integers >= 0 (e.g. [0, 1, 2]), or [] for one run", list(self.seeds))
 
 
 @dataclass(frozen=True)

@@ -93,6 +93,72 @@ def accuracy_table(sources: list[str], scores: dict[str, list[float]], resamples
     return out
 
 
+def _two_level_means(values: list[np.ndarray], resamples: int, rng) -> np.ndarray:
+    """[resamples] means of a two-level bootstrap: seeds drawn with replacement, then each drawn
+    seed's items with replacement (a seed's items are never mixed with another's)."""
+    means = np.empty(resamples)
+    for r in range(resamples):
+        picks = [values[i] for i in rng.integers(0, len(values), len(values))]
+        means[r] = np.concatenate([v[rng.integers(0, len(v), len(v))] for v in picks]).mean()
+    return means
+
+
+def pooled_table(runs: dict[int, dict[str, list[float]]], resamples: int = 1000, seed: int = 0) -> dict:
+    """Accuracy pooled over seeds. runs: {seed: {method: [per-item scores]}}, each seed a whole
+    pipeline with its own test items. Returns {method: {"per_seed": {seed: acc}, "pooled": {acc,
+    n, ci}, "vs_base": {diff, ci}, "vs_continued": {diff, ci}}}: the pooled accuracy (the mean
+    over every seed's items) with a 95% two-level bootstrap interval (seeds, then items within a
+    seed), and the paired difference from each reference over the same resamples. Methods
+    missing from a seed are left out."""
+    seeds = sorted(runs)
+    methods = [m for m in runs[seeds[0]] if all(m in runs[s] for s in seeds)]
+    out: dict = {}
+    for method in methods:
+        vals = [np.asarray(runs[s][method], float) for s in seeds]
+        flat = np.concatenate(vals)
+        entry = {"per_seed": {s: float(v.mean()) for s, v in zip(seeds, vals)},
+                 "pooled": {"acc": float(flat.mean()), "n": len(flat), "ci": (float("nan"), float("nan"))}}
+        if resamples:
+            means = _two_level_means(vals, resamples, np.random.default_rng(seed))
+            entry["pooled"]["ci"] = (float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5)))
+        for key, ref in REFERENCES.items():
+            if ref not in methods or ref == method:
+                continue
+            diffs = [v - np.asarray(runs[s][ref], float) for s, v in zip(seeds, vals)]
+            d = float(np.concatenate(diffs).mean())
+            ci = (float("nan"), float("nan"))
+            if resamples:  # the same seed: the same resampled items for both (paired)
+                means = _two_level_means(diffs, resamples, np.random.default_rng(seed))
+                ci = (float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5)))
+            entry[key] = {"diff": d, "ci": ci}
+        out[method] = entry
+    return out
+
+
+def pooled_markdown(table: dict) -> str:
+    """The pooled table: a column per seed's accuracy, the pooled accuracy with its interval and the
+    differences from M+Q_base and from the compute-matched control."""
+    methods = list(table)
+    if not methods:
+        return "No method was evaluated in every seed.\n"
+    seeds = list(table[methods[0]]["per_seed"])
+    refs = [k for k, ref in REFERENCES.items() if ref in table]
+    titles = {"vs_base": "vs M+Q_base", "vs_continued": "vs continued"}
+    n = table[methods[0]]["pooled"]["n"]
+    lines = ["| method | " + " | ".join(f"seed {s}" for s in seeds) + f" | pooled (n={n})"
+             + "".join(f" | {titles[k]}" for k in refs) + " |",
+             "|---|" + "---|" * (len(seeds) + 1 + len(refs))]
+    for m in methods:
+        e = table[m]
+        p = e["pooled"]
+        lines.append(f"| {method_title(m)} | " + " | ".join(_pct(e["per_seed"][s]) for s in seeds)
+                     + f" | {_pct(p['acc'])} [{_pct(p['ci'][0])}, {_pct(p['ci'][1])}]"
+                     + "".join(f" | {_diff_text(e.get(k))}" for k in refs) + " |")
+    return ("\n".join(lines) + "\n\nAccuracy in %; the pooled interval and the differences (points) are 95% "
+            "two-level bootstrap intervals: seeds resampled, then each seed's test items, paired across "
+            "methods.\n")
+
+
 def majority_source(labels: np.ndarray, sources: list[str]) -> dict[int, str]:
     """Each cluster's most common training source."""
     counts: dict[int, Counter] = defaultdict(Counter)
@@ -114,6 +180,67 @@ def own_source_routing_rate(expert_weights: np.ndarray, test_sources: list[str],
     return {"rate": float(np.mean(hits)) if hits else float("nan"), "n": len(hits),
             "ci": wilson_interval(int(sum(hits)), len(hits)),
             "chance": float(np.mean(chance)) if chance else float("nan")}
+
+
+def specialisation_table(cluster_of: np.ndarray, alone: dict[str, np.ndarray], base: np.ndarray) -> dict:
+    """Does expert k beat the base adapter on its own cluster's test items?
+
+    cluster_of [N]: each test item's routed cluster (the expert with the largest routing weight);
+    alone: {expert name: [N] scores of that expert decoded alone}, experts in cluster order; base
+    [N]: M+Q_base's scores. Returns {"clusters": [{"cluster", "n", "base", "experts": {name: acc}}],
+    "own": [{"expert", "n", "acc", "base", "diff"}]}: every adapter on every cluster's items, and
+    each expert against the base on its own cluster (accuracies in [0, 1], nan where n = 0)."""
+    cluster_of = np.asarray(cluster_of)
+    base = np.asarray(base, float)
+    names = list(alone)
+
+    def acc(s: np.ndarray, m: np.ndarray) -> float:
+        return float(s[m].mean()) if m.any() else float("nan")
+
+    clusters, own = [], []
+    for c, name in enumerate(names):
+        m = cluster_of == c
+        clusters.append({"cluster": c, "n": int(m.sum()), "base": acc(base, m),
+                         "experts": {e: acc(np.asarray(alone[e], float), m) for e in names}})
+        a, b = clusters[-1]["experts"][name], clusters[-1]["base"]
+        own.append({"expert": name, "n": int(m.sum()), "acc": a, "base": b, "diff": a - b})
+    return {"clusters": clusters, "own": own}
+
+
+def routing_spread(weights: np.ndarray) -> dict:
+    """How peaked the routing is: weights [N, 1 + C] (column 0 the base adapter, the rest the
+    expert softmax). The experts' entropy is divided by log C (0: one expert takes all, 1:
+    uniform); the base weight 1 - max cos is given by its quartiles."""
+    w = np.asarray(weights, float)
+    experts, base = w[:, 1:], w[:, 0]
+    C = experts.shape[1]
+    p = experts / np.clip(experts.sum(1, keepdims=True), 1e-12, None)
+    ent = -(p * np.log(np.clip(p, 1e-12, None))).sum(1) / (np.log(C) if C > 1 else 1.0)
+    q = np.percentile(base, [0, 25, 50, 75, 100]) if len(base) else [float("nan")] * 5
+    return {"n": len(w), "entropy_mean": float(ent.mean()) if len(w) else float("nan"),
+            "entropy_median": float(np.median(ent)) if len(w) else float("nan"),
+            "top_weight_mean": float(p.max(1).mean()) if len(w) else float("nan"),
+            "base_weight_quartiles": [float(x) for x in q]}
+
+
+def specialisation_markdown(spec: dict) -> list[str]:
+    """The specialisation table: a row per cluster (its routed test items), the base and every
+    expert alone on them, the own expert's cell in bold; then the own-cluster differences."""
+    names = [o["expert"] for o in spec["own"]]
+    md = ["| routed cluster | n | M+Q_base | " + " | ".join(names) + " |", "|---|---|---|" + "---|" * len(names)]
+    for row in spec["clusters"]:
+        cells = [f"**{_pct(row['experts'][e])}**" if k == row["cluster"] else _pct(row["experts"][e])
+                 for k, e in enumerate(names)]
+        md.append(f"| {row['cluster']} | {row['n']} | {_pct(row['base'])} | " + " | ".join(cells) + " |")
+    wins = sum(1 for o in spec["own"] if o["n"] and o["diff"] > 0)
+    ties = sum(1 for o in spec["own"] if o["n"] and o["diff"] == 0)
+    used = sum(1 for o in spec["own"] if o["n"])
+    md += ["", f"Accuracy in % of each adapter decoded alone on the test items routed to each cluster "
+               f"(bold: the cluster's own expert). On its own cluster an expert beat M+Q_base in {wins} of "
+               f"{used} clusters with test items and tied in {ties}: "
+           + "; ".join(f"{o['expert']} {100 * o['diff']:+.1f} points (n={o['n']})" for o in spec["own"] if o["n"])
+           + "."]
+    return md
 
 
 def _pct(x: float) -> str:

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from elrea_ray.artifacts import RunDir
-from elrea_ray.evaluate import majority_source, method_title, read_weights, results_markdown
+from elrea_ray.evaluate import majority_source, method_title, read_weights, results_markdown, specialisation_markdown
 
 MAP_POINTS = 3000  # the 2-D feature map shows at most this many training points (seeded sample)
 
@@ -446,6 +446,24 @@ def _md_clusters(clusters: dict, metrics: dict, figures: dict, facts: dict) -> l
     return md
 
 
+def _md_why(metrics: dict) -> list[str]:
+    """How peaked ELREA's routing is, and whether each expert beats M+Q_base on its own cluster."""
+    spread, spec = metrics.get("routing_spread"), metrics.get("specialisation")
+    if not spread and not spec:
+        return []
+    md = ["## Why it wins or loses", ""]
+    if spread:
+        q = spread["base_weight_quartiles"]
+        md += [f"Routing: the expert weights' entropy is {spread['entropy_mean']:.2f} of its maximum on average "
+               f"(median {spread['entropy_median']:.2f}; 0 = one expert takes all, 1 = uniform) and the top "
+               f"expert's share {100 * spread['top_weight_mean']:.1f}%; the base adapter's weight 1 - max cos "
+               f"has quartiles {q[1]:.3f} / {q[2]:.3f} / {q[3]:.3f} (min {q[0]:.3f}, max {q[4]:.3f}) over "
+               f"{spread['n']} test items. A base weight near 0 leaves the mix to the experts.", ""]
+    if spec:
+        md += specialisation_markdown(spec) + [""]
+    return md
+
+
 def _md_training(figures: dict, manifest: dict) -> list[str]:
     """The loss curves and each stage's seconds."""
     md = ["## Training", ""]
@@ -491,7 +509,7 @@ def write_report(run: RunDir, eval_dir: Path | None = None) -> dict:
     md += ["", "![accuracy](figures/accuracy.png)", ""]
     if "vs_base" in figures:
         md += ["![difference from M+Q_base](figures/vs_base.png)", ""]
-    md += _md_clusters(clusters, metrics, figures, facts) + _md_training(figures, manifest)
+    md += _md_clusters(clusters, metrics, figures, facts) + _md_why(metrics) + _md_training(figures, manifest)
     md += _md_examples(run, eval_dir, list(table))
     if notes:
         md += ["## Notes", ""] + [f"- {n}" for n in notes] + [""]

@@ -171,6 +171,18 @@ def test_length_bucketed_batches_cover_once_and_are_homogeneous():
     assert sorted(i for b in unshuffled for i in b) == list(range(1000))
 
 
+
+def test_examples_seen_counts_the_rows_of_the_steps_taken_epochs_repeating():
+    from elrea_ray.train import examples_seen
+
+    lengths = [random.Random(i).randint(5, 50) for i in range(120)]  # 8 batches of 16 a epoch, the last of 8
+    assert examples_seen(lengths, 16, seed=3, total=16) == 240  # two whole epochs
+    third = length_bucketed_batches(lengths, 16, seed=3 + 2)[:4]  # then 4 batches of the third epoch's order
+    assert examples_seen(lengths, 16, seed=3, total=20) == 240 + sum(len(b) for b in third)
+    short = [len(b) for b in length_bucketed_batches(lengths, 16, seed=3)].index(8)
+    assert examples_seen(lengths, 16, seed=3, total=short + 1) == 16 * short + 8  # the short batch counts 8
+
+
 # -- files ----------------------------------------------------------------------------------------
 
 def _jsonl(path, records):

@@ -28,6 +28,17 @@ def test_eval_stage_writes_the_report_with_every_figure(smoke_run):
         assert base64.b64decode(img.split('"', 1)[0])[:8] == b"\x89PNG\r\n\x1a\n"
     w = pq.read_table(ev / "weights.parquet")
     assert w.num_rows == pq.read_metadata(smoke_run.data_file("test")).num_rows
+    # Why it wins or loses: every expert decoded alone, scored on its routed cluster's items.
+    metrics = json.loads((ev / "metrics.json").read_text())
+    C = metrics["clusters"]["num_clusters"]
+    spec = metrics["specialisation"]
+    assert [o["expert"] for o in spec["own"]] == [f"expert-{c:02d}" for c in range(C)]
+    assert sum(row["n"] for row in spec["clusters"]) == w.num_rows
+    preds = pq.read_table(ev / "predictions.parquet").column_names
+    assert all(f"score_alone:expert-{c:02d}" in preds for c in range(C))
+    assert 0.0 <= metrics["routing_spread"]["entropy_mean"] <= 1.0
+    assert "## Why it wins or loses" in md and "| routed cluster | n | M+Q_base |" in md
+    assert "Against the compute-matched control" in md and "more optimiser steps on the whole mix" in md
 
 
 def test_train_stage_persists_loss_logs(smoke_run):
@@ -152,3 +163,30 @@ def test_trained_baselines_stage_and_their_methods(copy_of_smoke, ray_local):
         assert sum(r["w_dataset"]) == 1.0
         assert r["w_random_clusters"] == [1.0] * (1 + clusters["num_clusters"])
     assert len(a) == sum(clusters["sizes"])
+
+
+def test_seeds_run_in_their_own_folders_and_pool_from_predictions(smoke_run, copy_of_smoke, tmp_path):
+    import pyarrow as pa
+    from conftest import smoke_config
+
+    from elrea_ray.artifacts import RunDir
+    from elrea_ray.seeds import seed_config, write_pooled
+
+    cfg = smoke_config(tmp_path / "seeds", "eval.seeds=[0,7]")
+    one = seed_config(cfg, 7)
+    assert one.run.seed == 7 and one.eval.seeds == () and one.run.run_dir == str(tmp_path / "seeds" / "seed-7")
+    remote = seed_config(smoke_config("s3://bucket/runs/x", "eval.seeds=[1]"), 1)
+    assert remote.run.run_dir == "s3://bucket/runs/x/seed-1"
+    # Seed 7 plays a run whose ELREA got every item right: the pooled table reads the predictions.
+    preds = pq.read_table(copy_of_smoke / "eval" / "predictions.parquet")
+    ones = pa.array(np.ones(preds.num_rows))
+    pq.write_table(preds.set_column(preds.column_names.index("score_elrea"), "score_elrea", ones),
+                   copy_of_smoke / "eval" / "predictions.parquet")
+    out = write_pooled(cfg, {0: smoke_run, 7: RunDir.at(copy_of_smoke)})
+    pooled = json.loads((out.parent / "pooled.json").read_text())
+    assert pooled["seeds"] == [0, 7] and out.read_text().startswith("# ELREA over 2 seeds (0, 7)")
+    e = pooled["methods"]["elrea"]
+    base0 = float(np.mean(pq.read_table(smoke_run.eval_file("predictions.parquet")).column("score_elrea")))
+    assert e["per_seed"] == {"0": base0, "7": 1.0}
+    assert np.isclose(e["pooled"]["acc"], (base0 + 1.0) / 2)
+    assert "vs_continued" in e and "| seed 0 | seed 7 |" in out.read_text()

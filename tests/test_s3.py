@@ -186,7 +186,7 @@ def test_pipeline_on_s3_resumes_from_the_object_store(ray_local, s3, bucket, tmp
     t0 = time.time()
     run = run_pipeline(cfg, log=logs.append)
     print(f"s3 smoke run: {time.time() - t0:.0f} s")
-    assert run.root == mirror and _ran(logs) == sorted(STAGES)
+    assert run.root == mirror and _ran(logs) == sorted([*STAGES, "baselines"])  # base_continued by default
     keys = stage_keys(cfg)
     for stage in STAGES:
         assert run.remote_key(stage) == keys[stage], stage
@@ -212,5 +212,5 @@ def test_pipeline_on_s3_resumes_from_the_object_store(ray_local, s3, bucket, tmp
     t0 = time.time()
     run_pipeline(smoke_config(remote, f"run.local_dir={mirror}", "experts.lr=2.0e-3"), log=logs.append)
     print(f"s3 rerun after experts.lr changed: {time.time() - t0:.0f} s")
-    assert _ran(logs) == ["eval", "experts"], logs
+    assert _ran(logs) == ["baselines", "eval", "experts"], logs  # base_continued follows the experts
     assert worker_cache()  # the tasks read through the node-local cache

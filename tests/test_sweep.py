@@ -129,9 +129,9 @@ def test_sweep_reuses_shared_stages_and_its_best_config_runs(smoke_run, tmp_path
     assert best.routing.temperature == rows[0]["routing.temperature"]
     assert "sweep" not in yaml.safe_load((root / "best.yaml").read_text())
     lines = []
-    run_pipeline(best, log=lines.append)  # the best config runs: only the test-split eval is new
-    ran = {ln.split("]")[0].strip("[") for ln in lines if "running (key" in ln}
-    assert ran == {"eval"}
+    run_pipeline(best, log=lines.append)  # the best config runs: only the compute-matched control
+    ran = {ln.split("]")[0].strip("[") for ln in lines if "running (key" in ln}  # and the test eval are new
+    assert ran == {"baselines", "eval"}
     assert json.loads((Path(best.run.run_dir) / "eval" / "metrics.json").read_text())["methods"]
 
 

@@ -17,7 +17,8 @@ SPLITS = ("train", "validation", "test")
 # Settings that decide where and how fast a stage runs but not what it computes; they stay out of
 # the stage keys, so giving a stage more CPUs or actors does not invalidate finished work.
 EXECUTION_ONLY = {"cpus_per_worker", "cpus_per_actor", "num_actors", "max_concurrent", "logging_steps",
-                  "checkpoint_every_steps", "max_failures", "gpus_per_worker"}
+                  "checkpoint_every_steps", "max_failures", "gpus_per_worker",
+                  "seeds"}  # eval.seeds repeats whole runs; each seed's run has its own keys
 
 
 @dataclass(frozen=True)

@@ -34,6 +34,9 @@ def _share_groups(sets: dict[str, np.ndarray]) -> list[tuple[list[int], list[str
     return [([0, *sorted(used)], methods) for used, methods in groups]
 
 
+ALONE = "alone:"  # "alone:expert-00": that adapter decoded by itself on every test item
+
+
 class EvalMapper:
     """Ray Data callable: the backbone with all C+1 adapters loaded once per actor; decodes every
     method for a batch of test prompts (ensembles as ONE batched forward with a KV cache)."""
@@ -76,6 +79,8 @@ class EvalMapper:
             w = np.zeros((len(prompts), len(names)))
             if method in ("backbone", "base"):
                 w[:, names.index(BACKBONE if method == "backbone" else "base")] = 1.0
+            elif method.startswith(ALONE):  # one adapter alone (the specialisation table)
+                w[:, names.index(method[len(ALONE):])] = 1.0
             else:
                 w[:, 1:] = np.stack([np.asarray(x, dtype=np.float64) for x in batch[f"w_{method}"]])
             sets[method] = w
@@ -187,10 +192,17 @@ def _weights(cfg: Config, run: RunDir, test: list[dict], adapters: dict[str, str
 
 
 def _metrics(cfg: Config, run: RunDir, preds, weights: dict[str, np.ndarray], test: list[dict]) -> dict:
-    """metrics.json: the accuracy table, own-source routing, the clusters' figures."""
+    """metrics.json: the accuracy table, own-source routing, the clusters' figures, how peaked
+    the routing is and (eval.specialisation) each expert alone on each routed cluster."""
     import pyarrow.parquet as pq
 
-    from elrea_ray.evaluate import accuracy_table, majority_source, own_source_routing_rate
+    from elrea_ray.evaluate import (
+        accuracy_table,
+        majority_source,
+        own_source_routing_rate,
+        routing_spread,
+        specialisation_table,
+    )
     from elrea_ray.stages import baselines
 
     ec = cfg.eval
@@ -204,7 +216,13 @@ def _metrics(cfg: Config, run: RunDir, preds, weights: dict[str, np.ndarray], te
     metrics = {"methods": table, "own_source_routing": routing,
                "clusters": {k: clusters.get(k) for k in ("num_clusters", "sizes", "nmi", "ari", "purity")},
                "cluster_majority_source": {str(k): v for k, v in majority.items()},
-               "mean_base_weight": float(weights["elrea"][:, 0].mean())}
+               "mean_base_weight": float(weights["elrea"][:, 0].mean()),
+               "routing_spread": routing_spread(weights["elrea"])}
+    alone = {c[len("score_" + ALONE):]: preds[c].to_numpy() for c in preds.columns
+             if c.startswith("score_" + ALONE)}
+    if alone and "base" in ec.methods:
+        metrics["specialisation"] = specialisation_table(weights["elrea"][:, 1:].argmax(1), alone,
+                                                         preds["score_base"].to_numpy())
     if baselines.trained_baselines(cfg):
         emb = baselines.read_info(run).get("embedding_clusters")
         if emb:
@@ -226,7 +244,8 @@ def run(ctx: StageContext) -> dict:
     adapters = {n: run_dir.ref(run_dir.root / p) for n, p in bundle["adapters"].items()}
     weights, wide = _weights(cfg, run_dir, test, adapters)
     write_weights(out / "weights.parquet", test, weights)
-    preds = decode_split(cfg.eval, bundle["model"], adapters, test, wide, list(cfg.eval.methods))
+    alone = [ALONE + n for n in bundle["adapters"] if n != "base"] if cfg.eval.specialisation else []
+    preds = decode_split(cfg.eval, bundle["model"], adapters, test, wide, list(cfg.eval.methods) + alone)
     pq.write_table(pa.Table.from_pandas(preds, preserve_index=False), out / "predictions.parquet")
     metrics = _metrics(cfg, run_dir, preds, weights, test)
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
