@@ -299,6 +299,9 @@ class ClusteringConfig(Section):
     part_cap: str = "decreasing"
     min_cluster_size: int = 1
     threshold: float | None = None  # None: chosen from nearest-neighbour distances of the sample
+    # The `pca` baseline only (eval.methods): gradient features reduced to this many principal
+    # components before clustering, the paper's Table 5.4 ablation (256); ELREA's clusters never are.
+    pca_dim: int = 256
 
     def validate(self, p: str) -> None:
         _check(self.method in ("balanced_birch", "kmeans"), f"{p}.method", "balanced_birch or kmeans",
@@ -312,6 +315,7 @@ class ClusteringConfig(Section):
         _check(self.min_cluster_size >= 1, f"{p}.min_cluster_size", ">= 1", self.min_cluster_size)
         _check(self.threshold is None or self.threshold > 0, f"{p}.threshold", "> 0 or null",
                self.threshold)
+        _check(self.pca_dim >= 1, f"{p}.pca_dim", ">= 1", self.pca_dim)
 
 
 @dataclass(frozen=True)
@@ -362,10 +366,12 @@ class RoutingConfig(Section):
 # ELREA itself) and MoE Merging (the adapters averaged per prompt with the routing weights).
 # Behind the same switch, baselines that train adapters of their own in a `baselines` stage:
 # random_clusters (Random Cluster), dataset (M+Q_dataset), embedding (Instruction Embedding) and
-# base_continued, the compute-matched control: Q_base trained on the whole mix for as many more
-# optimiser steps as the experts took together, with the experts' recipe (not in the paper).
+# pca (ELREA's pipeline with the gradient features reduced by PCA before clustering, the paper's
+# Table 5.4 ablation) and base_continued, the compute-matched control: Q_base trained on the whole
+# mix for as many more optimiser steps as the experts took together, with the experts' recipe
+# (not in the paper).
 EVAL_METHODS = ("backbone", "base", "elrea", "uniform", "moe_merge", "random_clusters", "dataset", "embedding",
-                "base_continued")
+                "pca", "base_continued")
 
 
 def top_k_of(method: str) -> int | None:

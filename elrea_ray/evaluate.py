@@ -20,6 +20,7 @@ METHOD_TITLES = {
     "random_clusters": "random clusters (all weights 1)",
     "dataset": "M+Q_dataset (own source's adapter)",
     "embedding": "instruction embedding (MiniLM)",
+    "pca": "clusters on PCA-reduced gradients",
     "base_continued": "M+Q_base continued (compute-matched)",
 }
 

@@ -40,7 +40,9 @@ def stage_keys(cfg: Config) -> dict[str, str]:
     k["base"] = stage_key("base", {"model": model, "train": train, "seed": seed}, [k["data"]])
     k["gradients"] = stage_key("gradients", {"model": model, "gradients": config_slice(cfg.gradients)},
                                [k["data"], k["base"]])
-    k["clusters"] = stage_key("clusters", {"clustering": config_slice(cfg.clustering), "seed": seed},
+    clustering = config_slice(cfg.clustering)
+    del clustering["pca_dim"]  # the pca baseline's, not ELREA's clusters
+    k["clusters"] = stage_key("clusters", {"clustering": clustering, "seed": seed},
                               [k["gradients"]])
     k["experts"] = stage_key("experts", {"experts": config_slice(cfg.experts), "train": train, "seed": seed},
                              [k["base"], k["clusters"]])

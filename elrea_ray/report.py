@@ -428,6 +428,11 @@ def _md_clusters(clusters: dict, metrics: dict, figures: dict, facts: dict) -> l
         md += [f"Instruction-embedding baseline: {emb['num_clusters']} clusters of the MiniLM embeddings "
                f"(sizes {emb['sizes']}), NMI {emb['nmi']:.3f}, ARI {emb['ari']:.3f}, purity "
                f"{emb['purity']:.3f} against the sources.", ""]
+    pca = metrics.get("pca_clusters")
+    if pca:
+        md += [f"PCA baseline: {pca['num_clusters']} clusters of the gradient features reduced to {pca['pca_dim']} "
+               f"principal components (sizes {pca['sizes']}), NMI {pca['nmi']:.3f}, ARI {pca['ari']:.3f}, purity "
+               f"{pca['purity']:.3f} against the sources.", ""]
     routing = metrics.get("own_source_routing") or {}
     if routing:
         md += [f"Own-source top expert: for {100 * routing['rate']:.1f}% of {routing['n']} test items the "

@@ -252,6 +252,29 @@ def test_streamed_stage_fits_a_bounded_sample_and_assigns_every_row(tmp_path):
                                atol=1e-6)
 
 
+
+def test_pca_variant_clusters_in_the_reduced_space_and_keeps_full_space_centroids(tmp_path):
+    from elrea_ray.clustering import PcaReducer
+    from elrea_ray.stages.clusters import cluster_streamed
+
+    X, y = planted([120, 80, 80, 60], d=128, noise=1.0, seed=13)
+    ids, sources = [f"ex-{i}" for i in range(len(X))], [f"src{k}" for k in y]
+    write_shards(tmp_path / "train", X, ids, sources, rows_per_shard=90, seed=2)
+    seen = []
+
+    def fit(Z):
+        seen.append(Z.shape)
+        return fit_clusters(Z, "balanced_birch", initial_clusters=4, seed=0)
+
+    res = cluster_streamed(tmp_path / "train", ids, fit_sample=200, seed=0, fit=fit, batch_rows=50, pca_dim=8)
+    assert seen == [(200, 8)]  # the fit saw 8 principal components of the 200-row sample
+    assert nmi(res.labels, y) > 0.9 and res.centroids.shape == (len(set(res.labels.tolist())), 128)
+    np.testing.assert_allclose(res.centroids, normalized_centroids(X, res.labels, len(res.centroids)), atol=1e-6)
+    pca = PcaReducer.fit(X[:200], 8)
+    Z = pca.transform(X)
+    np.testing.assert_allclose(np.linalg.norm(Z, axis=1), 1.0, atol=1e-5)
+    assert PcaReducer.fit(X[:5], 8).components.shape == (5, 128)  # at most as many as the sample has rows
+
 def test_streamed_stage_names_rows_that_do_not_match_the_data(tmp_path):
     from elrea_ray.artifacts import ArtifactError
     from elrea_ray.stages.clusters import cluster_streamed

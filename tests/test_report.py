@@ -135,9 +135,9 @@ def test_trained_baselines_stage_and_their_methods(copy_of_smoke, ray_local):
 
     from elrea_ray.pipeline import run_pipeline
 
-    methods = "eval.methods=[base,elrea,random_clusters,dataset,embedding]"
+    methods = "eval.methods=[base,elrea,random_clusters,dataset,embedding,pca]"
     before = json.loads((copy_of_smoke / "manifest.json").read_text())["stages"]
-    run = run_pipeline(smoke_config(copy_of_smoke, methods))
+    run = run_pipeline(smoke_config(copy_of_smoke, methods, "clustering.pca_dim=8"))
     stages = json.loads(run.manifest.read_text())["stages"]
     for s in ("data", "base", "gradients", "clusters", "experts"):
         assert stages[s]["started"] == before[s]["started"], f"stage {s} was rerun"
@@ -153,8 +153,11 @@ def test_trained_baselines_stage_and_their_methods(copy_of_smoke, ray_local):
     log = json.loads((run.stage_dir("baselines") / "random-00" / "train_log.json").read_text())
     assert log["log"]
     m = json.loads(run.eval_file("metrics.json").read_text())
-    assert set(m["methods"]) == {"base", "elrea", "random_clusters", "dataset", "embedding"}
+    assert set(m["methods"]) == {"base", "elrea", "random_clusters", "dataset", "embedding", "pca"}
     assert m["embedding_clusters"]["num_clusters"] >= 1
+    # PCA ablation: its own clusters (of 8-d reduced gradients here), one expert each, routed as ELREA
+    assert m["pca_clusters"]["pca_dim"] == 8 and len(info["groups"]["pca"]) == m["pca_clusters"]["num_clusters"]
+    assert sum(m["pca_clusters"]["sizes"]) == len(a)
     w = pq.read_table(run.eval_file("weights.parquet")).to_pylist()
     test_src = [r["source"] for r in w]
     for r, src in zip(w, test_src):  # M+Q_dataset: exactly its own source's adapter
@@ -162,6 +165,7 @@ def test_trained_baselines_stage_and_their_methods(copy_of_smoke, ray_local):
         assert names[int(np.argmax(r["w_dataset"]))] == info["groups"]["dataset"][src]
         assert sum(r["w_dataset"]) == 1.0
         assert r["w_random_clusters"] == [1.0] * (1 + clusters["num_clusters"])
+        assert len(r["w_pca"]) == 1 + m["pca_clusters"]["num_clusters"] and np.isclose(sum(r["w_pca"][1:]), 1.0)
     assert len(a) == sum(clusters["sizes"])
 
 

