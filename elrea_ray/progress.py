@@ -6,7 +6,7 @@
 Plain lines (no carriage returns), so they read the same in a terminal, in `ray job logs` and in
 CI logs. A `Counter` prints at most one line every `every_s` seconds, and one when its count is
 complete. Remote code (Ray Train workers, Ray Data actors) counts into a `Tally`, a 0-CPU actor
-the driver reads on a thread (`Progress.tallied`). `quiet_ray` switches off Ray's own progress
+the driver reads on a thread (`Progress.tallied`), through `tell`. `quiet_ray` switches off Ray's own progress
 bars and per-event lines on the driver; they stay in Ray's session log files.
 
 The formatting and rate limiting are pure (a clock is passed in); Ray is imported only by the
@@ -73,6 +73,23 @@ class Tally:
 
     def read(self) -> dict:
         return dict(self.values)
+
+
+def tell(tally, method: str, *args, wait: bool = False) -> None:
+    """From remote code: `tally.<method>(*args)` when there is a tally (None: reporting is off).
+    With `wait`, returns once the tally has it: an update sent just before a worker exits might
+    otherwise be lost, and the stage's last line be short. Never raises: a lost tally only
+    costs progress lines."""
+    if tally is None:
+        return
+    try:
+        ref = getattr(tally, method).remote(*args)
+        if wait:
+            import ray
+
+            ray.get(ref, timeout=30)
+    except Exception:  # noqa: BLE001 - a progress line is not worth a failed stage
+        pass
 
 
 class Progress:

@@ -319,17 +319,18 @@ def train_loop(cfg: dict) -> dict:
     seen = examples_seen(lengths, tc.batch_size, seed, total)
     if rank == 0:
         _save_final(cfg, out_dir, model, p, steps_per_epoch, total, len(ids), seen)
+    _count(tally, name, p.step, total, wait=True)  # the last count is in before the run ends
     if remote_out:
         shutil.rmtree(out_dir, ignore_errors=True)
     return {"final_loss": p.last_loss, "steps": p.step, "examples": len(ids), "examples_seen": seen,
             "dropped_too_long": dropped, "resumed_from_step": resumed_from}
 
 
-def _count(tally, name: str, step: int, total: int) -> None:
-    """This run's (step, total steps) into the driver's Tally actor; fire and forget (a lost
-    update only delays a progress line)."""
-    if tally is not None:
-        tally.put.remote(name, (step, total))
+def _count(tally, name: str, step: int, total: int, wait: bool = False) -> None:
+    """This run's (step, total steps) into the driver's Tally actor (elrea_ray.progress)."""
+    from elrea_ray.progress import tell
+
+    tell(tally, "put", name, (step, total), wait=wait)
 
 
 def planned_steps(job: dict) -> int | None:

@@ -101,6 +101,7 @@ class FeatureMapper:
         import pyarrow as pa
 
         from elrea_ray.data import instruction_ids
+        from elrea_ray.progress import tell
 
         ids = [instruction_ids(self.tok, p, self.mc.max_length) for p in batch.column("prompt").to_pylist()]
         feats = self.fx.features(ids).astype(np.float32)
@@ -108,8 +109,7 @@ class FeatureMapper:
         self.calls += 1
         if self.calls % TRIM_EVERY == 0:
             release_freed_memory()
-        if self.tally is not None:
-            self.tally.add.remote("done", len(ids))
+        tell(self.tally, "add", "done", len(ids), wait=True)  # a round trip per batch: nothing next to a backward
         return pa.table({
             "example_id": batch.column("example_id"), "source": batch.column("source"),
             "feature": pa.FixedSizeListArray.from_arrays(pa.array(feats.reshape(-1)), d)})
