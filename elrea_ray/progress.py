@@ -191,5 +191,5 @@ def quiet_ray(quiet: bool = False) -> None:
     log_once("ray_data_progress_manager_disabled")  # Ray's "progress bars disabled" notice: we did that
     level = logging.ERROR if quiet else logging.WARNING
     for handler in logging.getLogger("ray.data").handlers:
-        if not isinstance(handler, logging.FileHandler) and "File" not in type(handler).__name__:
+        if "File" not in type(handler).__name__:  # the console; SessionFileHandler writes ray-data.log
             handler.setLevel(level)

@@ -333,16 +333,16 @@ def _count(tally, name: str, step: int, total: int, wait: bool = False) -> None:
     tell(tally, "put", name, (step, total), wait=wait)
 
 
-def planned_steps(job: dict) -> int | None:
+def planned_steps(job: dict, rows: int | None = None) -> int | None:
     """The optimiser steps a `fit_adapter` job will take, for progress lines before its workers
-    report: max_steps, else ceil(rows / batch) x epochs (None when it trains on all rows; the
-    run reports its count when it starts). Rows dropped as too long can make it a little less."""
+    report: max_steps, else ceil(rows / batch) x epochs, rows = its example ids or, when it trains
+    on all rows, `rows` (None if not given: the run reports its count when it starts). Rows
+    dropped as too long can make it a little less; the run's own count then replaces it."""
     loop, tc = job["loop_cfg"], job["tc"]
     if loop.get("max_steps"):
         return loop["max_steps"]
-    if loop.get("example_ids") is None:
-        return None
-    return math.ceil(len(loop["example_ids"]) / tc.batch_size) * tc.epochs
+    n = rows if loop.get("example_ids") is None else len(loop["example_ids"])
+    return None if n is None else math.ceil(n / tc.batch_size) * tc.epochs
 
 
 def examples_seen(lengths: list[int], batch_size: int, seed: int, total: int) -> int:
