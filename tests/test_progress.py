@@ -94,3 +94,15 @@ def _capture_show(shown: list):
         yield None
 
     return tallied
+
+
+def test_planned_steps_follow_the_training_loop_arithmetic():
+    from elrea_ray.config import TrainConfig
+    from elrea_ray.train import planned_steps
+
+    tc = TrainConfig(batch_size=8, epochs=2)
+    # 12 rows / batch 8 = 2 steps per epoch, x 2 epochs = 4
+    assert planned_steps({"loop_cfg": {"example_ids": [f"e{i}" for i in range(12)]}, "tc": tc}) == 4
+    assert planned_steps({"loop_cfg": {"example_ids": None}, "tc": tc}, rows=48) == 12
+    assert planned_steps({"loop_cfg": {"example_ids": None}, "tc": tc}) is None  # the run will tell
+    assert planned_steps({"loop_cfg": {"example_ids": None, "max_steps": 7}, "tc": tc}, rows=48) == 7
