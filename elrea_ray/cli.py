@@ -26,31 +26,36 @@ from elrea_ray.config import Config, ConfigError, load_config
 DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "jobs" / "configs" / "default.yaml"
 
 
-def connect_ray(cfg: Config) -> None:
+def connect_ray(cfg: Config, worker_logs: bool = True, quiet: bool = False) -> None:
     """Join the cluster named by ray.address / RAY_ADDRESS or one started with `ray start` on this
-    machine; otherwise start a local Ray in-process (with its dashboard: Train V2 clean-up needs it)."""
+    machine; otherwise start a local Ray in-process (with its dashboard: Train V2 clean-up needs it).
+    worker_logs=False keeps the workers' output in Ray's session logs instead of streaming it
+    here; quiet hides Ray's own INFO lines (e.g. where the dashboard is)."""
+    import logging
+
     import ray
 
     if ray.is_initialized():
         return
+    kw = {"log_to_driver": worker_logs, "logging_level": logging.WARNING if quiet else logging.INFO}
     address = cfg.ray.address or os.environ.get("RAY_ADDRESS")
     if address == "local":
-        ray.init(address="local", num_cpus=cfg.ray.num_cpus)
+        ray.init(address="local", num_cpus=cfg.ray.num_cpus, **kw)
         return
     if address:
-        ray.init(address=address)
+        ray.init(address=address, **kw)
         return
     try:
-        ray.init(address="auto")
+        ray.init(address="auto", **kw)
         return
     except (ConnectionError, RuntimeError):
         pass
-    ray.init(num_cpus=cfg.ray.num_cpus)
+    ray.init(num_cpus=cfg.ray.num_cpus, **kw)
 
 
-def print_results(run: RunDir) -> None:
+def print_results(run: RunDir, table: bool = True) -> None:
     results = run.eval_file("results.md")
-    if results.exists():
+    if table and results.exists():
         print()
         print(results.read_text())
     print(f"run directory: {run.root}")
@@ -87,19 +92,30 @@ def _load(args, shorthand: str | None = None) -> Config:
 
 def cmd_run(args) -> int:
     from elrea_ray.pipeline import run_pipeline
+    from elrea_ray.progress import Progress, quiet_ray
 
     cfg = _load(args, "run.run_dir")
     RunDir.at(cfg.run.run_dir, cfg.run.local_dir).check_unlocked()  # refuse a second run before starting Ray
-    connect_ray(cfg)
+    # Our progress lines replace Ray's per-event output (worker lines, Ray Data's bars, Train's
+    # reports), which stays in Ray's session logs unless --ray-logs asks for it here.
+    connect_ray(cfg, worker_logs=args.ray_logs, quiet=args.quiet)
+    if not args.ray_logs:
+        quiet_ray(args.quiet)
+    if not args.quiet and not args.ray_logs:
+        print("Ray's own worker output goes to its session logs (`ray logs`, the dashboard); "
+              "--ray-logs streams it here")
+    log = (lambda line: None) if args.quiet else print  # errors still reach stderr (they are exceptions)
     if cfg.eval.seeds:  # one whole run per seed, then the pooled table
         from elrea_ray.seeds import run_seeds
 
-        pooled = run_seeds(cfg)
-        print()
-        print(pooled.read_text())
+        pooled = run_seeds(cfg, log=log)
+        if not args.quiet:
+            print()
+            print(pooled.read_text())
         print(f"pooled results: {pooled}")
         return 0
-    print_results(run_pipeline(cfg))
+    run = run_pipeline(cfg, log=log, progress=Progress.off() if args.quiet else None)
+    print_results(run, table=not args.quiet)
     return 0
 
 
@@ -205,6 +221,10 @@ def parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("run", help="run (or resume) the whole pipeline", **kw)
     _config_args(p, ("--run-dir", "run.run_dir"))
+    p.add_argument("--quiet", action="store_true",
+                   help="print only errors and where the results are (no stage or progress lines)")
+    p.add_argument("--ray-logs", action="store_true",
+                   help="also stream Ray's own output here (worker lines, Ray Data progress bars)")
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("sweep", help="Ray Tune sweep over clusters, learning rates, routing", **kw)

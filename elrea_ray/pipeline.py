@@ -20,6 +20,7 @@ import yaml
 from elrea_ray.artifacts import RunDir, stage_key
 from elrea_ray.bundle import write_bundle
 from elrea_ray.config import Config
+from elrea_ray.progress import Progress
 from elrea_ray.stages import base, baselines, clusters, data, evaluate, experts, gradients
 from elrea_ray.stages.common import StageContext, config_slice, plain
 from elrea_ray.tracking import log_stage, publish_tracking, pull_tracking, tracker
@@ -109,11 +110,12 @@ def _start(cfg: Config, run: RunDir, keys: dict, log) -> None:
                                             "keys": keys, "updated": time.time()}))
 
 
-def run_pipeline(cfg: Config, log=print) -> RunDir:
-    """Run (or resume) every stage; returns the run directory. Needs a connected Ray."""
+def run_pipeline(cfg: Config, log=print, progress: Progress | None = None) -> RunDir:
+    """Run (or resume) every stage; returns the run directory. Needs a connected Ray.
+    progress: where stages report their counters (default: lines into `log`; Progress.off())."""
     run = RunDir.at(cfg.run.run_dir, cfg.run.local_dir)
     keys = stage_keys(cfg)
-    ctx = StageContext(cfg, run, keys, log=log)
+    ctx = StageContext(cfg, run, keys, log=log, progress=Progress(log) if progress is None else progress)
     tracked = tracker(cfg, run.root)
     with run.lock():
         _start(cfg, run, keys, log)

@@ -287,6 +287,8 @@ def train_loop(cfg: dict) -> dict:
     p = _resume(model, opt, sched, rank, device)
     if p.step and rank == 0:
         _log(f"[{name}] resumed from step {p.step}/{total}")
+    tally = cfg.get("tally") if rank == 0 else None  # the driver's progress lines (elrea_ray.progress)
+    _count(tally, name, p.step, total)
     resumed_from = p.step
     lengths = [len(x) for x in ids]
     loss_window: list[float] = []
@@ -302,6 +304,7 @@ def train_loop(cfg: dict) -> dict:
             sched.step()
             opt.zero_grad(set_to_none=True)
             p.step += 1
+            _count(tally, name, p.step, total)
             loss_window.append(total_loss / max(1, n_tokens))
             _maybe_inject_fault(cfg, p.step, rank)
             epoch_end = p.step % steps_per_epoch == 0 or p.step == total
@@ -316,10 +319,30 @@ def train_loop(cfg: dict) -> dict:
     seen = examples_seen(lengths, tc.batch_size, seed, total)
     if rank == 0:
         _save_final(cfg, out_dir, model, p, steps_per_epoch, total, len(ids), seen)
+    _count(tally, name, p.step, total, wait=True)  # the last count is in before the run ends
     if remote_out:
         shutil.rmtree(out_dir, ignore_errors=True)
     return {"final_loss": p.last_loss, "steps": p.step, "examples": len(ids), "examples_seen": seen,
             "dropped_too_long": dropped, "resumed_from_step": resumed_from}
+
+
+def _count(tally, name: str, step: int, total: int, wait: bool = False) -> None:
+    """This run's (step, total steps) into the driver's Tally actor (elrea_ray.progress)."""
+    from elrea_ray.progress import tell
+
+    tell(tally, "put", name, (step, total), wait=wait)
+
+
+def planned_steps(job: dict, rows: int | None = None) -> int | None:
+    """The optimiser steps a `fit_adapter` job will take, for progress lines before its workers
+    report: max_steps, else ceil(rows / batch) x epochs, rows = its example ids or, when it trains
+    on all rows, `rows` (None if not given: the run reports its count when it starts). Rows
+    dropped as too long can make it a little less; the run's own count then replaces it."""
+    loop, tc = job["loop_cfg"], job["tc"]
+    if loop.get("max_steps"):
+        return loop["max_steps"]
+    n = rows if loop.get("example_ids") is None else len(loop["example_ids"])
+    return None if n is None else math.ceil(n / tc.batch_size) * tc.epochs
 
 
 def examples_seen(lengths: list[int], batch_size: int, seed: int, total: int) -> int:
@@ -400,9 +423,10 @@ def check_resources(num_workers: int, cpus_per_worker: float, use_gpu: bool, wha
 
 def fit_adapter(run_name: str, loop_cfg: dict, tc: TrainConfig, storage: str | Path,
                 num_workers: int, cpus_per_worker: float, use_gpu: bool, gpus_per_worker: float = 1.0,
-                check: bool = True, wait_s: float = 300.0) -> dict:
+                check: bool = True, wait_s: float = 300.0, tally=None) -> dict:
     """One `TorchTrainer.fit()`; the same (storage, run_name) resumes a run killed earlier.
-    `storage` may be an s3:// URI: Ray Train then keeps its checkpoints in the object store."""
+    `storage` may be an s3:// URI: Ray Train then keeps its checkpoints in the object store.
+    tally: a `Progress.training` actor that rank 0 puts its step count into."""
     import ray.train
     from ray.train.torch import TorchTrainer
 
@@ -414,7 +438,7 @@ def fit_adapter(run_name: str, loop_cfg: dict, tc: TrainConfig, storage: str | P
 
     trainer = TorchTrainer(
         train_loop,
-        train_loop_config=loop_cfg,
+        train_loop_config=loop_cfg if tally is None else {**loop_cfg, "tally": tally},
         scaling_config=ray.train.ScalingConfig(num_workers=num_workers, use_gpu=use_gpu,
                                                resources_per_worker=worker_bundle(cpus_per_worker, use_gpu,
                                                                                    gpus_per_worker)),
@@ -436,8 +460,9 @@ def fit_adapter(run_name: str, loop_cfg: dict, tc: TrainConfig, storage: str | P
     return dict(result.return_value or {})
 
 
-def fit_many(jobs: list[dict[str, Any]], max_concurrent: int) -> list[dict]:
-    """Run several `fit_adapter` calls at once (one thread each, at most `max_concurrent`).
+def fit_many(jobs: list[dict[str, Any]], max_concurrent: int, tally=None) -> list[dict]:
+    """Run several `fit_adapter` calls at once (one thread each, at most `max_concurrent`), all
+    counting their steps into `tally` when given.
 
     Every job's resources are checked before any starts, so an impossible request fails at once
     rather than after the feasible experts have trained."""
@@ -450,7 +475,7 @@ def fit_many(jobs: list[dict[str, Any]], max_concurrent: int) -> list[dict]:
 
     def one(job):
         with sem:
-            return fit_adapter(**job)
+            return fit_adapter(**job, tally=tally)
 
     with ThreadPoolExecutor(max_workers=max(1, min(max_concurrent, len(jobs)))) as ex:
         return list(ex.map(one, jobs))

@@ -2,6 +2,7 @@
 
     python jobs/full_pipeline.py                                  # the embedded CPU demo
     python jobs/full_pipeline.py --config jobs/configs/smoke.yaml experts.lr=1e-4
+    python jobs/full_pipeline.py --quiet                          # only errors and where the results are
     ray job submit --working-dir . -- python jobs/full_pipeline.py --config jobs/configs/paper.yaml
 
 Attaches to a running Ray cluster (RAY_ADDRESS, `ray job submit`, or `ray start` on this machine)

@@ -46,12 +46,22 @@ def smoke_config(run_dir, *overrides):
 
 
 @pytest.fixture(scope="session")
-def smoke_run(ray_local, tmp_path_factory):
+def smoke_log() -> list[str]:
+    """The lines the shared smoke run printed (its stage and progress lines)."""
+    return []
+
+
+@pytest.fixture(scope="session")
+def smoke_run(ray_local, tmp_path_factory, smoke_log):
     """The one shared smoke run (about two minutes on 2 cores)."""
     from elrea_ray.pipeline import run_pipeline
 
+    def log(line: str) -> None:
+        print(line)
+        smoke_log.append(line)
+
     run_dir = tmp_path_factory.mktemp("smoke") / "run"
-    return run_pipeline(smoke_config(run_dir))
+    return run_pipeline(smoke_config(run_dir), log=log)
 
 
 @pytest.fixture

@@ -2,6 +2,8 @@
 subprocess of the installed entry point, no Ray started unless the command needs it)."""
 import dataclasses
 import os
+import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -16,10 +18,10 @@ SMOKE = ROOT / "jobs" / "configs" / "smoke.yaml"
 SCRIPT = Path(sys.executable).parent / "elrea-ray"
 
 
-def cli(*args: str, script: list[str] | None = None) -> subprocess.CompletedProcess:
+def cli(*args: str, script: list[str] | None = None, timeout: int = 120) -> subprocess.CompletedProcess:
     cmd = script or [str(SCRIPT)]
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    return subprocess.run([*cmd, *args], capture_output=True, text=True, timeout=120, cwd=ROOT, env=env)
+    return subprocess.run([*cmd, *args], capture_output=True, text=True, timeout=timeout, cwd=ROOT, env=env)
 
 
 def test_the_console_script_is_installed_and_its_help_lists_every_config_section():
@@ -56,12 +58,54 @@ def test_validate_config_prints_the_resolved_config_and_the_same_stage_keys_as_t
 
 def test_the_job_scripts_are_the_same_commands():
     # jobs/full_pipeline.py is `elrea-ray run`: the same parser, so the same error for the same input
-    script = cli("--config", str(SMOKE), "bogus.x=1", script=[sys.executable, str(ROOT / "jobs" / "full_pipeline.py")])
-    console = cli("run", "--config", str(SMOKE), "bogus.x=1")
+    script = cli("--quiet", "--config", str(SMOKE), "bogus.x=1",
+                 script=[sys.executable, str(ROOT / "jobs" / "full_pipeline.py")])
+    console = cli("run", "--quiet", "--config", str(SMOKE), "bogus.x=1")
     assert script.returncode == console.returncode == 2
     assert script.stderr.split("error: ")[1] == console.stderr.split("error: ")[1]
     report = cli("--run-dir", str(ROOT / "no-such-run"), script=[sys.executable, str(ROOT / "jobs" / "report.py")])
     assert report.returncode == 2 and "metrics.json is missing" in report.stderr
+
+
+# What each counted stage counts, as its progress lines say it.
+COUNTED = {"base": "steps", "gradients": "examples featurised", "experts": "steps", "baselines": "steps",
+           "eval": "items decoded"}
+
+
+@pytest.mark.slow
+def test_run_prints_a_progress_line_per_stage_and_quiet_only_where_the_results_are(smoke_log, copy_of_smoke):
+    """The shared smoke run ended every counted stage with a complete counter line; `elrea-ray
+    run` on a copy whose eval stage is gone prints a line for every stage (up to date, or eval's
+    own start, counter and end) and none of Ray's per-event output; with --quiet, only where the
+    results are."""
+    stages = list(stage_keys(load_config(SMOKE)))
+    for stage, unit in COUNTED.items():
+        if stage in stages:
+            assert any(re.fullmatch(rf"\[{stage}\] (\d+)/\1 {unit} \(100%\)(, .*)?, \d+ s", line)
+                       for line in smoke_log), (stage, smoke_log)
+    run = ["run", "--config", str(SMOKE), "--run-dir", str(copy_of_smoke), "ray.address=local"]
+
+    shutil.rmtree(copy_of_smoke / "eval")
+    out = cli(*run, timeout=900)
+    assert out.returncode == 0, out.stderr[-3000:]
+    lines = out.stdout.splitlines()
+    for stage in stages[:-1]:
+        assert f"[{stage}] up to date" in out.stdout, stage
+    assert stages[-1] == "eval" and "[eval] running (key" in out.stdout and "[eval] done in" in out.stdout
+    assert any(re.fullmatch(r"\[eval\] 16/16 items decoded \(100%\), \d+ s", line) for line in lines), lines
+    # Ray Data's progress lines, and the lines Ray streams from workers: "(MapWorker(...) pid=123) ..."
+    for ray_event in ("Running Dataset", "Total Progress", "Data sink", " pid="):
+        assert ray_event not in out.stdout + out.stderr, ray_event
+    assert (copy_of_smoke / "eval" / "results.md").is_file()
+
+    shutil.rmtree(copy_of_smoke / "eval")
+    quiet = cli(*run, "--quiet", timeout=900)
+    assert quiet.returncode == 0, quiet.stderr[-3000:]
+    assert quiet.stdout.splitlines() == [f"run directory: {copy_of_smoke}",
+                                         f"  results: {copy_of_smoke / 'eval' / 'results.md'}",
+                                         f"  bundle (for serving): {copy_of_smoke / 'bundle.json'}"], quiet.stdout
+    assert "[eval]" not in quiet.stderr and " INFO " not in quiet.stderr, quiet.stderr
+    assert (copy_of_smoke / "eval" / "results.md").is_file()  # the eval stage did run
 
 
 @pytest.mark.parametrize("args, message", [

@@ -27,10 +27,15 @@ def job(ctx: StageContext) -> dict:
 
 def run(ctx: StageContext) -> dict:
     """Writes adapters/base/epoch-E/ (PEFT adapter + adam_state.safetensors) for E = 1..epochs."""
-    from elrea_ray.train import fit_adapter
+    import pyarrow.parquet as pq
+
+    from elrea_ray.train import fit_adapter, planned_steps
 
     too_long = check_lengths(ctx.cfg, ctx.run)  # before any trainer starts
-    result = fit_adapter(**job(ctx))
+    spec = job(ctx)
+    rows = pq.read_metadata(ctx.run.data_file("train")).num_rows
+    with ctx.progress.training("base", {"base": planned_steps(spec, rows)}) as tally:
+        result = fit_adapter(**spec, tally=tally)
     ctx.run.sync_down(ctx.out)  # rank 0 wrote the epoch checkpoints into the remote partial
     for e in range(1, ctx.cfg.train.epochs + 1):
         if not (ctx.out / f"epoch-{e}" / "adam_state.safetensors").exists():

@@ -213,7 +213,7 @@ def run(ctx: StageContext) -> dict:
     which adapters each method uses, and the embedding clusters' report)."""
     import pyarrow.parquet as pq
 
-    from elrea_ray.train import fit_many
+    from elrea_ray.train import fit_many, planned_steps
 
     trained = trained_baselines(ctx.cfg)
     a = pq.read_table(ctx.run.clusters_file("assignments.parquet")).to_pylist()
@@ -231,7 +231,10 @@ def run(ctx: StageContext) -> dict:
         info["groups"]["pca"], info["pca_clusters"] = _pca_clusters(ctx, jobs)
     if "base_continued" in trained:
         info["groups"]["base_continued"], info["continued"] = _continued(ctx, jobs)
-    results = fit_many(jobs.todo, ctx.cfg.experts.max_concurrent) if jobs.todo else []
+    planned = {j["loop_cfg"]["name"]: planned_steps(j) for j in jobs.todo}
+    before = len(jobs.adapters) - len(jobs.todo)  # trained before an interruption
+    with ctx.progress.training("baselines", planned, "runs", runs_before=before) as tally:
+        results = fit_many(jobs.todo, ctx.cfg.experts.max_concurrent, tally) if jobs.todo else []
     ctx.run.sync_down(ctx.out)
     info["trained_now"] = len(jobs.todo)
     info["final_loss"] = [r.get("final_loss") for r in results]

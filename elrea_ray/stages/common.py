@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
 from elrea_ray.artifacts import RunDir
 from elrea_ray.config import Config, TrainConfig
+from elrea_ray.progress import Progress
 
 SPLITS = ("train", "validation", "test")
 
@@ -23,14 +24,16 @@ EXECUTION_ONLY = {"cpus_per_worker", "cpus_per_actor", "num_actors", "max_concur
 
 @dataclass(frozen=True)
 class StageContext:
-    """What a stage's `run` gets: the config, the run directory it reads, every stage's key, and
-    `out`, the folder it writes (the stage's `.partial`, renamed into place when it returns)."""
+    """What a stage's `run` gets: the config, the run directory it reads, every stage's key,
+    `out`, the folder it writes (the stage's `.partial`, renamed into place when it returns), and
+    `progress`, where it reports its counters (off unless the driver passes one)."""
 
     cfg: Config
     run: RunDir
     keys: dict[str, str]
     out: Path | None = None
     log: Callable[[str], None] = print
+    progress: Progress = field(default_factory=Progress.off)
 
     def at(self, out: Path) -> "StageContext":
         return dataclasses.replace(self, out=out)

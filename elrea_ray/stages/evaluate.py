@@ -8,6 +8,7 @@ predictions.parquet, metrics.json, results.md and the report (elrea_ray/report.p
 from __future__ import annotations
 
 import json
+from typing import Callable
 
 import numpy as np
 
@@ -143,11 +144,13 @@ def routing_weights(cfg: Config, run: RunDir, features: np.ndarray,
 
 
 def decode_split(ec, model_cfg: dict, adapters: dict[str, str], rows: list[dict],
-                 weights: dict[str, np.ndarray], methods: list[str]):
+                 weights: dict[str, np.ndarray], methods: list[str], done: Callable[[int], None] | None = None):
     """Decode and score `methods` on data rows over an EvalMapper actor pool (evaluation on the
     test split, sweep trials on the validation split). weights: [len(rows), n] per weighted
     method over `adapters` in order (column 0 = base). Returns the predictions DataFrame in row
-    order: example_id, source, pred_<method>, score_<method>."""
+    order: example_id, source, pred_<method>, score_<method>. `done(n)` hears the items decoded
+    so far as the pool's output blocks stream back."""
+    import pandas as pd
     import ray
 
     items = []
@@ -161,7 +164,13 @@ def decode_split(ec, model_cfg: dict, adapters: dict[str, str], rows: list[dict]
         fn_constructor_kwargs={"model_cfg": model_cfg, "adapters": adapters, "methods": methods,
                                "max_new_tokens": ec.max_new_tokens, "use_gpu": ec.use_gpu},
         compute=ray.data.ActorPoolStrategy(size=ec.num_actors), num_cpus=ec.cpus_per_actor,
-        num_gpus=1 if ec.use_gpu else 0).to_pandas()
+        num_gpus=1 if ec.use_gpu else 0)
+    parts = []
+    for part in preds.iter_batches(batch_size=None, batch_format="pandas"):  # one per output block
+        parts.append(part)
+        if done is not None:
+            done(sum(len(p) for p in parts))
+    preds = pd.concat(parts, ignore_index=True) if parts else preds.to_pandas()
     return preds.set_index("example_id").loc[[r["example_id"] for r in rows]].reset_index()
 
 
@@ -246,7 +255,9 @@ def run(ctx: StageContext) -> dict:
     weights, wide = _weights(cfg, run_dir, test, adapters)
     write_weights(out / "weights.parquet", test, weights)
     alone = [ALONE + n for n in bundle["adapters"] if n != "base"] if cfg.eval.specialisation else []
-    preds = decode_split(cfg.eval, bundle["model"], adapters, test, wide, list(cfg.eval.methods) + alone)
+    counter = ctx.progress.counter("eval", "items decoded")
+    preds = decode_split(cfg.eval, bundle["model"], adapters, test, wide, list(cfg.eval.methods) + alone,
+                         done=lambda n: counter.update(n, len(test)))
     pq.write_table(pa.Table.from_pandas(preds, preserve_index=False), out / "predictions.parquet")
     metrics = _metrics(cfg, run_dir, preds, weights, test)
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))

@@ -29,11 +29,14 @@ def run(ctx: StageContext) -> dict:
     """Writes adapters/experts/expert-XX/ (PEFT adapter) for every cluster XX."""
     import pyarrow.parquet as pq
 
-    from elrea_ray.train import fit_many
+    from elrea_ray.train import fit_many, planned_steps
 
     assignments = pq.read_table(ctx.run.clusters_file("assignments.parquet")).to_pylist()
     todo = jobs(ctx, assignments)
-    results = fit_many(todo, ctx.cfg.experts.max_concurrent)
+    C = max(r["cluster"] for r in assignments) + 1
+    planned = {j["loop_cfg"]["name"]: planned_steps(j) for j in todo}
+    with ctx.progress.training("experts", planned, "experts", runs_before=C - len(todo)) as tally:
+        results = fit_many(todo, ctx.cfg.experts.max_concurrent, tally)
     ctx.run.sync_down(ctx.out)  # each expert's rank 0 wrote its adapter into the remote partial
-    return {"num_experts": max(r["cluster"] for r in assignments) + 1, "trained_now": len(todo),
+    return {"num_experts": C, "trained_now": len(todo),
             "final_loss": [r.get("final_loss") for r in results]}

@@ -76,7 +76,8 @@ class FeatureMapper:
     """Ray Data callable: one model copy per actor; prompt rows in, unit-norm features out."""
 
     def __init__(self, model_cfg: dict, checkpoints: list[str], weights: list[float], kind: str,
-                 d_proj: int, seed: int, batch_size: int, use_gpu: bool, threads: int | None = None):
+                 d_proj: int, seed: int, batch_size: int, use_gpu: bool, threads: int | None = None,
+                 tally=None):
         import torch
 
         if threads:
@@ -94,11 +95,13 @@ class FeatureMapper:
         self.fx = FeatureExtractor(self.mc, checkpoints, weights, kind, d_proj, seed, device=device,
                                    batch_size=batch_size)
         self.calls = 0
+        self.tally = tally  # the driver's progress counter (elrea_ray.progress.Progress.counting)
 
     def __call__(self, batch):
         import pyarrow as pa
 
         from elrea_ray.data import instruction_ids
+        from elrea_ray.progress import tell
 
         ids = [instruction_ids(self.tok, p, self.mc.max_length) for p in batch.column("prompt").to_pylist()]
         feats = self.fx.features(ids).astype(np.float32)
@@ -106,6 +109,7 @@ class FeatureMapper:
         self.calls += 1
         if self.calls % TRIM_EVERY == 0:
             release_freed_memory()
+        tell(self.tally, "add", "done", len(ids), wait=True)  # a round trip per batch: nothing next to a backward
         return pa.table({
             "example_id": batch.column("example_id"), "source": batch.column("source"),
             "feature": pa.FixedSizeListArray.from_arrays(pa.array(feats.reshape(-1)), d)})
@@ -121,7 +125,7 @@ def _reproducibility(cfg: Config) -> dict:
             "use_gpu": g.use_gpu}
 
 
-def _feature_dataset(ctx: StageContext, split: str, weights: list[float], rep: dict):
+def _feature_dataset(ctx: StageContext, split: str, weights: list[float], rep: dict, tally=None):
     """The Ray Data pipeline of one split: read, re-block, map through the FeatureMapper pool."""
     import ray
 
@@ -144,7 +148,7 @@ def _feature_dataset(ctx: StageContext, split: str, weights: list[float], rep: d
         fn_constructor_kwargs={"model_cfg": plain(cfg.model), "checkpoints": ckpts,
                                "weights": weights, "kind": g.projector, "d_proj": g.d_proj,
                                "seed": g.projector_seed, "batch_size": g.batch_size,
-                               "use_gpu": g.use_gpu, "threads": rep["torch_threads"]},
+                               "use_gpu": g.use_gpu, "threads": rep["torch_threads"], "tally": tally},
         compute=ray.data.ActorPoolStrategy(size=g.num_actors),
         num_cpus=g.cpus_per_actor, num_gpus=1 if g.use_gpu else 0)
 
@@ -176,13 +180,15 @@ def run(ctx: StageContext) -> dict:
 
     weights = epoch_weights(ctx.cfg, ctx.run)
     rep = _reproducibility(ctx.cfg)
-    info = {"epoch_weights": weights, "rows": {}, "reproducibility": rep}
-    for split in SPLITS:
-        rows = pq.read_metadata(ctx.run.data_file(split)).num_rows
-        info["rows"][split] = rows
-        if rows == 0 or (ctx.out / split).exists():
-            continue  # nothing to do, or written in full before an interruption
-        _write_split(ctx, _feature_dataset(ctx, split, weights, rep), split, rep["block_rows"])
+    info = {"epoch_weights": weights, "rows": {s: pq.read_metadata(ctx.run.data_file(s)).num_rows for s in SPLITS},
+            "reproducibility": rep}
+    # Splits with no rows, or written in full before an interruption, have nothing to do.
+    todo = [s for s in SPLITS if info["rows"][s] and not (ctx.out / s).exists()]
+    total = sum(info["rows"].values())
+    with ctx.progress.counting("gradients", "examples featurised", total,
+                               start=total - sum(info["rows"][s] for s in todo)) as tally:
+        for split in todo:
+            _write_split(ctx, _feature_dataset(ctx, split, weights, rep, tally), split, rep["block_rows"])
     return info
 
 
