@@ -455,7 +455,7 @@ class SweepConfig(Section):
         _check(0 < self.cpus_per_trial <= 1, f"{p}.cpus_per_trial", "in (0, 1]", self.cpus_per_trial)
 
 
-TRACKING_BACKENDS = ("none", "tensorboard", "mlflow")
+TRACKING_BACKENDS = ("none", "tensorboard", "mlflow", "wandb")
 
 
 @dataclass(frozen=True)
@@ -465,9 +465,11 @@ class TrackingConfig(Section):
 
     SECTION: ClassVar[str] = "tracking"
 
-    backend: str = "tensorboard"  # none | tensorboard (event files in <run>/tracking) | mlflow
-    uri: str = ""  # mlflow: the tracking URI ("": MLFLOW_TRACKING_URI or MLflow's default)
-    project: str = "elrea-ray"  # mlflow: the experiment name
+    backend: str = "tensorboard"  # none | tensorboard (event files in <run>/tracking) | mlflow | wandb
+    # mlflow: the tracking URI ("": MLFLOW_TRACKING_URI or MLflow's default); wandb: the server's
+    # base URL ("": WANDB_BASE_URL or wandb.ai; WANDB_MODE=offline keeps runs in <run>/tracking/wandb)
+    uri: str = ""
+    project: str = "elrea-ray"  # mlflow: the experiment name; wandb: the project
 
     def validate(self, p: str) -> None:
         _check(self.backend in TRACKING_BACKENDS, f"{p}.backend", " | ".join(TRACKING_BACKENDS), self.backend)
@@ -476,6 +478,11 @@ class TrackingConfig(Section):
 
             _check(importlib.util.find_spec("mlflow") is not None, f"{p}.backend",
                    "mlflow installed (pip install 'elrea-ray[tracking]')", self.backend)
+        if self.backend == "wandb":
+            import importlib.util
+
+            _check(importlib.util.find_spec("wandb") is not None, f"{p}.backend",
+                   "wandb installed (pip install 'elrea-ray[wandb]')", self.backend)
         _check(bool(self.project.strip()), f"{p}.project", "a non-empty name", self.project)
 
 

@@ -1,11 +1,13 @@
 """Experiment tracking: each trained adapter's config, loss and learning rate per logged step,
-and the evaluation table and report, in TensorBoard (default, files in the run directory) or
-MLflow (`tracking.uri`, e.g. a tracking server).
+and the evaluation table and report, in TensorBoard (default, files in the run directory),
+MLflow (`tracking.uri`, e.g. a tracking server) or Weights & Biases (one W&B run per adapter and
+one for the evaluation, grouped under the pipeline run's name).
 
 The driver logs what a stage wrote to the run directory (`train_log.json`, `eval/metrics.json`)
 once the stage is complete, so Ray Train workers need no access to the tracking backend and a
 resumed run logs a finished stage exactly once (a marker per logged item). Tune trials use Ray's
-own callbacks (`ray.tune.logger.TBXLoggerCallback`, `ray.air.integrations.mlflow`).
+own callbacks (`ray.tune.logger.TBXLoggerCallback`, `ray.air.integrations.mlflow`,
+`ray.air.integrations.wandb`).
 """
 
 from __future__ import annotations
@@ -40,8 +42,9 @@ def eval_scalars(metrics: dict) -> dict[str, float]:
             lo, hi = micro.get("ci", [None, None])
             if lo is not None:
                 out[f"ci_low.{m}"], out[f"ci_high.{m}"] = float(lo), float(hi)
-        if "diff" in v.get("vs_base", {}):
-            out[f"vs_base.{m}"] = float(v["vs_base"]["diff"])
+        for ref in ("vs_base", "vs_continued"):  # paired differences from M+Q_base and the control
+            if "diff" in v.get(ref, {}):
+                out[f"{ref}.{m}"] = float(v[ref]["diff"])
         for src, s in v.get("per_source", {}).items():
             if "acc" in s:
                 out[f"accuracy_by_source.{m}.{src}"] = float(s["acc"])
@@ -76,6 +79,11 @@ class Tracker:
                 if "lr" in e:
                     w.add_scalar("train/lr", e["lr"], e["step"])
             w.close()
+        elif self.backend == "wandb":
+            run = self._wandb_run(adapter, config)
+            for e in steps:
+                run.log({f"train/{k}": float(e[k]) for k in ("loss", "lr", "epoch") if k in e}, step=e["step"])
+            run.finish()
         else:
             import mlflow
 
@@ -100,6 +108,19 @@ class Tracker:
                 if f.suffix == ".md" and f.exists():
                     w.add_text(f.name, f.read_text())
             w.close()
+        elif self.backend == "wandb":
+            import wandb
+
+            run = self._wandb_run("eval")
+            run.summary.update(scores)
+            art = wandb.Artifact(f"{self.name}-eval", type="evaluation")
+            for f in [metrics_file, *files]:
+                if Path(f).is_file():
+                    art.add_file(str(f))
+                elif Path(f).is_dir():
+                    art.add_dir(str(f), name=Path(f).name)
+            run.log_artifact(art)
+            run.finish()
         else:
             import mlflow
 
@@ -122,6 +143,11 @@ class Tracker:
 
             return [MLflowLoggerCallback(tracking_uri=self.uri or None, experiment_name=self.project,
                                          save_artifact=False)]
+        if self.backend == "wandb":
+            from ray.air.integrations.wandb import WandbLoggerCallback
+
+            self._wandb_env()
+            return [WandbLoggerCallback(project=self.project, group=self.name, log_config=True)]
         return []
 
     # -- backends ----------------------------------------------------------------------------
@@ -129,6 +155,23 @@ class Tracker:
         from tensorboardX import SummaryWriter
 
         return SummaryWriter(logdir=str(self.dir / "tensorboard" / sub))
+
+    def _wandb_env(self) -> None:
+        import os
+
+        if self.uri:
+            os.environ["WANDB_BASE_URL"] = self.uri
+
+    def _wandb_run(self, child: str, config: dict | None = None):
+        """A W&B run of its own per adapter (W&B has no nested runs), grouped under the pipeline
+        run's name; its files under root/tracking/wandb."""
+        import wandb
+
+        self._wandb_env()
+        folder = self.dir / "wandb"
+        folder.mkdir(parents=True, exist_ok=True)
+        return wandb.init(project=self.project, group=self.name, name=child, job_type=child.split("-")[0],
+                          config=config, dir=str(folder), reinit="create_new")
 
     def _mlflow_run(self, child: str):
         """A child run of this pipeline run's parent run. The parent is created once per

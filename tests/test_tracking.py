@@ -63,6 +63,67 @@ def test_tensorboard_gets_loss_lr_and_the_eval_table_once(run):
     assert not Tracker("tensorboard", run, "run").log_training("base", {}, run / "adapters" / "base" / "train_log.json")
 
 
+def _wandb_records(folder) -> list[dict]:
+    """Every offline W&B run under `folder`, read from its run-<id>.wandb file: W&B's LevelDB-style
+    log (a 7-byte header, then 32 KiB blocks of chunks: crc32, length, type 1 full / 2 first /
+    3 middle / 4 last) of `Record` protos, decoded with the proto wandb ships."""
+    import struct
+
+    from wandb.proto import wandb_internal_pb2 as pb
+
+    runs = []
+    for f in sorted(folder.rglob("run-*.wandb")):
+        data, i, pending, records = f.read_bytes(), 7, b"", []
+        while i + 7 <= len(data):
+            left = 32768 - (i % 32768)
+            if left < 7:  # a block's tail too short for a chunk header is padding
+                i += left
+                continue
+            _, n, kind = struct.unpack("<IHB", data[i:i + 7])
+            pending += data[i + 7:i + 7 + n]
+            i += 7 + n
+            if kind in (1, 4):
+                records.append(pb.Record.FromString(pending))
+                pending = b""
+        run = {"history": [], "summary": {}, "config": {}, "artifacts": []}
+        for r in records:
+            kind = r.WhichOneof("record_type")
+            if kind == "run":
+                run.update(name=r.run.display_name, group=r.run.run_group)
+                run["config"].update({c.key: json.loads(c.value_json) for c in r.run.config.update})
+            elif kind == "history":
+                run["history"].append({(i.key or "/".join(i.nested_key)): json.loads(i.value_json)
+                                       for i in r.history.item})
+            elif kind == "summary":
+                run["summary"].update({(i.key or "/".join(i.nested_key)): json.loads(i.value_json)
+                                       for i in r.summary.update})
+            elif kind == "artifact":
+                run["artifacts"].append((r.artifact.type, sorted(e.path for e in r.artifact.manifest.contents)))
+        runs.append(run)
+    return runs
+
+
+def test_wandb_runs_read_back_with_losses_and_the_eval_table(run, monkeypatch):
+    import wandb
+
+    monkeypatch.setenv("WANDB_MODE", "offline")  # no server: the runs stay in <run>/tracking/wandb
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    t = Tracker("wandb", run, "run", project="elrea-test")
+    assert t.log_training("base", {"train": {"lr": 1e-3}}, run / "adapters" / "base" / "train_log.json")
+    assert t.log_eval(run / "eval" / "metrics.json", [run / "eval" / "results.md"])
+    wandb.teardown()  # the W&B service writes a finished run's file out by the time it stops
+    runs = {r["name"]: r for r in _wandb_records(run / "tracking" / "wandb")}
+    assert set(runs) == {"base", "eval"} and {r["group"] for r in runs.values()} == {"run"}
+    base = runs["base"]
+    assert base["config"]["train"] == {"lr": 1e-3}
+    assert [h["_step"] for h in base["history"]] == [1, 2, 3, 4, 5, 6]
+    assert base["history"][-1]["train/loss"] == pytest.approx(0.5)
+    assert runs["eval"]["summary"]["accuracy.elrea"] == pytest.approx(0.4)
+    assert runs["eval"]["summary"]["vs_base.elrea"] == pytest.approx(0.05)
+    assert runs["eval"]["artifacts"] == [("evaluation", ["metrics.json", "results.md"])]
+    assert not Tracker("wandb", run, "run").log_training("base", {}, run / "adapters" / "base" / "train_log.json")
+
+
 def test_mlflow_runs_read_back_with_losses_and_the_eval_table(run, tmp_path, monkeypatch):
     import mlflow
 
@@ -145,3 +206,13 @@ def test_a_new_stage_key_is_logged_again(run):
     log = run / "adapters" / "base" / "train_log.json"
     assert t.log_training("base", {}, log, key="a") and not t.log_training("base", {}, log, key="a")
     assert t.log_training("base", {}, log, key="b")  # the base adapter was retrained
+
+
+def test_tune_sweeps_log_through_rays_own_callbacks(run):
+    from ray.air.integrations.mlflow import MLflowLoggerCallback
+    from ray.air.integrations.wandb import WandbLoggerCallback
+
+    (cb,) = Tracker("wandb", run, "sweep", project="elrea-sweeps").tune_callbacks()
+    assert isinstance(cb, WandbLoggerCallback) and cb.project == "elrea-sweeps" and cb.group == "sweep"
+    assert isinstance(Tracker("mlflow", run, "sweep").tune_callbacks()[0], MLflowLoggerCallback)
+    assert Tracker("tensorboard", run, "sweep").tune_callbacks() == []  # Tune's default logger writes them
