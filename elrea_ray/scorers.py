@@ -71,12 +71,8 @@ _UNIT_WORDS = ("units", "unit", "inches", "inch", "feet", "foot", "cm", "meters"
                "seconds", "second", "mph", "sq", "square")
 
 
-def _brace_group(s: str, i: int) -> tuple[str, int]:
-    """(content, index after) of the group starting at s[i]: "{...}" or a single character."""
-    if i >= len(s):
-        return "", i
-    if s[i] != "{":
-        return s[i], i + 1
+def _closing_brace(s: str, i: int) -> int | None:
+    """Index of the "}" that closes the "{" at s[i] (nested braces balanced), or None."""
     depth = 0
     for j in range(i, len(s)):
         if s[j] == "{":
@@ -84,8 +80,19 @@ def _brace_group(s: str, i: int) -> tuple[str, int]:
         elif s[j] == "}":
             depth -= 1
             if depth == 0:
-                return s[i + 1:j], j + 1
-    return s[i + 1:], len(s)
+                return j
+    return None
+
+
+def _brace_group(s: str, i: int) -> tuple[str, int]:
+    """(content, index after) of the group starting at s[i]: "{...}" (to the end if unclosed) or
+    a single character."""
+    if i >= len(s):
+        return "", i
+    if s[i] != "{":
+        return s[i], i + 1
+    j = _closing_brace(s, i)
+    return (s[i + 1:], len(s)) if j is None else (s[i + 1:j], j + 1)
 
 
 def _brace_fracs(s: str) -> str:
@@ -372,15 +379,9 @@ def boxed_content(text: str) -> str | None:
     start = text.rfind("\\boxed{")
     if start < 0:
         return None
-    i, depth = start + len("\\boxed{"), 1
-    for j in range(i, len(text)):
-        if text[j] == "{":
-            depth += 1
-        elif text[j] == "}":
-            depth -= 1
-            if depth == 0:
-                return text[i:j]
-    return None
+    brace = start + len("\\boxed")
+    j = _closing_brace(text, brace)
+    return None if j is None else text[brace + 1:j]
 
 
 def _decimal(s: str) -> Decimal | None:
