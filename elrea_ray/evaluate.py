@@ -21,6 +21,7 @@ METHOD_TITLES = {
     "dataset": "M+Q_dataset (own source's adapter)",
     "embedding": "instruction embedding (MiniLM)",
     "base_continued": "M+Q_base continued (compute-matched)",
+    "elrea_distilled": "ELREA, distilled router",
 }
 
 
