@@ -469,6 +469,8 @@ def _md_router(run: RunDir, metrics: dict) -> list[str]:
                f"distilled router {100 * table['elrea_distilled']['micro']['acc']:.1f}%; distilled minus gradient "
                f"{100 * vs['diff']:+.1f} points [95% paired bootstrap {100 * vs['ci'][0]:+.1f}, "
                f"{100 * vs['ci'][1]:+.1f}].", ""]
+    else:
+        md += ["Its accuracy was not measured: add elrea and elrea_distilled to eval.methods.", ""]
     cost = ev.get("seconds_per_prompt") or {}
     if cost.get("gradient") == cost.get("gradient") and cost.get("distilled"):
         md += [f"Routing cost per prompt, measured in the router stage on one device: gradient "

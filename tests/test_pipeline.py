@@ -294,3 +294,11 @@ def test_distilled_router_trains_evaluates_reports_and_serves(copy_of_smoke):
     forced = engine._weights([GenRequest(prompt_ids=ids[0], adapter="expert-00"), GenRequest(prompt_ids=ids[0])])
     assert forced[0].tolist() == [0.0, 1.0] + [0.0] * (forced.shape[1] - 2)  # a forced adapter, as before
     np.testing.assert_allclose(forced[1], served[0], atol=1e-5)  # alone vs in a batch: to rounding
+
+    from elrea_ray.export import export_run
+
+    out = export_run(copy_of_smoke, copy_of_smoke.parent / "export")  # the PEFT export carries the router
+    assert json.loads((out / "routing" / "routing.json").read_text())["router"] == "routing/router"
+    again = DistilledRouter.load(out / "routing" / "router").predict(
+        pooled_hidden_states(base, ids, engine.tok.pad_token_id))
+    np.testing.assert_array_equal(again[0], ew)
