@@ -10,6 +10,7 @@ Layout (every path comes from `RunDir`; no other module builds artifact paths):
       adapters/base/epoch-E/   PEFT adapter + Adam state per epoch (stage 1)
       gradients/{train,validation,test}/*.parquet   example_id, source, feature[d_proj] (stage 2)
       clusters/                centroids.safetensors, assignments.parquet, report.json (stage 3)
+      router/                  the distilled router and its agreement, only when routing asks for it
       adapters/expert-XX/      one PEFT adapter per cluster (stage 4)
       adapters/baselines/      adapters of the trained baselines, only when eval.methods asks for them
       bundle.json              everything serving needs (written with stage 4)
@@ -118,7 +119,8 @@ class RunDir:
         text = storage.read_text(self.ref(self.stage_dir(stage) / MARKER))
         return text.strip() if text is not None else None
 
-    def pull(self, stages: tuple[str, ...] = (*STAGES, "baselines"), log: Callable[[str], None] = print) -> None:
+    def pull(self, stages: tuple[str, ...] = (*STAGES, "router", "baselines"),
+             log: Callable[[str], None] = print) -> None:
         """Bring the mirror up to date with the remote run: the manifest and bundle, and every
         stage folder whose remote marker key differs from the local one (a stage without a
         remote marker counts as not built, so its local copy is dropped)."""
@@ -170,6 +172,7 @@ class RunDir:
     def stage_dir(self, stage: str) -> Path:
         return {"data": self.root / "data", "base": self.root / "adapters" / "base",
                 "gradients": self.root / "gradients", "clusters": self.root / "clusters",
+                "router": self.root / "router",
                 "experts": self.root / "adapters" / "experts",
                 "baselines": self.root / "adapters" / "baselines", "eval": self.root / "eval",
                 "validation": self.root / "validation"}[stage]

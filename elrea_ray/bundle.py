@@ -20,7 +20,8 @@ class BundleError(RuntimeError):
 
 def write_bundle(cfg: Config, run: RunDir, keys: dict) -> dict:
     """bundle.json: base model, adapters, epoch checkpoints and weights for test gradients,
-    projector spec and parameter layout, centroids, routing settings and the stage keys."""
+    projector spec and parameter layout, centroids, routing settings, the distilled router when it
+    was trained, and the stage keys."""
     from elrea_ray.projection import ProjectorSpec
     from elrea_ray.stages.common import plain
     from elrea_ray.stages.gradients import epoch_weights
@@ -42,9 +43,11 @@ def write_bundle(cfg: Config, run: RunDir, keys: dict) -> dict:
         "parameter_layout": layout,
         "centroids": rel(run.clusters_file("centroids.safetensors")),
         "num_clusters": C,
-        "routing": plain(cfg.routing),
+        "routing": plain(cfg.routing),  # routing.method says which router serving uses
         "keys": keys,
     }
+    if "router" in keys and run.completed_key("router") == keys["router"]:  # the distilled router, when trained
+        bundle["router"] = rel(run.stage_dir("router"))
     write_json_atomic(run.bundle, bundle)
     run.publish(run.bundle)
     return bundle
@@ -56,7 +59,7 @@ def load_bundle(run_dir: str | Path) -> tuple[Path, dict]:
 
     if storage.is_remote(run_dir):
         run = RunDir.at(str(run_dir))
-        run.pull(stages=("base", "clusters", "experts"), log=lambda msg: None)  # what serving reads
+        run.pull(stages=("base", "clusters", "router", "experts"), log=lambda msg: None)  # what serving reads
         root = run.root
     else:
         root = Path(run_dir).expanduser().resolve()
@@ -67,7 +70,11 @@ def load_bundle(run_dir: str | Path) -> tuple[Path, dict]:
     if bundle.get("format_version") != BUNDLE_FORMAT_VERSION:
         raise BundleError(f"{path}: format_version {bundle.get('format_version')} is not "
                           f"{BUNDLE_FORMAT_VERSION}, the one this version serves")
-    for p in [*bundle["adapters"].values(), *bundle["epoch_checkpoints"], bundle["centroids"]]:
+    router = [bundle["router"]] if "router" in bundle else []
+    for p in [*bundle["adapters"].values(), *bundle["epoch_checkpoints"], bundle["centroids"], *router]:
         if not (root / p).exists():
             raise BundleError(f"{path} lists {p}, which does not exist under {root}")
+    if bundle["routing"].get("method", "gradient") == "distilled" and not router:
+        raise BundleError(f"{path}: routing.method is distilled but the bundle has no router; rerun "
+                          "jobs/full_pipeline.py with routing.method=distilled so the router stage trains it")
     return root, bundle

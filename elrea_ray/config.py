@@ -343,6 +343,11 @@ class ExpertConfig(Section):
                "a fraction in (0, 1] or a whole number", g)
 
 
+ROUTING_METHODS = ("gradient", "distilled")
+# The routing fields only the distilled router reads; stage keys leave them out unless it is trained.
+DISTILL_FIELDS = ("method", "distill_hidden", "distill_epochs")
+
+
 @dataclass(frozen=True)
 class RoutingConfig(Section):
     """Paper eq. 5.9-5.10: standardised cosine, softmax(T=1), base weight 1 - max cos."""
@@ -354,11 +359,21 @@ class RoutingConfig(Section):
     # Sparse routing: adapters (experts or base) whose weight is below this are not run for that
     # prompt; the top expert always runs. 0: every adapter runs (the paper's eq. 5.10).
     min_weight: float = 0.0
+    # How a prompt's weights are found. gradient: the paper's, from the prompt's gradient feature
+    # (a forward and backward per base epoch checkpoint). distilled (beyond the paper): a head on
+    # the prompt's pooled hidden state (base model + final base adapter, one forward), fitted to
+    # the gradient weights of the training rows by the `router` stage; serving then routes with it.
+    method: str = "gradient"
+    distill_hidden: int = 0  # the distilled head: 0 a linear layer, k > 0 one ReLU layer of width k
+    distill_epochs: int = 300  # full-batch Adam steps of the head's fit
 
     def validate(self, p: str) -> None:
         _check(self.temperature > 0, f"{p}.temperature", "> 0", self.temperature)
         _check(0.0 <= self.min_weight < 1.0, f"{p}.min_weight", "in [0, 1)", self.min_weight)
         _check(self.top_k is None or self.top_k >= 1, f"{p}.top_k", ">= 1 or null", self.top_k)
+        _check(self.method in ROUTING_METHODS, f"{p}.method", " or ".join(ROUTING_METHODS), self.method)
+        _check(self.distill_hidden >= 0, f"{p}.distill_hidden", ">= 0 (0: a linear head)", self.distill_hidden)
+        _check(self.distill_epochs >= 1, f"{p}.distill_epochs", ">= 1", self.distill_epochs)
 
 
 # Methods the eval stage decodes side by side (paper Tables 5.2-5.3 and Figure 5.3b): the backbone
@@ -369,9 +384,10 @@ class RoutingConfig(Section):
 # pca (ELREA's pipeline with the gradient features reduced by PCA before clustering, the paper's
 # Table 5.4 ablation) and base_continued, the compute-matched control: Q_base trained on the whole
 # mix for as many more optimiser steps as the experts took together, with the experts' recipe
-# (not in the paper).
+# (not in the paper). elrea_distilled: the ensemble with the distilled router's weights
+# (routing.method; not in the paper).
 EVAL_METHODS = ("backbone", "base", "elrea", "uniform", "moe_merge", "random_clusters", "dataset", "embedding",
-                "pca", "base_continued")
+                "pca", "base_continued", "elrea_distilled")
 
 
 def top_k_of(method: str) -> int | None:

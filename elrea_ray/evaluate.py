@@ -22,6 +22,7 @@ METHOD_TITLES = {
     "embedding": "instruction embedding (MiniLM)",
     "pca": "clusters on PCA-reduced gradients",
     "base_continued": "M+Q_base continued (compute-matched)",
+    "elrea_distilled": "ELREA, distilled router",
 }
 
 

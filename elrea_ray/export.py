@@ -58,6 +58,8 @@ def _routing(bundle: dict, names: list[str], epochs: list[str]) -> dict:
                      "loss": "instruction tokens only, mean over the instruction's tokens",
                      "preconditioning": "Adam (bias-corrected) of each epoch checkpoint"},
         "model": {k: bundle["model"][k] for k in ("name_or_path", "max_length", "lora_r", "lora_alpha")},
+        # routing.method=distilled: a head on the prompt's mean last hidden state under the base adapter
+        **({"router": "routing/router"} if "router" in bundle else {}),
     }
 
 
@@ -130,6 +132,10 @@ def export_run(run_dir: str | Path, out: str | Path, fmt: str = "peft", base_mod
                 _copy(root / p, tmp / "routing" / f"epoch-{i}", _EPOCH_FILES, base_model)
                 epochs.append(f"routing/epoch-{i}")
             shutil.copy2(root / bundle["centroids"], tmp / "routing" / "centroids.safetensors")
+            if "router" in bundle:  # the distilled router, as elrea_ray.distill.DistilledRouter.load reads it
+                (tmp / "routing" / "router").mkdir()
+                for name in ("router.json", "router.safetensors"):
+                    shutil.copy2(root / bundle["router"] / name, tmp / "routing" / "router" / name)
             (tmp / "routing" / "routing.json").write_text(json.dumps(_routing(bundle, names, epochs), indent=2))
         else:
             for n, p in bundle["adapters"].items():

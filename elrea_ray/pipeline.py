@@ -1,6 +1,6 @@
 """The ELREA pipeline: content-addressed stages over one run directory, run in this order.
 
-    data -> base (Ray Train) -> gradients (Ray Data actors) -> clusters (Ray task)
+    data -> base (Ray Train) -> gradients (Ray Data actors) -> clusters (Ray task) -> [router] (Ray task)
          -> experts (concurrent Ray Train runs) + bundle.json -> [baselines] -> eval (Ray Data actors)
 
 Each stage is a module of `elrea_ray/stages/` whose `run(ctx)` reads only what earlier stages
@@ -21,8 +21,8 @@ from elrea_ray.artifacts import RunDir, stage_key
 from elrea_ray.bundle import write_bundle
 from elrea_ray.config import Config
 from elrea_ray.progress import Progress
-from elrea_ray.stages import base, baselines, clusters, data, evaluate, experts, gradients
-from elrea_ray.stages.common import StageContext, config_slice, plain
+from elrea_ray.stages import base, baselines, clusters, data, evaluate, experts, gradients, router
+from elrea_ray.stages.common import StageContext, config_slice, plain, routing_slice
 from elrea_ray.tracking import log_stage, publish_tracking, pull_tracking, tracker
 
 
@@ -56,14 +56,18 @@ def stage_keys(cfg: Config) -> dict[str, str]:
                                    [k["base"], k["clusters"]]
                                    + ([k["experts"]] if "base_continued" in trained else []))  # its step budget
         evals_on.append(k["baselines"])
-    k["eval"] = stage_key("eval", {"eval": config_slice(cfg.eval), "routing": config_slice(cfg.routing)},
-                          evals_on)
+    if router.wanted(cfg):  # only then: runs that route by gradients alone keep their keys
+        k["router"] = stage_key("router", {"routing": router.config_of(cfg), "seed": seed},
+                                [k["base"], k["gradients"], k["clusters"]])
+        evals_on.append(k["router"])  # the report's router section, and the elrea_distilled method
+    k["eval"] = stage_key("eval", {"eval": config_slice(cfg.eval), "routing": routing_slice(cfg)}, evals_on)
     return k
 
 
-# The stages in the order they run: (name, module). The bundle is written after `experts`.
+# The stages in the order they run: (name, module). The bundle is written after `experts`, so the
+# router (which needs only base, gradients and clusters) runs before it and the bundle can list it.
 STAGES = (("data", data), ("base", base), ("gradients", gradients), ("clusters", clusters),
-          ("experts", experts), ("baselines", baselines), ("eval", evaluate))
+          ("router", router), ("experts", experts), ("baselines", baselines), ("eval", evaluate))
 
 
 def _versions() -> dict:
@@ -123,7 +127,7 @@ def run_pipeline(cfg: Config, log=print, progress: Progress | None = None) -> Ru
         t0 = time.time()
         for name, stage in STAGES:
             if name not in keys:
-                continue  # the baselines stage runs only when eval.methods asks for it
+                continue  # the router and baselines stages run only when the config asks for them
             _, ran = run.run_stage(name, keys[name], lambda out, stage=stage: stage.run(ctx.at(out)), log)
             if name == "experts" and (ran or not run.bundle.exists()
                                       or json.loads(run.bundle.read_text()).get("keys") != keys):

@@ -469,6 +469,40 @@ def _md_why(metrics: dict) -> list[str]:
     return md
 
 
+def _md_router(run: RunDir, metrics: dict) -> list[str]:
+    """The distilled router (beyond the paper), when the run trained it: how closely it follows the
+    gradient router, both routers' accuracy with their paired difference, each one's routing cost."""
+    ev = _read_json(run.stage_dir("router") / "router_eval.json")
+    if ev is None:
+        return []
+    test, goal = ev["test"], ev["goal_top1_agreement"]
+    head = f"one-layer (width {ev['hidden']})" if ev["hidden"] else "linear"
+    md = ["## Distilled router", "",
+          f"A {head} head on the prompt's pooled "
+          f"hidden state (base model + final base adapter) fitted to the gradient routing weights of "
+          f"{ev['train']['n']} training prompts (routing.method: distilled; not in the paper). On the "
+          f"{test['n']} test prompts its top expert is the gradient router's for {100 * test['top1_agreement']:.1f}% "
+          f"of them (goal >= {100 * goal:.0f}%: {'met' if test['top1_agreement'] >= goal else 'not met'}; train "
+          f"{100 * ev['train']['top1_agreement']:.1f}%), and its base weight differs by "
+          f"{test['mean_abs_base_diff']:.3f} on average.", ""]
+    table = metrics.get("methods", {})
+    vs = metrics.get("distilled_vs_elrea")
+    if vs is not None and "elrea" in table and "elrea_distilled" in table:
+        md += [f"Accuracy, micro average: gradient router (ELREA) {100 * table['elrea']['micro']['acc']:.1f}%, "
+               f"distilled router {100 * table['elrea_distilled']['micro']['acc']:.1f}%; distilled minus gradient "
+               f"{100 * vs['diff']:+.1f} points [95% paired bootstrap {100 * vs['ci'][0]:+.1f}, "
+               f"{100 * vs['ci'][1]:+.1f}].", ""]
+    else:
+        md += ["Its accuracy was not measured: add elrea and elrea_distilled to eval.methods.", ""]
+    cost = ev.get("seconds_per_prompt") or {}
+    if cost.get("gradient") == cost.get("gradient") and cost.get("distilled"):
+        md += [f"Routing cost per prompt, measured in the router stage on one device: gradient "
+               f"{1000 * cost['gradient']:.1f} ms (features of {ev['cost_rows']['gradient']} test prompts), "
+               f"distilled {1000 * cost['distilled']:.1f} ms ({ev['cost_rows']['distilled']} prompts), so the "
+               f"distilled router routes {cost['gradient'] / cost['distilled']:.1f}x faster.", ""]
+    return md
+
+
 def _md_training(figures: dict, manifest: dict) -> list[str]:
     """The loss curves and each stage's seconds."""
     md = ["## Training", ""]
@@ -514,7 +548,8 @@ def write_report(run: RunDir, eval_dir: Path | None = None) -> dict:
     md += ["", "![accuracy](figures/accuracy.png)", ""]
     if "vs_base" in figures:
         md += ["![difference from M+Q_base](figures/vs_base.png)", ""]
-    md += _md_clusters(clusters, metrics, figures, facts) + _md_why(metrics) + _md_training(figures, manifest)
+    md += (_md_clusters(clusters, metrics, figures, facts) + _md_why(metrics) + _md_router(run, metrics)
+           + _md_training(figures, manifest))
     md += _md_examples(run, eval_dir, list(table))
     if notes:
         md += ["## Notes", ""] + [f"- {n}" for n in notes] + [""]

@@ -43,15 +43,11 @@ def route(
     If a row's cosines are all equal (std 0), every expert gets 1/C.
     """
     x, c = _as_array(features, "features"), _as_array(centroids, "centroids")
-    num_clusters = c.shape[0]
     if x.shape[1] != c.shape[1]:
         raise ValueError(f"features have d={x.shape[1]} but centroids have d={c.shape[1]}")
     if not temperature > 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
-    if not 0.0 <= min_weight < 1.0:
-        raise ValueError(f"min_weight must be in [0, 1), got {min_weight}")
-    if top_k is not None and not 1 <= top_k <= num_clusters:
-        raise ValueError(f"top_k must be None or in [1, C={num_clusters}], got {top_k}")
+    _check_sparsity(c.shape[0], top_k, min_weight)
 
     cos = x @ c.T  # [B, C]
     std = cos.std(axis=1, keepdims=True)  # population std (ddof=0)
@@ -62,6 +58,24 @@ def route(
     e = np.exp(z - z.max(axis=1, keepdims=True))
     expert_weights = e / e.sum(axis=1, keepdims=True)
     base_weight = 1.0 - cos.max(axis=1)
+    return sparsify(expert_weights, base_weight, top_k, min_weight)
+
+
+def _check_sparsity(num_clusters: int, top_k: int | None, min_weight: float) -> None:
+    if not 0.0 <= min_weight < 1.0:
+        raise ValueError(f"min_weight must be in [0, 1), got {min_weight}")
+    if top_k is not None and not 1 <= top_k <= num_clusters:
+        raise ValueError(f"top_k must be None or in [1, C={num_clusters}], got {top_k}")
+
+
+def sparsify(expert_weights: np.ndarray, base_weight: np.ndarray, top_k: int | None = None,
+             min_weight: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
+    """`route`'s top_k and min_weight applied to dense weights ([B, C] experts, [B] base), from
+    the gradient features or from the distilled router (elrea_ray/distill.py); copies, float64."""
+    expert_weights = np.array(expert_weights, dtype=np.float64)
+    base_weight = np.array(base_weight, dtype=np.float64)
+    num_clusters = expert_weights.shape[1]
+    _check_sparsity(num_clusters, top_k, min_weight)
     if top_k is not None and top_k < num_clusters:
         # Stable sort so that ties keep the lower expert index, deterministically.
         drop = np.argsort(-expert_weights, axis=1, kind="stable")[:, top_k:]

@@ -48,6 +48,14 @@ class Engine:
                               "epoch checkpoints' LoRA parameters; the bundle and adapters are out of step")
         self.centroids = load_file(str(self.root / b["centroids"]))["centroids"]
         self.routing = b["routing"]
+        self.router = None  # routing.method=distilled: the head on the prompt's pooled hidden state
+        if self.routing.get("method", "gradient") == "distilled":
+            from elrea_ray.distill import DistilledRouter
+
+            self.router = DistilledRouter.load(self.root / b["router"])
+            if self.router.num_experts != self.centroids.shape[0]:
+                raise BundleError(f"bundle {self.root / 'bundle.json'}: the router predicts "
+                                  f"{self.router.num_experts} experts, the bundle has {self.centroids.shape[0]}")
         self.model_id = f"elrea-{self.root.name}"
         self.max_context = int(self.model_cfg.max_length)
         from elrea_ray.data import stop_ids
@@ -75,18 +83,38 @@ class Engine:
 
     # -- routing and decoding -----------------------------------------------------------------
     def route(self, prompt_ids: list[list[int]], top_k: list[int | None]) -> np.ndarray:
-        """[B, 1+C] weights (column 0 = base) from the instructions' gradient features."""
-        from elrea_ray.routing import route
+        """[B, 1+C] weights (column 0 = base) from the instructions' gradient features, or with
+        routing.method=distilled from the distilled router; then each request's top_k (the
+        bundle's when None) and the bundle's min_weight."""
+        from elrea_ray.routing import route, sparsify
 
-        feats = self.fx.features(prompt_ids)
+        if self.router is None:
+            feats = self.fx.features(prompt_ids)
+            dense = None
+        else:
+            dense = self.router.predict(self._pooled(prompt_ids))
         out = np.zeros((len(prompt_ids), 1 + self.centroids.shape[0]))
         for k in set(top_k):
             rows = [i for i, t in enumerate(top_k) if t == k]
-            ew, bw = route(feats[rows], self.centroids, temperature=self.routing["temperature"],
-                           top_k=k if k is not None else self.routing.get("top_k"),
-                           min_weight=self.routing.get("min_weight", 0.0))
+            sparse = {"top_k": k if k is not None else self.routing.get("top_k"),
+                      "min_weight": self.routing.get("min_weight", 0.0)}
+            if dense is None:
+                ew, bw = route(feats[rows], self.centroids, temperature=self.routing["temperature"], **sparse)
+            else:
+                ew, bw = sparsify(dense[0][rows], dense[1][rows], **sparse)
             out[rows, 0], out[rows, 1:] = bw, ew
         return out
+
+    def _pooled(self, prompt_ids: list[list[int]]) -> np.ndarray:
+        """[B, H] pooled hidden states of the prompts under the base adapter, for the distilled
+        router. Its own forward, not the prefill's: the loop needs the weights before the prefill
+        (they decide which (prompt, adapter) rows it runs, and a sparse route may drop the base
+        row), and the prefill keeps only the last position's hidden state. One forward without a
+        backward, against the gradient router's forward and backward per epoch checkpoint."""
+        from elrea_ray.distill import pooled_hidden_states
+
+        self.model.set_adapter("base")  # the feature extractor sets its own adapter before each use
+        return pooled_hidden_states(self.model, prompt_ids, self.loop.pad_id)
 
     def _weights(self, reqs: list[GenRequest]) -> np.ndarray:
         w = np.zeros((len(reqs), len(self.names)))

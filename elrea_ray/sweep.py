@@ -54,7 +54,7 @@ from elrea_ray.stages import clusters as clusters_stage
 from elrea_ray.stages import data as data_stage
 from elrea_ray.stages import experts as experts_stage
 from elrea_ray.stages import gradients as gradients_stage
-from elrea_ray.stages.common import StageContext, config_slice
+from elrea_ray.stages.common import StageContext, routing_slice
 from elrea_ray.stages.evaluate import decode_split, routing_weights
 from elrea_ray.stages.gradients import read_features
 
@@ -251,7 +251,7 @@ def seed_from_run(cfg: Config, source: str | Path, experts: bool = True,
 
 def validation_key(cfg: Config, keys: dict[str, str]) -> str:
     ec = cfg.eval
-    return stage_key("validation", {"routing": config_slice(cfg.routing), "metric": cfg.sweep.metric,
+    return stage_key("validation", {"routing": routing_slice(cfg), "metric": cfg.sweep.metric,
                                     "max_new_tokens": ec.max_new_tokens, "batch_size": ec.batch_size},
                      [keys["experts"], keys["gradients"]])
 

@@ -16,6 +16,7 @@ def test_defaults_are_the_papers():
     assert (c.clustering.method, c.clustering.initial_clusters, c.clustering.fit_sample,
             c.clustering.max_ratio, c.clustering.max_iterations) == ("balanced_birch", 5, 5000, 5.0, 3)
     assert c.routing.temperature == 1.0 and c.routing.top_k is None
+    assert c.routing.method == "gradient"  # the distilled router is beyond the paper
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=[p.name for p in CONFIGS])
@@ -45,6 +46,9 @@ def test_overrides_parse_yaml_values(tmp_path):
     (["badoverride"], "section.key=value"),
     (["model.attn_implementation=flash"], "model.attn_implementation"),
     (["model.gradient_checkpointing=maybe"], "model.gradient_checkpointing"),
+    (["routing.method=learned"], "routing.method must be gradient or distilled"),
+    (["routing.distill_hidden=-1"], "routing.distill_hidden"),
+    (["routing.distill_epochs=0"], "routing.distill_epochs"),
 ])
 def test_bad_config_names_the_key(override, needle):
     with pytest.raises(ConfigError, match=needle.replace(".", r"\.")):

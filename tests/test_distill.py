@@ -75,3 +75,23 @@ def test_pooled_hidden_states_do_not_depend_on_the_batch():
     alone = np.concatenate([pooled_hidden_states(model, [p], pad_token_id=0) for p in prompts])
     assert together.shape == (4, model.config.hidden_size)
     np.testing.assert_allclose(together, alone, rtol=1e-4, atol=1e-5)
+
+
+def test_a_bundle_that_routes_by_a_router_it_lacks_is_refused(tmp_path):
+    import json
+
+    from elrea_ray.bundle import BundleError, load_bundle
+
+    (tmp_path / "centroids.safetensors").write_bytes(b"")
+    bundle = {"format_version": 1, "adapters": {}, "epoch_checkpoints": [], "centroids": "centroids.safetensors",
+              "routing": {"method": "distilled"}}
+    (tmp_path / "bundle.json").write_text(json.dumps(bundle))
+    with pytest.raises(BundleError, match="routing.method is distilled but the bundle has no router"):
+        load_bundle(tmp_path)
+    (tmp_path / "bundle.json").write_text(json.dumps({**bundle, "router": "router"}))
+    with pytest.raises(BundleError, match="lists router, which does not exist"):
+        load_bundle(tmp_path)
+    (tmp_path / "router").mkdir()
+    assert load_bundle(tmp_path)[1]["router"] == "router"
+    (tmp_path / "bundle.json").write_text(json.dumps({**bundle, "routing": {}}))  # older bundles: gradient
+    assert "router" not in load_bundle(tmp_path)[1]

@@ -217,3 +217,88 @@ def test_resource_settings_do_not_change_stage_keys(tmp_path):
     assert a == b
     c = stage_keys(smoke_config(tmp_path, "gradients.d_proj=256"))
     assert [s for s in a if a[s] != c[s]] == ["gradients", "clusters", "experts", "baselines", "eval"]
+
+
+def test_the_router_stage_and_its_fields_change_only_the_keys_of_runs_that_train_it(tmp_path):
+    from elrea_ray.pipeline import stage_keys
+
+    a = stage_keys(smoke_config(tmp_path))
+    assert "router" not in a  # gradient routing: no router stage
+    assert stage_keys(smoke_config(tmp_path, "routing.distill_epochs=5", "routing.distill_hidden=8")) == a
+    d = stage_keys(smoke_config(tmp_path, "routing.method=distilled"))
+    assert [s for s in d if a.get(s) != d[s]] == ["router", "eval"]
+    assert stage_keys(smoke_config(tmp_path, "eval.methods=[elrea,elrea_distilled]"))["router"] == d["router"]
+    e = stage_keys(smoke_config(tmp_path, "routing.method=distilled", "routing.distill_epochs=5"))
+    assert [s for s in d if d[s] != e[s]] == ["router", "eval"]
+    f = stage_keys(smoke_config(tmp_path, "routing.method=distilled", "routing.top_k=1"))
+    assert [s for s in d if d[s] != f[s]] == ["eval"]  # top_k applies to either router's weights afterwards
+
+
+def test_distilled_router_trains_evaluates_reports_and_serves(copy_of_smoke):
+    """routing.method=distilled with elrea_distilled evaluated: only the router stage and eval run;
+    the eval uses the router's weights, the report has its section, and the served bundle routes
+    with it: the weights equal DistilledRouter.predict on the prompts' pooled hidden states."""
+    import numpy as np
+
+    from elrea_ray.artifacts import RunDir
+    from elrea_ray.data import instruction_ids
+    from elrea_ray.decoding import GenRequest
+    from elrea_ray.distill import DistilledRouter, pooled_hidden_states
+    from elrea_ray.evaluate import read_weights
+    from elrea_ray.model import load_adapters
+    from elrea_ray.pipeline import run_pipeline
+    from elrea_ray.routing import sparsify
+    from elrea_ray.serving import Engine
+
+    lines = []
+    methods = ",".join((*METHODS, "elrea_distilled"))
+    run = run_pipeline(smoke_config(copy_of_smoke, "routing.method=distilled", f"eval.methods=[{methods}]"),
+                       log=lines.append)
+    assert {ln.split("]")[0].strip("[") for ln in lines if "running (key" in ln} == {"router", "eval"}
+    folder = run.stage_dir("router")
+    assert {p.name for p in folder.iterdir()} == {"router.json", "router.safetensors", "weights.parquet",
+                                                  "router_eval.json", "_COMPLETE"}
+    ev = json.loads((folder / "router_eval.json").read_text())
+    n_test = pq.read_metadata(run.data_file("test")).num_rows
+    assert ev["train"]["n"] == pq.read_metadata(run.data_file("train")).num_rows and ev["test"]["n"] == n_test
+    assert all(0 <= ev[s]["top1_agreement"] <= 1 and ev[s]["mean_abs_base_diff"] >= 0 for s in ("train", "test"))
+    assert ev["seconds_per_prompt"]["gradient"] > 0 and ev["seconds_per_prompt"]["distilled"] > 0
+    _, stage_w = read_weights(folder / "weights.parquet")
+    _, eval_w = read_weights(run.stage_dir("eval") / "weights.parquet")
+    np.testing.assert_array_equal(eval_w["elrea_distilled"], stage_w["distilled"])  # smoke: top_k unset
+    np.testing.assert_allclose(stage_w["gradient"], eval_w["elrea"], atol=1e-9)
+    metrics = json.loads((run.stage_dir("eval") / "metrics.json").read_text())
+    assert metrics["methods"]["elrea_distilled"]["micro"]["n"] == n_test and "vs_base" in metrics["methods"][
+        "elrea_distilled"]
+    assert set(metrics["distilled_vs_elrea"]) == {"diff", "ci"}
+    assert "| ELREA, distilled router |" in (run.stage_dir("eval") / "results.md").read_text()
+    report = (run.stage_dir("eval") / "report.md").read_text()
+    assert "## Distilled router" in report and f"{100 * ev['test']['top1_agreement']:.1f}% of them" in report
+    assert "distilled minus gradient" in report and "Routing cost per prompt" in report
+
+    bundle = json.loads(run.bundle.read_text())
+    assert bundle["router"] == "router" and bundle["routing"]["method"] == "distilled"
+    engine = Engine(RunDir.at(copy_of_smoke).root)
+    test = pq.read_table(run.data_file("test")).to_pylist()
+    ids = [instruction_ids(engine.tok, r["prompt"], engine.max_context) for r in test]
+    served = engine.route(ids, [None] * len(ids))
+    base = load_adapters(engine.model_cfg, {"base": str(run.base_epoch(2))})
+    ew, bw = DistilledRouter.load(folder).predict(pooled_hidden_states(base, ids, engine.tok.pad_token_id))
+    np.testing.assert_allclose(served[:, 1:], ew, atol=1e-6)
+    np.testing.assert_allclose(served[:, 0], bw, atol=1e-6)
+    np.testing.assert_allclose(served, stage_w["distilled"], atol=1e-5)  # the stage's Ray task, the same
+    top1 = engine.route(ids, [1] * len(ids))  # a request's top_k applies to the distilled weights
+    want_e, want_b = sparsify(served[:, 1:], served[:, 0], top_k=1)
+    np.testing.assert_array_equal(top1[:, 1:], want_e)
+    np.testing.assert_array_equal(top1[:, 0], want_b)
+    forced = engine._weights([GenRequest(prompt_ids=ids[0], adapter="expert-00"), GenRequest(prompt_ids=ids[0])])
+    assert forced[0].tolist() == [0.0, 1.0] + [0.0] * (forced.shape[1] - 2)  # a forced adapter, as before
+    np.testing.assert_allclose(forced[1], served[0], atol=1e-5)  # alone vs in a batch: to rounding
+
+    from elrea_ray.export import export_run
+
+    out = export_run(copy_of_smoke, copy_of_smoke.parent / "export")  # the PEFT export carries the router
+    assert json.loads((out / "routing" / "routing.json").read_text())["router"] == "routing/router"
+    again = DistilledRouter.load(out / "routing" / "router").predict(
+        pooled_hidden_states(base, ids, engine.tok.pad_token_id))
+    np.testing.assert_array_equal(again[0], ew)

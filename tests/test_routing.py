@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from elrea_ray.routing import one_hot_weights, route, uniform_weights
+from elrea_ray.routing import one_hot_weights, route, sparsify, uniform_weights
 
 # Three centroids e1, e2, e3 and the feature x = (0.8, 0.6, 0):
 #   cos = (0.8, 0.6, 0.0); mean = 1.4 / 3 = 0.466667
@@ -111,3 +111,21 @@ def test_min_weight_zeroes_small_weights_but_keeps_the_top_expert():
     assert np.array_equal((e_all > 0).sum(1), np.ones(6))
     with pytest.raises(ValueError, match="min_weight"):
         route(x, c, min_weight=1.0)
+
+
+def test_sparsify_applies_top_k_and_min_weight_as_route_does():
+    # the distilled router's dense weights go through the same rule as the gradient router's
+    rng = np.random.default_rng(4)
+    x = rng.standard_normal((6, 16))
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    c = rng.standard_normal((4, 16))
+    c /= np.linalg.norm(c, axis=1, keepdims=True)
+    dense = route(x, c)
+    for kw in ({"top_k": 2}, {"min_weight": 0.3}, {"top_k": 1, "min_weight": 0.5}):
+        for a, b in zip(sparsify(*dense, **kw), route(x, c, **kw)):
+            assert np.array_equal(a, b), kw
+    before = dense[0].copy()
+    e, _ = sparsify(*dense, top_k=2)
+    assert (e == 0).any() and np.array_equal(dense[0], before)  # a copy: the dense weights stay
+    with pytest.raises(ValueError, match="top_k"):
+        sparsify(*dense, top_k=5)

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Callable
 
 from elrea_ray.artifacts import RunDir
-from elrea_ray.config import Config, TrainConfig
+from elrea_ray.config import DISTILL_FIELDS, Config, TrainConfig
 from elrea_ray.progress import Progress
 
 SPLITS = ("train", "validation", "test")
@@ -47,6 +47,13 @@ def plain(x) -> dict:
 def config_slice(x) -> dict:
     """The part of a config section that decides what a stage computes (see EXECUTION_ONLY)."""
     return {k: v for k, v in plain(x).items() if k not in EXECUTION_ONLY}
+
+
+def routing_slice(cfg: Config) -> dict:
+    """The routing settings that decide the gradient routing weights (the eval methods' and a sweep
+    trial's). The distilled router's fields are left out: they reach a stage's key through the
+    router stage's key, so runs without the router keep their keys."""
+    return {k: v for k, v in config_slice(cfg.routing).items() if k not in DISTILL_FIELDS}
 
 
 def expert_recipe(cfg: Config) -> TrainConfig:

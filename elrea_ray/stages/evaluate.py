@@ -12,7 +12,7 @@ from typing import Callable
 
 import numpy as np
 
-from elrea_ray.artifacts import RunDir
+from elrea_ray.artifacts import ArtifactError, RunDir
 from elrea_ray.config import Config
 from elrea_ray.stages.common import StageContext
 
@@ -115,14 +115,16 @@ class EvalMapper:
 
 
 def routing_weights(cfg: Config, run: RunDir, features: np.ndarray,
-                    methods: tuple[str, ...] = ("elrea", "uniform", "top1")) -> dict[str, np.ndarray]:
+                    methods: tuple[str, ...] = ("elrea", "uniform", "top1"),
+                    distilled: np.ndarray | None = None) -> dict[str, np.ndarray]:
     """[N, 1 + C] weight matrices (column 0 = base adapter) for every weighted method asked for:
-    elrea (routing.top_k as configured), uniform, top<k> (k capped at C: top-all is ELREA) and
-    moe_merge (the ELREA weights, merged into one adapter per prompt)."""
+    elrea (routing.top_k as configured), uniform, top<k> (k capped at C: top-all is ELREA),
+    moe_merge (the ELREA weights, merged into one adapter per prompt) and elrea_distilled (the
+    distilled router's dense weights `distilled` [N, 1 + C], with routing.top_k as configured)."""
     from safetensors.numpy import load_file
 
     from elrea_ray.config import top_k_of
-    from elrea_ray.routing import route, uniform_weights
+    from elrea_ray.routing import route, sparsify, uniform_weights
 
     centroids = load_file(str(run.clusters_file("centroids.safetensors")))["centroids"]
     N, C = len(features), centroids.shape[0]
@@ -140,6 +142,12 @@ def routing_weights(cfg: Config, run: RunDir, features: np.ndarray,
         out["uniform"] = np.concatenate([ub[:, None], uw], axis=1)
     if "moe_merge" in methods:
         out["moe_merge"] = out["elrea"]
+    if "elrea_distilled" in methods:
+        if distilled is None or distilled.shape != (N, 1 + C):
+            raise ArtifactError(f"eval method elrea_distilled needs the router stage's weights of the {N} items "
+                                f"over 1 + {C} adapters, got {None if distilled is None else distilled.shape}")
+        ek, bk = sparsify(distilled[:, 1:], distilled[:, 0], top_k=rc.top_k, min_weight=rc.min_weight)
+        out["elrea_distilled"] = np.concatenate([bk[:, None], ek], axis=1)
     return out
 
 
@@ -179,11 +187,15 @@ def _weights(cfg: Config, run: RunDir, test: list[dict], adapters: dict[str, str
     """(weights, wide): every weighted method's weights as routed ([N, 1 + C] over base and the
     experts; a trained baseline's over its own adapters), and the same over ALL adapters loaded
     (`adapters`, extended here with the trained baselines'; 0 = not run)."""
+    from elrea_ray.evaluate import read_weights
     from elrea_ray.stages import baselines
     from elrea_ray.stages.gradients import read_features
 
     _, _, feats = read_features(run.gradient_dir("test"), order=[r["example_id"] for r in test])
-    weights = routing_weights(cfg, run, feats, cfg.eval.methods)
+    distilled = None
+    if "elrea_distilled" in cfg.eval.methods:  # the router stage's weights, in test data-file order
+        distilled = read_weights(run.stage_dir("router") / "weights.parquet")[1].get("distilled")
+    weights = routing_weights(cfg, run, feats, cfg.eval.methods, distilled)
     wide = dict(weights)
     if not baselines.trained_baselines(cfg):
         return weights, wide
@@ -209,6 +221,7 @@ def _metrics(cfg: Config, run: RunDir, preds, weights: dict[str, np.ndarray], te
         accuracy_table,
         majority_source,
         own_source_routing_rate,
+        paired_bootstrap,
         routing_spread,
         specialisation_table,
     )
@@ -232,6 +245,10 @@ def _metrics(cfg: Config, run: RunDir, preds, weights: dict[str, np.ndarray], te
     if alone and "base" in ec.methods:
         metrics["specialisation"] = specialisation_table(weights["elrea"][:, 1:].argmax(1), alone,
                                                          preds["score_base"].to_numpy())
+    if "elrea" in ec.methods and "elrea_distilled" in ec.methods:  # the two routers, item by item
+        d, lo, hi = paired_bootstrap(preds["score_elrea_distilled"].to_numpy(), preds["score_elrea"].to_numpy(),
+                                     ec.bootstrap, cfg.run.seed)
+        metrics["distilled_vs_elrea"] = {"diff": d, "ci": (lo, hi)}
     if baselines.trained_baselines(cfg):
         info = baselines.read_info(run)
         for key in ("embedding_clusters", "pca_clusters"):
