@@ -111,7 +111,7 @@ def test_job_on_a_zero_cpu_head_waits_for_a_worker_node_then_finishes(zero_cpu_h
     logs = _logs(cluster, job_id)
     assert "succeeded" in status, status + logs[-4000:]
     metrics = json.loads((run_dir / "eval" / "metrics.json").read_text())
-    assert set(metrics["methods"]) == {"backbone", "base", "elrea", "uniform", "top1"}
+    assert set(metrics["methods"]) == {"backbone", "base", "elrea", "uniform", "top1", "base_continued"}
 
 
 def test_a_request_no_node_type_could_hold_fails_within_seconds(zero_cpu_head, tmp_path):

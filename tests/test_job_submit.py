@@ -37,7 +37,7 @@ def test_ray_job_submit_runs_the_smoke_pipeline(tmp_path):
         assert job.returncode == 0, job.stdout[-3000:] + job.stderr[-3000:]
         assert "succeeded" in job.stdout + job.stderr
         metrics = json.loads((run_dir / "eval" / "metrics.json").read_text())
-        assert set(metrics["methods"]) == {"backbone", "base", "elrea", "uniform", "top1"}
+        assert set(metrics["methods"]) == {"backbone", "base", "elrea", "uniform", "top1", "base_continued"}
         assert "ELREA" in job.stdout  # the results table was printed by the job
     finally:
         # Stop only this cluster (`ray stop` would also end the test session's own local Ray).
