@@ -183,7 +183,9 @@ def test_client_disconnect_frees_its_slot_and_its_row(smoke_run, server):
     u = server + "/one"
     stats = lambda: httpx.get(u + "/v1/stats").json()  # noqa: E731
     try:
-        body = _long_body(u)
+        # 8 choices of 240 tokens decoded one after another (max_batch_size 1): the client leaves
+        # long before the request could end, however slowly the disconnect reaches the replica
+        body = {**_long_body(u), "max_tokens": 240, "n": 8}
         for stream in (True, False):
             before = stats()
             with socket.create_connection(("127.0.0.1", int(u.split(":")[-1].split("/")[0]))) as sock:
@@ -194,8 +196,9 @@ def test_client_disconnect_frees_its_slot_and_its_row(smoke_run, server):
             # the client left mid-decode (the socket is closed)
             _wait_for(lambda: stats()["inflight"] == 0 and stats()["running"] == 0, "the slot to be freed")
             after = stats()
-            assert after["requests_cancelled"] == before["requests_cancelled"] + 1, stream
-            assert after["requests_finished"] == before["requests_finished"], stream  # it did not run to its end
+            cancelled = after["requests_cancelled"] - before["requests_cancelled"]
+            finished = after["requests_finished"] - before["requests_finished"]
+            assert cancelled >= 1 and finished < 8, (stream, cancelled, finished)  # it did not run to its end
             ok = httpx.post(u + "/v1/completions", json={"prompt": "hi", "max_tokens": 2}, timeout=60)
             assert ok.status_code == 200  # not 429: the slot is free
     finally:
