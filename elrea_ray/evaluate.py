@@ -62,6 +62,7 @@ def paired_bootstrap(a: np.ndarray, b: np.ndarray, resamples: int, seed: int = 0
 # The references every other method is compared with (paired, item by item): M+Q_base and the
 # compute-matched control, when they were evaluated.
 REFERENCES = {"vs_base": "base", "vs_continued": "base_continued"}
+REFERENCE_COLUMNS = {"vs_base": "vs M+Q_base", "vs_continued": "vs continued"}  # their table columns
 
 
 def accuracy_table(sources: list[str], scores: dict[str, list[float]], resamples: int = 1000,
@@ -145,10 +146,9 @@ def pooled_markdown(table: dict) -> str:
         return "No method was evaluated in every seed.\n"
     seeds = list(table[methods[0]]["per_seed"])
     refs = [k for k, ref in REFERENCES.items() if ref in table]
-    titles = {"vs_base": "vs M+Q_base", "vs_continued": "vs continued"}
     n = table[methods[0]]["pooled"]["n"]
     lines = ["| method | " + " | ".join(f"seed {s}" for s in seeds) + f" | pooled (n={n})"
-             + "".join(f" | {titles[k]}" for k in refs) + " |",
+             + "".join(f" | {REFERENCE_COLUMNS[k]}" for k in refs) + " |",
              "|---|" + "---|" * (len(seeds) + 1 + len(refs))]
     for m in methods:
         e = table[m]
@@ -262,9 +262,8 @@ def results_markdown(table: dict, routing: dict | None = None, clusters: dict | 
     sources = list(next(iter(table.values()))["per_source"]) if table else []
     head = "| method | " + " | ".join(f"{s} (n={table[methods[0]]['per_source'][s]['n']})" for s in sources)
     refs = [k for k, ref in REFERENCES.items() if ref in table]
-    ref_titles = {"vs_base": "vs M+Q_base", "vs_continued": "vs continued"}
     head += f" | micro (n={table[methods[0]]['micro']['n']})" if methods else ""
-    head += "".join(f" | {ref_titles[k]}" for k in refs) + " |\n"
+    head += "".join(f" | {REFERENCE_COLUMNS[k]}" for k in refs) + " |\n"
     lines = [head, "|" + "---|" * (len(sources) + 2 + len(refs)) + "\n"]
     for m in methods:
         row = table[m]

@@ -242,7 +242,7 @@ def _metrics(cfg: Config, run: RunDir, preds, weights: dict[str, np.ndarray], te
                "routing_spread": routing_spread(weights["elrea"])}
     alone = {c[len("score_" + ALONE):]: preds[c].to_numpy() for c in preds.columns
              if c.startswith("score_" + ALONE)}
-    if alone and "base" in ec.methods:
+    if alone:
         metrics["specialisation"] = specialisation_table(weights["elrea"][:, 1:].argmax(1), alone,
                                                          preds["score_base"].to_numpy())
     if "elrea" in ec.methods and "elrea_distilled" in ec.methods:  # the two routers, item by item
@@ -271,7 +271,9 @@ def run(ctx: StageContext) -> dict:
     adapters = {n: run_dir.ref(run_dir.root / p) for n, p in bundle["adapters"].items()}
     weights, wide = _weights(cfg, run_dir, test, adapters)
     write_weights(out / "weights.parquet", test, weights)
-    alone = [ALONE + n for n in bundle["adapters"] if n != "base"] if cfg.eval.specialisation else []
+    # the specialisation table compares each expert alone with M+Q_base: without base, no table
+    wanted = cfg.eval.specialisation and "base" in cfg.eval.methods
+    alone = [ALONE + n for n in bundle["adapters"] if n != "base"] if wanted else []
     counter = ctx.progress.counter("eval", "items decoded")
     preds = decode_split(cfg.eval, bundle["model"], adapters, test, wide, list(cfg.eval.methods) + alone,
                          done=lambda n: counter.update(n, len(test)))
