@@ -238,21 +238,43 @@ class RunDir:
         if old.exists():  # a replaced version whose deletion was interrupted
             shutil.rmtree(old)
         if self.completed_key(stage) == key:
-            entry = self.read_manifest()["stages"].get(stage, {})
-            recorded = entry.get("outputs", [])
-            lost = [p for p in recorded if not (self.root / p).exists()]
-            if lost:
-                raise ArtifactError(
-                    f"stage {stage!r} is recorded complete but {len(lost)} of its files are missing "
-                    f"(e.g. {self.root / lost[0]}); delete {out} to rebuild that stage")
-            if entry.get("status") != "complete" or entry.get("key") != key:
-                # Killed between the rename and the manifest update: the folder is complete (it
-                # holds the marker), so record it instead of redoing the work.
-                self.update_manifest(lambda m: m["stages"].__setitem__(stage, {
-                    **entry, "key": key, "status": "complete", "outputs": self._outputs(out),
-                    "info": entry.get("info", {}), "recovered": True}))
+            self._confirm_complete(stage, key, out)
             log(f"[{stage}] up to date (key {key}), skipping")
             return out, False
+        partial = self._open_partial(out, key)
+        started = time.time()
+        self.update_manifest(lambda m: m["stages"].__setitem__(stage, {
+            "key": key, "status": "running", "started": started}))
+        log(f"[{stage}] running (key {key})")
+        info = build(partial) or {}
+        self._publish(partial, out, key)
+        seconds = round(time.time() - started, 1)
+        self.update_manifest(lambda m: m["stages"].__setitem__(stage, {
+            "key": key, "status": "complete", "started": started, "seconds": seconds,
+            "outputs": self._outputs(out), "info": info}))
+        log(f"[{stage}] done in {seconds:.0f} s -> {out}")
+        return out, True
+
+    def _confirm_complete(self, stage: str, key: str, out: Path) -> None:
+        """A stage whose folder holds this key: its recorded files must all be there, and a
+        manifest entry that a kill left behind the folder is brought up to date."""
+        entry = self.read_manifest()["stages"].get(stage, {})
+        recorded = entry.get("outputs", [])
+        lost = [p for p in recorded if not (self.root / p).exists()]
+        if lost:
+            raise ArtifactError(
+                f"stage {stage!r} is recorded complete but {len(lost)} of its files are missing "
+                f"(e.g. {self.root / lost[0]}); delete {out} to rebuild that stage")
+        if entry.get("status") != "complete" or entry.get("key") != key:
+            # Killed between the rename and the manifest update: the folder is complete (it
+            # holds the marker), so record it instead of redoing the work.
+            self.update_manifest(lambda m: m["stages"].__setitem__(stage, {
+                **entry, "key": key, "status": "complete", "outputs": self._outputs(out),
+                "info": entry.get("info", {}), "recovered": True}))
+
+    def _open_partial(self, out: Path, key: str) -> Path:
+        """`<out>.partial` for this key: kept (to resume in) when a killed run left it with the
+        same key, wiped otherwise; with remote storage, the remote partial likewise."""
         partial = out.with_name(out.name + ".partial")
         partial_key = partial / "_KEY"
         if partial.exists() and (not partial_key.exists() or partial_key.read_text().strip() != key):
@@ -266,12 +288,11 @@ class RunDir:
                 storage.write_text(storage.join(remote_partial, "_KEY"), key)
             else:
                 self.sync_down(partial)
-        started = time.time()
-        self.update_manifest(lambda m: m["stages"].__setitem__(stage, {
-            "key": key, "status": "running", "started": started}))
-        log(f"[{stage}] running (key {key})")
-        info = build(partial) or {}
-        partial_key.unlink()
+        return partial
+
+    def _publish(self, partial: Path, out: Path, key: str) -> None:
+        """Mark the built partial and rename it into place (and push it, with remote storage)."""
+        (partial / "_KEY").unlink()
         (partial / MARKER).write_text(key)
         # Swap by renames: an older version is moved aside whole (deleting it in place could be
         # cut short, leaving its marker beside half its files) and deleted once replaced.
@@ -285,12 +306,6 @@ class RunDir:
         if self.remote is not None:
             self._push_stage(out)
             storage.delete_dir(self.ref(partial))
-        seconds = round(time.time() - started, 1)
-        self.update_manifest(lambda m: m["stages"].__setitem__(stage, {
-            "key": key, "status": "complete", "started": started, "seconds": seconds,
-            "outputs": self._outputs(out), "info": info}))
-        log(f"[{stage}] done in {seconds:.0f} s -> {out}")
-        return out, True
 
     def _outputs(self, out: Path) -> list[str]:
         return sorted(str(p.relative_to(self.root)) for p in out.rglob("*")

@@ -180,6 +180,36 @@ def balanced_birch(
     "part_sizes"}]}, with the cluster ids of that moment.
     """
     X = _unit_rows(X)
+    _check_birch_args(part_cap, initial_clusters, max_iterations, min_cluster_size, branching_factor,
+                      max_ratio, threshold)
+    threshold = birch_threshold(X, seed) if threshold is None else float(threshold)
+
+    labels = _birch(X, initial_clusters, threshold, branching_factor)
+    rounds: list[dict] = []
+    for round_no in range(1, max_iterations):  # iteration 1 was the fit above
+        labels, merges = _merge_small(X, _by_size(labels), min_cluster_size)
+        sizes = np.bincount(labels)
+        smallest = int(sizes.min())
+        oversized = [c for c in range(len(sizes)) if sizes[c] > max_ratio * smallest]
+        # Round r targets at most initial_clusters - r parts: the paper's "each new iteration
+        # targets fewer sub-clusters", which reproduces its counts (5 -> 8 after one re-split
+        # into 4, -> 10 after one into 3); a cap of initial_clusters would give 5 -> 9 -> 13.
+        cap = initial_clusters - round_no if part_cap == "decreasing" else initial_clusters
+        splits = _split_oversized(X, labels, oversized, smallest, cap, threshold, branching_factor)
+        if merges or splits:
+            rounds.append({"round": round_no, "sizes_before": [int(s) for s in sizes], "smallest": smallest,
+                           "merged": merges, "split": splits})
+        if not any(len(s["part_sizes"]) > 1 for s in splits):
+            break  # balanced, or no oversized cluster could be split
+    labels, merges = _merge_small(X, _by_size(labels), min_cluster_size)
+    if merges:
+        rounds.append({"round": "final", "sizes_before": [int(s) for s in np.bincount(labels)],
+                       "merged": merges, "split": []})
+    return _result(X, labels, rounds, threshold)
+
+
+def _check_birch_args(part_cap: str, initial_clusters: int, max_iterations: int, min_cluster_size: int,
+                      branching_factor: int, max_ratio: float, threshold: float | None) -> None:
     if part_cap not in PART_CAPS:
         raise ValueError(f"balanced_birch: part_cap must be one of {', '.join(PART_CAPS)}, got {part_cap!r}")
     for name, value, low in (("initial_clusters", initial_clusters, 1), ("max_iterations", max_iterations, 1),
@@ -191,41 +221,26 @@ def balanced_birch(
         raise ValueError(f"balanced_birch: max_ratio must be >= 1, got {max_ratio}")
     if threshold is not None and threshold <= 0:
         raise ValueError(f"balanced_birch: threshold must be > 0 or None, got {threshold}")
-    threshold = birch_threshold(X, seed) if threshold is None else float(threshold)
 
-    labels = _birch(X, initial_clusters, threshold, branching_factor)
-    rounds: list[dict] = []
-    for round_no in range(1, max_iterations):  # iteration 1 was the fit above
-        labels, merges = _merge_small(X, _by_size(labels), min_cluster_size)
-        sizes = np.bincount(labels)
-        smallest = int(sizes.min())
-        oversized = [c for c in range(len(sizes)) if sizes[c] > max_ratio * smallest]
-        splits, next_id = [], len(sizes)
-        for c in oversized:
-            members = np.flatnonzero(labels == c)
-            # Round r targets at most initial_clusters - r parts: the paper's "each new iteration
-            # targets fewer sub-clusters", which reproduces its counts (5 -> 8 after one re-split
-            # into 4, -> 10 after one into 3); a cap of initial_clusters would give 5 -> 9 -> 13.
-            cap = initial_clusters - round_no if part_cap == "decreasing" else initial_clusters
-            parts = min(math.ceil(sizes[c] / smallest), cap)
-            if parts < 2:
-                continue
-            sub = _birch(X[members], parts, threshold, branching_factor)
-            for part in range(1, sub.max() + 1):  # part 0 keeps the id c
-                labels[members[sub == part]] = next_id
-                next_id += 1
-            splits.append({"cluster": c, "size": int(sizes[c]), "parts": parts,
-                           "part_sizes": [int(s) for s in np.bincount(sub)]})
-        if merges or splits:
-            rounds.append({"round": round_no, "sizes_before": [int(s) for s in sizes], "smallest": smallest,
-                           "merged": merges, "split": splits})
-        if not any(len(s["part_sizes"]) > 1 for s in splits):
-            break  # balanced, or no oversized cluster could be split
-    labels, merges = _merge_small(X, _by_size(labels), min_cluster_size)
-    if merges:
-        rounds.append({"round": "final", "sizes_before": [int(s) for s in np.bincount(labels)],
-                       "merged": merges, "split": []})
-    return _result(X, labels, rounds, threshold)
+
+def _split_oversized(X: np.ndarray, labels: np.ndarray, oversized: list[int], smallest: int, cap: int,
+                     threshold: float, branching_factor: int) -> list[dict]:
+    """One re-split round in place on `labels`: each oversized cluster into
+    min(ceil(size / smallest), cap) BIRCH parts (part 0 keeps its id, the others get new ids)."""
+    sizes = np.bincount(labels)
+    splits, next_id = [], len(sizes)
+    for c in oversized:
+        members = np.flatnonzero(labels == c)
+        parts = min(math.ceil(sizes[c] / smallest), cap)
+        if parts < 2:
+            continue
+        sub = _birch(X[members], parts, threshold, branching_factor)
+        for part in range(1, sub.max() + 1):
+            labels[members[sub == part]] = next_id
+            next_id += 1
+        splits.append({"cluster": c, "size": int(sizes[c]), "parts": parts,
+                       "part_sizes": [int(s) for s in np.bincount(sub)]})
+    return splits
 
 
 def spherical_kmeans(

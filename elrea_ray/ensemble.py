@@ -121,31 +121,14 @@ def ensemble_stream(peft_model, prompts: Sequence[Sequence[int]], adapter_names:
     Sequences that share a prompt share its prefill on the stacked back-end (see
     `ensemble_generate_many`)."""
     names = list(adapter_names)
-    if prompt_of is not None:
-        prompt_of = np.asarray(prompt_of, dtype=np.int64).reshape(-1)
-        if prompt_of.size and (prompt_of.min() < 0 or prompt_of.max() >= len(prompts)):
-            raise ValueError(f"prompt_of must index the {len(prompts)} prompts")
-    b_total = len(prompts) if prompt_of is None else len(prompt_of)
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    w = np.asarray(weights, dtype=np.float64)
-    if w.shape != (b_total, len(names)):
-        raise ValueError(f"weights must have shape [num_sequences={b_total}, num_adapters={len(names)}], "
-                         f"got {list(w.shape)}")
-    if not np.all(np.isfinite(w)):
-        raise ValueError("weights must be finite")
-    limits = [int(max_new_tokens)] * b_total if np.isscalar(max_new_tokens) else [int(m) for m in max_new_tokens]
-    if len(limits) != b_total or any(m < 1 for m in limits):
-        raise ValueError(f"max_new_tokens must be >= 1 (one value or one per prompt), got {max_new_tokens}")
-    if b_total == 0:
+    prompt_of, w, limits = _check_stream_args(prompts, names, weights, max_new_tokens, backend, prompt_of)
+    if not limits:
         return
-    if any(len(p) == 0 for p in prompts):
-        raise ValueError("every prompt needs at least one token")
     model = unwrap(peft_model)
     unknown = sorted(set(names) - set(getattr(model, "peft_config", {})) - {BACKBONE})
     if unknown:
         raise ValueError(f"adapters {unknown} are not loaded; loaded: {sorted(model.peft_config)} (or {BACKBONE!r})")
-    idle = [b for b in range(b_total) if not np.any(w[b] != 0)]
+    idle = [b for b in range(len(limits)) if not np.any(w[b] != 0)]
     if idle:
         raise ValueError(f"prompts {idle[:5]} have weight 0 for every adapter; nothing to decode with")
     used = [a for a in range(len(names)) if np.any(w[:, a] != 0)]
@@ -171,6 +154,32 @@ def ensemble_stream(peft_model, prompts: Sequence[Sequence[int]], adapter_names:
     finally:
         if was_training:
             model.train()
+
+
+def _check_stream_args(prompts: Sequence[Sequence[int]], names: list[str], weights: np.ndarray,
+                       max_new_tokens: int | Sequence[int], backend: str, prompt_of: Sequence[int] | None
+                       ) -> tuple[np.ndarray | None, np.ndarray, list[int]]:
+    """`ensemble_stream`'s arguments checked: (prompt_of as an array or None, weights as float64
+    [sequences, adapters], one token limit per sequence)."""
+    if prompt_of is not None:
+        prompt_of = np.asarray(prompt_of, dtype=np.int64).reshape(-1)
+        if prompt_of.size and (prompt_of.min() < 0 or prompt_of.max() >= len(prompts)):
+            raise ValueError(f"prompt_of must index the {len(prompts)} prompts")
+    b_total = len(prompts) if prompt_of is None else len(prompt_of)
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    w = np.asarray(weights, dtype=np.float64)
+    if w.shape != (b_total, len(names)):
+        raise ValueError(f"weights must have shape [num_sequences={b_total}, num_adapters={len(names)}], "
+                         f"got {list(w.shape)}")
+    if not np.all(np.isfinite(w)):
+        raise ValueError("weights must be finite")
+    limits = [int(max_new_tokens)] * b_total if np.isscalar(max_new_tokens) else [int(m) for m in max_new_tokens]
+    if len(limits) != b_total or any(m < 1 for m in limits):
+        raise ValueError(f"max_new_tokens must be >= 1 (one value or one per prompt), got {max_new_tokens}")
+    if b_total and any(len(p) == 0 for p in prompts):
+        raise ValueError("every prompt needs at least one token")
+    return prompt_of, w, limits
 
 
 def _left_pad(prompts: list[list[int]], pad_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:

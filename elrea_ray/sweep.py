@@ -416,37 +416,32 @@ def run_sweep(cfg: Config, log: Callable[[str], None] = print) -> dict:
     return {"rows": rows, "best": best, **paths}
 
 
-def write_outputs(cfg: Config, root: Path, rows: list[dict], best_cfg: Config) -> dict[str, str]:
-    import matplotlib
+def _fmt(v) -> str:
+    return f"{v:.3g}" if isinstance(v, float) else ("all" if v is None else str(v))
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
-    params = list(swept(cfg))
-    cols = ["trial", *params, "num_clusters", "objective", "validation_n", "validation_ci_low",
-            "validation_ci_high", "built", "seconds", "trial_dir"]
-    csv_path = root / "results.csv"
-    with open(csv_path, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=cols, extrasaction="ignore")
-        w.writeheader()
-        w.writerows(rows)
-
-    def fmt(v):
-        return f"{v:.3g}" if isinstance(v, float) else ("all" if v is None else str(v))
-
+def _results_markdown(cfg: Config, root: Path, rows: list[dict], params: list[str]) -> str:
     head = ["#", *params, "clusters", f"val acc ({cfg.sweep.metric})", "95% CI", "n", "built", "s"]
     lines = [f"# Sweep results (validation split; objective: {cfg.sweep.metric} accuracy)", "",
              "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         ci = f"[{r['validation_ci_low']:.2f}, {r['validation_ci_high']:.2f}]"
-        lines.append("| " + " | ".join([str(r["trial"]), *[fmt(r[p]) for p in params], str(r["num_clusters"]),
+        lines.append("| " + " | ".join([str(r["trial"]), *[_fmt(r[p]) for p in params], str(r["num_clusters"]),
                                         f"{r['objective']:.3f}", ci, str(r["validation_n"]),
                                         r["built"] or "-", f"{r['seconds']:.0f}"]) + " |")
     lines += ["", "`built`: stages this trial computed; the others were reused from a trial with the "
               "same settings.", f"Best config: `{root / 'best.yaml'}` (run it with "
               "`python jobs/full_pipeline.py --config` to evaluate the test split once)."]
-    md_path = root / "results.md"
-    md_path.write_text("\n".join(lines) + "\n")
+    return "\n".join(lines) + "\n"
+
+
+def _plot_objective(cfg: Config, rows: list[dict], params: list[str], png: Path) -> None:
+    """Validation objective against the cluster count, one line per setting of the other swept
+    parameters; the best trial (rows[0]) circled."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(5.5, 3.8))
     others = [p for p in params if p != "clustering.initial_clusters"]
@@ -455,7 +450,7 @@ def write_outputs(cfg: Config, root: Path, rows: list[dict], best_cfg: Config) -
         groups.setdefault(tuple(r[p] for p in others), []).append(r)
     for g, rs in sorted(groups.items(), key=lambda kv: str(kv[0])):
         rs = sorted(rs, key=lambda r: r["num_clusters"])
-        label = ", ".join(f"{p.split('.')[-1]}={fmt(v)}" for p, v in zip(others, g)) or None
+        label = ", ".join(f"{p.split('.')[-1]}={_fmt(v)}" for p, v in zip(others, g)) or None
         ax.plot([r["num_clusters"] for r in rs], [r["objective"] for r in rs], marker="o", label=label)
     b = rows[0]
     ax.scatter([b["num_clusters"]], [b["objective"]], s=160, facecolors="none", edgecolors="red", zorder=5,
@@ -468,10 +463,24 @@ def write_outputs(cfg: Config, root: Path, rows: list[dict], best_cfg: Config) -
     ax.xaxis.get_major_locator().set_params(integer=True)
     ax.legend(fontsize=7)
     fig.tight_layout()
-    png = root / "objective_vs_clusters.png"
     fig.savefig(png, dpi=120)
     plt.close(fig)
 
+
+def write_outputs(cfg: Config, root: Path, rows: list[dict], best_cfg: Config) -> dict[str, str]:
+    """The sweep's results.csv, results.md, objective_vs_clusters.png and best.yaml in `root`."""
+    params = list(swept(cfg))
+    cols = ["trial", *params, "num_clusters", "objective", "validation_n", "validation_ci_low",
+            "validation_ci_high", "built", "seconds", "trial_dir"]
+    csv_path = root / "results.csv"
+    with open(csv_path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=cols, extrasaction="ignore")
+        w.writeheader()
+        w.writerows(rows)
+    md_path = root / "results.md"
+    md_path.write_text(_results_markdown(cfg, root, rows, params))
+    png = root / "objective_vs_clusters.png"
+    _plot_objective(cfg, rows, params, png)
     best_path = root / "best.yaml"
     best_path.write_text("# Best sweep trial (highest validation accuracy). run.run_dir is that trial's\n"
                          "# run directory, so `python jobs/full_pipeline.py --config` on this file reuses its\n"

@@ -274,11 +274,7 @@ def train_loop(cfg: dict) -> dict:
     device = ray.train.torch.get_device() if tc.use_gpu else torch.device("cpu")
     torch.manual_seed(seed)
     tok = load_tokenizer(mc)
-    ids, labels, dropped = _load_examples(str(storage.localize(cfg["data_file"])), cfg.get("example_ids"),
-                                          tok, mc.max_length)
-    if not ids:
-        raise ValueError(f"{name}: no training examples left (dropped {dropped} longer than "
-                         f"model.max_length={mc.max_length})")
+    ids, labels, dropped = _training_rows(cfg, tok, mc)
     model, net, opt, sched, steps_per_epoch, total = _setup(cfg, tc, mc, device, world, len(ids))
     # Rank 0 writes into out_dir; for an object-store run that is a URI, so it writes into a
     # local staging folder and uploads (epoch folders as they finish, the adapter last).
@@ -307,15 +303,8 @@ def train_loop(cfg: dict) -> dict:
             _count(tally, name, p.step, total)
             loss_window.append(total_loss / max(1, n_tokens))
             _maybe_inject_fault(cfg, p.step, rank)
-            epoch_end = p.step % steps_per_epoch == 0 or p.step == total
-            if epoch_end and rank == 0 and cfg.get("save_epochs"):
-                # Written before the resume checkpoint below, so a kill in between redoes it.
-                _save_epoch(cfg, out_dir, model, opt, sched, p, epoch + 1, steps_per_epoch)
-            if epoch_end:
-                p.lr_sum = 0.0
-            if p.step % tc.logging_steps == 0 or epoch_end:
-                _log_and_report(name, model, opt, sched, p, loss_window, epoch + 1, total, rank,
-                                checkpoint=p.step % tc.checkpoint_every_steps == 0 or epoch_end)
+            _after_step(cfg, tc, out_dir, model, opt, sched, p, loss_window, epoch + 1, steps_per_epoch,
+                        total, rank)
     seen = examples_seen(lengths, tc.batch_size, seed, total)
     if rank == 0:
         _save_final(cfg, out_dir, model, p, steps_per_epoch, total, len(ids), seen)
@@ -324,6 +313,34 @@ def train_loop(cfg: dict) -> dict:
         shutil.rmtree(out_dir, ignore_errors=True)
     return {"final_loss": p.last_loss, "steps": p.step, "examples": len(ids), "examples_seen": seen,
             "dropped_too_long": dropped, "resumed_from_step": resumed_from}
+
+
+def _training_rows(cfg: dict, tok, mc: ModelConfig) -> tuple[list[list[int]], list[list[int]], int]:
+    """(input ids, labels, rows dropped as longer than model.max_length) of this job's rows."""
+    from elrea_ray import storage
+
+    ids, labels, dropped = _load_examples(str(storage.localize(cfg["data_file"])), cfg.get("example_ids"),
+                                          tok, mc.max_length)
+    if not ids:
+        raise ValueError(f"{cfg['name']}: no training examples left (dropped {dropped} longer than "
+                         f"model.max_length={mc.max_length})")
+    return ids, labels, dropped
+
+
+def _after_step(cfg: dict, tc: TrainConfig, out_dir: Path, model, opt, sched, p, loss_window: list[float],
+                epoch: int, steps_per_epoch: int, total: int, rank: int) -> None:
+    """At an epoch's end: its adapter and optimiser state saved (rank 0, when wanted) and the
+    lr sum reset; every logging_steps (and at an epoch's end): the loss logged and reported,
+    with a resume checkpoint every checkpoint_every_steps."""
+    epoch_end = p.step % steps_per_epoch == 0 or p.step == total
+    if epoch_end and rank == 0 and cfg.get("save_epochs"):
+        # Written before the resume checkpoint below, so a kill in between redoes it.
+        _save_epoch(cfg, out_dir, model, opt, sched, p, epoch, steps_per_epoch)
+    if epoch_end:
+        p.lr_sum = 0.0
+    if p.step % tc.logging_steps == 0 or epoch_end:
+        _log_and_report(cfg["name"], model, opt, sched, p, loss_window, epoch, total, rank,
+                        checkpoint=p.step % tc.checkpoint_every_steps == 0 or epoch_end)
 
 
 def _count(tally, name: str, step: int, total: int, wait: bool = False) -> None:
