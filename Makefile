@@ -10,4 +10,5 @@ demo:  ## the embedded default: SmolLM2-135M-Instruct on reasoning-gym tasks, lo
 
 test: setup  ## lint, then every test tier (fast unit tests, the shared smoke run, slow and smollm2 tests)
 	.venv/bin/ruff check elrea_ray serve_apps jobs benchmarks tests scripts
+	.venv/bin/ruff format --check elrea_ray serve_apps jobs benchmarks tests scripts
 	HF_HUB_OFFLINE=1 .venv/bin/python -m pytest -q

@@ -45,10 +45,16 @@ def write_features(folder: Path, n: int, d: int, seed: int = 0) -> list[str]:
         g = rows % GROUPS
         X = mus[g] + rng.standard_normal((len(rows), d), dtype=np.float32) / np.sqrt(d)
         X /= np.linalg.norm(X, axis=1, keepdims=True)
-        pq.write_table(pa.table({
-            "example_id": [f"ex-{r:07d}" for r in rows], "source": [f"src{j}" for j in g],
-            "feature": pa.FixedSizeListArray.from_arrays(pa.array(X.reshape(-1)), d)}),
-            folder / f"part-{k:05d}.parquet")
+        pq.write_table(
+            pa.table(
+                {
+                    "example_id": [f"ex-{r:07d}" for r in rows],
+                    "source": [f"src{j}" for j in g],
+                    "feature": pa.FixedSizeListArray.from_arrays(pa.array(X.reshape(-1)), d),
+                }
+            ),
+            folder / f"part-{k:05d}.parquet",
+        )
     return [f"ex-{r:07d}" for r in range(n)]
 
 
@@ -63,8 +69,17 @@ def child(folder: str, n: int, fit_sample: int, method: str) -> None:
     res = cluster_streamed(Path(folder), ids, fit_sample, 0, fit=lambda Xs: fit_clusters(Xs, method, seed=0, **kw))
     secs = time.perf_counter() - t
     rep = cluster_source_report(res.labels, res.sources)
-    print(json.dumps({"n": n, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-                      "seconds": round(secs, 1), "num_clusters": len(res.centroids), "nmi": round(rep["nmi"], 3)}))
+    print(
+        json.dumps(
+            {
+                "n": n,
+                "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                "seconds": round(secs, 1),
+                "num_clusters": len(res.centroids),
+                "nmi": round(rep["nmi"], 3),
+            }
+        )
+    )
 
 
 def main() -> None:
@@ -87,9 +102,22 @@ def main() -> None:
             write_features(folder, n, a.d_proj)
             gb = sum(f.stat().st_size for f in folder.iterdir()) / 1e9
             print(f"n={n}: wrote {gb:.2f} GB of shards in {time.perf_counter() - t:.0f} s", flush=True)
-            out = subprocess.run([sys.executable, __file__, "--child", str(folder), str(n),
-                                  "--fit-sample", str(a.fit_sample), "--method", a.method],
-                                 check=True, capture_output=True, text=True)
+            out = subprocess.run(
+                [
+                    sys.executable,
+                    __file__,
+                    "--child",
+                    str(folder),
+                    str(n),
+                    "--fit-sample",
+                    str(a.fit_sample),
+                    "--method",
+                    a.method,
+                ],
+                check=True,
+                capture_output=True,
+                text=True,
+            )
             rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
             print(rows[-1], flush=True)
             shutil.rmtree(folder)

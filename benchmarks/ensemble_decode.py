@@ -53,11 +53,11 @@ CONTENDERS = ("single", "stacked", "stacked_full", "sparse", "peft_mixed", "sepa
 PROMPTS = [
     "What is 417 + 89 - 23? Answer with the number only.",
     "Spell this word backward (example: sun -> nus): garden",
-    "How many times does the letter \"r\" appear in the text: \"berry farmers rarely rest\"?",
+    'How many times does the letter "r" appear in the text: "berry farmers rarely rest"?',
     "Solve the following multiplication: 38 * 27. Give only the result.",
     "Calculate 1024 - 512 + 256 - 128 and give only the result.",
     "Spell this word backward (example: sun -> nus): window",
-    "How many times does the letter \"e\" appear in the text: \"seven eleven enemies\"?",
+    'How many times does the letter "e" appear in the text: "seven eleven enemies"?',
     "Solve the following multiplication: 91 * 46. Give only the result.",
 ]
 
@@ -71,16 +71,28 @@ def build_model(args, n_adapters: int):
     if args.bundle:
         bundle = json.loads(Path(args.bundle).read_text())
         root = Path(args.bundle).parent
-        cfg = ModelConfig(**{**bundle["model"], "lora_dropout": 0.0,
-                             "dtype": args.dtype, "name_or_path": args.model or bundle["model"]["name_or_path"]})
+        cfg = ModelConfig(
+            **{
+                **bundle["model"],
+                "lora_dropout": 0.0,
+                "dtype": args.dtype,
+                "name_or_path": args.model or bundle["model"]["name_or_path"],
+            }
+        )
         names = list(bundle["adapters"])[:n_adapters]
-        model = PeftModel.from_pretrained(load_backbone(cfg, args.device), str(root / bundle["adapters"][names[0]]),
-                                          adapter_name=names[0])
+        model = PeftModel.from_pretrained(
+            load_backbone(cfg, args.device), str(root / bundle["adapters"][names[0]]), adapter_name=names[0]
+        )
         for n in names[1:]:
             model.load_adapter(str(root / bundle["adapters"][n]), adapter_name=n)
     else:
-        cfg = ModelConfig(name_or_path=args.model or "smollm2-135m-instruct", dtype=args.dtype,
-                          lora_r=args.rank, lora_alpha=4 * args.rank, lora_dropout=0.0)
+        cfg = ModelConfig(
+            name_or_path=args.model or "smollm2-135m-instruct",
+            dtype=args.dtype,
+            lora_r=args.rank,
+            lora_alpha=4 * args.rank,
+            lora_dropout=0.0,
+        )
         names = ["base"] + [f"expert-{i:02d}" for i in range(n_adapters - 1)]
         torch.manual_seed(0)
         model = get_peft_model(load_backbone(cfg, args.device), lora_config(cfg), adapter_name=names[0])
@@ -112,8 +124,10 @@ def routing_weights(b: int, n_adapters: int) -> tuple[np.ndarray, np.ndarray]:
 
 def encode(tok, b: int) -> list[list[int]]:
     texts = [PROMPTS[i % len(PROMPTS)] for i in range(b)]
-    return [tok.apply_chat_template([{"role": "user", "content": t}], add_generation_prompt=True)["input_ids"]
-            for t in texts]
+    return [
+        tok.apply_chat_template([{"role": "user", "content": t}], add_generation_prompt=True)["input_ids"]
+        for t in texts
+    ]
 
 
 def run_single(model, names, prompts, new_tokens, pad):
@@ -123,8 +137,14 @@ def run_single(model, names, prompts, new_tokens, pad):
     mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=model.device)
     model.set_adapter(names[0])
     with torch.inference_mode():
-        out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new_tokens,
-                             min_new_tokens=new_tokens, do_sample=False, pad_token_id=pad)
+        out = model.generate(
+            input_ids=ids,
+            attention_mask=mask,
+            max_new_tokens=new_tokens,
+            min_new_tokens=new_tokens,
+            do_sample=False,
+            pad_token_id=pad,
+        )
     return out[:, width:].tolist()
 
 
@@ -143,10 +163,16 @@ def run_separate(model, names, prompts, weights, new_tokens, pad):
             mixed = 0
             for a, name in enumerate(names):
                 model.set_adapter(name)
-                out = model(input_ids=step_ids, attention_mask=mask, position_ids=step_pos, cache=caches[a],
-                            use_cache=True, logits_to_keep=1)
+                out = model(
+                    input_ids=step_ids,
+                    attention_mask=mask,
+                    position_ids=step_pos,
+                    cache=caches[a],
+                    use_cache=True,
+                    logits_to_keep=1,
+                )
                 caches[a] = out.cache
-                mixed = mixed + w[:, a:a + 1] * out.logits[:, -1, :].float()
+                mixed = mixed + w[:, a : a + 1] * out.logits[:, -1, :].float()
             nxt = mixed.argmax(-1)
             results.append(nxt)
             step_ids, step_pos = nxt[:, None], step_pos[:, -1:] + 1
@@ -163,8 +189,17 @@ def run(contender, model, names, prompts, new_tokens, pad):
         return run_separate(model, names, prompts, dense, new_tokens, pad)
     backend = "peft" if contender == "peft_mixed" else "stacked"
     w = sparse if contender == "sparse" else dense
-    return ensemble_generate(model, prompts, names, w, new_tokens, eos_token_id=None, pad_token_id=pad,
-                             backend=backend, share_prefix=contender != "stacked_full")
+    return ensemble_generate(
+        model,
+        prompts,
+        names,
+        w,
+        new_tokens,
+        eos_token_id=None,
+        pad_token_id=pad,
+        backend=backend,
+        share_prefix=contender != "stacked_full",
+    )
 
 
 def sync(device: str) -> None:
@@ -235,17 +270,20 @@ def main() -> None:
 def timings(args) -> None:
     model, names, cfg = build_model(args, args.adapters)
     tok = load_tokenizer(cfg)
-    print(f"model {cfg.name_or_path}, device {args.device}, dtype {next(model.parameters()).dtype}, "
-          f"{len(names)} adapters (rank {args.rank if not args.bundle else 'from bundle'}), "
-          f"{args.new_tokens} new tokens, torch threads {torch.get_num_threads()}, median of {args.repeats}")
+    print(
+        f"model {cfg.name_or_path}, device {args.device}, dtype {next(model.parameters()).dtype}, "
+        f"{len(names)} adapters (rank {args.rank if not args.bundle else 'from bundle'}), "
+        f"{args.new_tokens} new tokens, torch threads {torch.get_num_threads()}, median of {args.repeats}"
+    )
     ratios: dict[str, float] = {}
     for b in args.batch_sizes:
         prompts = encode(tok, b)
         dense, _ = routing_weights(b, len(names))
         # The stacked path must produce what PEFT's mixed batch produces (same weights, greedy).
         if "stacked" in args.contenders and "peft_mixed" in args.contenders:
-            same = run("stacked", model, names, prompts, args.new_tokens, tok.pad_token_id) == \
-                run("peft_mixed", model, names, prompts, args.new_tokens, tok.pad_token_id)
+            same = run("stacked", model, names, prompts, args.new_tokens, tok.pad_token_id) == run(
+                "peft_mixed", model, names, prompts, args.new_tokens, tok.pad_token_id
+            )
             print(f"b={b}: stacked tokens identical to peft_mixed: {same}")
         times: dict[str, list[float]] = {c: [] for c in args.contenders}
         for c in args.contenders:  # warm-up
@@ -272,9 +310,24 @@ def timings(args) -> None:
 def memory(args) -> None:
     peaks = {}
     for c in args.contenders:
-        cmd = [sys.executable, __file__, "--memory-of", c, "--device", args.device, "--dtype", args.dtype,
-               "--adapters", str(args.adapters), "--rank", str(args.rank), "--new-tokens", str(args.new_tokens),
-               "--batch-sizes", str(max(args.batch_sizes))]
+        cmd = [
+            sys.executable,
+            __file__,
+            "--memory-of",
+            c,
+            "--device",
+            args.device,
+            "--dtype",
+            args.dtype,
+            "--adapters",
+            str(args.adapters),
+            "--rank",
+            str(args.rank),
+            "--new-tokens",
+            str(args.new_tokens),
+            "--batch-sizes",
+            str(max(args.batch_sizes)),
+        ]
         cmd += ["--model", args.model] if args.model else []
         cmd += ["--bundle", args.bundle] if args.bundle else []
         cmd += ["--threads", str(args.threads)] if args.threads else []

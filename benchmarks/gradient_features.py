@@ -46,7 +46,7 @@ GENERATED = "generated"
 def prompts(path: str | None, n: int, seed: int) -> list[list[dict]]:
     """n chat prompts: spread over a pipeline data file (its `prompt` column) or generated
     (path "generated", or when no run's data file exists)."""
-    for p in ([] if path == GENERATED else [Path(path)] if path else [DEFAULT_DATA]):
+    for p in [] if path == GENERATED else [Path(path)] if path else [DEFAULT_DATA]:
         if p.exists():
             import pyarrow.parquet as pq
 
@@ -56,15 +56,24 @@ def prompts(path: str | None, n: int, seed: int) -> list[list[dict]]:
         if path:
             raise FileNotFoundError(f"--data {path} does not exist")
     rng = random.Random(seed)
-    return [[{"role": "user", "content": "State the final answer to the following arithmetic problem: "
-              + " + ".join(str(rng.randint(0, 99)) for _ in range(rng.randint(3, 6))) + " ="}]
-            for _ in range(n)]
+    return [
+        [
+            {
+                "role": "user",
+                "content": "State the final answer to the following arithmetic problem: "
+                + " + ".join(str(rng.randint(0, 99)) for _ in range(rng.randint(3, 6)))
+                + " =",
+            }
+        ]
+        for _ in range(n)
+    ]
 
 
 def encode(tok, messages: list[dict], max_length: int) -> list[int]:
     """The pipeline's instruction tokens: chat template with the generation prompt."""
-    return list(tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
-                                        return_dict=True)["input_ids"])[:max_length]
+    return list(
+        tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"]
+    )[:max_length]
 
 
 def pad(batch: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -82,7 +91,7 @@ def build_checkpoint(cfg: ModelConfig, ids: list[list[int]], folder: Path, devic
     params = [p for _, p in lora_parameters(model)]
     opt = torch.optim.Adam(params, lr=1e-3)
     for step in range(3):
-        inp, mask, lab = (t.to(device) for t in pad(ids[step * 4:(step + 1) * 4] or ids[:4]))
+        inp, mask, lab = (t.to(device) for t in pad(ids[step * 4 : (step + 1) * 4] or ids[:4]))
         model(input_ids=inp, attention_mask=mask, labels=lab).loss.backward()
         opt.step()
         opt.zero_grad()
@@ -130,8 +139,11 @@ def less_way(fx: FeatureExtractor, ids: list[list[int]], d_proj: int, buffer: in
     stacked = torch.stack([gradient(x) for x in (ids * buffer)[:buffer]])
     buffered_s = timed(lambda: dense.project(stacked), device)
     model.zero_grad(set_to_none=True)
-    return {"backward": statistics.mean(backward_s), "project": statistics.mean(project_s),
-            "buffered_project": buffered_s / buffer}
+    return {
+        "backward": statistics.mean(backward_s),
+        "project": statistics.mean(project_s),
+        "buffered_project": buffered_s / buffer,
+    }
 
 
 def main() -> None:
@@ -145,12 +157,18 @@ def main() -> None:
     ap.add_argument("--less-examples", type=int, default=2, help="examples the LESS way runs on")
     ap.add_argument("--less-buffer", type=int, default=16, help="gradients per buffered LESS projection")
     ap.add_argument("--rounds", type=int, default=3, help="interleaved timing rounds for (b)-(d)")
-    ap.add_argument("--projector", default=GradientConfig().projector, choices=KINDS,
-                    help="'ours' = batched with this projector (default: the pipeline default)")
+    ap.add_argument(
+        "--projector",
+        default=GradientConfig().projector,
+        choices=KINDS,
+        help="'ours' = batched with this projector (default: the pipeline default)",
+    )
     ap.add_argument("--bf16", action="store_true", help="bf16 autocast for ours and the training step")
     ap.add_argument("--checkpoint", help="an epoch checkpoint folder (default: build one here)")
-    ap.add_argument("--data", help=f"a pipeline data Parquet with a prompt column, or '{GENERATED}' "
-                                   "(arithmetic prompts; no pyarrow needed)")
+    ap.add_argument(
+        "--data",
+        help=f"a pipeline data Parquet with a prompt column, or '{GENERATED}' (arithmetic prompts; no pyarrow needed)",
+    )
     ap.add_argument("--max-length", type=int, default=512)
     args = ap.parse_args()
     if min(args.batch_size, args.examples, args.less_examples, args.rounds, args.less_buffer) < 1:
@@ -158,16 +176,17 @@ def main() -> None:
 
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
-    cfg = ModelConfig(name_or_path=args.model, lora_dropout=0.0,
-                      dtype="float32" if not args.bf16 else "auto")
+    cfg = ModelConfig(name_or_path=args.model, lora_dropout=0.0, dtype="float32" if not args.bf16 else "auto")
     tok = load_tokenizer(cfg)
     ids = [encode(tok, p, args.max_length) for p in prompts(args.data, args.examples, seed=0)]
     ids.sort(key=len)  # the length grouping FeatureExtractor.features does; batches below match it
-    batches = [ids[i:i + args.batch_size] for i in range(0, len(ids), args.batch_size)]
+    batches = [ids[i : i + args.batch_size] for i in range(0, len(ids), args.batch_size)]
     tokens = sum(map(len, ids))
-    print(f"model {args.model}, device {device}, threads {torch.get_num_threads()}, "
-          f"{len(ids)} examples ({tokens / len(ids):.1f} tokens mean, {min(map(len, ids))}-"
-          f"{max(map(len, ids))}), batch {args.batch_size}, d_proj {args.d_proj}, bf16 {args.bf16}")
+    print(
+        f"model {args.model}, device {device}, threads {torch.get_num_threads()}, "
+        f"{len(ids)} examples ({tokens / len(ids):.1f} tokens mean, {min(map(len, ids))}-"
+        f"{max(map(len, ids))}), batch {args.batch_size}, d_proj {args.d_proj}, bf16 {args.bf16}"
+    )
 
     with tempfile.TemporaryDirectory() as tmp:
         ckpt = args.checkpoint or str(build_checkpoint(cfg, ids, Path(tmp) / "epoch-1", device))
@@ -175,17 +194,22 @@ def main() -> None:
         run(args, cfg, ids, batches, ckpt, device)
 
 
-def run(args, cfg: ModelConfig, ids: list[list[int]], batches: list[list[list[int]]], ckpt: str,
-        device: torch.device) -> None:
-    base = FeatureExtractor(cfg, [ckpt], [1.0], args.projector, args.d_proj, 0, device,
-                            args.batch_size, mixed_precision=args.bf16)
+def run(
+    args, cfg: ModelConfig, ids: list[list[int]], batches: list[list[list[int]]], ckpt: str, device: torch.device
+) -> None:
+    base = FeatureExtractor(
+        cfg, [ckpt], [1.0], args.projector, args.d_proj, 0, device, args.batch_size, mixed_precision=args.bf16
+    )
     print(f"D = {base.d_in:,} LoRA parameters")
     ours = {k: base.variant(projector=k) for k in KINDS}
     bs1 = base.variant(batch_size=1)
 
     def train_step() -> None:
-        amp = torch.autocast(device.type, dtype=torch.bfloat16) if args.bf16 else torch.autocast(
-            device.type, enabled=False)
+        amp = (
+            torch.autocast(device.type, dtype=torch.bfloat16)
+            if args.bf16
+            else torch.autocast(device.type, enabled=False)
+        )
         for b in batches:
             inp, mask, lab = (t.to(device) for t in pad(b))
             base.model.zero_grad(set_to_none=True)
@@ -196,11 +220,16 @@ def run(args, cfg: ModelConfig, ids: list[list[int]], batches: list[list[list[in
 
     contenders = {
         "(b) ours, batch 1, " + args.projector: (lambda: bs1.features(ids), len(ids)),
-        **{f"(c) ours, batch {args.batch_size}, {k}": (lambda k=k: ours[k].features(ids), len(ids))
-           for k in KINDS if k != "rademacher"},
+        **{
+            f"(c) ours, batch {args.batch_size}, {k}": (lambda k=k: ours[k].features(ids), len(ids))
+            for k in KINDS
+            if k != "rademacher"
+        },
         # The dense projection costs ~30 s per call on 2 cores: one batch is enough to time it.
-        f"(c) ours, batch {args.batch_size}, rademacher": (lambda: ours["rademacher"].features(batches[0]),
-                                                          len(batches[0])),
+        f"(c) ours, batch {args.batch_size}, rademacher": (
+            lambda: ours["rademacher"].features(batches[0]),
+            len(batches[0]),
+        ),
         "(d) training step": (train_step, len(ids)),
     }
     for name, (fn, _) in contenders.items():  # warm-up (allocator, first-call costs)
@@ -214,18 +243,21 @@ def run(args, cfg: ModelConfig, ids: list[list[int]], batches: list[list[list[in
             times[name].append(timed(fn, device) / n)
     per_example = {k: statistics.median(v) for k, v in times.items()}
 
-    less_ids = ids[:args.less_examples]
-    print(f"(a) LESS way on {len(less_ids)} of the {len(ids)} examples only (~30 s/example on CPU) ...",
-          flush=True)
+    less_ids = ids[: args.less_examples]
+    print(f"(a) LESS way on {len(less_ids)} of the {len(ids)} examples only (~30 s/example on CPU) ...", flush=True)
     less = less_way(base, less_ids, args.d_proj, args.less_buffer, device)
     less_s = less["backward"] + less["project"]
     less_buffered_s = less["backward"] + less["buffered_project"]
 
     print(f"{'contender':44s} {'s/example':>10s} {'examples/s':>11s}")
-    print(f"{'(a) LESS way':44s} {less_s:10.3f} {1 / less_s:11.3f}   (backward+Adam {less['backward']:.3f} s, "
-          f"projection {less['project']:.2f} s)")
-    print(f"{'(a) LESS, projection over ' + str(args.less_buffer) + ' buffered':44s} {less_buffered_s:10.3f} "
-          f"{1 / less_buffered_s:11.3f}")
+    print(
+        f"{'(a) LESS way':44s} {less_s:10.3f} {1 / less_s:11.3f}   (backward+Adam {less['backward']:.3f} s, "
+        f"projection {less['project']:.2f} s)"
+    )
+    print(
+        f"{'(a) LESS, projection over ' + str(args.less_buffer) + ' buffered':44s} {less_buffered_s:10.3f} "
+        f"{1 / less_buffered_s:11.3f}"
+    )
     for name, s in per_example.items():
         print(f"{name:44s} {s:10.4f} {1 / s:11.2f}")
     mine = per_example[f"(c) ours, batch {args.batch_size}, {args.projector}"]

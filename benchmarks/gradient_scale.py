@@ -41,9 +41,10 @@ def child(n: int, workdir: Path, d_proj: int, actor_env: dict[str, str]) -> dict
     from elrea_ray.stages.common import StageContext
     from elrea_ray.stages.gradients import read_features
 
-    cfg = load_config(ROOT / "jobs/configs/smoke.yaml",
-                      ["train.epochs=1", f"gradients.d_proj={d_proj}", "ray.num_cpus=2",
-                       "gradients.cpus_per_actor=1"])
+    cfg = load_config(
+        ROOT / "jobs/configs/smoke.yaml",
+        ["train.epochs=1", f"gradients.d_proj={d_proj}", "ray.num_cpus=2", "gradients.cpus_per_actor=1"],
+    )
     run = RunDir.at(workdir)
     model = new_lora_model(cfg.model, seed=0)
     opt = torch.optim.Adam([p for _, p in lora_parameters(model)], lr=1e-3)
@@ -57,12 +58,30 @@ def child(n: int, workdir: Path, d_proj: int, actor_env: dict[str, str]) -> dict
     rng = random.Random(n)
     run.stage_dir("data").mkdir(parents=True, exist_ok=True)
     for split, rows in (("train", n), ("validation", 256), ("test", 256)):
-        prompts = [json.dumps([{"role": "user", "content": "State the final answer to the following "
-                                "arithmetic problem: " + " + ".join(str(rng.randint(0, 999))
-                                                                    for _ in range(rng.randint(2, 8))) + " ="}])
-                   for _ in range(rows)]
-        pq.write_table(pa.table({"example_id": [f"{split}-{i:06d}" for i in range(rows)],
-                                 "source": ["chain_sum"] * rows, "prompt": prompts}), run.data_file(split))
+        prompts = [
+            json.dumps(
+                [
+                    {
+                        "role": "user",
+                        "content": "State the final answer to the following "
+                        "arithmetic problem: "
+                        + " + ".join(str(rng.randint(0, 999)) for _ in range(rng.randint(2, 8)))
+                        + " =",
+                    }
+                ]
+            )
+            for _ in range(rows)
+        ]
+        pq.write_table(
+            pa.table(
+                {
+                    "example_id": [f"{split}-{i:06d}" for i in range(rows)],
+                    "source": ["chain_sum"] * rows,
+                    "prompt": prompts,
+                }
+            ),
+            run.data_file(split),
+        )
 
     me = psutil.Process()
     peaks = {"driver": me.memory_info().rss, "actor": 0}
@@ -96,8 +115,12 @@ def child(n: int, workdir: Path, d_proj: int, actor_env: dict[str, str]) -> dict
             trace.append((time.perf_counter() - t0, drv, actor, anon_now))
             stop.wait(0.25)
 
-    ray.init(num_cpus=cfg.ray.num_cpus, include_dashboard=False, log_to_driver=False,
-             runtime_env={"env_vars": actor_env} if actor_env else None)
+    ray.init(
+        num_cpus=cfg.ray.num_cpus,
+        include_dashboard=False,
+        log_to_driver=False,
+        runtime_env={"env_vars": actor_env} if actor_env else None,
+    )
     ray.data.DataContext.get_current().enable_progress_bars = False
     threading.Thread(target=sample, daemon=True).start()
     out = run.stage_dir("gradients")
@@ -113,15 +136,20 @@ def child(n: int, workdir: Path, d_proj: int, actor_env: dict[str, str]) -> dict
     # RSS over the middle and last thirds of the stage: flat means no growth from one to the other.
     mid = [t for t in trace if t[0] >= t1 - t0]
     third = max(1, len(mid) // 3)
-    return {"n": n, "seconds": round(seconds, 1), "rows": got,
-            "driver_peak_mb": peaks["driver"] / 2**20, "actor_peak_mb": peaks["actor"] / 2**20,
-            "actor_rss_peak_mb": peaks.get("actor_rss", 0) / 2**20,
-            "actor_mb_2nd_third": max((t[2] for t in mid[third:2 * third]), default=0) / 2**20,
-            "actor_mb_last_third": max((t[2] for t in mid[2 * third:]), default=0) / 2**20,
-            "actor_anon_peak_mb": peaks.get("actor_anon", 0) / 2**10,
-            "actor_shmem_peak_mb": peaks.get("actor_shmem", 0) / 2**10,
-            "actor_anon_2nd_third": max((t[3] for t in mid[third:2 * third]), default=0) / 2**10,
-            "actor_anon_last_third": max((t[3] for t in mid[2 * third:]), default=0) / 2**10}
+    return {
+        "n": n,
+        "seconds": round(seconds, 1),
+        "rows": got,
+        "driver_peak_mb": peaks["driver"] / 2**20,
+        "actor_peak_mb": peaks["actor"] / 2**20,
+        "actor_rss_peak_mb": peaks.get("actor_rss", 0) / 2**20,
+        "actor_mb_2nd_third": max((t[2] for t in mid[third : 2 * third]), default=0) / 2**20,
+        "actor_mb_last_third": max((t[2] for t in mid[2 * third :]), default=0) / 2**20,
+        "actor_anon_peak_mb": peaks.get("actor_anon", 0) / 2**10,
+        "actor_shmem_peak_mb": peaks.get("actor_shmem", 0) / 2**10,
+        "actor_anon_2nd_third": max((t[3] for t in mid[third : 2 * third]), default=0) / 2**10,
+        "actor_anon_last_third": max((t[3] for t in mid[2 * third :]), default=0) / 2**10,
+    }
 
 
 def _status_kb(pid: int, field: str) -> int:
@@ -139,8 +167,13 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--sizes", type=int, nargs="+", default=[1000, 10000, 50000])
     ap.add_argument("--d-proj", type=int, default=512)
-    ap.add_argument("--actor-env", nargs="*", default=[], metavar="KEY=VALUE",
-                    help="environment of the Ray workers, e.g. allocator settings (MALLOC_ARENA_MAX=2)")
+    ap.add_argument(
+        "--actor-env",
+        nargs="*",
+        default=[],
+        metavar="KEY=VALUE",
+        help="environment of the Ray workers, e.g. allocator settings (MALLOC_ARENA_MAX=2)",
+    )
     ap.add_argument("--child", type=int, help=argparse.SUPPRESS)
     ap.add_argument("--workdir", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -148,24 +181,42 @@ def main() -> None:
         env = dict(kv.split("=", 1) for kv in args.actor_env)
         print("RESULT " + json.dumps(child(args.child, Path(args.workdir), args.d_proj, env)), flush=True)
         return
-    print(f"{'examples':>9s} {'seconds':>8s} {'ex/s':>7s} {'driver RSS peak MB':>19s} {'actor USS peak MB':>18s} "
-          f"{'actor USS MB 2nd/3rd third':>27s} {'actor RSS peak MB':>18s} {'actor heap (RssAnon) peak MB':>29s} "
-          f"{'heap MB 2nd/3rd third':>22s} {'actor RssShmem peak MB':>23s}")
+    print(
+        f"{'examples':>9s} {'seconds':>8s} {'ex/s':>7s} {'driver RSS peak MB':>19s} {'actor USS peak MB':>18s} "
+        f"{'actor USS MB 2nd/3rd third':>27s} {'actor RSS peak MB':>18s} {'actor heap (RssAnon) peak MB':>29s} "
+        f"{'heap MB 2nd/3rd third':>22s} {'actor RssShmem peak MB':>23s}"
+    )
     for n in args.sizes:
         with tempfile.TemporaryDirectory() as tmp:
-            proc = subprocess.run([sys.executable, __file__, "--child", str(n), "--workdir", tmp,
-                                   "--d-proj", str(args.d_proj), "--actor-env", *args.actor_env],
-                              capture_output=True, text=True)
+            proc = subprocess.run(
+                [
+                    sys.executable,
+                    __file__,
+                    "--child",
+                    str(n),
+                    "--workdir",
+                    tmp,
+                    "--d-proj",
+                    str(args.d_proj),
+                    "--actor-env",
+                    *args.actor_env,
+                ],
+                capture_output=True,
+                text=True,
+            )
         lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
         if proc.returncode != 0 or not lines:
             sys.exit(f"size {n} failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
-        r = json.loads(lines[-1][len("RESULT "):])
+        r = json.loads(lines[-1][len("RESULT ") :])
         total = sum(r["rows"].values())
-        print(f"{n:9d} {r['seconds']:8.1f} {total / r['seconds']:7.0f} {r['driver_peak_mb']:19.0f} "
-              f"{r['actor_peak_mb']:18.0f} {r['actor_mb_2nd_third']:15.0f} / {r['actor_mb_last_third']:<9.0f} "
-              f"{r['actor_rss_peak_mb']:18.0f} {r['actor_anon_peak_mb']:29.0f} "
-              f"{r['actor_anon_2nd_third']:10.0f} / {r['actor_anon_last_third']:<9.0f} "
-              f"{r['actor_shmem_peak_mb']:23.0f}", flush=True)
+        print(
+            f"{n:9d} {r['seconds']:8.1f} {total / r['seconds']:7.0f} {r['driver_peak_mb']:19.0f} "
+            f"{r['actor_peak_mb']:18.0f} {r['actor_mb_2nd_third']:15.0f} / {r['actor_mb_last_third']:<9.0f} "
+            f"{r['actor_rss_peak_mb']:18.0f} {r['actor_anon_peak_mb']:29.0f} "
+            f"{r['actor_anon_2nd_third']:10.0f} / {r['actor_anon_last_third']:<9.0f} "
+            f"{r['actor_shmem_peak_mb']:23.0f}",
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

@@ -33,8 +33,9 @@ from elrea_ray.stages.clusters import fit
 
 
 def encode(tok, messages: list[dict], max_length: int) -> list[int]:
-    return list(tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
-                                        return_dict=True)["input_ids"])[:max_length]
+    return list(
+        tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"]
+    )[:max_length]
 
 
 def dense_all_rows(x: torch.Tensor, spec: ProjectorSpec) -> torch.Tensor:
@@ -47,7 +48,7 @@ def dense_all_rows(x: torch.Tensor, spec: ProjectorSpec) -> torch.Tensor:
     for r0 in range(0, spec.d_in, rows):
         r1 = min(r0 + rows, spec.d_in)
         out += x[:, r0:r1] @ p.signs(r0, r1, 0, spec.d_proj, torch.device("cpu"))
-    return out / spec.d_proj ** 0.5
+    return out / spec.d_proj**0.5
 
 
 def unit(x: np.ndarray) -> np.ndarray:
@@ -62,8 +63,11 @@ def pair_cosines(x: np.ndarray) -> np.ndarray:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--run", default=str(Path(__file__).resolve().parents[1] / "runs/default"),
-                    help="a finished pipeline run folder")
+    ap.add_argument(
+        "--run",
+        default=str(Path(__file__).resolve().parents[1] / "runs/default"),
+        help="a finished pipeline run folder",
+    )
     ap.add_argument("--per-source", type=int, default=40, help="training examples per source")
     ap.add_argument("--d-proj", type=int, default=8192)
     ap.add_argument("--batch-size", type=int, default=8)
@@ -81,18 +85,19 @@ def main() -> None:
     by_source: dict[str, list[dict]] = {}
     for r in rows:
         by_source.setdefault(r["source"], []).append(r)
-    picked = [r for src in sorted(by_source) for r in by_source[src][:args.per_source]]
+    picked = [r for src in sorted(by_source) for r in by_source[src][: args.per_source]]
     sources = np.array([r["source"] for r in picked])
     tok = load_tokenizer(mc)
     ids = [encode(tok, json.loads(r["prompt"]), mc.max_length) for r in picked]
     epochs = sorted((run / "adapters/base").glob("epoch-*"), key=lambda p: int(p.name.split("-")[1]))
     weights = [load_adam_state(e).mean_lr for e in epochs]
-    print(f"{len(ids)} training examples of {run} ({len(by_source)} sources), epochs "
-          f"{[e.name for e in epochs]} weights {[round(w, 6) for w in weights]}, d_proj {args.d_proj}")
+    print(
+        f"{len(ids)} training examples of {run} ({len(by_source)} sources), epochs "
+        f"{[e.name for e in epochs]} weights {[round(w, 6) for w in weights]}, d_proj {args.d_proj}"
+    )
 
     t0 = time.perf_counter()
-    fx = FeatureExtractor(mc, [str(e) for e in epochs], weights, "countsketch", args.d_proj,
-                          batch_size=args.batch_size)
+    fx = FeatureExtractor(mc, [str(e) for e in epochs], weights, "countsketch", args.d_proj, batch_size=args.batch_size)
     G = fx.preconditioned_gradients(ids)  # [N, D] float32: 2 GB for N = 200 on SmolLM2
     print(f"preconditioned gradients [{G.shape[0]}, {G.shape[1]:,}] in {time.perf_counter() - t0:.0f} s")
     del fx
@@ -106,7 +111,7 @@ def main() -> None:
     # instead of D (BIRCH on [200, 2.4M] needed > 20 GB).
     gram = torch.zeros(G.shape[0], G.shape[0], dtype=torch.float64)
     for lo in range(0, G.shape[1], 1 << 18):
-        block = G[:, lo:lo + (1 << 18)].double()
+        block = G[:, lo : lo + (1 << 18)].double()
         gram += block @ block.T
     evals, evecs = torch.linalg.eigh(gram)
     coords = (evecs * evals.clamp_min(0).sqrt()).numpy()
@@ -132,20 +137,26 @@ def main() -> None:
     cos = {k: pair_cosines(v) for k, v in feats.items()}
     labels = {k: cluster(v) for k, v in feats.items()}
     ref_d, ref_x = "rademacher (dense)", "exact (no projection)"
-    print(f"pairwise cosines of exact features: mean {cos[ref_x].mean():.3f}, sd {cos[ref_x].std():.3f}, "
-          f"range [{cos[ref_x].min():.3f}, {cos[ref_x].max():.3f}]")
-    head = (f"| projector | Pearson vs dense | Spearman vs dense | ARI vs dense | Pearson vs exact | "
-            f"Spearman vs exact | ARI vs exact | max abs cos err vs exact | clusters | ARI vs source | "
-            f"project s ({len(ids)} rows) |")
+    print(
+        f"pairwise cosines of exact features: mean {cos[ref_x].mean():.3f}, sd {cos[ref_x].std():.3f}, "
+        f"range [{cos[ref_x].min():.3f}, {cos[ref_x].max():.3f}]"
+    )
+    head = (
+        f"| projector | Pearson vs dense | Spearman vs dense | ARI vs dense | Pearson vs exact | "
+        f"Spearman vs exact | ARI vs exact | max abs cos err vs exact | clusters | ARI vs source | "
+        f"project s ({len(ids)} rows) |"
+    )
     print(head)
     print("|" + "---|" * (head.count("|") - 1))
     for k in feats:
-        print(f"| {k} | {pearsonr(cos[k], cos[ref_d])[0]:.4f} | {spearmanr(cos[k], cos[ref_d])[0]:.4f} | "
-              f"{adjusted_rand_score(labels[ref_d], labels[k]):.3f} | {pearsonr(cos[k], cos[ref_x])[0]:.4f} | "
-              f"{spearmanr(cos[k], cos[ref_x])[0]:.4f} | {adjusted_rand_score(labels[ref_x], labels[k]):.3f} | "
-              f"{np.abs(cos[k] - cos[ref_x]).max():.4f} | {len(set(labels[k].tolist()))} | "
-              f"{adjusted_rand_score(sources, labels[k]):.3f} | "
-              f"{seconds.get(k, float('nan')):.2f} |")
+        print(
+            f"| {k} | {pearsonr(cos[k], cos[ref_d])[0]:.4f} | {spearmanr(cos[k], cos[ref_d])[0]:.4f} | "
+            f"{adjusted_rand_score(labels[ref_d], labels[k]):.3f} | {pearsonr(cos[k], cos[ref_x])[0]:.4f} | "
+            f"{spearmanr(cos[k], cos[ref_x])[0]:.4f} | {adjusted_rand_score(labels[ref_x], labels[k]):.3f} | "
+            f"{np.abs(cos[k] - cos[ref_x]).max():.4f} | {len(set(labels[k].tolist()))} | "
+            f"{adjusted_rand_score(sources, labels[k]):.3f} | "
+            f"{seconds.get(k, float('nan')):.2f} |"
+        )
 
 
 if __name__ == "__main__":

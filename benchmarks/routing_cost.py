@@ -56,7 +56,7 @@ SHORT = [
     "What is {a} + {b} - 7? Answer with the number only.",
     "Solve the following multiplication: {a} * {b}. Give only the result.",
     "Spell this word backward (example: sun -> nus): garden{a}",
-    "How many times does the letter \"r\" appear in the text: \"berry {a} farmers rarely rest\"?",
+    'How many times does the letter "r" appear in the text: "berry {a} farmers rarely rest"?',
 ]
 
 
@@ -148,16 +148,17 @@ class PerEpoch:
         fx.model.set_adapter("default")
         order = sorted(range(len(instruction_ids)), key=lambda i: len(instruction_ids[i]))
         for lo in range(0, len(order), fx.batch_size):
-            batch = [instruction_ids[i] for i in order[lo:lo + fx.batch_size]]
+            batch = [instruction_ids[i] for i in order[lo : lo + fx.batch_size]]
             b, t = len(batch), max(map(len, batch))
             ids, mask = torch.zeros(b, t, dtype=torch.long), torch.zeros(b, t, dtype=torch.long)
             for i, x in enumerate(batch):
-                ids[i, :len(x)], mask[i, :len(x)] = torch.tensor(x), 1
+                ids[i, : len(x)], mask[i, : len(x)] = torch.tensor(x), 1
             acc = self.acc[:b].zero_()
             for i, e in enumerate(fx.epochs):
                 fx._set_epoch(i)
-                g = per_example_grads(fx.model, ids, mask, ids.masked_fill(mask == 0, -100), out=self.grads,
-                                      autocast=fx.autocast)
+                g = per_example_grads(
+                    fx.model, ids, mask, ids.masked_fill(mask == 0, -100), out=self.grads, autocast=fx.autocast
+                )
                 acc.add_(fx._adam(g, e), alpha=e.weight)
             with record_function("features.project"):
                 p = fx.projector.project(acc)
@@ -226,9 +227,11 @@ def run(args, run_dir: Path) -> None:
     fx = engine.fx
     ids = [engine.encode_chat(p) for p in make_prompts(max(args.batches), seed=0)]
     lengths = sorted(map(len, ids))
-    print(f"bundle {'built here from ' + args.model if not args.run_dir else run_dir}, device {device}, "
-          f"threads {torch.get_num_threads()}, D = {fx.d_in:,}, {len(fx.epochs)} epoch checkpoints, "
-          f"{engine.centroids.shape[0]} clusters, projector {fx.projector_spec.kind} -> {fx.projector_spec.d_proj}")
+    print(
+        f"bundle {'built here from ' + args.model if not args.run_dir else run_dir}, device {device}, "
+        f"threads {torch.get_num_threads()}, D = {fx.d_in:,}, {len(fx.epochs)} epoch checkpoints, "
+        f"{engine.centroids.shape[0]} clusters, projector {fx.projector_spec.kind} -> {fx.projector_spec.d_proj}"
+    )
     print(f"prompts: {len(ids)}, tokens {lengths[0]}-{lengths[-1]} (median {lengths[len(lengths) // 2]})")
 
     per_epoch = PerEpoch(fx)
@@ -241,6 +244,7 @@ def run(args, run_dir: Path) -> None:
                 return engine.route(batch, [None] * len(batch))
             finally:
                 engine.fx = saved
+
         return go
 
     def prefill(batch):
@@ -248,7 +252,7 @@ def run(args, run_dir: Path) -> None:
         inp = torch.zeros(len(batch), t, dtype=torch.long)
         mask = torch.zeros_like(inp)
         for i, x in enumerate(batch):
-            inp[i, :len(x)], mask[i, :len(x)] = torch.tensor(x), 1
+            inp[i, : len(x)], mask[i, : len(x)] = torch.tensor(x), 1
         engine.model.set_adapter("base")
         with torch.no_grad():
             engine.model(input_ids=inp.to(device), attention_mask=mask.to(device), use_cache=False)

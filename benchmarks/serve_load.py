@@ -33,7 +33,7 @@ QUESTIONS = [
     "What is {a} + {b} - 7? Answer with the number only.",
     "Solve the following multiplication: {a} * {b}. Give only the result.",
     "Spell this word backward (example: sun -> nus): garden{a}",
-    "How many times does the letter \"r\" appear in the text: \"berry {a} farmers rarely rest\"?",
+    'How many times does the letter "r" appear in the text: "berry {a} farmers rarely rest"?',
 ]
 
 
@@ -79,17 +79,25 @@ def load(url: str, concurrency: int, n: int, extra: dict, adapter: str | None) -
     wall = time.perf_counter() - t0
     lat = [t for code, t, _ in results if code == 200]
     ttft = [f for code, _, f in results if code == 200]
-    return {"ok": len(lat), "n": n, "rps": len(lat) / wall, "p50": percentile(lat, 0.5),
-            "p99": percentile(lat, 0.99), "mean": statistics.mean(lat) if lat else float("nan"),
-            "ttft_p50": percentile(ttft, 0.5) if ttft else float("nan")}
+    return {
+        "ok": len(lat),
+        "n": n,
+        "rps": len(lat) / wall,
+        "p50": percentile(lat, 0.5),
+        "p99": percentile(lat, 0.99),
+        "mean": statistics.mean(lat) if lat else float("nan"),
+        "ttft_p50": percentile(ttft, 0.5) if ttft else float("nan"),
+    }
 
 
 def _split(before: dict, after: dict) -> str:
     d = {k: after[k] - before[k] for k in ("routing_s", "admission_s", "decode_s")}
     total = d["admission_s"] + d["decode_s"] or 1.0
-    return (f"routing {d['routing_s']:.1f} s ({100 * d['routing_s'] / total:.0f}%), prefill and joining "
-            f"{d['admission_s'] - d['routing_s']:.1f} s, decoding {d['decode_s']:.1f} s "
-            f"({100 * d['decode_s'] / total:.0f}%)")
+    return (
+        f"routing {d['routing_s']:.1f} s ({100 * d['routing_s'] / total:.0f}%), prefill and joining "
+        f"{d['admission_s'] - d['routing_s']:.1f} s, decoding {d['decode_s']:.1f} s "
+        f"({100 * d['decode_s'] / total:.0f}%)"
+    )
 
 
 def main() -> None:
@@ -113,10 +121,21 @@ def main() -> None:
     ray.init(num_cpus=args.num_cpus, log_to_driver=False)
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
-    serve.run(build_app({"run_dir": str(Path(args.run_dir).resolve()), "num_cpus": 1,
-                         "num_gpus": 1 if args.device == "cuda" else 0, "max_batch_size": args.max_batch_size,
-                         "max_inflight": 64, "max_ongoing_requests": 64, "request_timeout_s": 600}),
-              name="elrea", route_prefix="/")
+    serve.run(
+        build_app(
+            {
+                "run_dir": str(Path(args.run_dir).resolve()),
+                "num_cpus": 1,
+                "num_gpus": 1 if args.device == "cuda" else 0,
+                "max_batch_size": args.max_batch_size,
+                "max_inflight": 64,
+                "max_ongoing_requests": 64,
+                "request_timeout_s": 600,
+            }
+        ),
+        name="elrea",
+        route_prefix="/",
+    )
     url = f"http://127.0.0.1:{port}"
     stats = lambda: httpx.get(url + "/v1/stats").json()  # noqa: E731
     load(url, 1, 2, WORKLOADS["short"], None)  # warm-up (first-call allocations, routing model)
@@ -129,14 +148,18 @@ def main() -> None:
             for mode, adapter in (("ensemble", None), ("base", "base")):
                 before = stats()
                 f = figures[w, mode, c] = load(url, c, n, WORKLOADS[w], adapter)
-                print(f"{mode} {w} c={c}: {f['rps']:.2f} req/s, p50 {f['p50']:.2f} s, p99 {f['p99']:.2f} s, "
-                      f"first token p50 {f['ttft_p50']:.2f} s ({f['ok']}/{f['n']} ok); server: "
-                      f"{_split(before, stats())}")
+                print(
+                    f"{mode} {w} c={c}: {f['rps']:.2f} req/s, p50 {f['p50']:.2f} s, p99 {f['p99']:.2f} s, "
+                    f"first token p50 {f['ttft_p50']:.2f} s ({f['ok']}/{f['n']} ok); server: "
+                    f"{_split(before, stats())}"
+                )
             ratio = figures[w, "ensemble", c]["mean"] / figures[w, "base", c]["mean"]
             print(f"ensemble vs base {w} c={c}: {ratio:.2f}x")
     s = stats()
-    print(f"server: {s['requests_admitted']} requests, {s['steps']} decoding steps, "
-          f"{s['tokens_generated']} tokens, largest running batch {s['max_running_seen']}")
+    print(
+        f"server: {s['requests_admitted']} requests, {s['steps']} decoding steps, "
+        f"{s['tokens_generated']} tokens, largest running batch {s['max_running_seen']}"
+    )
     serve.shutdown()
     ray.shutdown()
 

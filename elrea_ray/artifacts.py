@@ -119,8 +119,9 @@ class RunDir:
         text = storage.read_text(self.ref(self.stage_dir(stage) / MARKER))
         return text.strip() if text is not None else None
 
-    def pull(self, stages: tuple[str, ...] = (*STAGES, "router", "baselines"),
-             log: Callable[[str], None] = print) -> None:
+    def pull(
+        self, stages: tuple[str, ...] = (*STAGES, "router", "baselines"), log: Callable[[str], None] = print
+    ) -> None:
         """Bring the mirror up to date with the remote run: the manifest and bundle, and every
         stage folder whose remote marker key differs from the local one (a stage without a
         remote marker counts as not built, so its local copy is dropped)."""
@@ -170,12 +171,17 @@ class RunDir:
         return self.root / "ray"
 
     def stage_dir(self, stage: str) -> Path:
-        return {"data": self.root / "data", "base": self.root / "adapters" / "base",
-                "gradients": self.root / "gradients", "clusters": self.root / "clusters",
-                "router": self.root / "router",
-                "experts": self.root / "adapters" / "experts",
-                "baselines": self.root / "adapters" / "baselines", "eval": self.root / "eval",
-                "validation": self.root / "validation"}[stage]
+        return {
+            "data": self.root / "data",
+            "base": self.root / "adapters" / "base",
+            "gradients": self.root / "gradients",
+            "clusters": self.root / "clusters",
+            "router": self.root / "router",
+            "experts": self.root / "adapters" / "experts",
+            "baselines": self.root / "adapters" / "baselines",
+            "eval": self.root / "eval",
+            "validation": self.root / "validation",
+        }[stage]
 
     def data_file(self, split: str) -> Path:
         return self.stage_dir("data") / f"{split}.parquet"
@@ -225,8 +231,9 @@ class RunDir:
         return out
 
     # -- running a stage ---------------------------------------------------------------------
-    def run_stage(self, stage: str, key: str, build: Callable[[Path], dict | None],
-                  log: Callable[[str], None] = print) -> tuple[Path, bool]:
+    def run_stage(
+        self, stage: str, key: str, build: Callable[[Path], dict | None], log: Callable[[str], None] = print
+    ) -> tuple[Path, bool]:
         """Build `stage` into `<out>.partial`, mark it and rename it into place.
 
         Returns (output folder, ran). Skips when the output already holds this key. A `.partial`
@@ -243,15 +250,26 @@ class RunDir:
             return out, False
         partial = self._open_partial(out, key)
         started = time.time()
-        self.update_manifest(lambda m: m["stages"].__setitem__(stage, {
-            "key": key, "status": "running", "started": started}))
+        self.update_manifest(
+            lambda m: m["stages"].__setitem__(stage, {"key": key, "status": "running", "started": started})
+        )
         log(f"[{stage}] running (key {key})")
         info = build(partial) or {}
         self._publish(partial, out, key)
         seconds = round(time.time() - started, 1)
-        self.update_manifest(lambda m: m["stages"].__setitem__(stage, {
-            "key": key, "status": "complete", "started": started, "seconds": seconds,
-            "outputs": self._outputs(out), "info": info}))
+        self.update_manifest(
+            lambda m: m["stages"].__setitem__(
+                stage,
+                {
+                    "key": key,
+                    "status": "complete",
+                    "started": started,
+                    "seconds": seconds,
+                    "outputs": self._outputs(out),
+                    "info": info,
+                },
+            )
+        )
         log(f"[{stage}] done in {seconds:.0f} s -> {out}")
         return out, True
 
@@ -264,13 +282,24 @@ class RunDir:
         if lost:
             raise ArtifactError(
                 f"stage {stage!r} is recorded complete but {len(lost)} of its files are missing "
-                f"(e.g. {self.root / lost[0]}); delete {out} to rebuild that stage")
+                f"(e.g. {self.root / lost[0]}); delete {out} to rebuild that stage"
+            )
         if entry.get("status") != "complete" or entry.get("key") != key:
             # Killed between the rename and the manifest update: the folder is complete (it
             # holds the marker), so record it instead of redoing the work.
-            self.update_manifest(lambda m: m["stages"].__setitem__(stage, {
-                **entry, "key": key, "status": "complete", "outputs": self._outputs(out),
-                "info": entry.get("info", {}), "recovered": True}))
+            self.update_manifest(
+                lambda m: m["stages"].__setitem__(
+                    stage,
+                    {
+                        **entry,
+                        "key": key,
+                        "status": "complete",
+                        "outputs": self._outputs(out),
+                        "info": entry.get("info", {}),
+                        "recovered": True,
+                    },
+                )
+            )
 
     def _open_partial(self, out: Path, key: str) -> Path:
         """`<out>.partial` for this key: kept (to resume in) when a killed run left it with the
@@ -308,8 +337,7 @@ class RunDir:
             storage.delete_dir(self.ref(partial))
 
     def _outputs(self, out: Path) -> list[str]:
-        return sorted(str(p.relative_to(self.root)) for p in out.rglob("*")
-                      if p.is_file() and p.name != MARKER)[:200]
+        return sorted(str(p.relative_to(self.root)) for p in out.rglob("*") if p.is_file() and p.name != MARKER)[:200]
 
     # -- one writer at a time ----------------------------------------------------------------
     @property
@@ -346,7 +374,8 @@ class RunDir:
         raise ArtifactError(
             f"run directory {storage.redact(self.remote)} is in use by pid {owner.get('pid')} on "
             f"{owner.get('host')} (advisory lock {storage.redact(uri)}); wait for it to finish, or "
-            "delete that object if no pipeline is running on it")
+            "delete that object if no pipeline is running on it"
+        )
 
     def _lock_owner(self) -> dict | None:
         try:
@@ -361,12 +390,15 @@ class RunDir:
 
     def _in_use(self, owner: dict) -> ArtifactError:
         if not owner:
-            return ArtifactError(f"run directory {self.root} has an unreadable lock {self.lock_file}; "
-                                 "if no pipeline is running on it, delete that file")
+            return ArtifactError(
+                f"run directory {self.root} has an unreadable lock {self.lock_file}; "
+                "if no pipeline is running on it, delete that file"
+            )
         return ArtifactError(
             f"run directory {self.root} is in use by pid {owner.get('pid')} on {owner.get('host')} "
             f"(lock {self.lock_file}, since {time.ctime(owner.get('since', 0))}); wait for it to "
-            "finish or choose another run.run_dir")
+            "finish or choose another run.run_dir"
+        )
 
     @contextlib.contextmanager
     def lock(self) -> Iterator[None]:
@@ -379,8 +411,12 @@ class RunDir:
         """
         self.root.mkdir(parents=True, exist_ok=True)
         path = self.lock_file
-        me = {"pid": os.getpid(), "host": socket.gethostname(), "since": time.time(),
-              "pid_start": _pid_start(os.getpid())}
+        me = {
+            "pid": os.getpid(),
+            "host": socket.gethostname(),
+            "since": time.time(),
+            "pid_start": _pid_start(os.getpid()),
+        }
         tmp = path.with_name(f".run.lock.{os.getpid()}")
         tmp.write_text(json.dumps(me))
         try:

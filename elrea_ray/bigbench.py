@@ -49,8 +49,9 @@ def cache_dir() -> Path:
     return Path(os.environ.get("ELREA_CACHE", Path.home() / ".cache" / "elrea-ray")) / "bigbench"
 
 
-def fetch_archive(cache: Path | None = None, archive: str | Path | None = None,
-                  pip_args: list[str] | None = None) -> Path:
+def fetch_archive(
+    cache: Path | None = None, archive: str | Path | None = None, pip_args: list[str] | None = None
+) -> Path:
     """The sdist's path: `archive` if given, else the cached copy, else `pip download --no-deps`
     into the cache, the one network access (pip's own settings apply: PIP_INDEX_URL, a proxy;
     `pip_args`: more arguments, e.g. ["--index-url", URL])."""
@@ -65,8 +66,19 @@ def fetch_archive(cache: Path | None = None, archive: str | Path | None = None,
         return path
     cache.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=cache) as tmp:
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check", "-q",
-               SDIST, "-d", tmp, *(pip_args or [])]
+        cmd = [
+            sys.executable,
+            "-m",
+            "pip",
+            "download",
+            "--no-deps",
+            "--disable-pip-version-check",
+            "-q",
+            SDIST,
+            "-d",
+            tmp,
+            *(pip_args or []),
+        ]
         done = subprocess.run(cmd, capture_output=True, text=True)
         got = Path(tmp) / ARCHIVE
         if done.returncode != 0 or not got.is_file():
@@ -74,7 +86,8 @@ def fetch_archive(cache: Path | None = None, archive: str | Path | None = None,
             raise BigBenchError(
                 f"could not fetch {SDIST} with pip ({' | '.join(tail) or 'no output'}); download it where "
                 f"the package index is reachable (pip download --no-deps {SDIST}) and set "
-                f"data.bigbench_archive to the .tar.gz, or copy it to {path}")
+                f"data.bigbench_archive to the .tar.gz, or copy it to {path}"
+            )
         os.replace(got, path)  # atomic: a killed download never leaves a half archive in the cache
     return path
 
@@ -108,7 +121,7 @@ def load_tasks(tasks: list[str], archive: Path, cache: Path | None = None) -> di
         with tarfile.open(archive, "r:gz") as tar:
             for m in tar:
                 if m.name.startswith(_TASKS) and m.name.endswith("/task.json"):
-                    names.append(m.name[len(_TASKS):-len("/task.json")].replace("/", ":"))
+                    names.append(m.name[len(_TASKS) : -len("/task.json")].replace("/", ":"))
                 if m.name in missing:
                     task = missing.pop(m.name)
                     try:
@@ -133,8 +146,9 @@ def load_tasks(tasks: list[str], archive: Path, cache: Path | None = None) -> di
         raise BigBenchError(f"data.tasks: {task!r} keeps its examples in subtasks; name them: {', '.join(subs)}")
     for task in missing.values():
         near = difflib.get_close_matches(task, names, n=5, cutoff=0.6)
-        raise BigBenchError(f"data.tasks: BIG-bench has no task {task!r}"
-                            + (f"; did you mean {', '.join(near)}?" if near else ""))
+        raise BigBenchError(
+            f"data.tasks: BIG-bench has no task {task!r}" + (f"; did you mean {', '.join(near)}?" if near else "")
+        )
     return out
 
 
@@ -149,8 +163,10 @@ def _examples(name: str, task: dict) -> list[dict]:
         raise BigBenchError(f"data.tasks: {name!r} keeps its examples in subtasks; name one ({name}:<subtask>)")
     metric = task.get("preferred_score")
     if metric not in METRICS:
-        raise BigBenchError(f"data.tasks: {name!r} is scored by {metric!r}; generated answers can be scored "
-                            f"only for tasks preferring {' or '.join(METRICS)}")
+        raise BigBenchError(
+            f"data.tasks: {name!r} is scored by {metric!r}; generated answers can be scored "
+            f"only for tasks preferring {' or '.join(METRICS)}"
+        )
     out = []
     for i, ex in enumerate(task["examples"]):
         scores = ex.get("target_scores")
@@ -179,22 +195,28 @@ def _format(task: dict, ex: dict, rng: random.Random) -> str:
         rng.shuffle(options)
         prefix = _choice_prefix(task)
         text += prefix + prefix.join(options)
-    return (task.get("example_input_prefix", "\nQ: ") + text + task.get("example_output_prefix", "\nA: "))
+    return task.get("example_input_prefix", "\nQ: ") + text + task.get("example_output_prefix", "\nA: ")
 
 
-def task_rows(name: str, task: dict, seed: int, sizes: dict[str, int], shots: int = 0,
-              system_prompt: str | None = None) -> dict[str, list[dict]]:
+def task_rows(
+    name: str, task: dict, seed: int, sizes: dict[str, int], shots: int = 0, system_prompt: str | None = None
+) -> dict[str, list[dict]]:
     """{split: rows} of one task: a seeded shuffle gives test, then validation, then train (the
     rest, capped at sizes["train"]); `shots` few-shot examples, drawn from train, before each query."""
     examples = _examples(name, task)
     order = list(range(len(examples)))
     random.Random(f"{seed}:{name}").shuffle(order)
     n_test, n_val = sizes["test"], sizes["validation"]
-    picks = {"test": order[:n_test], "validation": order[n_test:n_test + n_val],
-             "train": order[n_test + n_val:][:sizes["train"]]}
+    picks = {
+        "test": order[:n_test],
+        "validation": order[n_test : n_test + n_val],
+        "train": order[n_test + n_val :][: sizes["train"]],
+    }
     if len(picks["train"]) < max(1, shots):
-        raise BigBenchError(f"data.tasks: {name!r} has {len(examples)} examples; after {n_test} test and "
-                            f"{n_val} validation items too few are left to train on (and for shots={shots})")
+        raise BigBenchError(
+            f"data.tasks: {name!r} has {len(examples)} examples; after {n_test} test and "
+            f"{n_val} validation items too few are left to train on (and for shots={shots})"
+        )
     rng = random.Random(f"{seed}:{name}:format")
     formatted = {i: _format(task, examples[i], rng) for i in order}
     sep = task.get("few_shot_example_separator", "\n")
@@ -207,20 +229,32 @@ def task_rows(name: str, task: dict, seed: int, sizes: dict[str, int], shots: in
             context = ""
             if shots:
                 pool = [j for j in picks["train"] if j != i]
-                context = sep.join(formatted[j] + examples[j]["targets"][0]
-                                   for j in rng.sample(pool, min(shots, len(pool)))) + sep
+                context = (
+                    sep.join(formatted[j] + examples[j]["targets"][0] for j in rng.sample(pool, min(shots, len(pool))))
+                    + sep
+                )
             prompt = str(task.get("task_prefix", "")) + context + formatted[i]
-            messages = ([{"role": "system", "content": system_prompt}] if system_prompt else [])
+            messages = [{"role": "system", "content": system_prompt}] if system_prompt else []
             messages.append({"role": "user", "content": prompt.strip("\n")})
-            rows[split].append({
-                "example_id": f"{split}-{source}-{k:06d}",
-                "source": source,
-                "prompt": json.dumps(messages, ensure_ascii=False),
-                "response": ex["targets"][0],
-                "answer": ex["targets"][0],
-                "meta": json.dumps({"benchmark": "bigbench", "task": name, "index": i,
-                                    "choices": ex["choices"], "targets": ex["targets"]}, ensure_ascii=False),
-            })
+            rows[split].append(
+                {
+                    "example_id": f"{split}-{source}-{k:06d}",
+                    "source": source,
+                    "prompt": json.dumps(messages, ensure_ascii=False),
+                    "response": ex["targets"][0],
+                    "answer": ex["targets"][0],
+                    "meta": json.dumps(
+                        {
+                            "benchmark": "bigbench",
+                            "task": name,
+                            "index": i,
+                            "choices": ex["choices"],
+                            "targets": ex["targets"],
+                        },
+                        ensure_ascii=False,
+                    ),
+                }
+            )
     return rows
 
 
@@ -237,8 +271,13 @@ def chosen_option(prediction: str, choices: list[str]) -> str | None:
     by_norm = {_norm(c): c for c in choices}
     if first in by_norm:
         return by_norm[first]
-    hits = [(m.start(), -len(n), c) for n, c in by_norm.items() if n
-            for m in [re.search(r"(?<!\w)" + re.escape(n) + r"(?!\w)", text)] if m]
+    hits = [
+        (m.start(), -len(n), c)
+        for n, c in by_norm.items()
+        if n
+        for m in [re.search(r"(?<!\w)" + re.escape(n) + r"(?!\w)", text)]
+        if m
+    ]
     return min(hits)[2] if hits else None
 
 

@@ -34,12 +34,15 @@ def write_bundle(cfg: Config, run: RunDir, keys: dict) -> dict:
     bundle = {
         "format_version": BUNDLE_FORMAT_VERSION,
         "model": plain(cfg.model),
-        "adapters": {"base": rel(run.base_epoch(cfg.train.epochs)),
-                     **{f"expert-{c:02d}": rel(run.expert(c)) for c in range(C)}},
+        "adapters": {
+            "base": rel(run.base_epoch(cfg.train.epochs)),
+            **{f"expert-{c:02d}": rel(run.expert(c)) for c in range(C)},
+        },
         "epoch_checkpoints": [rel(run.base_epoch(e)) for e in range(1, cfg.train.epochs + 1)],
         "epoch_weights": epoch_weights(cfg, run),
-        "projector": ProjectorSpec(kind=cfg.gradients.projector, d_in=d_in, d_proj=cfg.gradients.d_proj,
-                                   seed=cfg.gradients.projector_seed).to_dict(),
+        "projector": ProjectorSpec(
+            kind=cfg.gradients.projector, d_in=d_in, d_proj=cfg.gradients.d_proj, seed=cfg.gradients.projector_seed
+        ).to_dict(),
         "parameter_layout": layout,
         "centroids": rel(run.clusters_file("centroids.safetensors")),
         "num_clusters": C,
@@ -68,13 +71,17 @@ def load_bundle(run_dir: str | Path) -> tuple[Path, dict]:
         raise BundleError(f"no bundle.json in {root}: run jobs/full_pipeline.py until the experts stage")
     bundle = json.loads(path.read_text())
     if bundle.get("format_version") != BUNDLE_FORMAT_VERSION:
-        raise BundleError(f"{path}: format_version {bundle.get('format_version')} is not "
-                          f"{BUNDLE_FORMAT_VERSION}, the one this version serves")
+        raise BundleError(
+            f"{path}: format_version {bundle.get('format_version')} is not "
+            f"{BUNDLE_FORMAT_VERSION}, the one this version serves"
+        )
     router = [bundle["router"]] if "router" in bundle else []
     for p in [*bundle["adapters"].values(), *bundle["epoch_checkpoints"], bundle["centroids"], *router]:
         if not (root / p).exists():
             raise BundleError(f"{path} lists {p}, which does not exist under {root}")
     if bundle["routing"].get("method", "gradient") == "distilled" and not router:
-        raise BundleError(f"{path}: routing.method is distilled but the bundle has no router; rerun "
-                          "jobs/full_pipeline.py with routing.method=distilled so the router stage trains it")
+        raise BundleError(
+            f"{path}: routing.method is distilled but the bundle has no router; rerun "
+            "jobs/full_pipeline.py with routing.method=distilled so the router stage trains it"
+        )
     return root, bundle

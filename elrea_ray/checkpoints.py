@@ -48,8 +48,9 @@ def _write_atomic(path: Path, write) -> None:
     os.replace(tmp, path)
 
 
-def save_epoch_checkpoint(folder: str | Path, peft_model, optimizer: torch.optim.Adam, step: int,
-                          lr: float, mean_lr: float, epoch: int) -> None:
+def save_epoch_checkpoint(
+    folder: str | Path, peft_model, optimizer: torch.optim.Adam, step: int, lr: float, mean_lr: float, epoch: int
+) -> None:
     """Write the adapter, its Adam moments (by parameter name) and the optimizer scalars.
 
     `step` is the number of optimizer steps taken, `lr` the learning rate now and `mean_lr` the
@@ -79,8 +80,15 @@ def save_epoch_checkpoint(folder: str | Path, peft_model, optimizer: torch.optim
             tensors[f"{key}/{name}"] = t.detach().to("cpu", torch.float32).contiguous().clone()
     group = optimizer.param_groups[0]
     beta1, beta2 = group["betas"]
-    meta = {"step": int(step), "lr": float(lr), "mean_lr": float(mean_lr), "epoch": int(epoch),
-            "beta1": float(beta1), "beta2": float(beta2), "eps": float(group["eps"])}
+    meta = {
+        "step": int(step),
+        "lr": float(lr),
+        "mean_lr": float(mean_lr),
+        "epoch": int(epoch),
+        "beta1": float(beta1),
+        "beta2": float(beta2),
+        "eps": float(group["eps"]),
+    }
     model.save_pretrained(str(folder), selected_adapters=["default"])
     _write_atomic(folder / ADAM_FILE, lambda p: save_file(tensors, str(p)))
     _write_atomic(folder / STATE_FILE, lambda p: p.write_text(json.dumps(meta, indent=2) + "\n"))
@@ -128,8 +136,18 @@ def load_adam_state(folder: str | Path) -> AdamState:
     exp_avg = {k.split("/", 1)[1]: v.float() for k, v in tensors.items() if k.startswith("exp_avg/")}
     exp_avg_sq = {k.split("/", 1)[1]: v.float() for k, v in tensors.items() if k.startswith("exp_avg_sq/")}
     if not exp_avg or set(exp_avg) != set(exp_avg_sq):
-        raise ValueError(f"epoch checkpoint {folder}: {ADAM_FILE} must hold exp_avg/<name> and "
-                         f"exp_avg_sq/<name> for the same non-empty set of parameters")
-    return AdamState(step=int(meta["step"]), lr=float(meta["lr"]), mean_lr=float(meta["mean_lr"]),
-                     epoch=int(meta["epoch"]), beta1=float(meta["beta1"]), beta2=float(meta["beta2"]),
-                     eps=float(meta["eps"]), exp_avg=exp_avg, exp_avg_sq=exp_avg_sq)
+        raise ValueError(
+            f"epoch checkpoint {folder}: {ADAM_FILE} must hold exp_avg/<name> and "
+            f"exp_avg_sq/<name> for the same non-empty set of parameters"
+        )
+    return AdamState(
+        step=int(meta["step"]),
+        lr=float(meta["lr"]),
+        mean_lr=float(meta["mean_lr"]),
+        epoch=int(meta["epoch"]),
+        beta1=float(meta["beta1"]),
+        beta2=float(meta["beta2"]),
+        eps=float(meta["eps"]),
+        exp_avg=exp_avg,
+        exp_avg_sq=exp_avg_sq,
+    )

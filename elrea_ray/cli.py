@@ -76,8 +76,7 @@ def config_sections() -> str:
 def _config_args(p: argparse.ArgumentParser, shorthand: tuple[str, str] | None = None) -> None:
     """--config, the overrides and, e.g. ("--run-dir", "run.run_dir"), a shorthand flag for one key."""
     default = str(DEFAULT_CONFIG) if DEFAULT_CONFIG.is_file() else None
-    p.add_argument("--config", default=default,
-                   help="YAML config (default: %(default)s; none: the paper's settings)")
+    p.add_argument("--config", default=default, help="YAML config (default: %(default)s; none: the paper's settings)")
     if shorthand:
         p.add_argument(shorthand[0], dest="shorthand", metavar="DIR", help=f"shorthand for {shorthand[1]}=DIR")
     p.add_argument("overrides", nargs="*", help="section.key=value overrides, e.g. experts.lr=1e-4")
@@ -102,8 +101,9 @@ def cmd_run(args) -> int:
     if not args.ray_logs:
         quiet_ray(args.quiet)
     if not args.quiet and not args.ray_logs:
-        print("Ray's own worker output goes to its session logs (`ray logs`, the dashboard); "
-              "--ray-logs streams it here")
+        print(
+            "Ray's own worker output goes to its session logs (`ray logs`, the dashboard); --ray-logs streams it here"
+        )
     log = (lambda line: None) if args.quiet else print  # errors still reach stderr (they are exceptions)
     if cfg.eval.seeds:  # one whole run per seed, then the pooled table
         from elrea_ray.seeds import run_seeds
@@ -182,8 +182,10 @@ def cmd_serve(args) -> int:
 
             raise CommandError(API_KEY_MOVED)
         if not sep or key not in AppArgs.model_fields or key == "run_dir":
-            raise CommandError(f"app argument {item!r} must be key=value with key one of "
-                               f"{sorted(set(AppArgs.model_fields) - {'run_dir'})}")
+            raise CommandError(
+                f"app argument {item!r} must be key=value with key one of "
+                f"{sorted(set(AppArgs.model_fields) - {'run_dir'})}"
+            )
         app_args[key] = value
     from elrea_ray import storage
 
@@ -214,24 +216,35 @@ class CommandError(Exception):
 
 
 def parser() -> argparse.ArgumentParser:
-    top = argparse.ArgumentParser(prog="elrea-ray", description=__doc__.split("\n")[0],
-                                  epilog=config_sections(), formatter_class=argparse.RawDescriptionHelpFormatter)
+    top = argparse.ArgumentParser(
+        prog="elrea-ray",
+        description=__doc__.split("\n")[0],
+        epilog=config_sections(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     sub = top.add_subparsers(dest="command", required=True, metavar="COMMAND")
     kw = {"epilog": config_sections(), "formatter_class": argparse.RawDescriptionHelpFormatter}
 
     p = sub.add_parser("run", help="run (or resume) the whole pipeline", **kw)
     _config_args(p, ("--run-dir", "run.run_dir"))
-    p.add_argument("--quiet", action="store_true",
-                   help="print only errors and where the results are (no stage or progress lines)")
-    p.add_argument("--ray-logs", action="store_true",
-                   help="also stream Ray's own output here (worker lines, Ray Data progress bars)")
+    p.add_argument(
+        "--quiet", action="store_true", help="print only errors and where the results are (no stage or progress lines)"
+    )
+    p.add_argument(
+        "--ray-logs",
+        action="store_true",
+        help="also stream Ray's own output here (worker lines, Ray Data progress bars)",
+    )
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("sweep", help="Ray Tune sweep over clusters, learning rates, routing", **kw)
     _config_args(p, ("--sweep-dir", "sweep.dir"))
-    p.add_argument("--from-run", metavar="RUN_DIR",
-                   help="reuse a finished local pipeline run: trials whose settings match its stages "
-                        "0-2 (and clusters/experts) start from hard-linked copies of them")
+    p.add_argument(
+        "--from-run",
+        metavar="RUN_DIR",
+        help="reuse a finished local pipeline run: trials whose settings match its stages "
+        "0-2 (and clusters/experts) start from hard-linked copies of them",
+    )
     p.set_defaults(func=cmd_sweep)
 
     p = sub.add_parser("report", help="rebuild a run's evaluation report from its artifacts")
@@ -240,27 +253,40 @@ def parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("serve", help="serve a run's routed ensemble as an OpenAI-compatible endpoint")
     p.add_argument("run_dir", metavar="RUN_DIR", help="a finished run directory (local or s3://)")
-    p.add_argument("app_args", nargs="*", metavar="KEY=VALUE",
-                   help="app arguments of serve_apps.elrea_app.AppArgs, e.g. max_batch_size=16 api_key_file=...")
+    p.add_argument(
+        "app_args",
+        nargs="*",
+        metavar="KEY=VALUE",
+        help="app arguments of serve_apps.elrea_app.AppArgs, e.g. max_batch_size=16 api_key_file=...",
+    )
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--address",
-                   help="Ray cluster to join (default: RAY_ADDRESS, a local `ray start`, or a new local Ray)")
+    p.add_argument(
+        "--address", help="Ray cluster to join (default: RAY_ADDRESS, a local `ray start`, or a new local Ray)"
+    )
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("export", help="write a run's adapters as plain PEFT folders or vLLM's multi-LoRA layout")
     p.add_argument("run_dir", metavar="RUN_DIR", help="a finished run directory (local or s3://)")
-    p.add_argument("--format", choices=("peft", "vllm"), default="peft",
-                   help="peft: adapters/<name>/ + routing/ (centroids, epoch checkpoints, routing.json); "
-                        "vllm: <name>/ folders + lora_modules.json")
+    p.add_argument(
+        "--format",
+        choices=("peft", "vllm"),
+        default="peft",
+        help="peft: adapters/<name>/ + routing/ (centroids, epoch checkpoints, routing.json); "
+        "vllm: <name>/ folders + lora_modules.json",
+    )
     p.add_argument("--out", required=True, metavar="DIR", help="a new (or empty) folder")
-    p.add_argument("--base-model", metavar="NAME",
-                   help="base_model_name_or_path written into the adapters (default: the run's backbone)")
+    p.add_argument(
+        "--base-model",
+        metavar="NAME",
+        help="base_model_name_or_path written into the adapters (default: the run's backbone)",
+    )
     p.add_argument("--push-to-hub", metavar="REPO", help="also upload the folder to this Hugging Face repo")
     p.set_defaults(func=cmd_export)
 
-    p = sub.add_parser("validate-config", help="load and check a config; print the resolved values and stage keys",
-                       **kw)
+    p = sub.add_parser(
+        "validate-config", help="load and check a config; print the resolved values and stage keys", **kw
+    )
     _config_args(p)
     p.set_defaults(func=cmd_validate_config)
     return top

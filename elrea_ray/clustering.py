@@ -76,9 +76,9 @@ def normalized_centroids(X: np.ndarray, labels: np.ndarray, num_clusters: int) -
 def assign(X: np.ndarray, centroids: np.ndarray, chunk: int = 65536) -> np.ndarray:
     """[N] int64: index of the centroid of highest cosine for each row of X [N, d]."""
     X, centroids = np.asarray(X, dtype=np.float32), np.asarray(centroids, dtype=np.float32)
-    return np.concatenate(
-        [np.argmax(X[i : i + chunk] @ centroids.T, axis=1) for i in range(0, len(X), chunk)]
-    ).astype(np.int64)
+    return np.concatenate([np.argmax(X[i : i + chunk] @ centroids.T, axis=1) for i in range(0, len(X), chunk)]).astype(
+        np.int64
+    )
 
 
 def birch_threshold(X: np.ndarray, seed: int = 0, quantile: float = 0.1, sample: int = 2000) -> float:
@@ -138,9 +138,7 @@ def _merge_small(X: np.ndarray, labels: np.ndarray, min_cluster_size: int) -> tu
         labels = np.where(labels > c, labels - 1, labels)  # keep ids contiguous
 
 
-def _result(
-    X: np.ndarray, labels: np.ndarray, rounds: list[dict], threshold: float | None
-) -> ClusteringResult:
+def _result(X: np.ndarray, labels: np.ndarray, rounds: list[dict], threshold: float | None) -> ClusteringResult:
     labels = _by_size(labels)
     sizes = np.bincount(labels)
     return ClusteringResult(
@@ -180,8 +178,9 @@ def balanced_birch(
     "part_sizes"}]}, with the cluster ids of that moment.
     """
     X = _unit_rows(X)
-    _check_birch_args(part_cap, initial_clusters, max_iterations, min_cluster_size, branching_factor,
-                      max_ratio, threshold)
+    _check_birch_args(
+        part_cap, initial_clusters, max_iterations, min_cluster_size, branching_factor, max_ratio, threshold
+    )
     threshold = birch_threshold(X, seed) if threshold is None else float(threshold)
 
     labels = _birch(X, initial_clusters, threshold, branching_factor)
@@ -197,24 +196,42 @@ def balanced_birch(
         cap = initial_clusters - round_no if part_cap == "decreasing" else initial_clusters
         splits = _split_oversized(X, labels, oversized, smallest, cap, threshold, branching_factor)
         if merges or splits:
-            rounds.append({"round": round_no, "sizes_before": [int(s) for s in sizes], "smallest": smallest,
-                           "merged": merges, "split": splits})
+            rounds.append(
+                {
+                    "round": round_no,
+                    "sizes_before": [int(s) for s in sizes],
+                    "smallest": smallest,
+                    "merged": merges,
+                    "split": splits,
+                }
+            )
         if not any(len(s["part_sizes"]) > 1 for s in splits):
             break  # balanced, or no oversized cluster could be split
     labels, merges = _merge_small(X, _by_size(labels), min_cluster_size)
     if merges:
-        rounds.append({"round": "final", "sizes_before": [int(s) for s in np.bincount(labels)],
-                       "merged": merges, "split": []})
+        rounds.append(
+            {"round": "final", "sizes_before": [int(s) for s in np.bincount(labels)], "merged": merges, "split": []}
+        )
     return _result(X, labels, rounds, threshold)
 
 
-def _check_birch_args(part_cap: str, initial_clusters: int, max_iterations: int, min_cluster_size: int,
-                      branching_factor: int, max_ratio: float, threshold: float | None) -> None:
+def _check_birch_args(
+    part_cap: str,
+    initial_clusters: int,
+    max_iterations: int,
+    min_cluster_size: int,
+    branching_factor: int,
+    max_ratio: float,
+    threshold: float | None,
+) -> None:
     if part_cap not in PART_CAPS:
         raise ValueError(f"balanced_birch: part_cap must be one of {', '.join(PART_CAPS)}, got {part_cap!r}")
-    for name, value, low in (("initial_clusters", initial_clusters, 1), ("max_iterations", max_iterations, 1),
-                             ("min_cluster_size", min_cluster_size, 1),
-                             ("branching_factor", branching_factor, 2)):
+    for name, value, low in (
+        ("initial_clusters", initial_clusters, 1),
+        ("max_iterations", max_iterations, 1),
+        ("min_cluster_size", min_cluster_size, 1),
+        ("branching_factor", branching_factor, 2),
+    ):
         if value < low:
             raise ValueError(f"balanced_birch: {name} must be >= {low}, got {value}")
     if max_ratio < 1.0:
@@ -223,8 +240,15 @@ def _check_birch_args(part_cap: str, initial_clusters: int, max_iterations: int,
         raise ValueError(f"balanced_birch: threshold must be > 0 or None, got {threshold}")
 
 
-def _split_oversized(X: np.ndarray, labels: np.ndarray, oversized: list[int], smallest: int, cap: int,
-                     threshold: float, branching_factor: int) -> list[dict]:
+def _split_oversized(
+    X: np.ndarray,
+    labels: np.ndarray,
+    oversized: list[int],
+    smallest: int,
+    cap: int,
+    threshold: float,
+    branching_factor: int,
+) -> list[dict]:
     """One re-split round in place on `labels`: each oversized cluster into
     min(ceil(size / smallest), cap) BIRCH parts (part 0 keeps its id, the others get new ids)."""
     sizes = np.bincount(labels)
@@ -238,8 +262,9 @@ def _split_oversized(X: np.ndarray, labels: np.ndarray, oversized: list[int], sm
         for part in range(1, sub.max() + 1):
             labels[members[sub == part]] = next_id
             next_id += 1
-        splits.append({"cluster": c, "size": int(sizes[c]), "parts": parts,
-                       "part_sizes": [int(s) for s in np.bincount(sub)]})
+        splits.append(
+            {"cluster": c, "size": int(sizes[c]), "parts": parts, "part_sizes": [int(s) for s in np.bincount(sub)]}
+        )
     return splits
 
 
@@ -332,8 +357,7 @@ def cluster_source_report(labels: np.ndarray, sources: np.ndarray | list) -> dic
     """
     labels, sources = np.asarray(labels), np.asarray(sources)
     if labels.shape != sources.shape or labels.ndim != 1:
-        raise ValueError(
-            f"labels and sources must be 1-D of equal length, got {labels.shape} and {sources.shape}")
+        raise ValueError(f"labels and sources must be 1-D of equal length, got {labels.shape} and {sources.shape}")
     counts: dict[int, dict] = {}
     for c in np.unique(labels):
         src, n = np.unique(sources[labels == c], return_counts=True)

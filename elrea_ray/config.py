@@ -58,8 +58,12 @@ class RunConfig(Section):
         _check(bool(self.run_dir), f"{p}.run_dir", "a non-empty path or URI", self.run_dir)
         scheme = self.run_dir.split("://", 1)[0] if "://" in self.run_dir else None
         _check(scheme in (None, "s3"), f"{p}.run_dir", "a local path or an s3:// URI", self.run_dir)
-        _check(self.local_dir is None or scheme is not None, f"{p}.local_dir",
-               "unset (null) when run.run_dir is a local path", self.local_dir)
+        _check(
+            self.local_dir is None or scheme is not None,
+            f"{p}.local_dir",
+            "unset (null) when run.run_dir is a local path",
+            self.local_dir,
+        )
 
 
 @dataclass(frozen=True)
@@ -107,26 +111,53 @@ class ModelConfig(Section):
     attn_implementation: str = "sdpa"
 
     def validate(self, p: str) -> None:
-        _check(self.attn_implementation in ATTN_IMPLEMENTATIONS, f"{p}.attn_implementation",
-               "one of " + ", ".join(ATTN_IMPLEMENTATIONS), self.attn_implementation)
+        _check(
+            self.attn_implementation in ATTN_IMPLEMENTATIONS,
+            f"{p}.attn_implementation",
+            "one of " + ", ".join(ATTN_IMPLEMENTATIONS),
+            self.attn_implementation,
+        )
         if self.attn_implementation == "flash_attention_2":
             import importlib.util
 
-            _check(importlib.util.find_spec("flash_attn") is not None, f"{p}.attn_implementation",
-                   "sdpa or eager when the flash_attn package is not installed "
-                   "(pip install flash-attn for flash_attention_2)", self.attn_implementation)
-        _check(isinstance(self.gradient_checkpointing, bool), f"{p}.gradient_checkpointing",
-               "true or false", self.gradient_checkpointing)
-        _check(self.dtype in ("auto", "float32", "bfloat16", "float16"), f"{p}.dtype",
-               "one of auto, float32, bfloat16, float16", self.dtype)
+            _check(
+                importlib.util.find_spec("flash_attn") is not None,
+                f"{p}.attn_implementation",
+                "sdpa or eager when the flash_attn package is not installed "
+                "(pip install flash-attn for flash_attention_2)",
+                self.attn_implementation,
+            )
+        _check(
+            isinstance(self.gradient_checkpointing, bool),
+            f"{p}.gradient_checkpointing",
+            "true or false",
+            self.gradient_checkpointing,
+        )
+        _check(
+            self.dtype in ("auto", "float32", "bfloat16", "float16"),
+            f"{p}.dtype",
+            "one of auto, float32, bfloat16, float16",
+            self.dtype,
+        )
         _check(self.max_length >= 8, f"{p}.max_length", ">= 8", self.max_length)
         _check(self.lora_r >= 1, f"{p}.lora_r", ">= 1", self.lora_r)
         _check(self.lora_alpha > 0, f"{p}.lora_alpha", "> 0", self.lora_alpha)
         _check(0.0 <= self.lora_dropout < 1.0, f"{p}.lora_dropout", "in [0, 1)", self.lora_dropout)
 
 
-DATA_FORMATS = ("auto", "instruction", "alpaca", "messages", "prompt_completion", "question_answer",
-                "math", "multiple_choice", "bbh", "svamp", "mathqa")
+DATA_FORMATS = (
+    "auto",
+    "instruction",
+    "alpaca",
+    "messages",
+    "prompt_completion",
+    "question_answer",
+    "math",
+    "multiple_choice",
+    "bbh",
+    "svamp",
+    "mathqa",
+)
 
 
 HUB_KEYS = ("path", "name", "split", "source", "use_for")
@@ -169,8 +200,12 @@ class DataConfig(Section):
     bigbench_archive: str = ""  # a local bigbench-1.0.0.tar.gz to read instead of fetching it
 
     def validate(self, p: str) -> None:
-        _check(self.kind in ("reasoning_gym", "files", "bigbench"), f"{p}.kind",
-               "reasoning_gym, files or bigbench", self.kind)
+        _check(
+            self.kind in ("reasoning_gym", "files", "bigbench"),
+            f"{p}.kind",
+            "reasoning_gym, files or bigbench",
+            self.kind,
+        )
         from elrea_ray.scorers import BENCHMARKS
 
         _check(self.format in DATA_FORMATS, f"{p}.format", "one of " + ", ".join(DATA_FORMATS), self.format)
@@ -186,25 +221,38 @@ class DataConfig(Section):
         if self.kind == "bigbench":
             _check(len(self.tasks) >= 1, f"{p}.tasks", "a non-empty list of BIG-bench task names", self.tasks)
             for t in self.tasks:
-                _check(isinstance(t, str) and re.fullmatch(r"[a-z0-9_]+(:[a-z0-9_]+)?", t) is not None,
-                       f"{p}.tasks", "BIG-bench task names like navigate or logical_deduction:three_objects", t)
+                _check(
+                    isinstance(t, str) and re.fullmatch(r"[a-z0-9_]+(:[a-z0-9_]+)?", t) is not None,
+                    f"{p}.tasks",
+                    "BIG-bench task names like navigate or logical_deduction:three_objects",
+                    t,
+                )
             _check(len(set(self.tasks)) == len(self.tasks), f"{p}.tasks", "distinct task names", self.tasks)
         for i, h in enumerate(self.hub):
             unknown = sorted(set(h) - set(HUB_KEYS))
             _check(not unknown, f"{p}.hub[{i}]", "a mapping with keys " + ", ".join(HUB_KEYS), unknown)
             _check(bool(h.get("path")), f"{p}.hub[{i}].path", "a Hub dataset id or local folder", h.get("path"))
-            _check(bool(h.get("split")), f"{p}.hub[{i}].split", "the dataset split to read, e.g. train",
-                   h.get("split"))
-            _check(h.get("use_for", "train") in ("train", "validation", "test"), f"{p}.hub[{i}].use_for",
-                   "train, validation or test", h.get("use_for"))
+            _check(bool(h.get("split")), f"{p}.hub[{i}].split", "the dataset split to read, e.g. train", h.get("split"))
+            _check(
+                h.get("use_for", "train") in ("train", "validation", "test"),
+                f"{p}.hub[{i}].use_for",
+                "train, validation or test",
+                h.get("use_for"),
+            )
         if self.kind == "files":
             used = {h.get("use_for", "train") for h in self.hub}
-            _check(len(self.train_files) >= 1 or "train" in used, f"{p}.train_files",
-                   "at least one file (or a data.hub entry with use_for: train) when kind=files",
-                   self.train_files)
-            _check(len(self.test_files) >= 1 or "test" in used, f"{p}.test_files",
-                   "at least one file (or a data.hub entry with use_for: test) when kind=files",
-                   self.test_files)
+            _check(
+                len(self.train_files) >= 1 or "train" in used,
+                f"{p}.train_files",
+                "at least one file (or a data.hub entry with use_for: train) when kind=files",
+                self.train_files,
+            )
+            _check(
+                len(self.test_files) >= 1 or "test" in used,
+                f"{p}.test_files",
+                "at least one file (or a data.hub entry with use_for: test) when kind=files",
+                self.test_files,
+            )
 
 
 @dataclass(frozen=True)
@@ -234,17 +282,20 @@ class TrainConfig(Section):
         _check(self.lr > 0, f"{p}.lr", "> 0", self.lr)
         _check(self.batch_size >= 1, f"{p}.batch_size", ">= 1", self.batch_size)
         _check(self.micro_batch_size >= 1, f"{p}.micro_batch_size", ">= 1", self.micro_batch_size)
-        _check(self.batch_size % (self.micro_batch_size * self.num_workers) == 0 or
-               self.micro_batch_size * self.num_workers >= self.batch_size,
-               f"{p}.batch_size", "a multiple of micro_batch_size x num_workers", self.batch_size)
+        _check(
+            self.batch_size % (self.micro_batch_size * self.num_workers) == 0
+            or self.micro_batch_size * self.num_workers >= self.batch_size,
+            f"{p}.batch_size",
+            "a multiple of micro_batch_size x num_workers",
+            self.batch_size,
+        )
         _check(0.0 <= self.warmup_ratio < 1.0, f"{p}.warmup_ratio", "in [0, 1)", self.warmup_ratio)
         _check(0.0 <= self.adam_beta1 < 1.0, f"{p}.adam_beta1", "in [0, 1)", self.adam_beta1)
         _check(0.0 <= self.adam_beta2 < 1.0, f"{p}.adam_beta2", "in [0, 1)", self.adam_beta2)
         _check(self.adam_eps > 0, f"{p}.adam_eps", "> 0", self.adam_eps)
         _check(self.num_workers >= 1, f"{p}.num_workers", ">= 1", self.num_workers)
         _check(self.cpus_per_worker > 0, f"{p}.cpus_per_worker", "> 0", self.cpus_per_worker)
-        _check(self.checkpoint_every_steps >= 1, f"{p}.checkpoint_every_steps", ">= 1",
-               self.checkpoint_every_steps)
+        _check(self.checkpoint_every_steps >= 1, f"{p}.checkpoint_every_steps", ">= 1", self.checkpoint_every_steps)
         _check(self.logging_steps >= 1, f"{p}.logging_steps", ">= 1", self.logging_steps)
         _check(self.max_failures >= 0, f"{p}.max_failures", ">= 0", self.max_failures)
 
@@ -266,14 +317,26 @@ class GradientConfig(Section):
 
     def validate(self, p: str) -> None:
         _check(self.d_proj >= 2, f"{p}.d_proj", ">= 2", self.d_proj)
-        _check(self.projector in ("countsketch", "sparse_jl", "rademacher"), f"{p}.projector",
-               "countsketch, sparse_jl or rademacher", self.projector)
+        _check(
+            self.projector in ("countsketch", "sparse_jl", "rademacher"),
+            f"{p}.projector",
+            "countsketch, sparse_jl or rademacher",
+            self.projector,
+        )
         if isinstance(self.epoch_weights, str):
-            _check(self.epoch_weights in ("mean_lr", "equal"), f"{p}.epoch_weights",
-                   "mean_lr, equal or a list of numbers", self.epoch_weights)
+            _check(
+                self.epoch_weights in ("mean_lr", "equal"),
+                f"{p}.epoch_weights",
+                "mean_lr, equal or a list of numbers",
+                self.epoch_weights,
+            )
         else:
-            _check(all(w >= 0 for w in self.epoch_weights) and sum(self.epoch_weights) > 0,
-                   f"{p}.epoch_weights", "non-negative numbers with a positive sum", self.epoch_weights)
+            _check(
+                all(w >= 0 for w in self.epoch_weights) and sum(self.epoch_weights) > 0,
+                f"{p}.epoch_weights",
+                "non-negative numbers with a positive sum",
+                self.epoch_weights,
+            )
         _check(self.batch_size >= 1, f"{p}.batch_size", ">= 1", self.batch_size)
         _check(self.num_actors >= 1, f"{p}.num_actors", ">= 1", self.num_actors)
         _check(self.cpus_per_actor > 0, f"{p}.cpus_per_actor", "> 0", self.cpus_per_actor)
@@ -304,17 +367,19 @@ class ClusteringConfig(Section):
     pca_dim: int = 256
 
     def validate(self, p: str) -> None:
-        _check(self.method in ("balanced_birch", "kmeans"), f"{p}.method", "balanced_birch or kmeans",
-               self.method)
+        _check(self.method in ("balanced_birch", "kmeans"), f"{p}.method", "balanced_birch or kmeans", self.method)
         _check(self.initial_clusters >= 1, f"{p}.initial_clusters", ">= 1", self.initial_clusters)
         _check(self.fit_sample >= 2, f"{p}.fit_sample", ">= 2", self.fit_sample)
         _check(self.max_ratio >= 1.0, f"{p}.max_ratio", ">= 1", self.max_ratio)
-        _check(self.max_iterations >= 1, f"{p}.max_iterations", ">= 1 (the first BIRCH fit counts as 1)",
-               self.max_iterations)
+        _check(
+            self.max_iterations >= 1,
+            f"{p}.max_iterations",
+            ">= 1 (the first BIRCH fit counts as 1)",
+            self.max_iterations,
+        )
         _check(self.part_cap in ("decreasing", "initial"), f"{p}.part_cap", "decreasing or initial", self.part_cap)
         _check(self.min_cluster_size >= 1, f"{p}.min_cluster_size", ">= 1", self.min_cluster_size)
-        _check(self.threshold is None or self.threshold > 0, f"{p}.threshold", "> 0 or null",
-               self.threshold)
+        _check(self.threshold is None or self.threshold > 0, f"{p}.threshold", "> 0 or null", self.threshold)
         _check(self.pca_dim >= 1, f"{p}.pca_dim", ">= 1", self.pca_dim)
 
 
@@ -339,8 +404,7 @@ class ExpertConfig(Section):
         _check(self.num_workers >= 1, f"{p}.num_workers", ">= 1", self.num_workers)
         _check(self.cpus_per_worker > 0, f"{p}.cpus_per_worker", "> 0", self.cpus_per_worker)
         g = self.gpus_per_worker
-        _check(g > 0 and (g <= 1 or g == int(g)), f"{p}.gpus_per_worker",
-               "a fraction in (0, 1] or a whole number", g)
+        _check(g > 0 and (g <= 1 or g == int(g)), f"{p}.gpus_per_worker", "a fraction in (0, 1] or a whole number", g)
 
 
 ROUTING_METHODS = ("gradient", "distilled")
@@ -386,8 +450,19 @@ class RoutingConfig(Section):
 # mix for as many more optimiser steps as the experts took together, with the experts' recipe
 # (not in the paper). elrea_distilled: the ensemble with the distilled router's weights
 # (routing.method; not in the paper).
-EVAL_METHODS = ("backbone", "base", "elrea", "uniform", "moe_merge", "random_clusters", "dataset", "embedding",
-                "pca", "base_continued", "elrea_distilled")
+EVAL_METHODS = (
+    "backbone",
+    "base",
+    "elrea",
+    "uniform",
+    "moe_merge",
+    "random_clusters",
+    "dataset",
+    "embedding",
+    "pca",
+    "base_continued",
+    "elrea_distilled",
+)
 
 
 def top_k_of(method: str) -> int | None:
@@ -420,14 +495,22 @@ class EvalConfig(Section):
 
     def validate(self, p: str) -> None:
         for m in self.methods:
-            _check(m in EVAL_METHODS or top_k_of(m) is not None, f"{p}.methods",
-                   f"a list drawn from {', '.join(EVAL_METHODS)} or top<k> (e.g. top3)", m)
+            _check(
+                m in EVAL_METHODS or top_k_of(m) is not None,
+                f"{p}.methods",
+                f"a list drawn from {', '.join(EVAL_METHODS)} or top<k> (e.g. top3)",
+                m,
+            )
         _check(self.max_new_tokens >= 1, f"{p}.max_new_tokens", ">= 1", self.max_new_tokens)
         _check(self.batch_size >= 1, f"{p}.batch_size", ">= 1", self.batch_size)
         _check(self.num_actors >= 1, f"{p}.num_actors", ">= 1", self.num_actors)
         _check(self.bootstrap >= 0, f"{p}.bootstrap", ">= 0", self.bootstrap)
-        _check(all(isinstance(s, int) and s >= 0 for s in self.seeds) and len(set(self.seeds)) == len(self.seeds),
-               f"{p}.seeds", "distinct integers >= 0 (e.g. [0, 1, 2]), or [] for one run", list(self.seeds))
+        _check(
+            all(isinstance(s, int) and s >= 0 for s in self.seeds) and len(set(self.seeds)) == len(self.seeds),
+            f"{p}.seeds",
+            "distinct integers >= 0 (e.g. [0, 1, 2]), or [] for one run",
+            list(self.seeds),
+        )
 
 
 @dataclass(frozen=True)
@@ -464,10 +547,18 @@ class SweepConfig(Section):
                 _check(v > 0, f"{p}.{n}", "a list of numbers > 0", getattr(self, n))
         for v in self.top_k:
             _check(v is None or v >= 1, f"{p}.top_k", "a list of integers >= 1 or null", self.top_k)
-        _check(self.metric in ("elrea", "uniform", "top1", "base"), f"{p}.metric",
-               "one of elrea, uniform, top1, base", self.metric)
-        _check(self.max_concurrent_trials is None or self.max_concurrent_trials >= 1,
-               f"{p}.max_concurrent_trials", ">= 1 or null", self.max_concurrent_trials)
+        _check(
+            self.metric in ("elrea", "uniform", "top1", "base"),
+            f"{p}.metric",
+            "one of elrea, uniform, top1, base",
+            self.metric,
+        )
+        _check(
+            self.max_concurrent_trials is None or self.max_concurrent_trials >= 1,
+            f"{p}.max_concurrent_trials",
+            ">= 1 or null",
+            self.max_concurrent_trials,
+        )
         _check(0 < self.cpus_per_trial <= 1, f"{p}.cpus_per_trial", "in (0, 1]", self.cpus_per_trial)
 
 
@@ -492,13 +583,21 @@ class TrackingConfig(Section):
         if self.backend == "mlflow":
             import importlib.util
 
-            _check(importlib.util.find_spec("mlflow") is not None, f"{p}.backend",
-                   "mlflow installed (pip install 'elrea-ray[tracking]')", self.backend)
+            _check(
+                importlib.util.find_spec("mlflow") is not None,
+                f"{p}.backend",
+                "mlflow installed (pip install 'elrea-ray[tracking]')",
+                self.backend,
+            )
         if self.backend == "wandb":
             import importlib.util
 
-            _check(importlib.util.find_spec("wandb") is not None, f"{p}.backend",
-                   "wandb installed (pip install 'elrea-ray[wandb]')", self.backend)
+            _check(
+                importlib.util.find_spec("wandb") is not None,
+                f"{p}.backend",
+                "wandb installed (pip install 'elrea-ray[wandb]')",
+                self.backend,
+            )
         _check(bool(self.project.strip()), f"{p}.project", "a non-empty name", self.project)
 
 
@@ -559,8 +658,7 @@ def _coerce(value: Any, tp: Any, name: str) -> Any:
     if origin is dict:
         if not isinstance(value, dict):
             raise ConfigError(f"{name} must be a mapping, got {value!r}")
-        return {_coerce(k, args[0], f"{name} key"): _coerce(v, args[1], f"{name}[{k}]")
-                for k, v in value.items()}
+        return {_coerce(k, args[0], f"{name} key"): _coerce(v, args[1], f"{name}[{k}]") for k, v in value.items()}
     if origin is tuple:
         if isinstance(value, str):
             value = [value]
@@ -592,8 +690,10 @@ def _coerce(value: Any, tp: Any, name: str) -> Any:
 
 
 # Keys that were renamed, and what to write instead.
-RENAMED = {"clustering.max_rounds": "use clustering.max_iterations, which counts the first BIRCH fit as "
-                                    "iteration 1 (max_rounds: N re-split rounds is max_iterations: N + 1)"}
+RENAMED = {
+    "clustering.max_rounds": "use clustering.max_iterations, which counts the first BIRCH fit as "
+    "iteration 1 (max_rounds: N re-split rounds is max_iterations: N + 1)"
+}
 
 
 def from_dict(raw: dict) -> Config:

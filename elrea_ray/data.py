@@ -38,8 +38,15 @@ SPLITS = ("train", "validation", "test")
 FORMATS = DATA_FORMATS
 # The scorer a file format implies (elrea_ray.scorers); a row's `benchmark` field or the config's
 # data.benchmarks (per source) override it. Formats absent here are scored by `scorers.score`'s generic rule.
-FORMAT_BENCHMARK = {"question_answer": "gsm8k", "math": "math", "multiple_choice": "mmlu", "bbh": "bbh",
-                    "svamp": "svamp", "mathqa": "mathqa", "messages": "less"}
+FORMAT_BENCHMARK = {
+    "question_answer": "gsm8k",
+    "math": "math",
+    "multiple_choice": "mmlu",
+    "bbh": "bbh",
+    "svamp": "svamp",
+    "mathqa": "mathqa",
+    "messages": "less",
+}
 
 # Small settings for a 135M model on CPU: short prompts (about 40-75 tokens with SmolLM2's chat
 # template), answers of a few tokens, and item spaces large enough that 500 train items leave
@@ -52,9 +59,15 @@ FORMAT_BENCHMARK = {"question_answer": "gsm8k", "math": "math", "multiple_choice
 FAMILY_CONFIGS: dict[str, dict[str, Any]] = {
     "chain_sum": {"min_terms": 3, "max_terms": 3, "min_digits": 1, "max_digits": 1},
     "products": {"min_terms": 3, "max_terms": 3, "min_digits": 1, "max_digits": 1},
-    "basic_arithmetic": {"min_terms": 2, "max_terms": 3, "min_digits": 1, "max_digits": 1,
-                         "operators": ["+", "-", "*"], "allow_parentheses": True,
-                         "allow_negation": False},
+    "basic_arithmetic": {
+        "min_terms": 2,
+        "max_terms": 3,
+        "min_digits": 1,
+        "max_digits": 1,
+        "operators": ["+", "-", "*"],
+        "allow_parentheses": True,
+        "allow_negation": False,
+    },
     "spell_backward": {"min_word_len": 3, "max_word_len": 5},
     "letter_counting": {"min_words": 3, "max_words": 5},
     "lcm": {"min_numbers": 2, "max_numbers": 2, "min_value": 2, "max_value": 40},
@@ -71,6 +84,7 @@ class DataError(ValueError):
 
 
 # -- reasoning-gym --------------------------------------------------------------------------------
+
 
 def _split_seed(seed: int, split: str, family: str) -> int:
     """A seed per (seed, split, family). reasoning-gym items are Random(seed + idx), so seeds must
@@ -106,8 +120,10 @@ def _family_config(family: str, family_config: dict | None) -> dict:
     cfg = dict(FAMILY_CONFIGS.get(family, {}) if family_config is None else family_config)
     for reserved in ("seed", "size"):
         if reserved in cfg:
-            raise DataError(f"the config of reasoning-gym family {family!r} must not set {reserved!r}; "
-                            "elrea-ray derives it from the run seed and the split size")
+            raise DataError(
+                f"the config of reasoning-gym family {family!r} must not set {reserved!r}; "
+                "elrea-ray derives it from the run seed and the split size"
+            )
     return _jsonable(cfg)
 
 
@@ -116,17 +132,26 @@ def _create_dataset(family: str, cfg: dict, size: int, seed: int):
     from reasoning_gym.factory import DATASETS
 
     if family not in DATASETS:
-        raise DataError(f"unknown reasoning-gym task family {family!r}; known families include "
-                        f"{', '.join(sorted(FAMILY_CONFIGS))} (all: reasoning_gym.factory.DATASETS)")
+        raise DataError(
+            f"unknown reasoning-gym task family {family!r}; known families include "
+            f"{', '.join(sorted(FAMILY_CONFIGS))} (all: reasoning_gym.factory.DATASETS)"
+        )
     try:
         return reasoning_gym.create_dataset(family, size=size, seed=seed, **cfg)
     except (TypeError, AssertionError, ValueError) as e:
         raise DataError(f"reasoning-gym family {family!r} rejects the config {cfg}: {e}") from e
 
 
-def reasoning_gym_rows(family: str, split: str, n: int, seed: int, family_config: dict | None = None,
-                       *, system_prompt: str | None = None,
-                       exclude_questions: set[str] | None = None) -> list[dict]:
+def reasoning_gym_rows(
+    family: str,
+    split: str,
+    n: int,
+    seed: int,
+    family_config: dict | None = None,
+    *,
+    system_prompt: str | None = None,
+    exclude_questions: set[str] | None = None,
+) -> list[dict]:
     """`n` rows of one reasoning-gym family for one split (the split and family pick the seed).
 
     family_config: the family's generator settings; None means FAMILY_CONFIGS[family] (or the
@@ -151,18 +176,19 @@ def reasoning_gym_rows(family: str, split: str, n: int, seed: int, family_config
             if question in seen:
                 continue
             seen.add(question)
-        messages = ([{"role": "system", "content": system_prompt}] if system_prompt else [])
+        messages = [{"role": "system", "content": system_prompt}] if system_prompt else []
         messages.append({"role": "user", "content": question})
         answer = str(entry["answer"])
-        rows.append({
-            "example_id": f"{split}-{family}-{len(rows):06d}",
-            "source": family,
-            "prompt": json.dumps(messages, ensure_ascii=False),
-            "response": answer,
-            "answer": answer,
-            "meta": json.dumps({"family": family, "entry": entry, "dataset_config": cfg},
-                               ensure_ascii=False),
-        })
+        rows.append(
+            {
+                "example_id": f"{split}-{family}-{len(rows):06d}",
+                "source": family,
+                "prompt": json.dumps(messages, ensure_ascii=False),
+                "response": answer,
+                "answer": answer,
+                "meta": json.dumps({"family": family, "entry": entry, "dataset_config": cfg}, ensure_ascii=False),
+            }
+        )
     return rows
 
 
@@ -173,12 +199,12 @@ _EXPECTED = {
     "instruction": "columns instruction, response (optional: system, source, answer)",
     "alpaca": "columns instruction, input, output (optional: system, source, answer)",
     "messages": "a column messages, a list of {role, content} ending with the assistant's reply "
-                "(optional: source, answer)",
+    "(optional: source, answer)",
     "prompt_completion": "columns prompt, completion (optional: system, source, answer)",
     "question_answer": "columns question, answer (GSM8K style, final answer after '####')",
     "math": "columns problem, solution (MATH style, final answer in \\boxed{})",
     "multiple_choice": "columns question, choices (a list of strings), answer (a letter or a 0-based "
-                       "index; MMLU style)",
+    "index; MMLU style)",
     "bbh": "columns input, target (BIG-Bench Hard style)",
     "svamp": "columns Body, Question, Answer (SVAMP style, the answer a number)",
     "mathqa": "columns Problem, options ('a ) 38 , b ) 27 , ...'), correct (a letter; MathQA style)",
@@ -204,14 +230,16 @@ def _check_utf8(path: Path) -> None:
                 bad = offset - pending + e.start
                 with open(path, "rb") as g:
                     line = g.read(max(bad, 0)).count(b"\n") + 1
-                raise DataError(f"{path} is not UTF-8 text (undecodable byte at line {line}); "
-                                "re-save it as UTF-8") from None
+                raise DataError(
+                    f"{path} is not UTF-8 text (undecodable byte at line {line}); re-save it as UTF-8"
+                ) from None
             offset += len(chunk)
         try:
             decoder.decode(b"", final=True)
         except UnicodeDecodeError:
-            raise DataError(f"{path} is not UTF-8 text (it ends inside a multi-byte character); "
-                            "re-save it as UTF-8") from None
+            raise DataError(
+                f"{path} is not UTF-8 text (it ends inside a multi-byte character); re-save it as UTF-8"
+            ) from None
 
 
 def _raw_records(path: Path) -> tuple[list[tuple[str, Any]], list[str]]:
@@ -220,8 +248,7 @@ def _raw_records(path: Path) -> tuple[list[tuple[str, Any]], list[str]]:
     unreadable pyarrow errors and a 0-based row; Parquet is read with pyarrow."""
     suffix = "".join(path.suffixes[-1:]).lower()
     if suffix == ".csv":
-        return _dataset_records(_load_dataset(str(path), "csv", data_files=str(path), split="train"),
-                                str(path))
+        return _dataset_records(_load_dataset(str(path), "csv", data_files=str(path), split="train"), str(path))
     if suffix == ".parquet":
         import pyarrow.parquet as pq
 
@@ -233,8 +260,7 @@ def _raw_records(path: Path) -> tuple[list[tuple[str, Any]], list[str]]:
             raise DataError(f"{path} is empty (a Parquet file with no rows)")
         return [(f"row {i + 1}", r) for i, r in enumerate(table.to_pylist())], table.column_names
     if suffix not in (".jsonl", ".ndjson", ".json"):
-        raise DataError(f"{path}: unsupported file type {suffix or '(none)'}; use .jsonl, .json, .csv or "
-                        ".parquet")
+        raise DataError(f"{path}: unsupported file type {suffix or '(none)'}; use .jsonl, .json, .csv or .parquet")
     _check_utf8(path)
     text = path.read_text(encoding="utf-8")
     if text.startswith("\ufeff"):
@@ -283,8 +309,14 @@ def _load_dataset(label: str, path: str, **kwargs):
         return datasets.load_dataset(path, **kwargs)
     except Exception as e:  # datasets raises many types (missing cache, bad split, parse errors)
         offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("", "0", "false", "False")
-        hint = (" (HF_HUB_OFFLINE is set: the dataset must already be in the local Hugging Face "
-                "cache or be a local folder)") if offline else ""
+        hint = (
+            (
+                " (HF_HUB_OFFLINE is set: the dataset must already be in the local Hugging Face "
+                "cache or be a local folder)"
+            )
+            if offline
+            else ""
+        )
         raise DataError(f"{label}: could not load with datasets: {type(e).__name__}: {e}{hint}") from e
 
 
@@ -295,8 +327,9 @@ def _dataset_records(ds, label: str) -> tuple[list[tuple[str, Any]], list[str]]:
     return [(f"row {i + 1}", r) for i, r in enumerate(ds)], list(ds.column_names)
 
 
-def hub_rows(entry: dict, fmt: str = "auto", bad_rows: str = "error",
-             system_prompt: str | None = None) -> tuple[list[dict], dict]:
+def hub_rows(
+    entry: dict, fmt: str = "auto", bad_rows: str = "error", system_prompt: str | None = None
+) -> tuple[list[dict], dict]:
     """Canonical rows of one `data.hub` entry ({path, name, split, source, use_for}) and the
     same counts as read_rows; a bad row is named by dataset, split and 1-based row."""
     path, hf_split = entry["path"], entry["split"]
@@ -304,8 +337,17 @@ def hub_rows(entry: dict, fmt: str = "auto", bad_rows: str = "error",
     ds = _load_dataset(label, path, name=entry.get("name") or None, split=hf_split)
     records, columns = _dataset_records(ds, label)
     stem = entry.get("source") or path.rstrip("/").rsplit("/", 1)[-1]
-    return _canonical_rows(records, columns, label, stem, entry.get("use_for", "train"), fmt, bad_rows,
-                           system_prompt, default_source=entry.get("source"))
+    return _canonical_rows(
+        records,
+        columns,
+        label,
+        stem,
+        entry.get("use_for", "train"),
+        fmt,
+        bad_rows,
+        system_prompt,
+        default_source=entry.get("source"),
+    )
 
 
 def _detect_format(path: Path, columns: list[str]) -> str:
@@ -330,8 +372,10 @@ def _detect_format(path: Path, columns: list[str]) -> str:
         return "mathqa"
     if "question" in cols and "answer" in cols:
         return "question_answer"
-    raise DataError(f"{path}: cannot tell the format from the columns {sorted(cols)}; expected "
-                    + "; or ".join(f"{k}: {v}" for k, v in _EXPECTED.items()))
+    raise DataError(
+        f"{path}: cannot tell the format from the columns {sorted(cols)}; expected "
+        + "; or ".join(f"{k}: {v}" for k, v in _EXPECTED.items())
+    )
 
 
 def _text(rec: dict, field: str, *, required: bool, nonempty: bool = False) -> str:
@@ -368,11 +412,9 @@ def _parse_messages(value: Any, split: str) -> tuple[list[dict], str]:
             raise _BadRow("bad_messages", f"message {k + 1} must be an object with role and content")
         role, content = m["role"], m["content"]
         if role not in _ROLES:
-            raise _BadRow("bad_messages",
-                          f"message {k + 1} has role {role!r}; expected system, user or assistant")
+            raise _BadRow("bad_messages", f"message {k + 1} has role {role!r}; expected system, user or assistant")
         if not isinstance(content, str):
-            raise _BadRow("wrong_type",
-                          f"message {k + 1} content must be a string, got {type(content).__name__}")
+            raise _BadRow("wrong_type", f"message {k + 1} content must be a string, got {type(content).__name__}")
         msgs.append({"role": role, "content": content})
     body = msgs[1:] if msgs[0]["role"] == "system" else msgs
     if not body:
@@ -380,8 +422,11 @@ def _parse_messages(value: Any, split: str) -> tuple[list[dict], str]:
     for k, m in enumerate(body):
         want = "user" if k % 2 == 0 else "assistant"
         if m["role"] != want:
-            raise _BadRow("bad_messages", f"messages must alternate user/assistant after an optional "
-                          f"leading system message; found {m['role']!r} where {want!r} belongs")
+            raise _BadRow(
+                "bad_messages",
+                f"messages must alternate user/assistant after an optional "
+                f"leading system message; found {m['role']!r} where {want!r} belongs",
+            )
         if want == "user" and not m["content"].strip():
             raise _BadRow("empty_text", "a user message is empty")
     if body[-1]["role"] == "assistant":
@@ -392,8 +437,11 @@ def _parse_messages(value: Any, split: str) -> tuple[list[dict], str]:
 
 
 # formats that are one user turn and one response, by (instruction field, response field)
-_SIMPLE_FIELDS = {"instruction": ("instruction", "response"), "prompt_completion": ("prompt", "completion"),
-                  "question_answer": ("question", "answer")}
+_SIMPLE_FIELDS = {
+    "instruction": ("instruction", "response"),
+    "prompt_completion": ("prompt", "completion"),
+    "question_answer": ("question", "answer"),
+}
 
 
 def _scalar(rec: dict, field: str) -> str:
@@ -427,14 +475,20 @@ def _benchmark_record(rec: dict, fmt: str, need_response: bool) -> tuple[str, st
     if fmt == "multiple_choice":
         question = _text(rec, "question", required=True, nonempty=True)
         choices = rec.get("choices")
-        if not isinstance(choices, list) or not 2 <= len(choices) <= len(LETTERS) or \
-                not all(isinstance(c, (str, int, float)) and not isinstance(c, bool) for c in choices):
+        if (
+            not isinstance(choices, list)
+            or not 2 <= len(choices) <= len(LETTERS)
+            or not all(isinstance(c, (str, int, float)) and not isinstance(c, bool) for c in choices)
+        ):
             raise _BadRow("bad_choices", f"field 'choices' must be a list of 2 to {len(LETTERS)} strings")
         choices = [str(c) for c in choices]
         letter = gold_letter(_scalar(rec, "answer"), choices)
         if letter is None:
-            raise _BadRow("bad_answer", f"field 'answer' must be a letter A-{LETTERS[len(choices) - 1]}, "
-                          "a 0-based index or the text of a choice")
+            raise _BadRow(
+                "bad_answer",
+                f"field 'answer' must be a letter A-{LETTERS[len(choices) - 1]}, "
+                "a 0-based index or the text of a choice",
+            )
         return multiple_choice_prompt(question, choices), letter, letter, {"choices": choices}
     if fmt == "bbh":
         user = _text(rec, "input", required=True, nonempty=True)
@@ -449,9 +503,12 @@ def _benchmark_record(rec: dict, fmt: str, need_response: bool) -> tuple[str, st
         problem = _text(rec, "Problem", required=True, nonempty=True)
         choices = parse_mathqa_options(_text(rec, "options", required=True, nonempty=True))
         correct = _scalar(rec, "correct").lower().strip("() ")
-        if len(choices) < 2 or correct not in "abcde"[:len(choices)]:
-            raise _BadRow("bad_answer", "field 'correct' must name one of the options a-e, and 'options' "
-                          "must read like 'a ) 38 , b ) 27 , ...'")
+        if len(choices) < 2 or correct not in "abcde"[: len(choices)]:
+            raise _BadRow(
+                "bad_answer",
+                "field 'correct' must name one of the options a-e, and 'options' "
+                "must read like 'a ) 38 , b ) 27 , ...'",
+            )
         value = choices["abcde".index(correct)]
         rationale = _text(rec, "Rationale", required=False)
         return problem, rationale or value, value, {"choices": choices}
@@ -494,22 +551,23 @@ def _row_from_record(rec: Any, fmt: str, split: str) -> tuple[list[dict], str, s
     if fmt not in ("question_answer", "multiple_choice") and rec.get("answer") is not None:
         a = rec["answer"]  # (in those two formats "answer" is the response / the gold letter)
         if isinstance(a, bool) or not isinstance(a, (str, int, float)):
-            raise _BadRow("wrong_type",
-                          f"field 'answer' must be a string or a number, got {type(a).__name__}")
+            raise _BadRow("wrong_type", f"field 'answer' must be a string or a number, got {type(a).__name__}")
         gold = str(a)
     benchmark = rec.get("benchmark")
     if benchmark is not None:
         if benchmark not in BENCHMARKS:
-            raise _BadRow("bad_benchmark", f"field 'benchmark' is {benchmark!r}; expected one of "
-                          f"{', '.join(BENCHMARKS)}")
+            raise _BadRow(
+                "bad_benchmark", f"field 'benchmark' is {benchmark!r}; expected one of {', '.join(BENCHMARKS)}"
+            )
         meta["benchmark"] = benchmark
     elif fmt in FORMAT_BENCHMARK:
         meta["benchmark"] = FORMAT_BENCHMARK[fmt]
     return messages, response, system, gold, meta
 
 
-def read_rows(path: str, split: str, fmt: str = "auto", bad_rows: str = "error",
-              system_prompt: str | None = None) -> tuple[list[dict], dict]:
+def read_rows(
+    path: str, split: str, fmt: str = "auto", bad_rows: str = "error", system_prompt: str | None = None
+) -> tuple[list[dict], dict]:
     """Canonical rows of one JSONL / JSON / Parquet file, and {"read": n, "skipped": {reason: n}}.
 
     fmt: auto (from the columns) | one of FORMATS (the paper's benchmark files: question_answer =
@@ -530,12 +588,20 @@ def read_rows(path: str, split: str, fmt: str = "auto", bad_rows: str = "error",
     if p.stat().st_size == 0:
         raise DataError(f"{path} is empty (0 bytes)")
     records, columns = _raw_records(p)
-    return _canonical_rows(records, columns, path, p.name.split(".")[0], split, fmt, bad_rows,
-                           system_prompt)
+    return _canonical_rows(records, columns, path, p.name.split(".")[0], split, fmt, bad_rows, system_prompt)
 
 
-def _canonical_rows(records, columns, path: str, stem: str, split: str, fmt: str, bad_rows: str,
-                    system_prompt: str | None, default_source: str | None = None):
+def _canonical_rows(
+    records,
+    columns,
+    path: str,
+    stem: str,
+    split: str,
+    fmt: str,
+    bad_rows: str,
+    system_prompt: str | None,
+    default_source: str | None = None,
+):
     """read_rows' body for records from any reader: `path` names the origin in errors, `stem`
     builds example ids and is the source of rows without one (unless `default_source`)."""
     if fmt not in FORMATS:
@@ -562,19 +628,22 @@ def _canonical_rows(records, columns, path: str, stem: str, split: str, fmt: str
             messages = [{"role": "system", "content": system}, *messages]
         source = source or default_source
         number = int(where.split()[1])
-        rows.append({
-            "example_id": f"{split}-{stem}-{number:06d}",
-            "source": source.strip() if source and source.strip() else stem,
-            "prompt": json.dumps(messages, ensure_ascii=False),
-            "response": response,
-            "answer": gold if gold is not None else _gold_from_response(response),
-            # file and row for errors found later (too long for the tokenizer), plus the benchmark
-            "meta": json.dumps({**meta, "file": str(path), "row": where}, ensure_ascii=False),
-        })
+        rows.append(
+            {
+                "example_id": f"{split}-{stem}-{number:06d}",
+                "source": source.strip() if source and source.strip() else stem,
+                "prompt": json.dumps(messages, ensure_ascii=False),
+                "response": response,
+                "answer": gold if gold is not None else _gold_from_response(response),
+                # file and row for errors found later (too long for the tokenizer), plus the benchmark
+                "meta": json.dumps({**meta, "file": str(path), "row": where}, ensure_ascii=False),
+            }
+        )
     return rows, {"read": len(records), "skipped": skipped}
 
 
 # -- splits ---------------------------------------------------------------------------------------
+
 
 def build_splits_with_report(cfg: DataConfig, seed: int) -> tuple[dict[str, list[dict]], dict]:
     """The three splits and what was read: per split, rows per source and, for files, the
@@ -582,15 +651,20 @@ def build_splits_with_report(cfg: DataConfig, seed: int) -> tuple[dict[str, list
     splits: dict[str, list[dict]] = {s: [] for s in SPLITS}
     report: dict[str, Any] = {"kind": cfg.kind, "files": {}}
     if cfg.kind == "reasoning_gym":
-        sizes = {"train": cfg.train_per_source, "validation": cfg.validation_per_source,
-                 "test": cfg.test_per_source}
+        sizes = {"train": cfg.train_per_source, "validation": cfg.validation_per_source, "test": cfg.test_per_source}
         for family in cfg.sources:
             seen: set[str] = set()
             for split in SPLITS:
                 # validation/test skip any question already in an earlier split (and repeats)
-                rows = reasoning_gym_rows(family, split, sizes[split], seed, None,
-                                          system_prompt=cfg.system_prompt,
-                                          exclude_questions=None if split == "train" else seen)
+                rows = reasoning_gym_rows(
+                    family,
+                    split,
+                    sizes[split],
+                    seed,
+                    None,
+                    system_prompt=cfg.system_prompt,
+                    exclude_questions=None if split == "train" else seen,
+                )
                 seen.update(json.loads(r["meta"])["entry"]["question"] for r in rows)
                 splits[split].extend(rows)
     elif cfg.kind == "files":
@@ -600,8 +674,10 @@ def build_splits_with_report(cfg: DataConfig, seed: int) -> tuple[dict[str, list
             for f in files[split]:
                 stem = Path(f).name.split(".")[0]
                 if stem in stems:
-                    raise DataError(f"{f} and {stems[stem]} share the name {stem!r}, which example ids "
-                                    "are built from; rename one of them")
+                    raise DataError(
+                        f"{f} and {stems[stem]} share the name {stem!r}, which example ids "
+                        "are built from; rename one of them"
+                    )
                 stems[stem] = f
                 rows, counts = read_rows(f, split, cfg.format, cfg.bad_rows, cfg.system_prompt)
                 if cfg.benchmarks:
@@ -618,13 +694,11 @@ def build_splits_with_report(cfg: DataConfig, seed: int) -> tuple[dict[str, list
                 report["files"][key] = {"split": split, **counts, "kept": len(rows)}
                 splits[split].extend(rows)
         if not cfg.validation_files:
-            splits["train"], splits["validation"] = _hold_out(splits["train"], cfg.validation_per_source,
-                                                              seed)
+            splits["train"], splits["validation"] = _hold_out(splits["train"], cfg.validation_per_source, seed)
     elif cfg.kind == "bigbench":
         from elrea_ray import bigbench
 
-        sizes = {"train": cfg.train_per_source, "validation": cfg.validation_per_source,
-                 "test": cfg.test_per_source}
+        sizes = {"train": cfg.train_per_source, "validation": cfg.validation_per_source, "test": cfg.test_per_source}
         try:
             archive = bigbench.fetch_archive(archive=cfg.bigbench_archive or None)
             tasks = bigbench.load_tasks(list(cfg.tasks), archive)
@@ -671,8 +745,7 @@ def _hold_out(train: list[dict], per_source: int, seed: int) -> tuple[list[dict]
     for src in sorted(by_source):
         idx = by_source[src]
         held.update(rng.sample(idx, min(per_source, len(idx) // 10)))
-    return ([r for i, r in enumerate(train) if i not in held],
-            [r for i, r in enumerate(train) if i in held])
+    return ([r for i, r in enumerate(train) if i not in held], [r for i, r in enumerate(train) if i in held])
 
 
 def _count_by_source(rows: list[dict]) -> dict[str, int]:
@@ -683,6 +756,7 @@ def _count_by_source(rows: list[dict]) -> dict[str, int]:
 
 
 # -- tokenisation ---------------------------------------------------------------------------------
+
 
 def _prompt_text(tokenizer, prompt_messages: list[dict]) -> str:
     return tokenizer.apply_chat_template(prompt_messages, tokenize=False, add_generation_prompt=True)
@@ -711,8 +785,10 @@ def _end_of_turn_cut(tokenizer, turn_text: str, content: str) -> int:
     filler after it (a newline, the next turn's header) is not part of the response."""
     at = turn_text.rfind(content.strip()) if content.strip() else 0
     if at < 0:
-        raise ValueError(f"the chat template of {_template_name(tokenizer)} does not write the assistant "
-                         "content verbatim, so the response tokens cannot be located")
+        raise ValueError(
+            f"the chat template of {_template_name(tokenizer)} does not write the assistant "
+            "content verbatim, so the response tokens cannot be located"
+        )
     after = at + len(content.strip())
     best = None
     for sp in _special_strings(tokenizer):
@@ -720,8 +796,10 @@ def _end_of_turn_cut(tokenizer, turn_text: str, content: str) -> int:
         if i >= 0 and (best is None or i < best[0]):
             best = (i, i + len(sp))
     if best is None:
-        raise ValueError(f"the chat template of {_template_name(tokenizer)} writes no special end-of-turn "
-                         "token after the assistant content; decoding would never learn to stop")
+        raise ValueError(
+            f"the chat template of {_template_name(tokenizer)} writes no special end-of-turn "
+            "token after the assistant content; decoding would never learn to stop"
+        )
     return best[1]
 
 
@@ -729,19 +807,22 @@ def render_conversation(tokenizer, prompt_messages: list[dict], response: str) -
     """(ids, instruction_len): the template's rendering of the whole conversation, cut just after
     the assistant turn's end-of-turn token; ids[:instruction_len] == render_prompt(...)."""
     prompt_text = _prompt_text(tokenizer, prompt_messages)
-    full = tokenizer.apply_chat_template(prompt_messages + [{"role": "assistant", "content": response}],
-                                         tokenize=False)
+    full = tokenizer.apply_chat_template(prompt_messages + [{"role": "assistant", "content": response}], tokenize=False)
     if not full.startswith(prompt_text):
-        raise ValueError(f"the chat template of {_template_name(tokenizer)} renders a conversation that does "
-                         "not start with its generation-prompt rendering; the instruction and response "
-                         "tokens cannot be separated")
-    cut = len(prompt_text) + _end_of_turn_cut(tokenizer, full[len(prompt_text):], response)
+        raise ValueError(
+            f"the chat template of {_template_name(tokenizer)} renders a conversation that does "
+            "not start with its generation-prompt rendering; the instruction and response "
+            "tokens cannot be separated"
+        )
+    cut = len(prompt_text) + _end_of_turn_cut(tokenizer, full[len(prompt_text) :], response)
     prompt_ids = list(tokenizer(prompt_text, add_special_tokens=False)["input_ids"])
     ids = list(tokenizer(full[:cut], add_special_tokens=False)["input_ids"])
-    if ids[:len(prompt_ids)] != prompt_ids:
-        raise ValueError(f"the chat template of {_template_name(tokenizer)}: the conversation's tokens do not "
-                         "start with the generation prompt's tokens (the tokenizer merges across the "
-                         "assistant header)")
+    if ids[: len(prompt_ids)] != prompt_ids:
+        raise ValueError(
+            f"the chat template of {_template_name(tokenizer)}: the conversation's tokens do not "
+            "start with the generation prompt's tokens (the tokenizer merges across the "
+            "assistant header)"
+        )
     return ids, len(prompt_ids)
 
 
@@ -795,11 +876,12 @@ def too_long_rows(tokenizer, splits: dict[str, list[dict]], max_length: int, bad
                 continue
             if bad_rows == "error":
                 meta = json.loads(r.get("meta") or "{}")
-                where = (f"{meta['file']}, {meta['row']}" if "file" in meta
-                         else f"{split} example {r['example_id']}")
-                raise DataError(f"{where}: longer than model.max_length={max_length} tokens "
-                                f"({'instruction' if response is None else 'instruction + response'}); "
-                                "raise model.max_length or set data.bad_rows=skip to drop such rows")
+                where = f"{meta['file']}, {meta['row']}" if "file" in meta else f"{split} example {r['example_id']}"
+                raise DataError(
+                    f"{where}: longer than model.max_length={max_length} tokens "
+                    f"({'instruction' if response is None else 'instruction + response'}); "
+                    "raise model.max_length or set data.bad_rows=skip to drop such rows"
+                )
             n += 1
         counts[split] = n
     return counts
@@ -815,8 +897,9 @@ def instruction_labels(input_ids: list[int], instruction_len: int) -> list[int]:
     return list(input_ids[:instruction_len]) + [-100] * (len(input_ids) - instruction_len)
 
 
-def collate(batch_input_ids: list[list[int]], batch_labels: list[list[int]], pad_id: int,
-            side: str = "right") -> dict[str, torch.Tensor]:
+def collate(
+    batch_input_ids: list[list[int]], batch_labels: list[list[int]], pad_id: int, side: str = "right"
+) -> dict[str, torch.Tensor]:
     """Pad to the longest member: input_ids, attention_mask [B, T] long; labels -100 on pads."""
     if side not in ("right", "left"):
         raise ValueError(f"side must be 'right' or 'left', got {side!r}")
@@ -836,8 +919,9 @@ def collate(batch_input_ids: list[list[int]], batch_labels: list[list[int]], pad
     return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
 
-def length_bucketed_batches(lengths: list[int], batch_size: int, seed: int, shuffle: bool = True,
-                            chunk_batches: int = 50) -> list[list[int]]:
+def length_bucketed_batches(
+    lengths: list[int], batch_size: int, seed: int, shuffle: bool = True, chunk_batches: int = 50
+) -> list[list[int]]:
     """Batches of indices with similar lengths, every index exactly once.
 
     Indices are shuffled, cut into chunks of chunk_batches x batch_size, sorted by length inside
@@ -854,8 +938,8 @@ def length_bucketed_batches(lengths: list[int], batch_size: int, seed: int, shuf
     chunk = batch_size * max(1, chunk_batches)
     batches = []
     for start in range(0, len(order), chunk):
-        part = sorted(order[start:start + chunk], key=lambda i: lengths[i])
-        batches.extend(part[j:j + batch_size] for j in range(0, len(part), batch_size))
+        part = sorted(order[start : start + chunk], key=lambda i: lengths[i])
+        batches.extend(part[j : j + batch_size] for j in range(0, len(part), batch_size))
     if shuffle:
         rng.shuffle(batches)
     return batches

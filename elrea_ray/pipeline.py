@@ -39,26 +39,35 @@ def stage_keys(cfg: Config) -> dict[str, str]:
     model = plain(cfg.model)
     train = config_slice(cfg.train)
     k["base"] = stage_key("base", {"model": model, "train": train, "seed": seed}, [k["data"]])
-    k["gradients"] = stage_key("gradients", {"model": model, "gradients": config_slice(cfg.gradients)},
-                               [k["data"], k["base"]])
+    k["gradients"] = stage_key(
+        "gradients", {"model": model, "gradients": config_slice(cfg.gradients)}, [k["data"], k["base"]]
+    )
     clustering = config_slice(cfg.clustering)
     del clustering["pca_dim"]  # the pca baseline's, not ELREA's clusters
-    k["clusters"] = stage_key("clusters", {"clustering": clustering, "seed": seed},
-                              [k["gradients"]])
-    k["experts"] = stage_key("experts", {"experts": config_slice(cfg.experts), "train": train, "seed": seed},
-                             [k["base"], k["clusters"]])
+    k["clusters"] = stage_key("clusters", {"clustering": clustering, "seed": seed}, [k["gradients"]])
+    k["experts"] = stage_key(
+        "experts", {"experts": config_slice(cfg.experts), "train": train, "seed": seed}, [k["base"], k["clusters"]]
+    )
     evals_on = [k["experts"], k["gradients"]]
     trained = baselines.trained_baselines(cfg)
     if trained:  # only then: runs without these baselines keep their keys
-        k["baselines"] = stage_key("baselines", {"methods": trained, "experts": config_slice(cfg.experts),
-                                                 "train": train, "model": model,
-                                                 "clustering": config_slice(cfg.clustering), "seed": seed},
-                                   [k["base"], k["clusters"]]
-                                   + ([k["experts"]] if "base_continued" in trained else []))  # its step budget
+        k["baselines"] = stage_key(
+            "baselines",
+            {
+                "methods": trained,
+                "experts": config_slice(cfg.experts),
+                "train": train,
+                "model": model,
+                "clustering": config_slice(cfg.clustering),
+                "seed": seed,
+            },
+            [k["base"], k["clusters"]] + ([k["experts"]] if "base_continued" in trained else []),
+        )  # its step budget
         evals_on.append(k["baselines"])
     if router.wanted(cfg):  # only then: runs that route by gradients alone keep their keys
-        k["router"] = stage_key("router", {"routing": router.config_of(cfg), "seed": seed},
-                                [k["base"], k["gradients"], k["clusters"]])
+        k["router"] = stage_key(
+            "router", {"routing": router.config_of(cfg), "seed": seed}, [k["base"], k["gradients"], k["clusters"]]
+        )
         evals_on.append(k["router"])  # the report's router section, and the elrea_distilled method
     k["eval"] = stage_key("eval", {"eval": config_slice(cfg.eval), "routing": routing_slice(cfg)}, evals_on)
     return k
@@ -66,8 +75,16 @@ def stage_keys(cfg: Config) -> dict[str, str]:
 
 # The stages in the order they run: (name, module). The bundle is written after `experts`, so the
 # router (which needs only base, gradients and clusters) runs before it and the bundle can list it.
-STAGES = (("data", data), ("base", base), ("gradients", gradients), ("clusters", clusters),
-          ("router", router), ("experts", experts), ("baselines", baselines), ("eval", evaluate))
+STAGES = (
+    ("data", data),
+    ("base", base),
+    ("gradients", gradients),
+    ("clusters", clusters),
+    ("router", router),
+    ("experts", experts),
+    ("baselines", baselines),
+    ("eval", evaluate),
+)
 
 
 def _versions() -> dict:
@@ -96,11 +113,25 @@ def check_stage_resources(cfg: Config) -> None:
     check_resources(t.num_workers, t.cpus_per_worker, t.use_gpu, "stage base (Ray Train)", "train", wait=False)
     # The pool's Parquet listing, read, re-blocking and write tasks need a CPU the actors leave free:
     # with every CPU held by actors, the first read task never starts (measured: a hang).
-    check_resources(g.num_actors, g.cpus_per_actor, g.use_gpu, "stage gradients (Ray Data actors)",
-                    "gradients", spare_cpus=1.0, wait=False)
+    check_resources(
+        g.num_actors,
+        g.cpus_per_actor,
+        g.use_gpu,
+        "stage gradients (Ray Data actors)",
+        "gradients",
+        spare_cpus=1.0,
+        wait=False,
+    )
     check_resources(1, 1.0, False, "stage clusters (one Ray task)", wait=False)
-    check_resources(x.num_workers, x.cpus_per_worker, x.use_gpu, "stage experts (Ray Train)", "experts",
-                    gpus_per_worker=x.gpus_per_worker, wait=False)
+    check_resources(
+        x.num_workers,
+        x.cpus_per_worker,
+        x.use_gpu,
+        "stage experts (Ray Train)",
+        "experts",
+        gpus_per_worker=x.gpus_per_worker,
+        wait=False,
+    )
     check_resources(e.num_actors, e.cpus_per_actor, e.use_gpu, "stage eval (Ray Data actors)", "eval", wait=False)
 
 
@@ -110,8 +141,9 @@ def _start(cfg: Config, run: RunDir, keys: dict, log) -> None:
     run.pull(log=log)  # an object-store run: the mirror catches up (a fresh machine resumes)
     (run.root / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
     run.publish(run.root / "config.yaml")
-    run.update_manifest(lambda m: m.update({"config": cfg.to_dict(), "versions": _versions(),
-                                            "keys": keys, "updated": time.time()}))
+    run.update_manifest(
+        lambda m: m.update({"config": cfg.to_dict(), "versions": _versions(), "keys": keys, "updated": time.time()})
+    )
 
 
 def run_pipeline(cfg: Config, log=print, progress: Progress | None = None) -> RunDir:
@@ -129,8 +161,9 @@ def run_pipeline(cfg: Config, log=print, progress: Progress | None = None) -> Ru
             if name not in keys:
                 continue  # the router and baselines stages run only when the config asks for them
             _, ran = run.run_stage(name, keys[name], lambda out, stage=stage: stage.run(ctx.at(out)), log)
-            if name == "experts" and (ran or not run.bundle.exists()
-                                      or json.loads(run.bundle.read_text()).get("keys") != keys):
+            if name == "experts" and (
+                ran or not run.bundle.exists() or json.loads(run.bundle.read_text()).get("keys") != keys
+            ):
                 write_bundle(cfg, run, keys)
             log_stage(tracked, cfg, name, run.root, keys[name])  # once per stage key; never fails the run
             publish_tracking(run)

@@ -23,8 +23,9 @@ from typing import Callable, Iterator
 Log = Callable[[str], None]
 
 
-def progress_line(stage: str, done: int, total: int | None, unit: str, elapsed_s: float,
-                  extra: tuple[str, ...] = ()) -> str:
+def progress_line(
+    stage: str, done: int, total: int | None, unit: str, elapsed_s: float, extra: tuple[str, ...] = ()
+) -> str:
     """e.g. `[gradients] 320/480 examples featurised (67%), 41 s`; without a total, `[base] 3 steps, 5 s`.
     The percentage reads 100 only when the count is complete."""
     if total:
@@ -40,8 +41,9 @@ class Counter:
     """The counter lines of one stage: `update` prints when `every_s` seconds have passed since the
     last line (or the stage start), and when the count reaches its total; never the same line twice."""
 
-    def __init__(self, stage: str, unit: str, log: Log | None, every_s: float = 10.0,
-                 clock: Callable[[], float] = time.monotonic):
+    def __init__(
+        self, stage: str, unit: str, log: Log | None, every_s: float = 10.0, clock: Callable[[], float] = time.monotonic
+    ):
         self.stage, self.unit, self.log, self.every_s, self.clock = stage, unit, log, every_s, clock
         self.started = self.last = clock()
         self.shown: tuple | None = None
@@ -96,8 +98,13 @@ class Progress:
     """The run's progress reporter: `log` gets the lines (None: report nothing, and start no actor).
     A stage asks it for a `counter`, or for a `tallied` actor when remote code does the counting."""
 
-    def __init__(self, log: Log | None = print, every_s: float = 10.0, poll_s: float = 1.0,
-                 clock: Callable[[], float] = time.monotonic):
+    def __init__(
+        self,
+        log: Log | None = print,
+        every_s: float = 10.0,
+        poll_s: float = 1.0,
+        clock: Callable[[], float] = time.monotonic,
+    ):
         self.log, self.every_s, self.poll_s, self.clock = log, every_s, poll_s, clock
 
     @classmethod
@@ -150,8 +157,14 @@ class Progress:
             yield tally
 
     @contextlib.contextmanager
-    def training(self, stage: str, planned: dict[str, int | None], runs_unit: str | None = None,
-                 runs_before: int = 0, runs_total: int | None = None) -> Iterator[object | None]:
+    def training(
+        self,
+        stage: str,
+        planned: dict[str, int | None],
+        runs_unit: str | None = None,
+        runs_before: int = 0,
+        runs_total: int | None = None,
+    ) -> Iterator[object | None]:
         """`tallied` for Ray Train runs: each run's rank 0 puts (step, total steps) under its name;
         planned: each run's expected total steps (None: known when the run reports it). The lines
         show the steps of all runs and, with runs_unit, how many runs are done (runs_before

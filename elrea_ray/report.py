@@ -24,6 +24,7 @@ MAP_POINTS = 3000  # the 2-D feature map shows at most this many training points
 
 # -- reading artifacts ----------------------------------------------------------------------------
 
+
 def _read_json(path: Path) -> dict | None:
     return json.loads(path.read_text()) if path.exists() else None
 
@@ -60,14 +61,14 @@ def _clusters(run: RunDir) -> tuple[dict[int, str], dict[str, int]]:
 
 # -- figures --------------------------------------------------------------------------------------
 
+
 def _plt():
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    plt.rcParams.update({"font.size": 10, "axes.spines.top": False, "axes.spines.right": False,
-                         "figure.dpi": 110})
+    plt.rcParams.update({"font.size": 10, "axes.spines.top": False, "axes.spines.right": False, "figure.dpi": 110})
     return plt
 
 
@@ -94,11 +95,18 @@ def fig_accuracy(table: dict, folder: Path) -> Path:
         hi = np.array([100 * e["ci"][1] for e in entries])
         x = np.arange(len(groups)) + (j - (len(methods) - 1) / 2) * width
         ax.bar(x, acc, width, label=method_title(m), color=cmap(j % 10))
-        ax.errorbar(x, acc, yerr=[acc - lo, hi - acc], fmt="none", ecolor="black", elinewidth=0.8,
-                    capsize=2)
+        ax.errorbar(x, acc, yerr=[acc - lo, hi - acc], fmt="none", ecolor="black", elinewidth=0.8, capsize=2)
         for xi, a in zip(x, acc):  # the value, so that a 0% bar is visible too
-            ax.text(xi, 1, f"{a:.0f}", ha="center", va="bottom", fontsize=7, rotation=90,
-                    color="white" if a >= 8 else "black")
+            ax.text(
+                xi,
+                1,
+                f"{a:.0f}",
+                ha="center",
+                va="bottom",
+                fontsize=7,
+                rotation=90,
+                color="white" if a >= 8 else "black",
+            )
     n = [table[methods[0]]["per_source"][s]["n"] for s in sources] + [table[methods[0]]["micro"]["n"]]
     ax.set_xticks(np.arange(len(groups)), [f"{g}\n(n={k})" for g, k in zip(groups, n)])
     ax.axvline(len(sources) - 0.5, color="grey", lw=0.8, ls=":")
@@ -106,8 +114,7 @@ def fig_accuracy(table: dict, folder: Path) -> Path:
     ax.set_ylim(0, 100)
     legend_rows = -(-len(methods) // 5)
     ax.set_title("Accuracy per source and method (whiskers: 95% Wilson interval)", pad=12 + 16 * legend_rows)
-    ax.legend(ncol=min(5, len(methods)), fontsize=8, loc="lower center", bbox_to_anchor=(0.5, 1.0),
-              frameon=False)
+    ax.legend(ncol=min(5, len(methods)), fontsize=8, loc="lower center", bbox_to_anchor=(0.5, 1.0), frameon=False)
     return _save(fig, folder, "accuracy")
 
 
@@ -126,8 +133,9 @@ def fig_vs_base(table: dict, folder: Path) -> Path | None:
     ax.hlines(y, lo, hi, color=colors, lw=2)
     ax.scatter(d, y, color=colors, zorder=3)
     for yi, di, low, h in zip(y, d, lo, hi):
-        ax.annotate(f"{di:+.1f} [{low:+.1f}, {h:+.1f}]", (h, yi), xytext=(6, -3), textcoords="offset points",
-                    fontsize=8)
+        ax.annotate(
+            f"{di:+.1f} [{low:+.1f}, {h:+.1f}]", (h, yi), xytext=(6, -3), textcoords="offset points", fontsize=8
+        )
     ax.axvline(0, color="black", lw=0.8)
     ax.set_yticks(y, [method_title(m) for m, _ in rows])
     ax.set_xlabel("difference from M+Q_base, micro average (accuracy points)")
@@ -142,25 +150,36 @@ def fig_cluster_heatmap(counts: dict, majority: dict, metrics: dict, folder: Pat
     plt = _plt()
     clusters = sorted(int(c) for c in counts)
     sources = sorted({s for c in counts.values() for s in c})
-    M = np.array([[counts[str(c)].get(s, 0) if str(c) in counts else counts[c].get(s, 0) for s in sources]
-                  for c in clusters])
+    M = np.array(
+        [[counts[str(c)].get(s, 0) if str(c) in counts else counts[c].get(s, 0) for s in sources] for c in clusters]
+    )
     fig, ax = plt.subplots(figsize=(1.3 * len(sources) + 2.5, 0.45 * len(clusters) + 1.6))
     im = ax.imshow(M, cmap="Blues", aspect="auto")
     for i in range(M.shape[0]):
         for j in range(M.shape[1]):
-            ax.text(j, i, str(M[i, j]), ha="center", va="center", fontsize=8,
-                    color="white" if M[i, j] > 0.6 * M.max() else "black")
+            ax.text(
+                j,
+                i,
+                str(M[i, j]),
+                ha="center",
+                va="center",
+                fontsize=8,
+                color="white" if M[i, j] > 0.6 * M.max() else "black",
+            )
     ax.set_xticks(range(len(sources)), sources, rotation=30, ha="right")
     ax.set_yticks(range(len(clusters)), [f"cluster {c} (n={M[i].sum()})" for i, c in enumerate(clusters)])
     ax.set_xlabel("training source")
     fig.colorbar(im, ax=ax, label="training examples")
-    ax.set_title(f"Clusters by source: NMI {metrics.get('nmi', float('nan')):.3f}, "
-                 f"ARI {metrics.get('ari', float('nan')):.3f}, purity {metrics.get('purity', float('nan')):.3f}")
+    ax.set_title(
+        f"Clusters by source: NMI {metrics.get('nmi', float('nan')):.3f}, "
+        f"ARI {metrics.get('ari', float('nan')):.3f}, purity {metrics.get('purity', float('nan')):.3f}"
+    )
     return _save(fig, folder, "clusters_by_source")
 
 
-def fig_feature_map(ids: list[str], sources: list[str], X: np.ndarray, cluster_of: dict[str, int],
-                    folder: Path, seed: int = 0) -> tuple[Path, float]:
+def fig_feature_map(
+    ids: list[str], sources: list[str], X: np.ndarray, cluster_of: dict[str, int], folder: Path, seed: int = 0
+) -> tuple[Path, float]:
     """PCA of the training gradient features to 2-D, coloured by cluster and by source."""
     from sklearn.decomposition import PCA
 
@@ -184,8 +203,11 @@ def fig_feature_map(ids: list[str], sources: list[str], X: np.ndarray, cluster_o
         ax.set_xlabel("PC 1")
         ax.set_ylabel("PC 2")
         ax.legend(fontsize=7, markerscale=1.5, frameon=False, loc="best")
-    fig.suptitle(f"{len(idx)} training examples; the two components explain {100 * explained:.1f}% of the "
-                 "variance", fontsize=9, y=0.0)
+    fig.suptitle(
+        f"{len(idx)} training examples; the two components explain {100 * explained:.1f}% of the variance",
+        fontsize=9,
+        y=0.0,
+    )
     return _save(fig, folder, "feature_map"), explained
 
 
@@ -198,14 +220,25 @@ def fig_routing(test_sources: list[str], W: np.ndarray, majority: dict[int, str]
     C = W.shape[1] - 1
     cols = ["base"] + [f"expert-{c:02d} ({majority.get(c, '?')})" for c in range(C)]
     mean = np.array([W[src == s].mean(axis=0) for s in sources])
-    fig, axes = plt.subplots(1, 2, figsize=(max(11, 0.9 * (C + 1) + 7), 0.5 * len(sources) + 3),
-                             gridspec_kw={"width_ratios": [max(3, C + 1), 4]})
+    fig, axes = plt.subplots(
+        1,
+        2,
+        figsize=(max(11, 0.9 * (C + 1) + 7), 0.5 * len(sources) + 3),
+        gridspec_kw={"width_ratios": [max(3, C + 1), 4]},
+    )
     ax = axes[0]
     im = ax.imshow(mean, cmap="viridis", aspect="auto", vmin=0, vmax=max(1e-9, mean.max()))
     for i in range(mean.shape[0]):
         for j in range(mean.shape[1]):
-            ax.text(j, i, f"{mean[i, j]:.2f}", ha="center", va="center", fontsize=8,
-                    color="black" if mean[i, j] > 0.6 * mean.max() else "white")
+            ax.text(
+                j,
+                i,
+                f"{mean[i, j]:.2f}",
+                ha="center",
+                va="center",
+                fontsize=8,
+                color="black" if mean[i, j] > 0.6 * mean.max() else "white",
+            )
     ax.set_xticks(range(C + 1), cols, fontsize=8, rotation=30, ha="right")
     ax.set_yticks(range(len(sources)), [f"{s} (n={(src == s).sum()})" for s in sources])
     ax.set_xlabel("adapter (expert: majority training source of its cluster)")
@@ -218,10 +251,17 @@ def fig_routing(test_sources: list[str], W: np.ndarray, majority: dict[int, str]
     for i, s in enumerate(sources):
         m = src == s
         jitter = rng.uniform(-0.15, 0.15, m.sum())
-        ax.scatter(i - 0.2 + jitter, W[m, 0], s=10, alpha=0.6, color="tab:orange",
-                   label="base weight 1 - max cos" if i == 0 else None)
-        ax.scatter(i + 0.2 + jitter, top[m], s=10, alpha=0.6, color="tab:blue",
-                   label="top expert's weight" if i == 0 else None)
+        ax.scatter(
+            i - 0.2 + jitter,
+            W[m, 0],
+            s=10,
+            alpha=0.6,
+            color="tab:orange",
+            label="base weight 1 - max cos" if i == 0 else None,
+        )
+        ax.scatter(
+            i + 0.2 + jitter, top[m], s=10, alpha=0.6, color="tab:blue", label="top expert's weight" if i == 0 else None
+        )
     ax.set_xticks(range(len(sources)), sources, rotation=30, ha="right")
     ax.set_ylim(0, 1.05)
     ax.set_ylabel("weight (one dot per test item)")
@@ -246,8 +286,14 @@ def fig_loss(logs: dict[str, dict], folder: Path, majority: dict[int, str] | Non
         if spe:
             for e in range(1, int(max(steps) // spe) + 1):
                 ax.axvline(e * spe, color="grey", ls=":", lw=0.8)
-                ax.text(e * spe, max(r["loss"] for r in base["log"]), f" end of epoch {e}", fontsize=7,
-                        color="grey", va="top")
+                ax.text(
+                    e * spe,
+                    max(r["loss"] for r in base["log"]),
+                    f" end of epoch {e}",
+                    fontsize=7,
+                    color="grey",
+                    va="top",
+                )
     else:
         ax.text(0.5, 0.5, "no loss log for the base adapter", ha="center", transform=ax.transAxes)
     ax.set_title("Base adapter Q_base (all training data)")
@@ -260,8 +306,14 @@ def fig_loss(logs: dict[str, dict], folder: Path, majority: dict[int, str] | Non
     for k, (name, log) in enumerate(sorted(experts.items())):
         c = int(name.split("-")[-1]) if name.split("-")[-1].isdigit() else None
         label = f"{name} ({majority[c]})" if majority and c in majority else name
-        ax.plot([r["step"] for r in log["log"]], [r["loss"] for r in log["log"]], marker="o", ms=2,
-                color=cmap(k % cmap.N), label=label)
+        ax.plot(
+            [r["step"] for r in log["log"]],
+            [r["loss"] for r in log["log"]],
+            marker="o",
+            ms=2,
+            color=cmap(k % cmap.N),
+            label=label,
+        )
     if not experts:
         ax.text(0.5, 0.5, "no loss logs for the experts", ha="center", transform=ax.transAxes)
     else:
@@ -274,6 +326,7 @@ def fig_loss(logs: dict[str, dict], folder: Path, majority: dict[int, str] | Non
 
 # -- text -----------------------------------------------------------------------------------------
 
+
 def headline(table: dict) -> str:
     """Plain sentences: did ELREA beat M+Q_base (and the compute-matched M+Q_base continued, when
     evaluated), by how much, and is it beyond the interval."""
@@ -282,30 +335,40 @@ def headline(table: dict) -> str:
     text = _versus(table, "base", "M+Q_base", "vs_base")
     if "vs_continued" in table["elrea"]:
         text += " Against the compute-matched control: " + _versus(
-            table, "base_continued", "M+Q_base continued for the experts' steps", "vs_continued")
+            table, "base_continued", "M+Q_base continued for the experts' steps", "vs_continued"
+        )
     return text
 
 
 def _versus(table: dict, ref: str, title: str, key: str) -> str:
     e, b, v = table["elrea"]["micro"], table[ref]["micro"], table["elrea"][key]
     d, lo, hi = 100 * v["diff"], 100 * v["ci"][0], 100 * v["ci"][1]
-    verdict = ("beat" if d > 0 else "did not beat" if d < 0 else "tied with")
+    verdict = "beat" if d > 0 else "did not beat" if d < 0 else "tied with"
     if lo != lo:
         beyond = "no interval was computed (eval.bootstrap = 0)"
     elif lo > 0 or hi < 0:
         beyond = "the 95% interval excludes 0, so the difference is larger than its interval"
     else:
         beyond = "the 95% interval includes 0, so the difference is within noise at this test size"
-    return (f"ELREA {verdict} {title} on the micro average: {100 * e['acc']:.1f}% vs {100 * b['acc']:.1f}% "
-            f"over n={e['n']} test items, a difference of {d:+.1f} points [95% paired bootstrap "
-            f"{lo:+.1f}, {hi:+.1f}]; {beyond}.")
+    return (
+        f"ELREA {verdict} {title} on the micro average: {100 * e['acc']:.1f}% vs {100 * b['acc']:.1f}% "
+        f"over n={e['n']} test items, a difference of {d:+.1f} points [95% paired bootstrap "
+        f"{lo:+.1f}, {hi:+.1f}]; {beyond}."
+    )
 
 
 # The paper's comparison methods (Tables 5.2-5.3, Figure 5.3b) and what this code calls them.
-PAPER_METHODS = {"backbone": "backbone M", "base": "M+Q_base", "dataset": "M+Q_dataset",
-                 "moe_merge": "MoE Merging", "embedding": "Instruction Embedding",
-                 "random_clusters": "Random Cluster", "uniform": "Uniform Weights", "top1": "top-1",
-                 "top3": "top-3"}
+PAPER_METHODS = {
+    "backbone": "backbone M",
+    "base": "M+Q_base",
+    "dataset": "M+Q_dataset",
+    "moe_merge": "MoE Merging",
+    "embedding": "Instruction Embedding",
+    "random_clusters": "Random Cluster",
+    "uniform": "Uniform Weights",
+    "top1": "top-1",
+    "top3": "top-3",
+}
 NOT_IMPLEMENTED = ("MoE Routing (layer-level mixing)", "MoLE", "LoRA Ensembles", "Self-Consistency")
 
 
@@ -339,8 +402,14 @@ def _examples(run: RunDir, eval_dir: Path, methods: list[str], per_source: int =
         msgs = json.loads(r["prompt"])
         user = next((m["content"] for m in reversed(msgs) if m["role"] == "user"), "")
         pr = preds[r["example_id"]]
-        out.append({"source": r["source"], "prompt": user, "answer": r["answer"],
-                    "preds": {m: (pr.get(f"pred_{m}"), pr.get(f"score_{m}")) for m in methods}})
+        out.append(
+            {
+                "source": r["source"],
+                "prompt": user,
+                "answer": r["answer"],
+                "preds": {m: (pr.get(f"pred_{m}"), pr.get(f"score_{m}")) for m in methods},
+            }
+        )
     return out
 
 
@@ -350,6 +419,7 @@ def _short(s: str, n: int = 160) -> str:
 
 
 # -- the report -----------------------------------------------------------------------------------
+
 
 def _figures(run: RunDir, eval_dir: Path, table: dict, clusters: dict, seed: int) -> tuple[dict[str, Path], dict]:
     """Every figure the run's artifacts allow, into eval_dir/figures; returns (figures, facts the
@@ -378,42 +448,56 @@ def _md_results(run: RunDir, config: dict, table: dict, clusters: dict) -> list[
     data = config.get("data", {})
     sources = list(next(iter(table.values()))["per_source"]) if table else []
     md: list[str] = ["# ELREA evaluation report", ""]
-    md += [f"Run `{run.root}` · model `{model}` · data `{data.get('kind', '?')}` with sources "
-           f"{', '.join(sources)} · {clusters.get('num_clusters', '?')} clusters · built "
-           f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}.", ""]
+    md += [
+        f"Run `{run.root}` · model `{model}` · data `{data.get('kind', '?')}` with sources "
+        f"{', '.join(sources)} · {clusters.get('num_clusters', '?')} clusters · built "
+        f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}.",
+        "",
+    ]
     md += ["## Headline", "", headline(table), ""]
     md += ["## Results", "", results_markdown(table), ""]
     md += [coverage(methods), ""]
     continued = (_read_json(run.stage_dir("baselines") / "baselines.json") or {}).get("continued")
     if continued and "base_continued" in table:
-        md += [f"The compute-matched control M+Q_base continued is Q_base trained {continued['continued_steps']} "
-               f"more optimiser steps on the whole mix ({continued['continued_examples_seen']} rows), with the "
-               f"experts' recipe; the {continued['experts']} experts took {continued['steps']} steps together "
-               f"({continued['examples_seen']} rows).", ""]
+        md += [
+            f"The compute-matched control M+Q_base continued is Q_base trained {continued['continued_steps']} "
+            f"more optimiser steps on the whole mix ({continued['continued_examples_seen']} rows), with the "
+            f"experts' recipe; the {continued['experts']} experts took {continued['steps']} steps together "
+            f"({continued['examples_seen']} rows).",
+            "",
+        ]
     md += ["Per-source differences from M+Q_base (points, 95% paired bootstrap):", ""]
     md += ["| method | " + " | ".join(sources) + " |", "|---|" + "---|" * len(sources)]
     for m in methods:
         per = table[m]["per_source"]
         if not all("vs_base" in per[s] for s in sources):
             continue
-        md.append(f"| {method_title(m)} | " + " | ".join(
-            f"{100 * per[s]['vs_base']['diff']:+.1f} [{100 * per[s]['vs_base']['ci'][0]:+.1f}, "
-            f"{100 * per[s]['vs_base']['ci'][1]:+.1f}]" for s in sources) + " |")
+        md.append(
+            f"| {method_title(m)} | "
+            + " | ".join(
+                f"{100 * per[s]['vs_base']['diff']:+.1f} [{100 * per[s]['vs_base']['ci'][0]:+.1f}, "
+                f"{100 * per[s]['vs_base']['ci'][1]:+.1f}]"
+                for s in sources
+            )
+            + " |"
+        )
     return md
 
 
 def _md_cluster_table(clusters: dict, majority: dict[int, str]) -> list[str]:
     rounds = clusters.get("rounds")
-    md = [f"{clusters.get('num_clusters')} clusters (method {clusters.get('method')}, "
-          f"{len(rounds) if isinstance(rounds, list) else rounds} balancing rounds, sizes {clusters.get('sizes')}). "
-          f"Against the training sources: NMI {clusters.get('nmi', float('nan')):.3f}, ARI "
-          f"{clusters.get('ari', float('nan')):.3f}, purity {clusters.get('purity', float('nan')):.3f}.", ""]
+    md = [
+        f"{clusters.get('num_clusters')} clusters (method {clusters.get('method')}, "
+        f"{len(rounds) if isinstance(rounds, list) else rounds} balancing rounds, sizes {clusters.get('sizes')}). "
+        f"Against the training sources: NMI {clusters.get('nmi', float('nan')):.3f}, ARI "
+        f"{clusters.get('ari', float('nan')):.3f}, purity {clusters.get('purity', float('nan')):.3f}.",
+        "",
+    ]
     counts = clusters.get("counts") or {}
     srcs = sorted({s for c in counts.values() for s in c})
     md += ["| cluster | majority source | " + " | ".join(srcs) + " |", "|---|---|" + "---|" * len(srcs)]
     for c in sorted(counts, key=int):
-        md.append(f"| {c} | {majority.get(int(c), '?')} | " + " | ".join(
-            str(counts[c].get(s, 0)) for s in srcs) + " |")
+        md.append(f"| {c} | {majority.get(int(c), '?')} | " + " | ".join(str(counts[c].get(s, 0)) for s in srcs) + " |")
     return md + ["", "![clusters by source](figures/clusters_by_source.png)", ""]
 
 
@@ -425,29 +509,48 @@ def _md_clusters(clusters: dict, metrics: dict, figures: dict, facts: dict) -> l
         md += _md_cluster_table(clusters, facts["majority"])
     emb = metrics.get("embedding_clusters")
     if emb:
-        md += [f"Instruction-embedding baseline: {emb['num_clusters']} clusters of the MiniLM embeddings "
-               f"(sizes {emb['sizes']}), NMI {emb['nmi']:.3f}, ARI {emb['ari']:.3f}, purity "
-               f"{emb['purity']:.3f} against the sources.", ""]
+        md += [
+            f"Instruction-embedding baseline: {emb['num_clusters']} clusters of the MiniLM embeddings "
+            f"(sizes {emb['sizes']}), NMI {emb['nmi']:.3f}, ARI {emb['ari']:.3f}, purity "
+            f"{emb['purity']:.3f} against the sources.",
+            "",
+        ]
     pca = metrics.get("pca_clusters")
     if pca:
-        md += [f"PCA baseline: {pca['num_clusters']} clusters of the gradient features reduced to {pca['pca_dim']} "
-               f"principal components (sizes {pca['sizes']}), NMI {pca['nmi']:.3f}, ARI {pca['ari']:.3f}, purity "
-               f"{pca['purity']:.3f} against the sources.", ""]
+        md += [
+            f"PCA baseline: {pca['num_clusters']} clusters of the gradient features reduced to {pca['pca_dim']} "
+            f"principal components (sizes {pca['sizes']}), NMI {pca['nmi']:.3f}, ARI {pca['ari']:.3f}, purity "
+            f"{pca['purity']:.3f} against the sources.",
+            "",
+        ]
     routing = metrics.get("own_source_routing") or {}
     if routing:
-        md += [f"Own-source top expert: for {100 * routing['rate']:.1f}% of {routing['n']} test items the "
-               f"highest-weighted expert is a cluster whose majority training source is the item's own "
-               f"[95% {100 * routing['ci'][0]:.1f}, {100 * routing['ci'][1]:.1f}]; chance "
-               f"{100 * routing['chance']:.1f}%.", ""]
+        md += [
+            f"Own-source top expert: for {100 * routing['rate']:.1f}% of {routing['n']} test items the "
+            f"highest-weighted expert is a cluster whose majority training source is the item's own "
+            f"[95% {100 * routing['ci'][0]:.1f}, {100 * routing['ci'][1]:.1f}]; chance "
+            f"{100 * routing['chance']:.1f}%.",
+            "",
+        ]
     if "feature_map" in figures:
-        md += [f"Gradient features in 2-D (PCA of the unit-norm projected Adam features; the two "
-               f"components explain {100 * facts['explained']:.1f}% of the variance, so distances in the map "
-               "are only indicative):", "", "![feature map](figures/feature_map.png)", ""]
+        md += [
+            f"Gradient features in 2-D (PCA of the unit-norm projected Adam features; the two "
+            f"components explain {100 * facts['explained']:.1f}% of the variance, so distances in the map "
+            "are only indicative):",
+            "",
+            "![feature map](figures/feature_map.png)",
+            "",
+        ]
     if "routing_weights" in figures:
-        md += ["## Routing weights", "",
-               "ELREA's weights per test item (eval/weights.parquet). Expert weights are a softmax over the "
-               "standardised cosines (they sum to 1); the base adapter adds 1 - max cos (paper eq. 5.9-5.10).",
-               "", "![routing weights](figures/routing_weights.png)", ""]
+        md += [
+            "## Routing weights",
+            "",
+            "ELREA's weights per test item (eval/weights.parquet). Expert weights are a softmax over the "
+            "standardised cosines (they sum to 1); the base adapter adds 1 - max cos (paper eq. 5.9-5.10).",
+            "",
+            "![routing weights](figures/routing_weights.png)",
+            "",
+        ]
     return md
 
 
@@ -459,11 +562,14 @@ def _md_why(metrics: dict) -> list[str]:
     md = ["## Why it wins or loses", ""]
     if spread:
         q = spread["base_weight_quartiles"]
-        md += [f"Routing: the expert weights' entropy is {spread['entropy_mean']:.2f} of its maximum on average "
-               f"(median {spread['entropy_median']:.2f}; 0 = one expert takes all, 1 = uniform) and the top "
-               f"expert's share {100 * spread['top_weight_mean']:.1f}%; the base adapter's weight 1 - max cos "
-               f"has quartiles {q[1]:.3f} / {q[2]:.3f} / {q[3]:.3f} (min {q[0]:.3f}, max {q[4]:.3f}) over "
-               f"{spread['n']} test items. A base weight near 0 leaves the mix to the experts.", ""]
+        md += [
+            f"Routing: the expert weights' entropy is {spread['entropy_mean']:.2f} of its maximum on average "
+            f"(median {spread['entropy_median']:.2f}; 0 = one expert takes all, 1 = uniform) and the top "
+            f"expert's share {100 * spread['top_weight_mean']:.1f}%; the base adapter's weight 1 - max cos "
+            f"has quartiles {q[1]:.3f} / {q[2]:.3f} / {q[3]:.3f} (min {q[0]:.3f}, max {q[4]:.3f}) over "
+            f"{spread['n']} test items. A base weight near 0 leaves the mix to the experts.",
+            "",
+        ]
     if spec:
         md += specialisation_markdown(spec) + [""]
     return md
@@ -477,29 +583,39 @@ def _md_router(run: RunDir, metrics: dict) -> list[str]:
         return []
     test, goal = ev["test"], ev["goal_top1_agreement"]
     head = f"one-layer (width {ev['hidden']})" if ev["hidden"] else "linear"
-    md = ["## Distilled router", "",
-          f"A {head} head on the prompt's pooled "
-          f"hidden state (base model + final base adapter) fitted to the gradient routing weights of "
-          f"{ev['train']['n']} training prompts (routing.method: distilled; not in the paper). On the "
-          f"{test['n']} test prompts its top expert is the gradient router's for {100 * test['top1_agreement']:.1f}% "
-          f"of them (goal >= {100 * goal:.0f}%: {'met' if test['top1_agreement'] >= goal else 'not met'}; train "
-          f"{100 * ev['train']['top1_agreement']:.1f}%), and its base weight differs by "
-          f"{test['mean_abs_base_diff']:.3f} on average.", ""]
+    md = [
+        "## Distilled router",
+        "",
+        f"A {head} head on the prompt's pooled "
+        f"hidden state (base model + final base adapter) fitted to the gradient routing weights of "
+        f"{ev['train']['n']} training prompts (routing.method: distilled; not in the paper). On the "
+        f"{test['n']} test prompts its top expert is the gradient router's for {100 * test['top1_agreement']:.1f}% "
+        f"of them (goal >= {100 * goal:.0f}%: {'met' if test['top1_agreement'] >= goal else 'not met'}; train "
+        f"{100 * ev['train']['top1_agreement']:.1f}%), and its base weight differs by "
+        f"{test['mean_abs_base_diff']:.3f} on average.",
+        "",
+    ]
     table = metrics.get("methods", {})
     vs = metrics.get("distilled_vs_elrea")
     if vs is not None and "elrea" in table and "elrea_distilled" in table:
-        md += [f"Accuracy, micro average: gradient router (ELREA) {100 * table['elrea']['micro']['acc']:.1f}%, "
-               f"distilled router {100 * table['elrea_distilled']['micro']['acc']:.1f}%; distilled minus gradient "
-               f"{100 * vs['diff']:+.1f} points [95% paired bootstrap {100 * vs['ci'][0]:+.1f}, "
-               f"{100 * vs['ci'][1]:+.1f}].", ""]
+        md += [
+            f"Accuracy, micro average: gradient router (ELREA) {100 * table['elrea']['micro']['acc']:.1f}%, "
+            f"distilled router {100 * table['elrea_distilled']['micro']['acc']:.1f}%; distilled minus gradient "
+            f"{100 * vs['diff']:+.1f} points [95% paired bootstrap {100 * vs['ci'][0]:+.1f}, "
+            f"{100 * vs['ci'][1]:+.1f}].",
+            "",
+        ]
     else:
         md += ["Its accuracy was not measured: add elrea and elrea_distilled to eval.methods.", ""]
     cost = ev.get("seconds_per_prompt") or {}
     if cost.get("gradient") == cost.get("gradient") and cost.get("distilled"):
-        md += [f"Routing cost per prompt, measured in the router stage on one device: gradient "
-               f"{1000 * cost['gradient']:.1f} ms (features of {ev['cost_rows']['gradient']} test prompts), "
-               f"distilled {1000 * cost['distilled']:.1f} ms ({ev['cost_rows']['distilled']} prompts), so the "
-               f"distilled router routes {cost['gradient'] / cost['distilled']:.1f}x faster.", ""]
+        md += [
+            f"Routing cost per prompt, measured in the router stage on one device: gradient "
+            f"{1000 * cost['gradient']:.1f} ms (features of {ev['cost_rows']['gradient']} test prompts), "
+            f"distilled {1000 * cost['distilled']:.1f} ms ({ev['cost_rows']['distilled']} prompts), so the "
+            f"distilled router routes {cost['gradient'] / cost['distilled']:.1f}x faster.",
+            "",
+        ]
     return md
 
 
@@ -510,8 +626,9 @@ def _md_training(figures: dict, manifest: dict) -> list[str]:
         md += ["![training loss](figures/training_loss.png)", ""]
     stage_times = _stage_times(manifest)
     if stage_times:
-        md += ["| stage | seconds |", "|---|---|"] + [f"| {n} | {'' if t is None else f'{t:.0f}'} |"
-                                                      for n, t in stage_times]
+        md += ["| stage | seconds |", "|---|---|"] + [
+            f"| {n} | {'' if t is None else f'{t:.0f}'} |" for n, t in stage_times
+        ]
         md += [f"| total | {sum(t for _, t in stage_times if t):.0f} |", ""]
     return md
 
@@ -521,12 +638,19 @@ def _md_examples(run: RunDir, eval_dir: Path, methods: list[str]) -> list[str]:
     examples = _examples(run, eval_dir, methods)
     if not examples:
         return []
-    md = ["## Examples", "", "| source | prompt | gold | " + " | ".join(method_title(m) for m in methods)
-          + " |", "|---|---|---|" + "---|" * len(methods)]
+    md = [
+        "## Examples",
+        "",
+        "| source | prompt | gold | " + " | ".join(method_title(m) for m in methods) + " |",
+        "|---|---|---|" + "---|" * len(methods),
+    ]
     for ex in examples:
         cells = [f"{'✓' if s == 1.0 else '✗'} `{_short(p, 40)}`" for p, s in ex["preds"].values()]
-        md.append(f"| {ex['source']} | {_short(ex['prompt'], 90)} | `{_short(ex['answer'], 30)}` | "
-                  + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
+        md.append(
+            f"| {ex['source']} | {_short(ex['prompt'], 90)} | `{_short(ex['answer'], 30)}` | "
+            + " | ".join(c.replace("|", "\\|") for c in cells)
+            + " |"
+        )
     return md + [""]
 
 
@@ -542,25 +666,32 @@ def write_report(run: RunDir, eval_dir: Path | None = None) -> dict:
     config = manifest.get("config", {})
     table = metrics["methods"]
     figures, facts = _figures(run, eval_dir, table, clusters, seed=config.get("run", {}).get("seed", 0))
-    notes = [] if "training_loss" in figures else [
-        "No training loss log (adapters/base/train_log.json, adapters/experts/expert-XX/train_log.json)."]
+    notes = (
+        []
+        if "training_loss" in figures
+        else ["No training loss log (adapters/base/train_log.json, adapters/experts/expert-XX/train_log.json)."]
+    )
     md = _md_results(run, config, table, metrics.get("clusters") or {})
     md += ["", "![accuracy](figures/accuracy.png)", ""]
     if "vs_base" in figures:
         md += ["![difference from M+Q_base](figures/vs_base.png)", ""]
-    md += (_md_clusters(clusters, metrics, figures, facts) + _md_why(metrics) + _md_router(run, metrics)
-           + _md_training(figures, manifest))
+    md += (
+        _md_clusters(clusters, metrics, figures, facts)
+        + _md_why(metrics)
+        + _md_router(run, metrics)
+        + _md_training(figures, manifest)
+    )
     md += _md_examples(run, eval_dir, list(table))
     if notes:
         md += ["## Notes", ""] + [f"- {n}" for n in notes] + [""]
     text = "\n".join(md)
     (eval_dir / "report.md").write_text(text)
     (eval_dir / "report.html").write_text(_html(text, eval_dir / "figures"))
-    return {"markdown": eval_dir / "report.md", "html": eval_dir / "report.html", "figures": figures,
-            "notes": notes}
+    return {"markdown": eval_dir / "report.md", "html": eval_dir / "report.html", "figures": figures, "notes": notes}
 
 
 # -- markdown subset -> HTML (tables, headings, paragraphs, images, code spans) ---------------------
+
 
 def _inline(s: str) -> str:
     s = html.escape(s, quote=False)
@@ -584,16 +715,22 @@ def _html(markdown: str, figs_dir: Path) -> str:
                 i += 1
             cells = [[c.strip().replace("\\|", "|") for c in r.strip().strip("|").split(" | ")] for r in rows]
             head, rest = cells[0], [c for c in cells[1:] if not all(set(x) <= {"-"} for x in c)]
-            body.append("<table><thead><tr>" + "".join(f"<th>{_inline(c)}</th>" for c in head) + "</tr></thead><tbody>"
-                        + "".join("<tr>" + "".join(f"<td>{_inline(c)}</td>" for c in r) + "</tr>" for r in rest)
-                        + "</tbody></table>")
+            body.append(
+                "<table><thead><tr>"
+                + "".join(f"<th>{_inline(c)}</th>" for c in head)
+                + "</tr></thead><tbody>"
+                + "".join("<tr>" + "".join(f"<td>{_inline(c)}</td>" for c in r) + "</tr>" for r in rest)
+                + "</tbody></table>"
+            )
             continue
         if line.startswith("!["):
             alt, src = line[2:].split("](", 1)
             png = figs_dir / Path(src.rstrip(")")).name
             data = base64.b64encode(png.read_bytes()).decode() if png.exists() else ""
-            body.append(f'<figure><img alt="{html.escape(alt)}" src="data:image/png;base64,{data}">'
-                        f"<figcaption>{html.escape(alt)}</figcaption></figure>")
+            body.append(
+                f'<figure><img alt="{html.escape(alt)}" src="data:image/png;base64,{data}">'
+                f"<figcaption>{html.escape(alt)}</figcaption></figure>"
+            )
         elif line.startswith("#"):
             level = len(line) - len(line.lstrip("#"))
             body.append(f"<h{level}>{_inline(line.lstrip('#').strip())}</h{level}>")
@@ -602,10 +739,14 @@ def _html(markdown: str, figs_dir: Path) -> str:
         elif line.strip():
             body.append(f"<p>{_inline(line)}</p>")
         i += 1
-    style = ("body{font-family:system-ui,sans-serif;max-width:1200px;margin:2em auto;padding:0 1em;color:#222}"
-             "table{border-collapse:collapse;margin:1em 0;font-size:0.9em}"
-             "th,td{border:1px solid #ccc;padding:4px 8px;text-align:left}th{background:#f3f3f3}"
-             "img{max-width:100%}figure{margin:1em 0}figcaption{color:#666;font-size:0.85em}"
-             "code{background:#f5f5f5;padding:0 3px}")
-    return ("<!doctype html><html><head><meta charset='utf-8'><title>ELREA evaluation report</title>"
-            f"<style>{style}</style></head><body>\n" + "\n".join(body) + "\n</body></html>\n")
+    style = (
+        "body{font-family:system-ui,sans-serif;max-width:1200px;margin:2em auto;padding:0 1em;color:#222}"
+        "table{border-collapse:collapse;margin:1em 0;font-size:0.9em}"
+        "th,td{border:1px solid #ccc;padding:4px 8px;text-align:left}th{background:#f3f3f3}"
+        "img{max-width:100%}figure{margin:1em 0}figcaption{color:#666;font-size:0.85em}"
+        "code{background:#f5f5f5;padding:0 3px}"
+    )
+    return (
+        "<!doctype html><html><head><meta charset='utf-8'><title>ELREA evaluation report</title>"
+        f"<style>{style}</style></head><body>\n" + "\n".join(body) + "\n</body></html>\n"
+    )

@@ -29,9 +29,14 @@ def _names(keys: str | None) -> tuple[str | None, str | None]:
     return f"{keys}.num_{per}s", f"{keys}.cpus_per_{per}"
 
 
-def resource_problem(num_workers: int, bundle: dict[str, float], total: dict[str, float],
-                     nodes: list[dict[str, float]], keys: str | None = None,
-                     spare_cpus: float = 0.0) -> str | None:
+def resource_problem(
+    num_workers: int,
+    bundle: dict[str, float],
+    total: dict[str, float],
+    nodes: list[dict[str, float]],
+    keys: str | None = None,
+    spare_cpus: float = 0.0,
+) -> str | None:
     """Why a group of `num_workers` x `bundle` cannot start on `nodes` (totals `total`), or None.
 
     Two checks: the whole group against the totals, and one worker against the largest node,
@@ -45,21 +50,30 @@ def resource_problem(num_workers: int, bundle: dict[str, float], total: dict[str
         if have < need:
             named = f"; {workers}, {cpu_key}" if keys and res == "CPU" else ""
             plus = f" + {extra:g} for Ray Data's read and write tasks" if extra else ""
-            hint = (f"; set {keys + '.' if keys else ''}use_gpu=false on a CPU cluster"
-                    if res == "GPU" and have == 0 else "")
+            hint = (
+                f"; set {keys + '.' if keys else ''}use_gpu=false on a CPU cluster"
+                if res == "GPU" and have == 0
+                else ""
+            )
             have_s = "unlimited" if have >= sys.maxsize else f"{have:g}"
-            return (f"needs {need:g} {res}s ({num_workers} x {amount:g}{named}{plus}) but the Ray cluster "
-                    f"has {have_s} {res}s{hint}")
+            return (
+                f"needs {need:g} {res}s ({num_workers} x {amount:g}{named}{plus}) but the Ray cluster "
+                f"has {have_s} {res}s{hint}"
+            )
     if not any(all(n.get(r, 0.0) >= a for r, a in bundle.items()) for n in nodes):
         biggest = ", ".join(f"{r} {max((n.get(r, 0.0) for n in nodes), default=0.0):g}" for r in bundle)
-        return ("one worker needs " + ", ".join(f"{a:g} {r}" for r, a in bundle.items())
-                + (f" ({cpu_key})" if cpu_key else "")
-                + f" on a single node, but no node has that much (largest: {biggest})")
+        return (
+            "one worker needs "
+            + ", ".join(f"{a:g} {r}" for r, a in bundle.items())
+            + (f" ({cpu_key})" if cpu_key else "")
+            + f" on a single node, but no node has that much (largest: {biggest})"
+        )
     return None
 
 
-def capacity(live_nodes: list[dict[str, float]], node_types: list[dict] | None
-             ) -> tuple[dict[str, float], list[dict[str, float]]]:
+def capacity(
+    live_nodes: list[dict[str, float]], node_types: list[dict] | None
+) -> tuple[dict[str, float], list[dict[str, float]]]:
     """The most the cluster could ever offer: (totals, one resource dict per node shape).
 
     `node_types`: the autoscaler's node types, each {"resources": {...}, "max_count": n}
@@ -80,8 +94,14 @@ def capacity(live_nodes: list[dict[str, float]], node_types: list[dict] | None
     return total, shapes
 
 
-def impossible(num_workers: int, bundle: dict[str, float], live_nodes: list[dict[str, float]],
-               node_types: list[dict] | None, keys: str | None = None, spare_cpus: float = 0.0) -> str | None:
+def impossible(
+    num_workers: int,
+    bundle: dict[str, float],
+    live_nodes: list[dict[str, float]],
+    node_types: list[dict] | None,
+    keys: str | None = None,
+    spare_cpus: float = 0.0,
+) -> str | None:
     """Why the request could never be met, whatever the autoscaler adds, or None."""
     total, shapes = capacity(live_nodes, node_types)
     return resource_problem(num_workers, bundle, total, shapes, keys, spare_cpus)
@@ -97,13 +117,18 @@ def autoscaler_node_types() -> list[dict] | None:
         return None
     if not config or not config.node_group_configs:
         return None
-    return [{"resources": {k: float(v) for k, v in g.resources.items()}, "max_count": int(g.max_count)}
-            for g in config.node_group_configs]
+    return [
+        {"resources": {k: float(v) for k, v in g.resources.items()}, "max_count": int(g.max_count)}
+        for g in config.node_group_configs
+    ]
 
 
 def _offer(node_types: list[dict]) -> str:
-    return "; ".join(", ".join(f"{r} {a:g}" for r, a in t["resources"].items())
-                     + f" x{'unlimited' if t['max_count'] < 0 else t['max_count']}" for t in node_types)
+    return "; ".join(
+        ", ".join(f"{r} {a:g}" for r, a in t["resources"].items())
+        + f" x{'unlimited' if t['max_count'] < 0 else t['max_count']}"
+        for t in node_types
+    )
 
 
 def _live() -> tuple[dict[str, float], list[dict[str, float]]]:
@@ -152,8 +177,16 @@ def autoscaler_demand(bundles: list[dict[str, float]]) -> Iterator[None]:
                 print(f"could not withdraw the autoscaler request: {type(e).__name__}: {e}", flush=True)
 
 
-def _wait_until_fits(num_workers: int, bundle: dict[str, float], what: str, keys: str | None,
-                     spare_cpus: float, wait_s: float, report_every_s: float, problem: str) -> None:
+def _wait_until_fits(
+    num_workers: int,
+    bundle: dict[str, float],
+    what: str,
+    keys: str | None,
+    spare_cpus: float,
+    wait_s: float,
+    report_every_s: float,
+    problem: str,
+) -> None:
     start = last = time.monotonic()
     print(f"{what}: waiting up to {wait_s:g} s for the autoscaler: {problem}", flush=True)
     while True:
@@ -164,8 +197,10 @@ def _wait_until_fits(num_workers: int, bundle: dict[str, float], what: str, keys
             return
         now = time.monotonic()
         if now - start >= wait_s:
-            raise RuntimeError(f"{what}: waited {wait_s:g} s (ray.resource_wait_s) and the cluster still "
-                               f"{problem.replace('but the Ray cluster has', 'has')}")
+            raise RuntimeError(
+                f"{what}: waited {wait_s:g} s (ray.resource_wait_s) and the cluster still "
+                f"{problem.replace('but the Ray cluster has', 'has')}"
+            )
         if now - last >= report_every_s:
             last = now
             have = ", ".join(f"{r} {total.get(r, 0.0):g}" for r in bundle)
@@ -173,9 +208,16 @@ def _wait_until_fits(num_workers: int, bundle: dict[str, float], what: str, keys
 
 
 @contextlib.contextmanager
-def resources_for(num_workers: int, bundle: dict[str, float], what: str, keys: str | None = None,
-                  spare_cpus: float = 0.0, wait_s: float = 300.0, report_every_s: float = 15.0,
-                  node_types: list[dict] | None = None) -> Iterator[None]:
+def resources_for(
+    num_workers: int,
+    bundle: dict[str, float],
+    what: str,
+    keys: str | None = None,
+    spare_cpus: float = 0.0,
+    wait_s: float = 300.0,
+    report_every_s: float = 15.0,
+    node_types: list[dict] | None = None,
+) -> Iterator[None]:
     """Make sure `num_workers` x `bundle` can start, and keep asking the autoscaler for it while
     the block runs (the job placing its workers), so that nodes it started for us are not taken
     back as idle before the job lands on them.
@@ -206,17 +248,28 @@ def resources_for(num_workers: int, bundle: dict[str, float], what: str, keys: s
         yield
 
 
-def check_resources(num_workers: int, bundle: dict[str, float], what: str, keys: str | None = None,
-                    spare_cpus: float = 0.0, wait_s: float = 300.0, report_every_s: float = 15.0,
-                    node_types: list[dict] | None = None, wait: bool = True) -> None:
+def check_resources(
+    num_workers: int,
+    bundle: dict[str, float],
+    what: str,
+    keys: str | None = None,
+    spare_cpus: float = 0.0,
+    wait_s: float = 300.0,
+    report_every_s: float = 15.0,
+    node_types: list[dict] | None = None,
+    wait: bool = True,
+) -> None:
     """`resources_for` without a block: returns once the request fits (its autoscaler request is
     withdrawn then). `wait=False`: only the never-satisfiable check (a stage checked before the
     run starts)."""
     if not wait:
         total, live = _live()
         types = node_types if node_types is not None else autoscaler_node_types()
-        problem = (resource_problem(num_workers, bundle, total, live, keys, spare_cpus) if types is None
-                   else impossible(num_workers, bundle, live, types, keys, spare_cpus))
+        problem = (
+            resource_problem(num_workers, bundle, total, live, keys, spare_cpus)
+            if types is None
+            else impossible(num_workers, bundle, live, types, keys, spare_cpus)
+        )
         if problem is None:
             return
         if types is not None:

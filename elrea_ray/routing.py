@@ -68,8 +68,9 @@ def _check_sparsity(num_clusters: int, top_k: int | None, min_weight: float) -> 
         raise ValueError(f"top_k must be None or in [1, C={num_clusters}], got {top_k}")
 
 
-def sparsify(expert_weights: np.ndarray, base_weight: np.ndarray, top_k: int | None = None,
-             min_weight: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
+def sparsify(
+    expert_weights: np.ndarray, base_weight: np.ndarray, top_k: int | None = None, min_weight: float = 0.0
+) -> tuple[np.ndarray, np.ndarray]:
     """`route`'s top_k and min_weight applied to dense weights ([B, C] experts, [B] base), from
     the gradient features or from the distilled router (elrea_ray/distill.py); copies, float64."""
     expert_weights = np.array(expert_weights, dtype=np.float64)

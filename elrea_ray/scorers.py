@@ -39,6 +39,7 @@ LETTERS = "ABCDEFGHIJ"
 
 # -- \boxed{} ------------------------------------------------------------------------------------
 
+
 def last_boxed(text: str) -> str | None:
     """Content of the last \\boxed{...} / \\fbox{...} (balanced braces), or of "\\boxed 5"."""
     text = text or ""
@@ -47,7 +48,7 @@ def last_boxed(text: str) -> str | None:
         return None
     rest = text[best:]
     head = "\\boxed" if rest.startswith("\\boxed") else "\\fbox"
-    rest = rest[len(head):]
+    rest = rest[len(head) :]
     if rest.startswith(" ") and not rest.lstrip().startswith("{"):  # "\boxed 5" (no braces)
         token = rest.strip().split()
         return token[0].rstrip(".$") if token else None
@@ -66,9 +67,31 @@ def last_boxed(text: str) -> str | None:
 
 # -- MATH normalisation ----------------------------------------------------------------------------
 
-_UNIT_WORDS = ("units", "unit", "inches", "inch", "feet", "foot", "cm", "meters", "meter", "degrees",
-               "degree", "dollars", "dollar", "cents", "hours", "hour", "minutes", "minute",
-               "seconds", "second", "mph", "sq", "square")
+_UNIT_WORDS = (
+    "units",
+    "unit",
+    "inches",
+    "inch",
+    "feet",
+    "foot",
+    "cm",
+    "meters",
+    "meter",
+    "degrees",
+    "degree",
+    "dollars",
+    "dollar",
+    "cents",
+    "hours",
+    "hour",
+    "minutes",
+    "minute",
+    "seconds",
+    "second",
+    "mph",
+    "sq",
+    "square",
+)
 
 
 def _closing_brace(s: str, i: int) -> int | None:
@@ -92,7 +115,7 @@ def _brace_group(s: str, i: int) -> tuple[str, int]:
     if s[i] != "{":
         return s[i], i + 1
     j = _closing_brace(s, i)
-    return (s[i + 1:], len(s)) if j is None else (s[i + 1:j], j + 1)
+    return (s[i + 1 :], len(s)) if j is None else (s[i + 1 : j], j + 1)
 
 
 def _brace_fracs(s: str) -> str:
@@ -117,10 +140,17 @@ def _brace_sqrt(s: str) -> str:
 
 
 def _drop_text_units(s: str) -> str:
-    """"5 \\text{ cm}" -> "5", "\\mbox{ inches}" too; a bare "\\text{(A)}" keeps its content."""
-    s = re.sub(r"\\(?:text|mbox|textbf|mathrm)\{\s*([A-Za-z .^0-9]*)\}", lambda m: (
-        "" if m.group(1).strip().split(" ")[0].rstrip("s^0123456789.") in _UNIT_WORDS
-        or (m.start() > 0 and m.group(1).startswith(" ")) else m.group(1)), s)
+    """ "5 \\text{ cm}" -> "5", "\\mbox{ inches}" too; a bare "\\text{(A)}" keeps its content."""
+    s = re.sub(
+        r"\\(?:text|mbox|textbf|mathrm)\{\s*([A-Za-z .^0-9]*)\}",
+        lambda m: (
+            ""
+            if m.group(1).strip().split(" ")[0].rstrip("s^0123456789.") in _UNIT_WORDS
+            or (m.start() > 0 and m.group(1).startswith(" "))
+            else m.group(1)
+        ),
+        s,
+    )
     return s
 
 
@@ -237,6 +267,7 @@ def gsm8k_gold(answer: str) -> str:
 
 # -- choices ---------------------------------------------------------------------------------------
 
+
 def parse_mathqa_options(options: str) -> list[str]:
     """MathQA's option string "a ) 38 , b ) 27.675 , c ) 30 , ..." -> ["38", "27.675", "30", ...]."""
     parts = re.split(r"(?:^|,)\s*([a-e])\s*\)\s*", options.strip())
@@ -250,7 +281,9 @@ def parse_mathqa_options(options: str) -> list[str]:
 # A capital letter may be followed by more words ("the answer is B because ..."); a lower-case one
 # only by a bracket, punctuation or the end, so "the answer is a number" picks nothing.
 _LETTER_PATTERNS = (
-    re.compile(r"(?i:answer|option|choice)\s*(?i:is)?\s*[:\s]*\(?\s*([A-J](?![A-Za-z0-9])|[a-j](?=\s*(?:[).,:;!?]|$)))"),
+    re.compile(
+        r"(?i:answer|option|choice)\s*(?i:is)?\s*[:\s]*\(?\s*([A-J](?![A-Za-z0-9])|[a-j](?=\s*(?:[).,:;!?]|$)))"
+    ),
     re.compile(r"^\s*\(?\s*([A-Ja-j])\s*(?:\)|\.|:|$)"),
     re.compile(r"\(([A-Ja-j])\)"),
 )
@@ -304,6 +337,7 @@ def gold_letter(gold: str, choices: list[str] | None) -> str | None:
 
 # -- exact match (BBH, LESS) -----------------------------------------------------------------------
 
+
 def normalize_exact(s: str) -> str:
     """Case, spaces, quotes, a trailing period and "(A)" -> "a" removed."""
     s = _norm_text(s)
@@ -326,6 +360,7 @@ def bbh_answer(text: str) -> str:
 
 
 # -- dispatch --------------------------------------------------------------------------------------
+
 
 def score_answer(benchmark: str, prediction: str, gold: str, choices: list[str] | None = None) -> float:
     """1.0 when `prediction` answers correctly under `benchmark`'s rules, else 0.0."""
@@ -369,8 +404,11 @@ def score_answer(benchmark: str, prediction: str, gold: str, choices: list[str] 
 _ANY_NUM = r"[-+]?(?:(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?|\.\d+)(?:[eE][-+]?\d+)?"  # -4, 1,234, 0.5, .5, 1e3
 _ANY_NUMBER = re.compile(r"(?<![\w.])" + _ANY_NUM)  # a number not glued to a word ("x2") or a decimal point
 _WHOLE_NUMBER = re.compile(r"\s*" + _ANY_NUM + r"\.?\s*")  # a whole string that is a number ("12." too)
-_ANSWER_PREFIX = re.compile(r"^(?:(?:so|thus|therefore|hence)[, ]+)?(?:the\s+)?(?:final\s+)?"
-                            r"(?:answer|result|output|solution)(?:\s+is)?\s*[:=\-]?\s*", re.IGNORECASE)
+_ANSWER_PREFIX = re.compile(
+    r"^(?:(?:so|thus|therefore|hence)[, ]+)?(?:the\s+)?(?:final\s+)?"
+    r"(?:answer|result|output|solution)(?:\s+is)?\s*[:=\-]?\s*",
+    re.IGNORECASE,
+)
 _QUOTES = "\"'`*“”‘’"
 
 
@@ -381,7 +419,7 @@ def boxed_content(text: str) -> str | None:
         return None
     brace = start + len("\\boxed")
     j = _closing_brace(text, brace)
-    return None if j is None else text[brace + 1:j]
+    return None if j is None else text[brace + 1 : j]
 
 
 def _decimal(s: str) -> Decimal | None:

@@ -22,11 +22,16 @@ from elrea_ray.config import Config
 def seed_config(cfg: Config, seed: int) -> Config:
     """The config of one seed's run: run.seed = seed, its own run directory (and mirror), no seeds."""
     rc = cfg.run
-    run_dir = storage.join(rc.run_dir, f"seed-{seed}") if storage.is_remote(rc.run_dir) \
+    run_dir = (
+        storage.join(rc.run_dir, f"seed-{seed}")
+        if storage.is_remote(rc.run_dir)
         else str(Path(rc.run_dir) / f"seed-{seed}")
+    )
     local_dir = str(Path(rc.local_dir) / f"seed-{seed}") if rc.local_dir else None
-    return cfg.replace(run=dataclasses.replace(rc, seed=seed, run_dir=run_dir, local_dir=local_dir),
-                       eval=dataclasses.replace(cfg.eval, seeds=()))
+    return cfg.replace(
+        run=dataclasses.replace(rc, seed=seed, run_dir=run_dir, local_dir=local_dir),
+        eval=dataclasses.replace(cfg.eval, seeds=()),
+    )
 
 
 def run_seeds(cfg: Config, log=print) -> Path:
@@ -53,10 +58,17 @@ def write_pooled(cfg: Config, runs: dict[int, RunDir]) -> Path:
     table = pooled_table(scores, resamples=cfg.eval.bootstrap, seed=cfg.run.seed)
     parent = RunDir.at(cfg.run.run_dir, cfg.run.local_dir)
     parent.root.mkdir(parents=True, exist_ok=True)
-    md = (f"# ELREA over {len(runs)} seeds ({', '.join(map(str, runs))})\n\n" + pooled_markdown(table)
-          + "\nEach seed's own report: " + ", ".join(f"`seed-{s}/eval/report.md`" for s in runs) + ".\n")
-    for name, text in (("pooled.json", json.dumps({"seeds": list(runs), "methods": table}, indent=2)),
-                       ("pooled.md", md)):
+    md = (
+        f"# ELREA over {len(runs)} seeds ({', '.join(map(str, runs))})\n\n"
+        + pooled_markdown(table)
+        + "\nEach seed's own report: "
+        + ", ".join(f"`seed-{s}/eval/report.md`" for s in runs)
+        + ".\n"
+    )
+    for name, text in (
+        ("pooled.json", json.dumps({"seeds": list(runs), "methods": table}, indent=2)),
+        ("pooled.md", md),
+    ):
         (parent.root / name).write_text(text)
         parent.publish(parent.root / name)
     return parent.root / "pooled.md"

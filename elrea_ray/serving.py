@@ -36,16 +36,23 @@ class Engine:
         self.names = list(b["adapters"])  # "base", "expert-00", ...
         # ONE backbone per replica: the C+1 adapters for decoding and the base adapter's epoch
         # checkpoint for the routing gradients all sit on it.
-        self.model = load_adapters(self.model_cfg, {n: str(self.root / p) for n, p in b["adapters"].items()},
-                                   device)
+        self.model = load_adapters(self.model_cfg, {n: str(self.root / p) for n, p in b["adapters"].items()}, device)
         try:
-            self.fx = FeatureExtractor(self.model_cfg, [str(self.root / p) for p in b["epoch_checkpoints"]],
-                                       b["epoch_weights"], spec, device=device, model=self.model)
+            self.fx = FeatureExtractor(
+                self.model_cfg,
+                [str(self.root / p) for p in b["epoch_checkpoints"]],
+                b["epoch_weights"],
+                spec,
+                device=device,
+                model=self.model,
+            )
         except ValueError as e:  # projector d_in does not match the adapters
             raise BundleError(f"bundle {self.root / 'bundle.json'}: {e}") from None
         if [list(x) for x in self.fx.layout] != [list(x) for x in b["parameter_layout"]]:
-            raise BundleError(f"bundle {self.root / 'bundle.json'}: parameter_layout does not match the "
-                              "epoch checkpoints' LoRA parameters; the bundle and adapters are out of step")
+            raise BundleError(
+                f"bundle {self.root / 'bundle.json'}: parameter_layout does not match the "
+                "epoch checkpoints' LoRA parameters; the bundle and adapters are out of step"
+            )
         self.centroids = load_file(str(self.root / b["centroids"]))["centroids"]
         self.routing = b["routing"]
         self.router = None  # routing.method=distilled: the head on the prompt's pooled hidden state
@@ -54,8 +61,10 @@ class Engine:
 
             self.router = DistilledRouter.load(self.root / b["router"])
             if self.router.num_experts != self.centroids.shape[0]:
-                raise BundleError(f"bundle {self.root / 'bundle.json'}: the router predicts "
-                                  f"{self.router.num_experts} experts, the bundle has {self.centroids.shape[0]}")
+                raise BundleError(
+                    f"bundle {self.root / 'bundle.json'}: the router predicts "
+                    f"{self.router.num_experts} experts, the bundle has {self.centroids.shape[0]}"
+                )
         self.model_id = f"elrea-{self.root.name}"
         self.max_context = int(self.model_cfg.max_length)
         from elrea_ray.data import stop_ids
@@ -64,8 +73,9 @@ class Engine:
         from elrea_ray.decoding import DecodeLoop
 
         # one continuous-batching loop per replica; the app sets max_batch_size and starts it
-        self.loop = DecodeLoop(self.model, self.names, self.tok, self.stop_ids, route=self._weights,
-                               describe=self._routing_info)
+        self.loop = DecodeLoop(
+            self.model, self.names, self.tok, self.stop_ids, route=self._weights, describe=self._routing_info
+        )
 
     # -- requests -----------------------------------------------------------------------------
     def model_ids(self) -> list[str]:
@@ -96,8 +106,10 @@ class Engine:
         out = np.zeros((len(prompt_ids), 1 + self.centroids.shape[0]))
         for k in set(top_k):
             rows = [i for i, t in enumerate(top_k) if t == k]
-            sparse = {"top_k": k if k is not None else self.routing.get("top_k"),
-                      "min_weight": self.routing.get("min_weight", 0.0)}
+            sparse = {
+                "top_k": k if k is not None else self.routing.get("top_k"),
+                "min_weight": self.routing.get("min_weight", 0.0),
+            }
             if dense is None:
                 ew, bw = route(feats[rows], self.centroids, temperature=self.routing["temperature"], **sparse)
             else:
@@ -129,8 +141,13 @@ class Engine:
     def _routing_info(self, w: np.ndarray, adapter: str | None) -> dict:
         experts = {n: float(x) for n, x in zip(self.names[1:], w[1:])}
         top = sorted(experts, key=experts.get, reverse=True)[:3]
-        return {"base_weight": float(w[0]), "expert_weights": experts, "top_clusters": top,
-                "forced_adapter": adapter, "adapters_run": [n for n, x in zip(self.names, w) if x != 0]}
+        return {
+            "base_weight": float(w[0]),
+            "expert_weights": experts,
+            "top_clusters": top,
+            "forced_adapter": adapter,
+            "adapters_run": [n for n, x in zip(self.names, w) if x != 0],
+        }
 
     # -- the decode loop ------------------------------------------------------------------------
     def submit(self, req: GenRequest, sink) -> Handle:

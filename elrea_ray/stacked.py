@@ -102,12 +102,19 @@ class StackedAdapters:
                     b_grp = b_cat.view(b_cat.shape[0], len(a_parts), r).permute(1, 2, 0)
                 elif len(ranks) == 1:  # one rank, some slots empty (the backbone): zero-padded copies
                     zero_a, zero_b = a_parts[0].new_zeros(a_parts[0].shape), b_parts[0].new_zeros(b_parts[0].shape)
-                    by_name = {n: i for i, n in enumerate(n for n in self.names
-                                                          if n != BACKBONE and n in module.lora_A)}
-                    a_grp = torch.stack([a_parts[by_name[n]] if n in by_name else zero_a
-                                         for n in self.names]).transpose(1, 2).contiguous()  # [n, in, r]
-                    b_grp = torch.stack([b_parts[by_name[n]] if n in by_name else zero_b
-                                         for n in self.names]).transpose(1, 2).contiguous()  # [n, r, out]
+                    by_name = {
+                        n: i for i, n in enumerate(n for n in self.names if n != BACKBONE and n in module.lora_A)
+                    }
+                    a_grp = (
+                        torch.stack([a_parts[by_name[n]] if n in by_name else zero_a for n in self.names])
+                        .transpose(1, 2)
+                        .contiguous()
+                    )  # [n, in, r]
+                    b_grp = (
+                        torch.stack([b_parts[by_name[n]] if n in by_name else zero_b for n in self.names])
+                        .transpose(1, 2)
+                        .contiguous()
+                    )  # [n, r, out]
             self._layers.append((module, a_cat, b_cat, layout_ids[key], a_grp, b_grp))
         self._versions = self._version_sum()
         self._masks: list[torch.Tensor] = []
@@ -118,15 +125,16 @@ class StackedAdapters:
 
     def is_current(self, peft_model, names: Sequence[str]) -> bool:
         """Same model, same adapters, and no LoRA weight modified in place since building."""
-        return (unwrap(peft_model) is self.model and list(names) == self.names
-                and self._version_sum() == self._versions)
+        return unwrap(peft_model) is self.model and list(names) == self.names and self._version_sum() == self._versions
 
     def set_rows(self, row_adapter: torch.Tensor) -> None:
         """Which adapter each batch row runs: indices into `names` (a BACKBONE index or -1: none).
         Rows laid out adapter-major over all `names` (a * B + b) take the grouped path."""
         n = len(self.names)
-        self._grouped[0] = bool(row_adapter.numel() % n == 0 and torch.equal(
-            row_adapter.cpu(), torch.arange(n).repeat_interleave(row_adapter.numel() // n)))
+        self._grouped[0] = bool(
+            row_adapter.numel() % n == 0
+            and torch.equal(row_adapter.cpu(), torch.arange(n).repeat_interleave(row_adapter.numel() // n))
+        )
         for i, name in enumerate(self.names):
             if name == BACKBONE:
                 row_adapter = torch.where(row_adapter == i, -1, row_adapter)

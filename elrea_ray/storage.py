@@ -61,8 +61,9 @@ def _s3(uri: str, fast: bool) -> tuple[pafs.FileSystem, str]:
     q = {k: v[-1] for k, v in parse_qs(u.query).items()}
     unknown = sorted(set(q) - _S3_QUERY)
     if unknown:
-        raise ArtifactError(f"run directory {redact(uri)}: unknown query parameter(s) {unknown}; "
-                            f"allowed: {sorted(_S3_QUERY)}")
+        raise ArtifactError(
+            f"run directory {redact(uri)}: unknown query parameter(s) {unknown}; allowed: {sorted(_S3_QUERY)}"
+        )
     creds, _, bucket = u.netloc.rpartition("@")
     kw: dict = {k: q[k] for k in ("endpoint_override", "scheme", "region") if k in q}
     env = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
@@ -78,8 +79,7 @@ def _s3(uri: str, fast: bool) -> tuple[pafs.FileSystem, str]:
     # Fail in seconds on an unreachable endpoint when validating (the default policy retries
     # for about a minute on a black-holed host); normal transfers keep pyarrow's retries.
     if fast:
-        kw.update(connect_timeout=2, request_timeout=5,
-                  retry_strategy=pafs.AwsStandardS3RetryStrategy(max_attempts=2))
+        kw.update(connect_timeout=2, request_timeout=5, retry_strategy=pafs.AwsStandardS3RetryStrategy(max_attempts=2))
     return pafs.S3FileSystem(**kw), f"{bucket}{u.path}".rstrip("/")
 
 
@@ -102,8 +102,9 @@ def check(uri: str) -> None:
     except OSError as e:
         raise ArtifactError(f"run directory {redact(uri)} is not reachable: {e}") from None
     if info.type == pafs.FileType.NotFound:
-        raise ArtifactError(f"run directory {redact(uri)}: bucket {bucket!r} does not exist on that "
-                            "endpoint; create it first") from None
+        raise ArtifactError(
+            f"run directory {redact(uri)}: bucket {bucket!r} does not exist on that endpoint; create it first"
+        ) from None
 
 
 def _info(uri: str):
@@ -166,8 +167,12 @@ def push_dir(local: Path, uri: str, last: str = MARKER) -> None:
     final = [p for p in files if p.name == last]
 
     def put(p: Path) -> None:
-        pafs.copy_files(str(p), f"{path}/{p.relative_to(local).as_posix()}",
-                        source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs)
+        pafs.copy_files(
+            str(p),
+            f"{path}/{p.relative_to(local).as_posix()}",
+            source_filesystem=pafs.LocalFileSystem(),
+            destination_filesystem=fs,
+        )
 
     for group in (first, final):
         with ThreadPoolExecutor(_THREADS) as ex:
@@ -192,7 +197,7 @@ def pull_dir(uri: str, local: Path, merge: bool = False) -> int:
     dest = local if merge else local.with_name(f".{local.name}.pulling-{uuid.uuid4().hex[:8]}")
     todo = []
     for info in files:
-        target = dest / info.path[len(path):].lstrip("/")
+        target = dest / info.path[len(path) :].lstrip("/")
         if merge and target.exists() and target.stat().st_size == info.size:
             continue
         todo.append((info.path, target))
@@ -219,6 +224,7 @@ def _swap_into(new: Path, target: Path) -> None:
 
 
 # -- the node-local cache that Ray tasks read through --------------------------------------------
+
 
 def cache_root() -> Path:
     """$ELREA_CACHE/objects (default ~/.cache/elrea-ray/objects): one folder per localized URI."""
@@ -248,8 +254,10 @@ def localize(ref: str) -> Path:
         return Path(ref)
     key = marker_key(ref)
     if key is None:
-        raise ArtifactError(f"{redact(ref)} is not inside a finished stage (no {MARKER} marker in it "
-                            "or a parent folder); rerun the pipeline to complete that stage")
+        raise ArtifactError(
+            f"{redact(ref)} is not inside a finished stage (no {MARKER} marker in it "
+            "or a parent folder); rerun the pipeline to complete that stage"
+        )
     fs, path = filesystem(ref)
     name = path.rstrip("/").rsplit("/", 1)[-1]
     entry = cache_root() / hashlib.sha256(redact(ref).encode()).hexdigest()[:16]

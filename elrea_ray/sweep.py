@@ -59,13 +59,19 @@ from elrea_ray.stages.evaluate import decode_split, routing_weights
 from elrea_ray.stages.gradients import read_features
 
 # sweep field -> the config key it sets
-PARAMS = {"initial_clusters": "clustering.initial_clusters", "experts_lr": "experts.lr",
-          "train_lr": "train.lr", "temperature": "routing.temperature", "top_k": "routing.top_k"}
+PARAMS = {
+    "initial_clusters": "clustering.initial_clusters",
+    "experts_lr": "experts.lr",
+    "train_lr": "train.lr",
+    "temperature": "routing.temperature",
+    "top_k": "routing.top_k",
+}
 UPSTREAM = ("data", "base", "gradients")
 EXPERTS = ("clusters", "experts")
 
 
 # -- the search space -------------------------------------------------------------------------------
+
 
 def swept(cfg: Config) -> dict[str, tuple]:
     """{config key: values} for every sweep list that is not empty."""
@@ -97,8 +103,9 @@ def param_space(cfg: Config) -> dict:
 def check_space(cfg: Config) -> None:
     """Build every trial's config before anything starts, so a bad combination fails at once."""
     if not swept(cfg):
-        raise ConfigError("sweep: nothing to search; give at least one of sweep."
-                          + ", sweep.".join(PARAMS) + " a list of values")
+        raise ConfigError(
+            "sweep: nothing to search; give at least one of sweep." + ", sweep.".join(PARAMS) + " a list of values"
+        )
     base = cfg.to_dict()
     for point in grid_points(cfg):  # random search draws from the same values
         try:
@@ -106,8 +113,10 @@ def check_space(cfg: Config) -> None:
         except ConfigError as e:
             raise ConfigError(f"sweep point {point}: {e}") from None
     if cfg.data.kind == "files" and not cfg.data.validation_files:
-        raise ConfigError("sweep: the objective is validation accuracy, but data.validation_files is "
-                          "empty; give a validation file (the test split is never used to choose)")
+        raise ConfigError(
+            "sweep: the objective is validation accuracy, but data.validation_files is "
+            "empty; give a validation file (the test split is never used to choose)"
+        )
 
 
 def trial_demand(cfg: Config) -> dict[str, float]:
@@ -115,10 +124,19 @@ def trial_demand(cfg: Config) -> dict[str, float]:
     one after another inside a trial; the expert stage runs `max_concurrent` trainers together;
     the gradient stage's read and write tasks need one CPU beside its actors)."""
     t, g, e, ev = cfg.train, cfg.gradients, cfg.experts, cfg.eval
-    cpu = max(t.num_workers * t.cpus_per_worker, g.num_actors * g.cpus_per_actor + 1.0, 1.0,
-              e.max_concurrent * e.num_workers * e.cpus_per_worker, ev.num_actors * ev.cpus_per_actor)
-    gpu = max(t.num_workers * t.use_gpu, g.num_actors * g.use_gpu,
-              e.max_concurrent * e.num_workers * e.use_gpu * e.gpus_per_worker, ev.num_actors * ev.use_gpu)
+    cpu = max(
+        t.num_workers * t.cpus_per_worker,
+        g.num_actors * g.cpus_per_actor + 1.0,
+        1.0,
+        e.max_concurrent * e.num_workers * e.cpus_per_worker,
+        ev.num_actors * ev.cpus_per_actor,
+    )
+    gpu = max(
+        t.num_workers * t.use_gpu,
+        g.num_actors * g.use_gpu,
+        e.max_concurrent * e.num_workers * e.use_gpu * e.gpus_per_worker,
+        ev.num_actors * ev.use_gpu,
+    )
     return {"CPU": cpu, "GPU": float(gpu)}
 
 
@@ -132,9 +150,11 @@ def max_concurrent_trials(cfg: Config, resources: dict[str, float]) -> int:
             continue
         have = resources.get(res, 0.0)
         if have < amount:
-            raise RuntimeError(f"sweep: one trial needs {amount:g} {res} at its peak (the largest of "
-                               f"train / gradients / experts.max_concurrent x workers / eval) but the "
-                               f"Ray cluster has {have:g} {res}; lower those settings or add nodes")
+            raise RuntimeError(
+                f"sweep: one trial needs {amount:g} {res} at its peak (the largest of "
+                f"train / gradients / experts.max_concurrent x workers / eval) but the "
+                f"Ray cluster has {have:g} {res}; lower those settings or add nodes"
+            )
         fits.append(int(have // amount))
     n = min(fits)
     if cfg.sweep.max_concurrent_trials is not None:
@@ -143,6 +163,7 @@ def max_concurrent_trials(cfg: Config, resources: dict[str, float]) -> int:
 
 
 # -- one trial --------------------------------------------------------------------------------------
+
 
 @contextlib.contextmanager
 def building(run: RunDir) -> Iterator[None]:
@@ -198,13 +219,17 @@ def _seed_stage(src: RunDir, dst: RunDir, stage: str, key: str) -> bool:
         shutil.rmtree(out)
     tmp.rename(out)
     entry = src.read_manifest().get("stages", {}).get(stage, {}) if src.manifest.exists() else {}
-    dst.update_manifest(lambda m: m["stages"].__setitem__(stage, {**entry, "key": key, "status": "complete",
-                                                                  "seeded_from": str(src.root)}))
+    dst.update_manifest(
+        lambda m: m["stages"].__setitem__(
+            stage, {**entry, "key": key, "status": "complete", "seeded_from": str(src.root)}
+        )
+    )
     return True
 
 
-def seed_from_run(cfg: Config, source: str | Path, experts: bool = True,
-                  log: Callable[[str], None] = print) -> list[str]:
+def seed_from_run(
+    cfg: Config, source: str | Path, experts: bool = True, log: Callable[[str], None] = print
+) -> list[str]:
     """Reuse a finished pipeline run: copy its stages 0-2 (and, with `experts`, its clusters and
     experts) into the sweep levels of every trial whose settings match them, so those trials skip
     straight to what they change. Files are hard-linked when the run is on the same filesystem.
@@ -240,9 +265,13 @@ def seed_from_run(cfg: Config, source: str | Path, experts: bool = True,
                 seeded.append(str(ex.root))
     if not matched:
         missing = [s for s in UPSTREAM if have[s] is None]
-        why = (f"its stages {', '.join(missing)} are not complete" if missing else
-               f"its gradients stage has key {have['gradients']}, the sweep's trials need "
-               + " or ".join(sorted(wanted)) + " (other data, model, train or gradients settings)")
+        why = (
+            f"its stages {', '.join(missing)} are not complete"
+            if missing
+            else f"its gradients stage has key {have['gradients']}, the sweep's trials need "
+            + " or ".join(sorted(wanted))
+            + " (other data, model, train or gradients settings)"
+        )
         raise ArtifactError(f"sweep: --from-run {src.root} matches no trial: {why}")
     for level in seeded:
         log(f"sweep: seeded {level} from {src.root}")
@@ -251,9 +280,16 @@ def seed_from_run(cfg: Config, source: str | Path, experts: bool = True,
 
 def validation_key(cfg: Config, keys: dict[str, str]) -> str:
     ec = cfg.eval
-    return stage_key("validation", {"routing": routing_slice(cfg), "metric": cfg.sweep.metric,
-                                    "max_new_tokens": ec.max_new_tokens, "batch_size": ec.batch_size},
-                     [keys["experts"], keys["gradients"]])
+    return stage_key(
+        "validation",
+        {
+            "routing": routing_slice(cfg),
+            "metric": cfg.sweep.metric,
+            "max_new_tokens": ec.max_new_tokens,
+            "batch_size": ec.batch_size,
+        },
+        [keys["experts"], keys["gradients"]],
+    )
 
 
 def build_validation(cfg: Config, run: RunDir, out: Path) -> dict:
@@ -266,21 +302,30 @@ def build_validation(cfg: Config, run: RunDir, out: Path) -> dict:
 
     rows = pq.read_table(run.data_file("validation")).to_pylist()
     if not rows:
-        raise ArtifactError(f"sweep: the validation split {run.data_file('validation')} is empty; the "
-                            "objective needs it (data.validation_per_source or data.validation_files)")
+        raise ArtifactError(
+            f"sweep: the validation split {run.data_file('validation')} is empty; the "
+            "objective needs it (data.validation_per_source or data.validation_files)"
+        )
     _, _, feats = read_features(run.gradient_dir("validation"), order=[r["example_id"] for r in rows])
     weights = routing_weights(cfg, run, feats)
     method = cfg.sweep.metric
     bundle = json.loads(run.bundle.read_text())
     adapters = {n: run.ref(run.root / p) for n, p in bundle["adapters"].items()}
-    preds = decode_split(cfg.eval, bundle["model"], adapters, rows,
-                         {method: weights[method]} if method in weights else {}, [method])
+    preds = decode_split(
+        cfg.eval, bundle["model"], adapters, rows, {method: weights[method]} if method in weights else {}, [method]
+    )
     pq.write_table(pa.Table.from_pandas(preds, preserve_index=False), out / "predictions.parquet")
-    table = accuracy_table(preds["source"].tolist(), {method: preds[f"score_{method}"].tolist()},
-                           resamples=0, seed=cfg.run.seed)
-    metrics = {"split": "validation", "metric": method, "accuracy": table[method]["micro"]["acc"],
-               "n": table[method]["micro"]["n"], "ci": table[method]["micro"]["ci"],
-               "per_source": table[method]["per_source"]}
+    table = accuracy_table(
+        preds["source"].tolist(), {method: preds[f"score_{method}"].tolist()}, resamples=0, seed=cfg.run.seed
+    )
+    metrics = {
+        "split": "validation",
+        "metric": method,
+        "accuracy": table[method]["micro"]["acc"],
+        "n": table[method]["micro"]["n"],
+        "ci": table[method]["micro"]["ci"],
+        "per_source": table[method]["per_source"],
+    }
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
     return {"accuracy": metrics["accuracy"], "n": metrics["n"]}
 
@@ -320,10 +365,17 @@ def run_trial(cfg: Config, sweep_root: Path, log: Callable[[str], None] = print)
         stage(tr, "validation", lambda out: build_validation(cfg, tr, out))
     metrics = json.loads(tr.stage_dir("validation").joinpath("metrics.json").read_text())
     clusters = json.loads(tr.clusters_file("report.json").read_text())
-    return {"objective": metrics["accuracy"], "validation_n": metrics["n"],
-            "validation_ci_low": metrics["ci"][0], "validation_ci_high": metrics["ci"][1],
-            "num_clusters": clusters["num_clusters"], "trial_dir": str(tr.root),
-            "upstream_dir": str(up.root), "built": ",".join(built), "seconds": round(time.time() - t0, 1)}
+    return {
+        "objective": metrics["accuracy"],
+        "validation_n": metrics["n"],
+        "validation_ci_low": metrics["ci"][0],
+        "validation_ci_high": metrics["ci"][1],
+        "num_clusters": clusters["num_clusters"],
+        "trial_dir": str(tr.root),
+        "upstream_dir": str(up.root),
+        "built": ",".join(built),
+        "seconds": round(time.time() - t0, 1),
+    }
 
 
 def _trainable(params: dict, base: dict, root: str) -> None:
@@ -345,6 +397,7 @@ def _trainable(params: dict, base: dict, root: str) -> None:
 
 # -- the sweep --------------------------------------------------------------------------------------
 
+
 def best_config_dict(cfg: Config) -> dict:
     d = cfg.to_dict()
     d.pop("sweep")
@@ -356,9 +409,15 @@ def _absolute_files(cfg: Config) -> Config:
     d = cfg.data
     fix = lambda fs: tuple(str(Path(f).expanduser().resolve()) for f in fs)  # noqa: E731
     archive = fix([d.bigbench_archive])[0] if d.bigbench_archive else ""
-    return cfg.replace(data=dataclasses.replace(d, train_files=fix(d.train_files),
-                                                validation_files=fix(d.validation_files),
-                                                test_files=fix(d.test_files), bigbench_archive=archive))
+    return cfg.replace(
+        data=dataclasses.replace(
+            d,
+            train_files=fix(d.train_files),
+            validation_files=fix(d.validation_files),
+            test_files=fix(d.test_files),
+            bigbench_archive=archive,
+        )
+    )
 
 
 def run_sweep(cfg: Config, log: Callable[[str], None] = print) -> dict:
@@ -377,33 +436,54 @@ def run_sweep(cfg: Config, log: Callable[[str], None] = print) -> dict:
     check_stage_resources(cfg)  # the pipeline's check: what no node (type) could ever hold fails now
     # On an autoscaling cluster the offer counts the nodes it may still add (trials then wait for them).
     conc = max_concurrent_trials(cfg, cluster_offer())
-    n_trials = (len(grid_points(cfg)) * cfg.sweep.num_samples if cfg.sweep.search == "grid"
-                else cfg.sweep.num_samples)
+    n_trials = len(grid_points(cfg)) * cfg.sweep.num_samples if cfg.sweep.search == "grid" else cfg.sweep.num_samples
     conc = min(conc, max(1, n_trials))
-    log(f"sweep: {n_trials} trials over {', '.join(swept(cfg))}, at most {conc} at once; "
-        f"objective: validation accuracy of {cfg.sweep.metric}; folder {root}")
-    trainable = tune.with_resources(tune.with_parameters(_trainable, base=cfg.to_dict(), root=str(root)),
-                                    {"cpu": cfg.sweep.cpus_per_trial})
+    log(
+        f"sweep: {n_trials} trials over {', '.join(swept(cfg))}, at most {conc} at once; "
+        f"objective: validation accuracy of {cfg.sweep.metric}; folder {root}"
+    )
+    trainable = tune.with_resources(
+        tune.with_parameters(_trainable, base=cfg.to_dict(), root=str(root)), {"cpu": cfg.sweep.cpus_per_trial}
+    )
     tuner = tune.Tuner(
-        trainable, param_space=param_space(cfg),
+        trainable,
+        param_space=param_space(cfg),
         tune_config=tune.TuneConfig(
-            metric="objective", mode="max", num_samples=cfg.sweep.num_samples,
-            search_alg=BasicVariantGenerator(random_state=cfg.sweep.seed, max_concurrent=conc)),
+            metric="objective",
+            mode="max",
+            num_samples=cfg.sweep.num_samples,
+            search_alg=BasicVariantGenerator(random_state=cfg.sweep.seed, max_concurrent=conc),
+        ),
         # A fresh experiment name per invocation: the stages themselves are what a rerun reuses.
-        run_config=tune.RunConfig(name=f"sweep-{time.strftime('%Y%m%d-%H%M%S')}",
-                                  storage_path=str(root / "tune"),
-                                  failure_config=tune.FailureConfig(max_failures=0),
-                                  callbacks=tracker(cfg, root).tune_callbacks()))
+        run_config=tune.RunConfig(
+            name=f"sweep-{time.strftime('%Y%m%d-%H%M%S')}",
+            storage_path=str(root / "tune"),
+            failure_config=tune.FailureConfig(max_failures=0),
+            callbacks=tracker(cfg, root).tune_callbacks(),
+        ),
+    )
     grid = tuner.fit()
     if grid.errors:
-        raise RuntimeError(f"sweep: {len(grid.errors)} of {len(grid)} trials failed; first error:\n"
-                           f"{grid.errors[0]}")
+        raise RuntimeError(f"sweep: {len(grid.errors)} of {len(grid)} trials failed; first error:\n{grid.errors[0]}")
     rows = []
     for i, res in enumerate(grid):
         row = {"trial": i, **{k: res.config[k] for k in swept(cfg)}}
-        row.update({k: res.metrics[k] for k in ("num_clusters", "objective", "validation_n",
-                                                 "validation_ci_low", "validation_ci_high", "built",
-                                                 "seconds", "trial_dir", "upstream_dir")})
+        row.update(
+            {
+                k: res.metrics[k]
+                for k in (
+                    "num_clusters",
+                    "objective",
+                    "validation_n",
+                    "validation_ci_low",
+                    "validation_ci_high",
+                    "built",
+                    "seconds",
+                    "trial_dir",
+                    "upstream_dir",
+                )
+            }
+        )
         rows.append(row)
     # Best: highest validation accuracy; ties go to the earliest trial (stable sort).
     rows.sort(key=lambda r: -r["objective"])
@@ -411,8 +491,11 @@ def run_sweep(cfg: Config, log: Callable[[str], None] = print) -> dict:
     best_cfg = with_params(cfg.to_dict(), {k: best[k] for k in swept(cfg)})
     best_cfg = best_cfg.replace(run=dataclasses.replace(best_cfg.run, run_dir=best["trial_dir"], local_dir=None))
     paths = write_outputs(cfg, root, rows, best_cfg)
-    log(f"sweep: best validation accuracy {best['objective']:.3f} (n={best['validation_n']}) with "
-        + ", ".join(f"{k}={best[k]}" for k in swept(cfg)) + f"; best config {paths['best']}")
+    log(
+        f"sweep: best validation accuracy {best['objective']:.3f} (n={best['validation_n']}) with "
+        + ", ".join(f"{k}={best[k]}" for k in swept(cfg))
+        + f"; best config {paths['best']}"
+    )
     return {"rows": rows, "best": best, **paths}
 
 
@@ -422,16 +505,36 @@ def _fmt(v) -> str:
 
 def _results_markdown(cfg: Config, root: Path, rows: list[dict], params: list[str]) -> str:
     head = ["#", *params, "clusters", f"val acc ({cfg.sweep.metric})", "95% CI", "n", "built", "s"]
-    lines = [f"# Sweep results (validation split; objective: {cfg.sweep.metric} accuracy)", "",
-             "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    lines = [
+        f"# Sweep results (validation split; objective: {cfg.sweep.metric} accuracy)",
+        "",
+        "| " + " | ".join(head) + " |",
+        "|" + "---|" * len(head),
+    ]
     for r in rows:
         ci = f"[{r['validation_ci_low']:.2f}, {r['validation_ci_high']:.2f}]"
-        lines.append("| " + " | ".join([str(r["trial"]), *[_fmt(r[p]) for p in params], str(r["num_clusters"]),
-                                        f"{r['objective']:.3f}", ci, str(r["validation_n"]),
-                                        r["built"] or "-", f"{r['seconds']:.0f}"]) + " |")
-    lines += ["", "`built`: stages this trial computed; the others were reused from a trial with the "
-              "same settings.", f"Best config: `{root / 'best.yaml'}` (run it with "
-              "`python jobs/full_pipeline.py --config` to evaluate the test split once)."]
+        lines.append(
+            "| "
+            + " | ".join(
+                [
+                    str(r["trial"]),
+                    *[_fmt(r[p]) for p in params],
+                    str(r["num_clusters"]),
+                    f"{r['objective']:.3f}",
+                    ci,
+                    str(r["validation_n"]),
+                    r["built"] or "-",
+                    f"{r['seconds']:.0f}",
+                ]
+            )
+            + " |"
+        )
+    lines += [
+        "",
+        "`built`: stages this trial computed; the others were reused from a trial with the same settings.",
+        f"Best config: `{root / 'best.yaml'}` (run it with "
+        "`python jobs/full_pipeline.py --config` to evaluate the test split once).",
+    ]
     return "\n".join(lines) + "\n"
 
 
@@ -453,10 +556,14 @@ def _plot_objective(cfg: Config, rows: list[dict], params: list[str], png: Path)
         label = ", ".join(f"{p.split('.')[-1]}={_fmt(v)}" for p, v in zip(others, g)) or None
         ax.plot([r["num_clusters"] for r in rs], [r["objective"] for r in rs], marker="o", label=label)
     b = rows[0]
-    ax.scatter([b["num_clusters"]], [b["objective"]], s=160, facecolors="none", edgecolors="red", zorder=5,
-               label="best")
-    ax.set_xlabel("number of clusters C (after balanced BIRCH)" if cfg.clustering.method == "balanced_birch"
-                  else "number of clusters C")
+    ax.scatter(
+        [b["num_clusters"]], [b["objective"]], s=160, facecolors="none", edgecolors="red", zorder=5, label="best"
+    )
+    ax.set_xlabel(
+        "number of clusters C (after balanced BIRCH)"
+        if cfg.clustering.method == "balanced_birch"
+        else "number of clusters C"
+    )
     ax.set_ylabel(f"validation accuracy ({cfg.sweep.metric})")
     ax.set_ylim(-0.02, 1.02)
     ax.set_title(f"Sweep objective vs cluster count (n={b['validation_n']} validation examples)", fontsize=9)
@@ -470,8 +577,18 @@ def _plot_objective(cfg: Config, rows: list[dict], params: list[str], png: Path)
 def write_outputs(cfg: Config, root: Path, rows: list[dict], best_cfg: Config) -> dict[str, str]:
     """The sweep's results.csv, results.md, objective_vs_clusters.png and best.yaml in `root`."""
     params = list(swept(cfg))
-    cols = ["trial", *params, "num_clusters", "objective", "validation_n", "validation_ci_low",
-            "validation_ci_high", "built", "seconds", "trial_dir"]
+    cols = [
+        "trial",
+        *params,
+        "num_clusters",
+        "objective",
+        "validation_n",
+        "validation_ci_low",
+        "validation_ci_high",
+        "built",
+        "seconds",
+        "trial_dir",
+    ]
     csv_path = root / "results.csv"
     with open(csv_path, "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=cols, extrasaction="ignore")
@@ -482,8 +599,9 @@ def write_outputs(cfg: Config, root: Path, rows: list[dict], best_cfg: Config) -
     png = root / "objective_vs_clusters.png"
     _plot_objective(cfg, rows, params, png)
     best_path = root / "best.yaml"
-    best_path.write_text("# Best sweep trial (highest validation accuracy). run.run_dir is that trial's\n"
-                         "# run directory, so `python jobs/full_pipeline.py --config` on this file reuses its\n"
-                         "# stages and evaluates the test split once.\n"
-                         + yaml.safe_dump(best_config_dict(best_cfg), sort_keys=False))
+    best_path.write_text(
+        "# Best sweep trial (highest validation accuracy). run.run_dir is that trial's\n"
+        "# run directory, so `python jobs/full_pipeline.py --config` on this file reuses its\n"
+        "# stages and evaluates the test split once.\n" + yaml.safe_dump(best_config_dict(best_cfg), sort_keys=False)
+    )
     return {"csv": str(csv_path), "markdown": str(md_path), "plot": str(png), "best": str(best_path)}

@@ -141,8 +141,9 @@ class Tracker:
         if self.backend == "mlflow":
             from ray.air.integrations.mlflow import MLflowLoggerCallback
 
-            return [MLflowLoggerCallback(tracking_uri=self.uri or None, experiment_name=self.project,
-                                         save_artifact=False)]
+            return [
+                MLflowLoggerCallback(tracking_uri=self.uri or None, experiment_name=self.project, save_artifact=False)
+            ]
         if self.backend == "wandb":
             from ray.air.integrations.wandb import WandbLoggerCallback
 
@@ -170,8 +171,15 @@ class Tracker:
         self._wandb_env()
         folder = self.dir / "wandb"
         folder.mkdir(parents=True, exist_ok=True)
-        return wandb.init(project=self.project, group=self.name, name=child, job_type=child.split("-")[0],
-                          config=config, dir=str(folder), reinit="create_new")
+        return wandb.init(
+            project=self.project,
+            group=self.name,
+            name=child,
+            job_type=child.split("-")[0],
+            config=config,
+            dir=str(folder),
+            reinit="create_new",
+        )
 
     def _mlflow_run(self, child: str):
         """A child run of this pipeline run's parent run. The parent is created once per
@@ -256,18 +264,28 @@ def _log_stage(tr: Tracker, cfg: Config, stage: str, root: Path, key: str) -> No
 
     if stage in ("base", "experts", "baselines"):
         section = {"base": "train", "experts": "experts", "baselines": "train"}[stage]  # the recipe's section
-        folder = {"base": root / "adapters" / "base", "experts": root / "adapters" / "experts",
-                  "baselines": root / "adapters" / "baselines"}[stage]
+        folder = {
+            "base": root / "adapters" / "base",
+            "experts": root / "adapters" / "experts",
+            "baselines": root / "adapters" / "baselines",
+        }[stage]
         logs = [folder / "train_log.json"] if stage == "base" else sorted(folder.glob("*/train_log.json"))
         for log in logs:
             name = "base" if stage == "base" else f"{stage}/{log.parent.name}"
-            tr.log_training(name.replace("/", "-"), {"model": asdict(cfg.model), "train": asdict(cfg.train),
-                                                     section: asdict(getattr(cfg, section)),
-                                                     "seed": cfg.run.seed}, log, key)
+            tr.log_training(
+                name.replace("/", "-"),
+                {
+                    "model": asdict(cfg.model),
+                    "train": asdict(cfg.train),
+                    section: asdict(getattr(cfg, section)),
+                    "seed": cfg.run.seed,
+                },
+                log,
+                key,
+            )
     elif stage == "eval":
         ev = root / "eval"
-        tr.log_eval(ev / "metrics.json", [ev / "results.md", ev / "report.md", ev / "report.html", ev / "figures"],
-                    key)
+        tr.log_eval(ev / "metrics.json", [ev / "results.md", ev / "report.md", ev / "report.html", ev / "figures"], key)
 
 
 def pull_tracking(run) -> None:

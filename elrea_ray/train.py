@@ -48,16 +48,16 @@ def response_cross_entropy(net, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     cls = type(inner.get_base_model() if hasattr(inner, "get_base_model") else inner)
     if _HEAD_SLICING.get(cls, True):
         try:
-            out = net(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                      logits_to_keep=keep).logits
+            out = net(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], logits_to_keep=keep).logits
         except TypeError:  # a forward without logits_to_keep
             out = None
         _HEAD_SLICING[cls] = out is not None and out.dim() == 2 and out.shape[0] == int(keep.sum())
         if _HEAD_SLICING[cls]:
             return torch.nn.functional.cross_entropy(out.float(), shifted[keep], reduction="sum")
     out = net(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-    return torch.nn.functional.cross_entropy(out.flatten(0, 1).float(), shifted.flatten(),
-                                             ignore_index=-100, reduction="sum")
+    return torch.nn.functional.cross_entropy(
+        out.flatten(0, 1).float(), shifted.flatten(), ignore_index=-100, reduction="sum"
+    )
 
 
 _HEAD_SLICING: dict[type, bool] = {}  # per model class: does its forward honour a boolean mask?
@@ -76,6 +76,7 @@ def _lr_lambda(total_steps: int, warmup_steps: int):
         if warmup_steps and step < warmup_steps:
             return (step + 1) / warmup_steps
         return max(0.0, (total_steps - step) / max(1, total_steps - warmup_steps))
+
     return f
 
 
@@ -116,11 +117,12 @@ def _rank_micro_batches(batch: list[int], rank: int, world: int, micro: int) -> 
     e.g. 5 rows, 3 ranks, micro 1: ranks hold 2, 2, 1 rows, and all run 2 micro-batches."""
     per_rank = math.ceil(len(batch) / world)
     slots = [batch[j] if j < len(batch) else None for j in range(per_rank * world)][rank::world]
-    return [[i for i in slots[m:m + micro] if i is not None] for m in range(0, per_rank, micro)]
+    return [[i for i in slots[m : m + micro] if i is not None] for m in range(0, per_rank, micro)]
 
 
-def _accumulate_step(net, batch, ids, labels, rank: int, world: int, micro: int, pad_id: int,
-                     device) -> tuple[float, int]:
+def _accumulate_step(
+    net, batch, ids, labels, rank: int, world: int, micro: int, pad_id: int, device
+) -> tuple[float, int]:
     """Forward and backward of this rank's share of one optimiser step; returns (summed response
     cross-entropy, response tokens), both of the whole step over all ranks.
 
@@ -172,14 +174,14 @@ def _setup(cfg: dict, tc: TrainConfig, mc: ModelConfig, device, world: int, n_ex
     from elrea_ray.model import load_adapters, lora_parameters, new_lora_model
 
     if cfg.get("init_adapter"):
-        model = load_adapters(mc, {"default": str(storage.localize(cfg["init_adapter"]))}, device,
-                              is_trainable=True)
+        model = load_adapters(mc, {"default": str(storage.localize(cfg["init_adapter"]))}, device, is_trainable=True)
     else:
         model = new_lora_model(mc, device, seed=cfg["seed"])
     model.train()
     params = [p for _, p in lora_parameters(model)]
-    opt = torch.optim.Adam(params, lr=tc.lr, betas=(tc.adam_beta1, tc.adam_beta2), eps=tc.adam_eps,
-                           weight_decay=tc.weight_decay)
+    opt = torch.optim.Adam(
+        params, lr=tc.lr, betas=(tc.adam_beta1, tc.adam_beta2), eps=tc.adam_eps, weight_decay=tc.weight_decay
+    )
     # e.g. 2000 examples / batch 16 = 125 steps per epoch, x 2 epochs = 250 steps. A job's
     # max_steps overrides the epochs: the shuffled epochs repeat and the last one is cut.
     steps_per_epoch = math.ceil(n_examples / tc.batch_size)
@@ -188,7 +190,8 @@ def _setup(cfg: dict, tc: TrainConfig, mc: ModelConfig, device, world: int, n_ex
     net = model
     if world > 1:
         net = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None)
+            model, device_ids=[device.index] if device.type == "cuda" else None
+        )
     return model, net, opt, sched, steps_per_epoch, total
 
 
@@ -217,8 +220,9 @@ def _resume(model, opt, sched, rank: int, device) -> _Progress:
         torch.set_rng_state(rng_state["cpu"])
         if rng_state.get("cuda") is not None and device.type == "cuda":
             torch.cuda.set_rng_state(rng_state["cuda"], device)
-    return _Progress(state["step"], state["lr_sum"], state.get("last_loss", float("nan")),
-                     list(state.get("history", [])))
+    return _Progress(
+        state["step"], state["lr_sum"], state.get("last_loss", float("nan")), list(state.get("history", []))
+    )
 
 
 def _save_epoch(cfg: dict, out_dir: Path, model, opt, sched, p: _Progress, epoch: int, steps_per_epoch: int) -> None:
@@ -227,16 +231,18 @@ def _save_epoch(cfg: dict, out_dir: Path, model, opt, sched, p: _Progress, epoch
     from elrea_ray.checkpoints import parameter_layout, save_epoch_checkpoint
 
     folder = out_dir / f"epoch-{epoch}"
-    save_epoch_checkpoint(folder, model, opt, step=p.step, lr=sched.get_last_lr()[0],
-                          mean_lr=p.lr_sum / steps_per_epoch, epoch=epoch)
+    save_epoch_checkpoint(
+        folder, model, opt, step=p.step, lr=sched.get_last_lr()[0], mean_lr=p.lr_sum / steps_per_epoch, epoch=epoch
+    )
     (folder / "parameter_layout.json").write_text(json.dumps(parameter_layout(model)))
     if storage.is_remote(cfg["out_dir"]):
         storage.push_dir(folder, storage.join(cfg["out_dir"], folder.name))
         shutil.rmtree(folder)
 
 
-def _save_final(cfg: dict, out_dir: Path, model, p: _Progress, steps_per_epoch: int, total: int,
-                examples: int, seen: int) -> None:
+def _save_final(
+    cfg: dict, out_dir: Path, model, p: _Progress, steps_per_epoch: int, total: int, examples: int, seen: int
+) -> None:
     """The trained adapter (and train_log.json beside it), saved beside and renamed into place: a kill
     mid-save never leaves a folder that looks finished (the experts stage skips experts whose
     folder exists after a driver restart)."""
@@ -251,9 +257,18 @@ def _save_final(cfg: dict, out_dir: Path, model, p: _Progress, steps_per_epoch: 
         shutil.rmtree(final)
     os.rename(tmp, final)
     # The loss curve, beside the adapter (Ray Train v2 keeps only the latest checkpoint's metrics).
-    (out_dir / "train_log.json").write_text(json.dumps(
-        {"name": cfg["name"], "steps_per_epoch": steps_per_epoch, "total_steps": total, "examples": examples,
-         "examples_seen": seen, "log": p.history}))
+    (out_dir / "train_log.json").write_text(
+        json.dumps(
+            {
+                "name": cfg["name"],
+                "steps_per_epoch": steps_per_epoch,
+                "total_steps": total,
+                "examples": examples,
+                "examples_seen": seen,
+                "log": p.history,
+            }
+        )
+    )
     if storage.is_remote(cfg["out_dir"]):  # adapter_config.json last: the stage skips experts whose folder has it
         storage.push_dir(out_dir, cfg["out_dir"], last="adapter_config.json")
 
@@ -290,11 +305,12 @@ def train_loop(cfg: dict) -> dict:
     loss_window: list[float] = []
     for epoch in range(p.step // steps_per_epoch, math.ceil(total / steps_per_epoch)):
         batches = length_bucketed_batches(lengths, tc.batch_size, seed=seed + epoch)
-        for b_idx, batch in enumerate(batches[:total - epoch * steps_per_epoch]):
+        for b_idx, batch in enumerate(batches[: total - epoch * steps_per_epoch]):
             if epoch * steps_per_epoch + b_idx < p.step:
                 continue  # done before the resume point
-            total_loss, n_tokens = _accumulate_step(net, batch, ids, labels, rank, world,
-                                                    tc.micro_batch_size, tok.pad_token_id, device)
+            total_loss, n_tokens = _accumulate_step(
+                net, batch, ids, labels, rank, world, tc.micro_batch_size, tok.pad_token_id, device
+            )
             p.lr_sum += sched.get_last_lr()[0]
             opt.step()
             sched.step()
@@ -303,32 +319,51 @@ def train_loop(cfg: dict) -> dict:
             _count(tally, name, p.step, total)
             loss_window.append(total_loss / max(1, n_tokens))
             _maybe_inject_fault(cfg, p.step, rank)
-            _after_step(cfg, tc, out_dir, model, opt, sched, p, loss_window, epoch + 1, steps_per_epoch,
-                        total, rank)
+            _after_step(cfg, tc, out_dir, model, opt, sched, p, loss_window, epoch + 1, steps_per_epoch, total, rank)
     seen = examples_seen(lengths, tc.batch_size, seed, total)
     if rank == 0:
         _save_final(cfg, out_dir, model, p, steps_per_epoch, total, len(ids), seen)
     _count(tally, name, p.step, total, wait=True)  # the last count is in before the run ends
     if remote_out:
         shutil.rmtree(out_dir, ignore_errors=True)
-    return {"final_loss": p.last_loss, "steps": p.step, "examples": len(ids), "examples_seen": seen,
-            "dropped_too_long": dropped, "resumed_from_step": resumed_from}
+    return {
+        "final_loss": p.last_loss,
+        "steps": p.step,
+        "examples": len(ids),
+        "examples_seen": seen,
+        "dropped_too_long": dropped,
+        "resumed_from_step": resumed_from,
+    }
 
 
 def _training_rows(cfg: dict, tok, mc: ModelConfig) -> tuple[list[list[int]], list[list[int]], int]:
     """(input ids, labels, rows dropped as longer than model.max_length) of this job's rows."""
     from elrea_ray import storage
 
-    ids, labels, dropped = _load_examples(str(storage.localize(cfg["data_file"])), cfg.get("example_ids"),
-                                          tok, mc.max_length)
+    ids, labels, dropped = _load_examples(
+        str(storage.localize(cfg["data_file"])), cfg.get("example_ids"), tok, mc.max_length
+    )
     if not ids:
-        raise ValueError(f"{cfg['name']}: no training examples left (dropped {dropped} longer than "
-                         f"model.max_length={mc.max_length})")
+        raise ValueError(
+            f"{cfg['name']}: no training examples left (dropped {dropped} longer than model.max_length={mc.max_length})"
+        )
     return ids, labels, dropped
 
 
-def _after_step(cfg: dict, tc: TrainConfig, out_dir: Path, model, opt, sched, p, loss_window: list[float],
-                epoch: int, steps_per_epoch: int, total: int, rank: int) -> None:
+def _after_step(
+    cfg: dict,
+    tc: TrainConfig,
+    out_dir: Path,
+    model,
+    opt,
+    sched,
+    p,
+    loss_window: list[float],
+    epoch: int,
+    steps_per_epoch: int,
+    total: int,
+    rank: int,
+) -> None:
     """At an epoch's end: its adapter and optimiser state saved (rank 0, when wanted) and the
     lr sum reset; every logging_steps (and at an epoch's end): the loss logged and reported,
     with a resume checkpoint every checkpoint_every_steps."""
@@ -339,8 +374,18 @@ def _after_step(cfg: dict, tc: TrainConfig, out_dir: Path, model, opt, sched, p,
     if epoch_end:
         p.lr_sum = 0.0
     if p.step % tc.logging_steps == 0 or epoch_end:
-        _log_and_report(cfg["name"], model, opt, sched, p, loss_window, epoch, total, rank,
-                        checkpoint=p.step % tc.checkpoint_every_steps == 0 or epoch_end)
+        _log_and_report(
+            cfg["name"],
+            model,
+            opt,
+            sched,
+            p,
+            loss_window,
+            epoch,
+            total,
+            rank,
+            checkpoint=p.step % tc.checkpoint_every_steps == 0 or epoch_end,
+        )
 
 
 def _count(tally, name: str, step: int, total: int, wait: bool = False) -> None:
@@ -377,8 +422,18 @@ def examples_seen(lengths: list[int], batch_size: int, seed: int, total: int) ->
     return seen
 
 
-def _log_and_report(name: str, model, opt, sched, p: _Progress, loss_window: list[float], epoch: int,
-                    total: int, rank: int, checkpoint: bool) -> None:
+def _log_and_report(
+    name: str,
+    model,
+    opt,
+    sched,
+    p: _Progress,
+    loss_window: list[float],
+    epoch: int,
+    total: int,
+    rank: int,
+    checkpoint: bool,
+) -> None:
     """The mean loss since the last log into the history and the driver's log; reported to Ray
     Train, with a resume checkpoint when `checkpoint`."""
     import ray.train
@@ -418,29 +473,57 @@ def _report_with_checkpoint(metrics, model, opt, sched, step, lr_sum, rank, last
     with tempfile.TemporaryDirectory() as d:
         # Every rank adds its own RNG state (Ray merges the ranks' checkpoint folders); rank 0
         # adds the LoRA weights, Adam and the schedule.
-        torch.save({"cpu": torch.get_rng_state(),
-                    "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None},
-                   Path(d) / f"rng-rank{rank}.pt")
+        torch.save(
+            {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None},
+            Path(d) / f"rng-rank{rank}.pt",
+        )
         if rank == 0:
-            torch.save({"params": [p.detach().cpu() for _, p in lora_parameters(model)],
-                        "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-                        "step": step, "lr_sum": lr_sum, "last_loss": last_loss, "history": list(history)},
-                       Path(d) / "train_state.pt")
+            torch.save(
+                {
+                    "params": [p.detach().cpu() for _, p in lora_parameters(model)],
+                    "optimizer": opt.state_dict(),
+                    "scheduler": sched.state_dict(),
+                    "step": step,
+                    "lr_sum": lr_sum,
+                    "last_loss": last_loss,
+                    "history": list(history),
+                },
+                Path(d) / "train_state.pt",
+            )
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
 
 
-def check_resources(num_workers: int, cpus_per_worker: float, use_gpu: bool, what: str,
-                    keys: str | None = None, gpus_per_worker: float = 1.0, spare_cpus: float = 0.0,
-                    wait_s: float = 300.0, wait: bool = True) -> None:
+def check_resources(
+    num_workers: int,
+    cpus_per_worker: float,
+    use_gpu: bool,
+    what: str,
+    keys: str | None = None,
+    gpus_per_worker: float = 1.0,
+    spare_cpus: float = 0.0,
+    wait_s: float = 300.0,
+    wait: bool = True,
+) -> None:
     """Fail at once for a request no node (type) could ever hold, else wait for the autoscaler
     (elrea_ray.resources); Ray itself would wait forever."""
-    resources.check_resources(num_workers, worker_bundle(cpus_per_worker, use_gpu, gpus_per_worker), what,
-                              keys, spare_cpus, wait_s, wait=wait)
+    resources.check_resources(
+        num_workers, worker_bundle(cpus_per_worker, use_gpu, gpus_per_worker), what, keys, spare_cpus, wait_s, wait=wait
+    )
 
 
-def fit_adapter(run_name: str, loop_cfg: dict, tc: TrainConfig, storage: str | Path,
-                num_workers: int, cpus_per_worker: float, use_gpu: bool, gpus_per_worker: float = 1.0,
-                check: bool = True, wait_s: float = 300.0, tally=None) -> dict:
+def fit_adapter(
+    run_name: str,
+    loop_cfg: dict,
+    tc: TrainConfig,
+    storage: str | Path,
+    num_workers: int,
+    cpus_per_worker: float,
+    use_gpu: bool,
+    gpus_per_worker: float = 1.0,
+    check: bool = True,
+    wait_s: float = 300.0,
+    tally=None,
+) -> dict:
     """One `TorchTrainer.fit()`; the same (storage, run_name) resumes a run killed earlier.
     `storage` may be an s3:// URI: Ray Train then keeps its checkpoints in the object store.
     tally: a `Progress.training` actor that rank 0 puts its step count into."""
@@ -456,20 +539,28 @@ def fit_adapter(run_name: str, loop_cfg: dict, tc: TrainConfig, storage: str | P
     trainer = TorchTrainer(
         train_loop,
         train_loop_config=loop_cfg if tally is None else {**loop_cfg, "tally": tally},
-        scaling_config=ray.train.ScalingConfig(num_workers=num_workers, use_gpu=use_gpu,
-                                               resources_per_worker=worker_bundle(cpus_per_worker, use_gpu,
-                                                                                   gpus_per_worker)),
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=num_workers,
+            use_gpu=use_gpu,
+            resources_per_worker=worker_bundle(cpus_per_worker, use_gpu, gpus_per_worker),
+        ),
         run_config=ray.train.RunConfig(
-            name=run_name, storage_path=str(storage), storage_filesystem=storage_fs,
+            name=run_name,
+            storage_path=str(storage),
+            storage_filesystem=storage_fs,
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=1),
-            failure_config=ray.train.FailureConfig(max_failures=tc.max_failures)),
+            failure_config=ray.train.FailureConfig(max_failures=tc.max_failures),
+        ),
     )
     # With `check`, a request the cluster lacks now is asked of the autoscaler (beside every other
     # expert's) and waited for up to wait_s (ray.resource_wait_s), and kept while the run places
     # its workers; the request is withdrawn when the run ends.
     bundle = worker_bundle(cpus_per_worker, use_gpu, gpus_per_worker)
-    held = (resources.resources_for(num_workers, bundle, f"training {run_name}", wait_s=wait_s) if check
-            else contextlib.nullcontext())
+    held = (
+        resources.resources_for(num_workers, bundle, f"training {run_name}", wait_s=wait_s)
+        if check
+        else contextlib.nullcontext()
+    )
     with held:
         result = trainer.fit()
     if result.error:
@@ -485,9 +576,14 @@ def fit_many(jobs: list[dict[str, Any]], max_concurrent: int, tally=None) -> lis
     rather than after the feasible experts have trained."""
     for job in jobs:
         if job.get("check", True):
-            check_resources(job["num_workers"], job["cpus_per_worker"], job["use_gpu"],
-                            f"training {job['run_name']}", gpus_per_worker=job.get("gpus_per_worker", 1.0),
-                            wait=False)
+            check_resources(
+                job["num_workers"],
+                job["cpus_per_worker"],
+                job["use_gpu"],
+                f"training {job['run_name']}",
+                gpus_per_worker=job.get("gpus_per_worker", 1.0),
+                wait=False,
+            )
     sem = threading.Semaphore(max_concurrent)
 
     def one(job):

@@ -12,8 +12,11 @@ from elrea_ray.cli import main as cli_main  # noqa: E402
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--run-dir", required=True,
-                    help="a run directory (or s3:// URI, pulled into its local mirror) whose eval stage has finished")
+    ap.add_argument(
+        "--run-dir",
+        required=True,
+        help="a run directory (or s3:// URI, pulled into its local mirror) whose eval stage has finished",
+    )
     return cli_main(["report", ap.parse_args(argv).run_dir], prog="report.py")
 
 

@@ -17,7 +17,6 @@ The bearer key comes from $ELREA_API_KEY or the file named by `api_key_file`, ne
 app arguments (those show in the Serve dashboard).
 """
 
-
 import asyncio
 import hmac
 import json
@@ -50,8 +49,10 @@ log = logging.getLogger("ray.serve")
 app = FastAPI(title="elrea-ray", docs_url=None, redoc_url=None)
 
 API_KEY_ENV = "ELREA_API_KEY"
-API_KEY_MOVED = (f"'api_key' is not an app argument (app arguments show in the Serve dashboard); set "
-                 f"{API_KEY_ENV} in the replicas' environment, or api_key_file=<path of a file holding the key>")
+API_KEY_MOVED = (
+    f"'api_key' is not an app argument (app arguments show in the Serve dashboard); set "
+    f"{API_KEY_ENV} in the replicas' environment, or api_key_file=<path of a file holding the key>"
+)
 
 
 class AppArgs(BaseModel):
@@ -90,8 +91,10 @@ class AppArgs(BaseModel):
         if self.max_inflight is None:
             self.max_inflight = self.max_ongoing_requests
         if not 1 <= self.max_inflight <= self.max_ongoing_requests:
-            raise ValueError(f"max_inflight={self.max_inflight} must be in [1, max_ongoing_requests="
-                             f"{self.max_ongoing_requests}] (requests beyond Serve's cap never reach the replica)")
+            raise ValueError(
+                f"max_inflight={self.max_inflight} must be in [1, max_ongoing_requests="
+                f"{self.max_ongoing_requests}] (requests beyond Serve's cap never reach the replica)"
+            )
         if self.max_replicas is not None and self.max_replicas < self.min_replicas:
             raise ValueError(f"max_replicas={self.max_replicas} is below min_replicas={self.min_replicas}")
         return self
@@ -167,14 +170,18 @@ class _Metrics:
         self.queue = Gauge("elrea_queue_length", description="requests waiting for a slot in the running batch")
         self.running = Gauge("elrea_running_batch_size", description="sequences in the running decode batch")
         self.tokens = Counter("elrea_generated_tokens", description="tokens generated (rate: tokens/s)")
-        self.requests = Counter("elrea_engine_requests", description="requests that left the decode loop",
-                                tag_keys=("outcome",))
-        self.selections = Counter("elrea_expert_selections", description="routed requests per top expert",
-                                  tag_keys=("expert",))
-        self.ttft = Histogram("elrea_time_to_first_token_s", description="submission to first token",
-                              boundaries=self.TTFT_S)
-        self.routing = Histogram("elrea_routing_s", description="routing time per distinct prompt",
-                                 boundaries=self.ROUTING_S)
+        self.requests = Counter(
+            "elrea_engine_requests", description="requests that left the decode loop", tag_keys=("outcome",)
+        )
+        self.selections = Counter(
+            "elrea_expert_selections", description="routed requests per top expert", tag_keys=("expert",)
+        )
+        self.ttft = Histogram(
+            "elrea_time_to_first_token_s", description="submission to first token", boundaries=self.TTFT_S
+        )
+        self.routing = Histogram(
+            "elrea_routing_s", description="routing time per distinct prompt", boundaries=self.ROUTING_S
+        )
         self._seen: dict = {}
 
     def _inc(self, metric, key, total, tags=None):
@@ -236,8 +243,9 @@ class ELREAServer:
         if length is not None and not length.strip().isdigit():
             raise RequestError(f"Content-Length {length!r} is not a number of bytes")
         if length is not None and int(length) > MAX_BODY_BYTES:
-            raise RequestError(f"the request body ({int(length)} bytes) is larger than {MAX_BODY_BYTES} bytes",
-                               status=413)
+            raise RequestError(
+                f"the request body ({int(length)} bytes) is larger than {MAX_BODY_BYTES} bytes", status=413
+            )
         raw, size = [], 0
         async for chunk in request.stream():
             size += len(chunk)
@@ -247,6 +255,7 @@ class ELREAServer:
 
         def no_constants(name):
             raise ValueError(f"{name} is not a JSON number")
+
         try:
             return json.loads(b"".join(raw), parse_constant=no_constants)
         except (ValueError, RecursionError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
@@ -275,8 +284,9 @@ class ELREAServer:
         handles = []
         try:
             for i, req in enumerate(reqs):
-                handles.append(self.engine.submit(
-                    req, lambda ev, i=i: loop.call_soon_threadsafe(events.put_nowait, (i, ev))))
+                handles.append(
+                    self.engine.submit(req, lambda ev, i=i: loop.call_soon_threadsafe(events.put_nowait, (i, ev)))
+                )
         except BaseException as e:  # no choice decodes without a reader
             for h in handles:
                 h.cancel()
@@ -314,6 +324,7 @@ class ELREAServer:
                 done[0] = True
                 self._release(handles)
                 self.inflight -= 1
+
         return release
 
     def _overloaded(self) -> JSONResponse:
@@ -321,13 +332,15 @@ class ELREAServer:
         times a request's recent time."""
         self.rejected_overload += 1
         wait = math.ceil(self._request_seconds * (1 + self.inflight / self.args.max_batch_size))
-        e = RequestError(f"the server is at its limit of {self.args.max_inflight} requests in flight; "
-                         f"retry in about {wait} s", status=429, code="rate_limit_exceeded")
+        e = RequestError(
+            f"the server is at its limit of {self.args.max_inflight} requests in flight; retry in about {wait} s",
+            status=429,
+            code="rate_limit_exceeded",
+        )
         return JSONResponse(e.body(), status_code=429, headers={"Retry-After": str(wait)})
 
     def _timeout(self) -> RequestError:
-        return RequestError(f"the request took longer than {self.args.request_timeout_s} s", status=504,
-                            code="timeout")
+        return RequestError(f"the request took longer than {self.args.request_timeout_s} s", status=504, code="timeout")
 
     async def _handle(self, request: Request, chat: bool):
         if not self._authorised(request):
@@ -355,13 +368,15 @@ class ELREAServer:
         checked = check_request(await self._body(request), self.engine, chat)
         try:
             return await asyncio.get_running_loop().run_in_executor(
-                self._tokeniser, encode_request, checked, self.engine)
+                self._tokeniser, encode_request, checked, self.engine
+            )
         except RequestError:
             raise
         except Exception as e:  # e.g. a chat template that rejects the turns: still the client's input
             log.warning("request rejected: %s", type(e).__name__)
-            raise RequestError(f"the request could not be processed: {type(e).__name__}: {e}"[:300],
-                               "messages" if chat else "prompt") from None
+            raise RequestError(
+                f"the request could not be processed: {type(e).__name__}: {e}"[:300], "messages" if chat else "prompt"
+            ) from None
 
     async def _admitted(self, request: Request, chat: bool):
         reqs, meta = await self._parse(request, chat)
@@ -454,9 +469,14 @@ class ELREAServer:
         if not self._authorised(request):
             return _error(RequestError("missing or wrong API key", status=401))
         if model_id not in self.engine.model_ids():
-            return _error(RequestError(f"model {model_id!r} does not exist; available: "
-                                       f"{', '.join(self.engine.model_ids())}", "model", status=404,
-                                       code="model_not_found"))
+            return _error(
+                RequestError(
+                    f"model {model_id!r} does not exist; available: {', '.join(self.engine.model_ids())}",
+                    "model",
+                    status=404,
+                    code="model_not_found",
+                )
+            )
         return self._model(model_id)
 
     @app.get("/health")
@@ -470,8 +490,14 @@ class ELREAServer:
         loop = self.engine.loop
         s = dict(loop.stats)
         s["expert_selections"] = dict(s["expert_selections"])
-        return {**s, "running": loop.running, "queued": loop.queued, "max_batch_size": loop.max_batch_size,
-                "inflight": self.inflight, "rejected_overload": self.rejected_overload}
+        return {
+            **s,
+            "running": loop.running,
+            "queued": loop.queued,
+            "max_batch_size": loop.max_batch_size,
+            "inflight": self.inflight,
+            "rejected_overload": self.rejected_overload,
+        }
 
 
 def build_app(args: dict) -> serve.Application:
@@ -479,9 +505,16 @@ def build_app(args: dict) -> serve.Application:
     a = AppArgs(**args)
     scale: dict = {"num_replicas": a.num_replicas}
     if a.max_replicas is not None:
-        scale = {"autoscaling_config": {"min_replicas": a.min_replicas, "max_replicas": a.max_replicas,
-                                        "target_ongoing_requests": a.target_ongoing_requests}}
+        scale = {
+            "autoscaling_config": {
+                "min_replicas": a.min_replicas,
+                "max_replicas": a.max_replicas,
+                "target_ongoing_requests": a.target_ongoing_requests,
+            }
+        }
     return ELREAServer.options(
-        **scale, max_ongoing_requests=a.max_ongoing_requests, max_queued_requests=a.max_queued_requests,
+        **scale,
+        max_ongoing_requests=a.max_ongoing_requests,
+        max_queued_requests=a.max_queued_requests,
         ray_actor_options={"num_cpus": a.num_cpus, "num_gpus": a.num_gpus},
     ).bind(a.model_dump())

@@ -32,9 +32,18 @@ def ray_local():
     import ray
 
     if not ray.is_initialized():
-        ray.init(num_cpus=4, include_dashboard=True, log_to_driver=False,
-                 runtime_env={"env_vars": {"ELREA_CACHE": os.environ["ELREA_CACHE"],
-                                           "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}})
+        ray.init(
+            num_cpus=4,
+            include_dashboard=True,
+            log_to_driver=False,
+            runtime_env={
+                "env_vars": {
+                    "ELREA_CACHE": os.environ["ELREA_CACHE"],
+                    "HF_HUB_OFFLINE": "1",
+                    "TOKENIZERS_PARALLELISM": "false",
+                }
+            },
+        )
     yield ray
     ray.shutdown()
 

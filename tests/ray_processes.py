@@ -14,9 +14,14 @@ def free_port() -> int:
 
 def node_ports() -> list[str]:
     """`ray start` flags giving a node every port of its own: the session's Ray holds the defaults."""
-    return [f"--dashboard-agent-listen-port={free_port()}", f"--dashboard-agent-grpc-port={free_port()}",
-            f"--runtime-env-agent-port={free_port()}", f"--metrics-export-port={free_port()}",
-            f"--node-manager-port={free_port()}", f"--object-manager-port={free_port()}"]
+    return [
+        f"--dashboard-agent-listen-port={free_port()}",
+        f"--dashboard-agent-grpc-port={free_port()}",
+        f"--runtime-env-agent-port={free_port()}",
+        f"--metrics-export-port={free_port()}",
+        f"--node-manager-port={free_port()}",
+        f"--object-manager-port={free_port()}",
+    ]
 
 
 def submit(cmd: list[str], cwd, env, timeout: float = 900) -> subprocess.CompletedProcess:

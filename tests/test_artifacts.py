@@ -55,9 +55,11 @@ def test_second_writer_is_refused_and_stale_lock_taken_over(tmp_path):
             with run.lock():
                 pass
     # a lock whose owner died (a finished process's pid) is taken over
-    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
-                          capture_output=True, text=True).stdout.strip()
+    dead = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True
+    ).stdout.strip()
     import socket
+
     (tmp_path / "run.lock").write_text(json.dumps({"pid": int(dead), "host": socket.gethostname()}))
     with run.lock():
         assert json.loads((tmp_path / "run.lock").read_text())["pid"] == os.getpid()
@@ -71,8 +73,7 @@ def test_corrupt_manifest_is_a_clear_error(tmp_path):
 
 def test_missing_file_of_a_finished_stage_is_named_on_resume(tmp_path):
     run = RunDir.at(tmp_path)
-    run.run_stage("data", "k", lambda out: (out / "train.parquet").write_text("x") and None,
-                  log=lambda s: None)
+    run.run_stage("data", "k", lambda out: (out / "train.parquet").write_text("x") and None, log=lambda s: None)
     (run.stage_dir("data") / "train.parquet").unlink()
     with pytest.raises(ArtifactError, match="train.parquet"):
         run.run_stage("data", "k", lambda out: None, log=lambda s: None)
@@ -144,8 +145,7 @@ def test_lock_of_a_reused_pid_is_stale_and_a_live_owner_refuses(tmp_path):
 
     run = RunDir.at(tmp_path)
     # our own (live) pid, but recorded with another start time: the pid was reused after a kill
-    (tmp_path / "run.lock").write_text(json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
-                                                  "pid_start": "1"}))
+    (tmp_path / "run.lock").write_text(json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "pid_start": "1"}))
     run.check_unlocked()
     with run.lock():
         assert json.loads((tmp_path / "run.lock").read_text())["pid_start"] not in (None, "1")

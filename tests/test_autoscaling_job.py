@@ -43,18 +43,36 @@ print(ray._private.state.state.get_cluster_config().node_group_configs[0].max_co
 
 @pytest.fixture
 def zero_cpu_head():
-    env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", "RAY_AUTH_MODE": "disabled",
-           "HF_HUB_OFFLINE": "1"}
+    env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", "RAY_AUTH_MODE": "disabled", "HF_HUB_OFFLINE": "1"}
     env.pop("RAY_ADDRESS", None)
     gcs, dash = free_port(), free_port()
     temp = Path("/tmp") / f"ray-as-{os.getpid()}"  # short: Ray's socket paths have a length limit
-    subprocess.run([str(BIN / "ray"), "start", "--head", f"--port={gcs}", f"--dashboard-port={dash}",
-                    "--num-cpus=0", f"--temp-dir={temp}", "--disable-usage-stats",
-                    f"--ray-client-server-port={free_port()}", *node_ports()],
-                   env=env, check=True, capture_output=True, timeout=120)
+    subprocess.run(
+        [
+            str(BIN / "ray"),
+            "start",
+            "--head",
+            f"--port={gcs}",
+            f"--dashboard-port={dash}",
+            "--num-cpus=0",
+            f"--temp-dir={temp}",
+            "--disable-usage-stats",
+            f"--ray-client-server-port={free_port()}",
+            *node_ports(),
+        ],
+        env=env,
+        check=True,
+        capture_output=True,
+        timeout=120,
+    )
     try:
-        out = subprocess.run([sys.executable, "-c", REPORT_NODE_TYPES, f"127.0.0.1:{gcs}"], env=env,
-                             capture_output=True, text=True, timeout=120)
+        out = subprocess.run(
+            [sys.executable, "-c", REPORT_NODE_TYPES, f"127.0.0.1:{gcs}"],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
         assert out.returncode == 0 and out.stdout.strip().endswith("2"), out.stderr[-2000:]
         yield {"env": env, "gcs": f"127.0.0.1:{gcs}", "dashboard": f"http://127.0.0.1:{dash}", "temp": temp}
     finally:
@@ -65,21 +83,45 @@ def zero_cpu_head():
 
 
 def _submit(cluster, run_dir: Path, *overrides: str, wait: bool) -> subprocess.CompletedProcess:
-    cmd = [str(BIN / "ray"), "job", "submit", f"--address={cluster['dashboard']}", "--working-dir", ".",
-           *([] if wait else ["--no-wait"]), "--", "python", "jobs/full_pipeline.py",
-           "--config", "jobs/configs/smoke.yaml", "--run-dir", str(run_dir), *overrides]
+    cmd = [
+        str(BIN / "ray"),
+        "job",
+        "submit",
+        f"--address={cluster['dashboard']}",
+        "--working-dir",
+        ".",
+        *([] if wait else ["--no-wait"]),
+        "--",
+        "python",
+        "jobs/full_pipeline.py",
+        "--config",
+        "jobs/configs/smoke.yaml",
+        "--run-dir",
+        str(run_dir),
+        *overrides,
+    ]
     return submit(cmd, ROOT, cluster["env"])
 
 
 def _logs(cluster, job_id: str) -> str:
-    out = subprocess.run([str(BIN / "ray"), "job", "logs", f"--address={cluster['dashboard']}", job_id],
-                         env=cluster["env"], capture_output=True, text=True, timeout=60)
+    out = subprocess.run(
+        [str(BIN / "ray"), "job", "logs", f"--address={cluster['dashboard']}", job_id],
+        env=cluster["env"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     return out.stdout + out.stderr
 
 
 def _status(cluster, job_id: str) -> str:
-    out = subprocess.run([str(BIN / "ray"), "job", "status", f"--address={cluster['dashboard']}", job_id],
-                         env=cluster["env"], capture_output=True, text=True, timeout=60)
+    out = subprocess.run(
+        [str(BIN / "ray"), "job", "status", f"--address={cluster['dashboard']}", job_id],
+        env=cluster["env"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     return (out.stdout + out.stderr).lower()  # "... succeeded" / "failed" / "running"
 
 
@@ -99,9 +141,20 @@ def test_job_on_a_zero_cpu_head_waits_for_a_worker_node_then_finishes(zero_cpu_h
     assert "succeeded" not in _status(cluster, job_id)  # it cannot have run anything on 0 CPUs
 
     # The autoscaler's part: a worker node of the reported type joins.
-    subprocess.run([str(BIN / "ray"), "start", f"--address={cluster['gcs']}", "--num-cpus=4",
-                    "--disable-usage-stats", *node_ports()],
-                   env=cluster["env"], check=True, capture_output=True, timeout=120)
+    subprocess.run(
+        [
+            str(BIN / "ray"),
+            "start",
+            f"--address={cluster['gcs']}",
+            "--num-cpus=4",
+            "--disable-usage-stats",
+            *node_ports(),
+        ],
+        env=cluster["env"],
+        check=True,
+        capture_output=True,
+        timeout=120,
+    )
     deadline, status = time.monotonic() + 900, ""
     while time.monotonic() < deadline:
         status = _status(cluster, job_id)

@@ -14,20 +14,35 @@ import pytest
 from elrea_ray import bigbench as bb
 
 MC_TASK = {  # like navigate: options not in the input, BIG-bench scores their log-likelihood
-    "name": "walk", "preferred_score": "multiple_choice_grade", "metrics": ["multiple_choice_grade"],
-    "task_prefix": "Do you return to the start?", "append_choices_to_input": False,
-    "examples": [{"input": f"Take {i} steps. Turn around. Take {i if i % 2 else i + 1} steps.",
-                  "target_scores": {"True": int(i % 2 == 1), "False": int(i % 2 == 0)}} for i in range(1, 31)],
+    "name": "walk",
+    "preferred_score": "multiple_choice_grade",
+    "metrics": ["multiple_choice_grade"],
+    "task_prefix": "Do you return to the start?",
+    "append_choices_to_input": False,
+    "examples": [
+        {
+            "input": f"Take {i} steps. Turn around. Take {i if i % 2 else i + 1} steps.",
+            "target_scores": {"True": int(i % 2 == 1), "False": int(i % 2 == 0)},
+        }
+        for i in range(1, 31)
+    ],
 }
 GEN_TASK = {  # like object_counting: several accepted targets
-    "name": "count", "preferred_score": "exact_str_match", "metrics": ["exact_str_match"],
-    "examples": [{"input": f"I have {i} apples. How many fruits do I have?", "target": [str(i), f"#{i}"]}
-                 for i in range(30)],
+    "name": "count",
+    "preferred_score": "exact_str_match",
+    "metrics": ["exact_str_match"],
+    "examples": [
+        {"input": f"I have {i} apples. How many fruits do I have?", "target": [str(i), f"#{i}"]} for i in range(30)
+    ],
 }
-SUB_TASK = {"name": "three", "preferred_score": "multiple_choice_grade", "example_input_prefix": "",
-            "example_output_prefix": " ", "choice_prefix": "",  # joins options with nothing
-            "examples": [{"input": f"Shelf {i}.", "target_scores": {"red": 1, "blue": 0, "green": 0}}
-                         for i in range(12)]}
+SUB_TASK = {
+    "name": "three",
+    "preferred_score": "multiple_choice_grade",
+    "example_input_prefix": "",
+    "example_output_prefix": " ",
+    "choice_prefix": "",  # joins options with nothing
+    "examples": [{"input": f"Shelf {i}.", "target_scores": {"red": 1, "blue": 0, "green": 0}} for i in range(12)],
+}
 BLEU_TASK = {"name": "poem", "preferred_score": "bleu", "examples": [{"input": "x", "target": "y"}]}
 
 
@@ -35,10 +50,12 @@ def _archive(folder, tasks: dict[str, dict]):
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / bb.ARCHIVE
     with tarfile.open(path, "w:gz") as tar:
+
         def add(name: str, data: bytes):
             info = tarfile.TarInfo(name)
             info.size = len(data)
             tar.addfile(info, io.BytesIO(data))
+
         add("bigbench-1.0.0/PKG-INFO", b"Metadata-Version: 2.1\nName: bigbench\nVersion: 1.0.0\n")
         add("bigbench-1.0.0/setup.py", b'from setuptools import setup\nsetup(name="bigbench", version="1.0.0")\n')
         for name, task in tasks.items():
@@ -48,15 +65,16 @@ def _archive(folder, tasks: dict[str, dict]):
 
 @pytest.fixture()
 def archive(tmp_path):
-    return _archive(tmp_path / "links", {"walk": MC_TASK, "count": GEN_TASK, "shelf": {"name": "shelf"},
-                                         "shelf:three": SUB_TASK, "poem": BLEU_TASK})
+    return _archive(
+        tmp_path / "links",
+        {"walk": MC_TASK, "count": GEN_TASK, "shelf": {"name": "shelf"}, "shelf:three": SUB_TASK, "poem": BLEU_TASK},
+    )
 
 
 def test_fetch_runs_pip_download_into_the_cache_once(tmp_path, archive):
     cache = tmp_path / "cache"
     # a local find-links folder stands in for PyPI; pip itself does the download
-    got = bb.fetch_archive(cache, pip_args=["--no-index", "--find-links", str(archive.parent),
-                                            "--no-build-isolation"])
+    got = bb.fetch_archive(cache, pip_args=["--no-index", "--find-links", str(archive.parent), "--no-build-isolation"])
     assert got == cache / bb.ARCHIVE and got.read_bytes() == archive.read_bytes()
     # the second call does not run pip (an index that would fail proves it)
     assert bb.fetch_archive(cache, pip_args=["--no-index", "--find-links", str(tmp_path / "none")]) == got
@@ -134,10 +152,17 @@ def test_splits_are_disjoint_seeded_and_shots_come_from_train():
         bb.task_rows("count", GEN_TASK, 0, {"train": 10, "validation": 10, "test": 20})
 
 
-@pytest.mark.parametrize("prediction,score", [
-    ("True", 1.0), ("true.", 1.0), ("The answer is True, since the steps cancel.", 1.0),
-    ("False", 0.0), ("I cannot tell", 0.0), ("", 0.0),
-])
+@pytest.mark.parametrize(
+    "prediction,score",
+    [
+        ("True", 1.0),
+        ("true.", 1.0),
+        ("The answer is True, since the steps cancel.", 1.0),
+        ("False", 0.0),
+        ("I cannot tell", 0.0),
+        ("", 0.0),
+    ],
+)
 def test_multiple_choice_answers_are_matched_to_the_options(prediction, score):
     assert bb.score(prediction, {"choices": ["True", "False"], "targets": ["True"]}) == score
 
@@ -159,17 +184,29 @@ def test_a_bigbench_config_builds_scored_splits(tmp_path, archive):
     from elrea_ray.data import build_splits
     from elrea_ray.scorers import score
 
-    cfg = load_config("jobs/configs/smoke.yaml", [
-        "data.kind=bigbench", "data.tasks=[walk, count]", f"data.bigbench_archive={archive}",
-        "data.train_per_source=8", "data.validation_per_source=2", "data.test_per_source=5", "data.shots=1"])
+    cfg = load_config(
+        "jobs/configs/smoke.yaml",
+        [
+            "data.kind=bigbench",
+            "data.tasks=[walk, count]",
+            f"data.bigbench_archive={archive}",
+            "data.train_per_source=8",
+            "data.validation_per_source=2",
+            "data.test_per_source=5",
+            "data.shots=1",
+        ],
+    )
     splits = build_splits(cfg.data, seed=0)
     assert {s: len(r) for s, r in splits.items()} == {"train": 16, "validation": 4, "test": 10}
     assert {r["source"] for r in splits["test"]} == {"walk", "count"}
     row = next(r for r in splits["test"] if r["source"] == "walk")
     assert score(row, row["answer"]) == 1.0
     assert score(row, "True" if row["answer"] == "False" else "False") == 0.0
-    for bad, field in (("data.tasks=[]", "data.tasks"), ("data.tasks=[Navigate]", "data.tasks"),
-                       ("data.shots=9", "data.shots")):
+    for bad, field in (
+        ("data.tasks=[]", "data.tasks"),
+        ("data.tasks=[Navigate]", "data.tasks"),
+        ("data.shots=9", "data.shots"),
+    ):
         with pytest.raises(ConfigError, match=field):
             load_config("jobs/configs/smoke.yaml", ["data.kind=bigbench", "data.tasks=[walk]", bad])
 
@@ -184,8 +221,11 @@ def test_bigbench_settings_leave_other_runs_keys_alone():
 
 
 def test_every_top_scoring_option_is_right():
-    task = {"name": "tie", "preferred_score": "multiple_choice_grade",
-            "examples": [{"input": f"q{i}", "target_scores": {"a": 1, "b": 1, "c": 0}} for i in range(10)]}
+    task = {
+        "name": "tie",
+        "preferred_score": "multiple_choice_grade",
+        "examples": [{"input": f"q{i}", "target_scores": {"a": 1, "b": 1, "c": 0}} for i in range(10)],
+    }
     row = bb.task_rows("tie", task, 0, {"train": 4, "validation": 1, "test": 2})["test"][0]
     meta = json.loads(row["meta"])
     assert row["response"] == "a" and meta["targets"] == ["a", "b"]

@@ -35,7 +35,7 @@ def test_response_is_assistant_content_and_end_of_turn(name):
 
     tok, eot = _tokenizer(name)
     enc = encode(tok, MESSAGES, RESPONSE, 10**6)
-    response_ids = enc["input_ids"][enc["instruction_len"]:]
+    response_ids = enc["input_ids"][enc["instruction_len"] :]
     eot_id = tok.convert_tokens_to_ids(eot)
     assert response_ids == list(tok(RESPONSE, add_special_tokens=False)["input_ids"]) + [eot_id]
     labels = sft_labels(enc["input_ids"], enc["instruction_len"])
@@ -52,7 +52,7 @@ def test_instruction_is_the_generation_prompt_rendering(name):
     assert render_prompt(tok, MESSAGES) == want
     assert instruction_ids(tok, json.dumps(MESSAGES), 10**6) == want
     enc = encode(tok, MESSAGES, RESPONSE, 10**6)
-    assert enc["input_ids"][:enc["instruction_len"]] == want
+    assert enc["input_ids"][: enc["instruction_len"]] == want
 
 
 @pytest.mark.parametrize("name", sorted(TEMPLATES))
@@ -88,9 +88,17 @@ def test_decoder_stops_on_end_of_turn():
     eot_id = tok.convert_tokens_to_ids(eot)
     assert eot_id != tok.eos_token_id
     torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64,
-                                         num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
-                                         tie_word_embeddings=False)).eval()
+    model = LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=len(tok),
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+            tie_word_embeddings=False,
+        )
+    ).eval()
     prompt = render_prompt(tok, MESSAGES)
     with torch.no_grad():
         hidden = model.model(torch.tensor([prompt])).last_hidden_state[0, -1]

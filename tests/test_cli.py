@@ -1,5 +1,6 @@
 """The `elrea-ray` console script: every subcommand's argument handling, as a user runs it (a real
 subprocess of the installed entry point, no Ray started unless the command needs it)."""
+
 import dataclasses
 import os
 import re
@@ -58,8 +59,9 @@ def test_validate_config_prints_the_resolved_config_and_the_same_stage_keys_as_t
 
 def test_the_job_scripts_are_the_same_commands():
     # jobs/full_pipeline.py is `elrea-ray run`: the same parser, so the same error for the same input
-    script = cli("--quiet", "--config", str(SMOKE), "bogus.x=1",
-                 script=[sys.executable, str(ROOT / "jobs" / "full_pipeline.py")])
+    script = cli(
+        "--quiet", "--config", str(SMOKE), "bogus.x=1", script=[sys.executable, str(ROOT / "jobs" / "full_pipeline.py")]
+    )
     console = cli("run", "--quiet", "--config", str(SMOKE), "bogus.x=1")
     assert script.returncode == console.returncode == 2
     assert script.stderr.split("error: ")[1] == console.stderr.split("error: ")[1]
@@ -68,8 +70,13 @@ def test_the_job_scripts_are_the_same_commands():
 
 
 # What each counted stage counts, as its progress lines say it.
-COUNTED = {"base": "steps", "gradients": "examples featurised", "experts": "steps", "baselines": "steps",
-           "eval": "items decoded"}
+COUNTED = {
+    "base": "steps",
+    "gradients": "examples featurised",
+    "experts": "steps",
+    "baselines": "steps",
+    "eval": "items decoded",
+}
 
 
 @pytest.mark.slow
@@ -81,8 +88,9 @@ def test_run_prints_a_progress_line_per_stage_and_quiet_only_where_the_results_a
     stages = list(stage_keys(load_config(SMOKE)))
     for stage, unit in COUNTED.items():
         if stage in stages:
-            assert any(re.fullmatch(rf"\[{stage}\] (\d+)/\1 {unit} \(100%\)(, .*)?, \d+ s", line)
-                       for line in smoke_log), (stage, smoke_log)
+            assert any(
+                re.fullmatch(rf"\[{stage}\] (\d+)/\1 {unit} \(100%\)(, .*)?, \d+ s", line) for line in smoke_log
+            ), (stage, smoke_log)
     run = ["run", "--config", str(SMOKE), "--run-dir", str(copy_of_smoke), "ray.address=local"]
 
     shutil.rmtree(copy_of_smoke / "eval")
@@ -101,20 +109,25 @@ def test_run_prints_a_progress_line_per_stage_and_quiet_only_where_the_results_a
     shutil.rmtree(copy_of_smoke / "eval")
     quiet = cli(*run, "--quiet", timeout=900)
     assert quiet.returncode == 0, quiet.stderr[-3000:]
-    assert quiet.stdout.splitlines() == [f"run directory: {copy_of_smoke}",
-                                         f"  results: {copy_of_smoke / 'eval' / 'results.md'}",
-                                         f"  bundle (for serving): {copy_of_smoke / 'bundle.json'}"], quiet.stdout
+    assert quiet.stdout.splitlines() == [
+        f"run directory: {copy_of_smoke}",
+        f"  results: {copy_of_smoke / 'eval' / 'results.md'}",
+        f"  bundle (for serving): {copy_of_smoke / 'bundle.json'}",
+    ], quiet.stdout
     assert "[eval]" not in quiet.stderr and " INFO " not in quiet.stderr, quiet.stderr
     assert (copy_of_smoke / "eval" / "results.md").is_file()  # the eval stage did run
 
 
-@pytest.mark.parametrize("args, message", [
-    (["serve", "no-such-run"], "has no bundle.json"),
-    (["serve", "no-such-run", "max_batch_size"], "must be key=value"),
-    (["serve", "no-such-run", "batchsize=4"], "batchsize=4"),
-    (["serve", "no-such-run", "api_key=s3cret"], "ELREA_API_KEY"),
-    (["report", "no-such-run"], "metrics.json is missing"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["serve", "no-such-run"], "has no bundle.json"),
+        (["serve", "no-such-run", "max_batch_size"], "must be key=value"),
+        (["serve", "no-such-run", "batchsize=4"], "batchsize=4"),
+        (["serve", "no-such-run", "api_key=s3cret"], "ELREA_API_KEY"),
+        (["report", "no-such-run"], "metrics.json is missing"),
+    ],
+)
 def test_serve_and_report_refuse_what_cannot_start(args, message):
     out = cli(*args)
     assert out.returncode == 2 and message in out.stderr, out.stderr
@@ -133,9 +146,14 @@ def test_serve_starts_the_app_for_a_run_directory(smoke_run):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    proc = subprocess.Popen([str(SCRIPT), "serve", str(smoke_run.root), "num_cpus=0.5", "--port", str(port),
-                             "--address", "local"], cwd=ROOT, env={**os.environ, "HF_HUB_OFFLINE": "1"},
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(
+        [str(SCRIPT), "serve", str(smoke_run.root), "num_cpus=0.5", "--port", str(port), "--address", "local"],
+        cwd=ROOT,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     try:
         deadline, models = time.monotonic() + 240, None
         while time.monotonic() < deadline and proc.poll() is None:

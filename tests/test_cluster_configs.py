@@ -17,8 +17,9 @@ ROOT = Path(__file__).resolve().parents[1]
 CC = ROOT / "cluster_configs"
 KUBE = CC / "kuberay"
 # where the image installs the project: the Dockerfile's WORKDIR
-PROJECT_IN_IMAGE = next(line.split()[1] for line in (CC / "Dockerfile").read_text().splitlines()
-                        if line.startswith("WORKDIR"))
+PROJECT_IN_IMAGE = next(
+    line.split()[1] for line in (CC / "Dockerfile").read_text().splitlines() if line.startswith("WORKDIR")
+)
 SHARED = "/mnt/shared"
 
 
@@ -59,9 +60,14 @@ def test_dockerfile_matches_ray_and_the_manifests_image():
     assert f"WORKDIR {PROJECT_IN_IMAGE}" in text and "torch==" in text
 
 
-@pytest.mark.parametrize("name,kind,spec_key", [("raycluster.yaml", "RayCluster", None),
-                                                ("rayjob.yaml", "RayJob", "rayClusterSpec"),
-                                                ("rayservice.yaml", "RayService", "rayClusterConfig")])
+@pytest.mark.parametrize(
+    "name,kind,spec_key",
+    [
+        ("raycluster.yaml", "RayCluster", None),
+        ("rayjob.yaml", "RayJob", "rayClusterSpec"),
+        ("rayservice.yaml", "RayService", "rayClusterConfig"),
+    ],
+)
 def test_kuberay_clusters_image_resources_and_storage(name, kind, spec_key):
     doc = _load(name)
     assert doc["apiVersion"] == "ray.io/v1" and doc["kind"] == kind
@@ -75,8 +81,9 @@ def test_kuberay_clusters_image_resources_and_storage(name, kind, spec_key):
         assert c["image"] == f"registry.example.com/elrea-ray:{_project_version()}"
         assert c["resources"]["requests"] == c["resources"]["limits"]  # Ray reads the limits
         mounts = {m["name"]: m["mountPath"] for m in c["volumeMounts"]}
-        claims = {v["name"]: v.get("persistentVolumeClaim", {}).get("claimName")
-                  for v in group["template"]["spec"]["volumes"]}
+        claims = {
+            v["name"]: v.get("persistentVolumeClaim", {}).get("claimName") for v in group["template"]["spec"]["volumes"]
+        }
         assert any(mounts[n] == SHARED and claims.get(n) == pvc["metadata"]["name"] for n in mounts)
         if group is not spec["headGroupSpec"]:
             per = int(c["resources"]["limits"].get("nvidia.com/gpu", 0))
@@ -123,8 +130,10 @@ def _gib(quantity: str) -> float:
     return float(m.group(1)) * scale
 
 
-@pytest.mark.parametrize("name,spec_key", [("raycluster.yaml", None), ("rayjob.yaml", "rayClusterSpec"),
-                                           ("rayservice.yaml", "rayClusterConfig")])
+@pytest.mark.parametrize(
+    "name,spec_key",
+    [("raycluster.yaml", None), ("rayjob.yaml", "rayClusterSpec"), ("rayservice.yaml", "rayClusterConfig")],
+)
 def test_kuberay_versions_secret_and_shared_memory(name, spec_key):
     text = (KUBE / name).read_text()
     doc = yaml.safe_load(text)
@@ -166,5 +175,4 @@ def test_ray_up_shm_is_below_node_memory_and_torch_is_cuda():
         assert size <= 0.4 * node_gib[node["node_config"]["InstanceType"]]
     torch_cmds = [cmd for cmd in c["setup_commands"] if "torch==" in cmd]
     assert torch_cmds and all("download.pytorch.org/whl/cu" in cmd for cmd in torch_cmds)
-    assert re.search(r"--index-url https://download\.pytorch\.org/whl/cu\d+ \"torch==",
-                     (CC / "Dockerfile").read_text())
+    assert re.search(r"--index-url https://download\.pytorch\.org/whl/cu\d+ \"torch==", (CC / "Dockerfile").read_text())

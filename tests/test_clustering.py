@@ -201,10 +201,16 @@ def write_shards(folder, X, ids, sources, rows_per_shard, seed=0):
     order = np.random.default_rng(seed).permutation(len(X))
     for k, i in enumerate(range(0, len(X), rows_per_shard)):
         rows = order[i : i + rows_per_shard]
-        pq.write_table(pa.table({
-            "example_id": [ids[r] for r in rows], "source": [sources[r] for r in rows],
-            "feature": pa.FixedSizeListArray.from_arrays(pa.array(X[rows].reshape(-1)), X.shape[1])}),
-            folder / f"shard-{k:03d}.parquet")
+        pq.write_table(
+            pa.table(
+                {
+                    "example_id": [ids[r] for r in rows],
+                    "source": [sources[r] for r in rows],
+                    "feature": pa.FixedSizeListArray.from_arrays(pa.array(X[rows].reshape(-1)), X.shape[1]),
+                }
+            ),
+            folder / f"shard-{k:03d}.parquet",
+        )
 
 
 def test_streamed_stage_equals_the_in_memory_fit_when_the_sample_covers_all_rows(tmp_path):
@@ -215,8 +221,14 @@ def test_streamed_stage_equals_the_in_memory_fit_when_the_sample_covers_all_rows
     ids, sources = [f"ex-{i}" for i in range(len(X))], [f"src{k}" for k in y]
     write_shards(tmp_path / "train", X, ids, sources, rows_per_shard=130)
     kw = {"initial_clusters": 4, "seed": 0}
-    res = cluster_streamed(tmp_path / "train", ids, fit_sample=5000, seed=0,
-                           fit=lambda Xs: fit_clusters(Xs, "balanced_birch", **kw), batch_rows=48)
+    res = cluster_streamed(
+        tmp_path / "train",
+        ids,
+        fit_sample=5000,
+        seed=0,
+        fit=lambda Xs: fit_clusters(Xs, "balanced_birch", **kw),
+        batch_rows=48,
+    )
 
     # The in-memory stage: whole table in data order, fit on every row, assign, eq. 5.8 centroids.
     _, src_mem, Xm = read_features(tmp_path / "train", order=ids)
@@ -248,9 +260,7 @@ def test_streamed_stage_fits_a_bounded_sample_and_assigns_every_row(tmp_path):
     assert sorted(set(res.labels.tolist())) == list(range(len(res.centroids)))
     np.testing.assert_allclose(np.linalg.norm(res.centroids, axis=1), 1.0, atol=1e-5)
     # Centroids are the means over ALL members, not over the sample's.
-    np.testing.assert_allclose(res.centroids, normalized_centroids(X, res.labels, len(res.centroids)),
-                               atol=1e-6)
-
+    np.testing.assert_allclose(res.centroids, normalized_centroids(X, res.labels, len(res.centroids)), atol=1e-6)
 
 
 def test_pca_variant_clusters_in_the_reduced_space_and_keeps_full_space_centroids(tmp_path):
@@ -274,6 +284,7 @@ def test_pca_variant_clusters_in_the_reduced_space_and_keeps_full_space_centroid
     Z = pca.transform(X)
     np.testing.assert_allclose(np.linalg.norm(Z, axis=1), 1.0, atol=1e-5)
     assert PcaReducer.fit(X[:5], 8).components.shape == (5, 128)  # at most as many as the sample has rows
+
 
 def test_streamed_stage_names_rows_that_do_not_match_the_data(tmp_path):
     from elrea_ray.artifacts import ArtifactError

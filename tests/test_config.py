@@ -13,8 +13,13 @@ def test_defaults_are_the_papers():
     assert (c.model.lora_r, c.model.lora_alpha, c.model.lora_dropout) == (8, 32, 0.1)
     assert (c.train.lr, c.train.epochs, c.train.batch_size) == (5e-5, 2, 16)
     assert c.experts.lr == 2e-5 and c.gradients.d_proj == 8192
-    assert (c.clustering.method, c.clustering.initial_clusters, c.clustering.fit_sample,
-            c.clustering.max_ratio, c.clustering.max_iterations) == ("balanced_birch", 5, 5000, 5.0, 3)
+    assert (
+        c.clustering.method,
+        c.clustering.initial_clusters,
+        c.clustering.fit_sample,
+        c.clustering.max_ratio,
+        c.clustering.max_iterations,
+    ) == ("balanced_birch", 5, 5000, 5.0, 3)
     assert c.routing.temperature == 1.0 and c.routing.top_k is None
     assert c.routing.method == "gradient"  # the distilled router is beyond the paper
 
@@ -29,27 +34,32 @@ def test_expected_configs_ship():
 
 
 def test_overrides_parse_yaml_values(tmp_path):
-    c = load_config(None, ["experts.lr=1e-4", "data.sources=[chain_sum,products]", "routing.top_k=2",
-                           "run.run_dir=" + str(tmp_path)])
+    c = load_config(
+        None,
+        ["experts.lr=1e-4", "data.sources=[chain_sum,products]", "routing.top_k=2", "run.run_dir=" + str(tmp_path)],
+    )
     assert c.experts.lr == 1e-4 and c.data.sources == ("chain_sum", "products")
     assert c.routing.top_k == 2 and c.run.run_dir == str(tmp_path)
 
 
-@pytest.mark.parametrize("override,needle", [
-    (["experts.lrr=1"], "experts.lrr"),
-    (["nosuch.x=1"], "nosuch"),
-    (["train.lr=-1"], "train.lr"),
-    (["train.epochs=two"], "train.epochs"),
-    (["clustering.method=dbscan"], "clustering.method"),
-    (["routing.temperature=0"], "routing.temperature"),
-    (["eval.methods=[elrea,magic]"], "eval.methods"),
-    (["badoverride"], "section.key=value"),
-    (["model.attn_implementation=flash"], "model.attn_implementation"),
-    (["model.gradient_checkpointing=maybe"], "model.gradient_checkpointing"),
-    (["routing.method=learned"], "routing.method must be gradient or distilled"),
-    (["routing.distill_hidden=-1"], "routing.distill_hidden"),
-    (["routing.distill_epochs=0"], "routing.distill_epochs"),
-])
+@pytest.mark.parametrize(
+    "override,needle",
+    [
+        (["experts.lrr=1"], "experts.lrr"),
+        (["nosuch.x=1"], "nosuch"),
+        (["train.lr=-1"], "train.lr"),
+        (["train.epochs=two"], "train.epochs"),
+        (["clustering.method=dbscan"], "clustering.method"),
+        (["routing.temperature=0"], "routing.temperature"),
+        (["eval.methods=[elrea,magic]"], "eval.methods"),
+        (["badoverride"], "section.key=value"),
+        (["model.attn_implementation=flash"], "model.attn_implementation"),
+        (["model.gradient_checkpointing=maybe"], "model.gradient_checkpointing"),
+        (["routing.method=learned"], "routing.method must be gradient or distilled"),
+        (["routing.distill_hidden=-1"], "routing.distill_hidden"),
+        (["routing.distill_epochs=0"], "routing.distill_epochs"),
+    ],
+)
 def test_bad_config_names_the_key(override, needle):
     with pytest.raises(ConfigError, match=needle.replace(".", r"\.")):
         load_config(None, override)

@@ -40,11 +40,16 @@ def tok(tmp_path_factory):
             os.environ["ELREA_CACHE"] = old
 
 
-SMALL = DataConfig(sources=("chain_sum", "products", "spell_backward", "letter_counting"),
-                   train_per_source=40, validation_per_source=8, test_per_source=10)
+SMALL = DataConfig(
+    sources=("chain_sum", "products", "spell_backward", "letter_counting"),
+    train_per_source=40,
+    validation_per_source=8,
+    test_per_source=10,
+)
 
 
 # -- splits ---------------------------------------------------------------------------------------
+
 
 def _questions(rows):
     return {json.loads(r["prompt"])[-1]["content"] for r in rows}
@@ -92,6 +97,7 @@ def test_system_prompt_and_bad_family():
 
 # -- scoring --------------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("family", sorted(FAMILY_CONFIGS))
 def test_gold_scores_one_and_wrong_scores_zero(family):
     rows = reasoning_gym_rows(family, "test", 20, 3)
@@ -108,7 +114,7 @@ def test_extract_answer_on_chatty_text():
     assert extract_answer("\\boxed{7}", "7") == "7"
     assert extract_answer("so we get \\boxed{\\frac{1}{2}} in the end", "1/2") == "\\frac{1}{2}"
     assert extract_answer("  olleh\nmore text", "olleh") == "olleh"
-    assert extract_answer("Answer: \"olleh\".", "olleh") == "olleh"
+    assert extract_answer('Answer: "olleh".', "olleh") == "olleh"
     assert extract_answer("It is -4, I think", "-4") == "-4"
     assert extract_answer("total 1,234 legs", "1234") == "1234"
     assert extract_answer("12.0", "12") == "12"
@@ -127,6 +133,7 @@ def test_score_file_rows():
 
 # -- tokenisation ---------------------------------------------------------------------------------
 
+
 def test_encode_marks_instruction_and_response(tok):
     prompt = [{"role": "user", "content": "What is 3 + 4?"}]
     enc = encode(tok, prompt, "7", 256)
@@ -138,7 +145,7 @@ def test_encode_marks_instruction_and_response(tok):
     assert sft == [-100] * n + ids[n:]
     assert ins == ids[:n] + [-100] * (len(ids) - n)
     other = encode(tok, prompt, "a much longer answer", 256)
-    assert other["input_ids"][:other["instruction_len"]] == ids[:n] and other["instruction_len"] == n
+    assert other["input_ids"][: other["instruction_len"]] == ids[:n] and other["instruction_len"] == n
     only = encode(tok, prompt, None, 256)
     assert only == {"input_ids": ids[:n], "instruction_len": n}
     assert encode(tok, prompt, "7", n) is None
@@ -171,7 +178,6 @@ def test_length_bucketed_batches_cover_once_and_are_homogeneous():
     assert sorted(i for b in unshuffled for i in b) == list(range(1000))
 
 
-
 def test_examples_seen_counts_the_rows_of_the_steps_taken_epochs_repeating():
     from elrea_ray.train import examples_seen
 
@@ -185,39 +191,52 @@ def test_examples_seen_counts_the_rows_of_the_steps_taken_epochs_repeating():
 
 # -- files ----------------------------------------------------------------------------------------
 
+
 def _jsonl(path, records):
     path.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
     return str(path)
 
 
 def test_read_instruction_jsonl(tmp_path):
-    f = _jsonl(tmp_path / "mix.jsonl", [
-        {"instruction": "Add 2 and 3.", "response": "5", "source": "math"},
-        {"instruction": "Say hi.", "response": "Hi!\nHow are you?", "system": "Be kind."},
-    ])
+    f = _jsonl(
+        tmp_path / "mix.jsonl",
+        [
+            {"instruction": "Add 2 and 3.", "response": "5", "source": "math"},
+            {"instruction": "Say hi.", "response": "Hi!\nHow are you?", "system": "Be kind."},
+        ],
+    )
     rows, counts = read_rows(f, "train", system_prompt="Default system.")
     assert counts == {"read": 2, "skipped": {}}
     assert [r["example_id"] for r in rows] == ["train-mix-000001", "train-mix-000002"]
     assert [r["source"] for r in rows] == ["math", "mix"]
-    assert json.loads(rows[0]["prompt"]) == [{"role": "system", "content": "Default system."},
-                                             {"role": "user", "content": "Add 2 and 3."}]
+    assert json.loads(rows[0]["prompt"]) == [
+        {"role": "system", "content": "Default system."},
+        {"role": "user", "content": "Add 2 and 3."},
+    ]
     assert json.loads(rows[1]["prompt"])[0] == {"role": "system", "content": "Be kind."}
     assert rows[0]["response"] == "5" and rows[0]["answer"] == "5" and rows[1]["answer"] == ""
 
 
 def test_read_alpaca_messages_and_parquet(tmp_path):
-    f = _jsonl(tmp_path / "alp.jsonl", [
-        {"instruction": "Translate.", "input": "chat", "output": "cat"},
-        {"instruction": "Count to 3.", "input": "", "output": "1 2 3"},
-    ])
+    f = _jsonl(
+        tmp_path / "alp.jsonl",
+        [
+            {"instruction": "Translate.", "input": "chat", "output": "cat"},
+            {"instruction": "Count to 3.", "input": "", "output": "1 2 3"},
+        ],
+    )
     rows, _ = read_rows(f, "train")
     assert json.loads(rows[0]["prompt"]) == [{"role": "user", "content": "Translate.\n\nchat"}]
     assert json.loads(rows[1]["prompt"]) == [{"role": "user", "content": "Count to 3."}]
     assert rows[0]["response"] == "cat"
 
-    conv = [{"role": "system", "content": "S"}, {"role": "user", "content": "Q1"},
-            {"role": "assistant", "content": "A1"}, {"role": "user", "content": "Q2"},
-            {"role": "assistant", "content": "A2"}]
+    conv = [
+        {"role": "system", "content": "S"},
+        {"role": "user", "content": "Q1"},
+        {"role": "assistant", "content": "A1"},
+        {"role": "user", "content": "Q2"},
+        {"role": "assistant", "content": "A2"},
+    ]
     f = _jsonl(tmp_path / "chat.jsonl", [{"messages": conv}])
     rows, _ = read_rows(f, "train")
     assert json.loads(rows[0]["prompt"]) == conv[:-1] and rows[0]["response"] == "A2"
@@ -240,16 +259,24 @@ def test_read_alpaca_messages_and_parquet(tmp_path):
 
 
 def test_bad_rows_error_or_skip(tmp_path):
-    records = [{"instruction": "ok", "response": "fine"}, {"response": "no instruction"},
-               {"instruction": "  ", "response": "x"}, {"instruction": 5, "response": "x"}]
+    records = [
+        {"instruction": "ok", "response": "fine"},
+        {"response": "no instruction"},
+        {"instruction": "  ", "response": "x"},
+        {"instruction": 5, "response": "x"},
+    ]
     path = tmp_path / "bad.jsonl"
-    path.write_text(json.dumps(records[0]) + "\n\n" + "\n".join(json.dumps(r) for r in records[1:])
-                    + "\n{not json\n", encoding="utf-8")
+    path.write_text(
+        json.dumps(records[0]) + "\n\n" + "\n".join(json.dumps(r) for r in records[1:]) + "\n{not json\n",
+        encoding="utf-8",
+    )
     with pytest.raises(DataError, match=r"bad\.jsonl, line 3: missing field 'instruction'"):
         read_rows(str(path), "train")
     rows, counts = read_rows(str(path), "train", bad_rows="skip")
-    assert len(rows) == 1 and counts == {"read": 5, "skipped": {"missing_field": 1, "empty_text": 1,
-                                                                "wrong_type": 1, "invalid_json": 1}}
+    assert len(rows) == 1 and counts == {
+        "read": 5,
+        "skipped": {"missing_field": 1, "empty_text": 1, "wrong_type": 1, "invalid_json": 1},
+    }
     msgs = tmp_path / "turns.jsonl"
     _jsonl(msgs, [{"messages": [{"role": "assistant", "content": "A"}, {"role": "user", "content": "Q"}]}])
     with pytest.raises(DataError, match=r"turns\.jsonl, line 1: messages must alternate"):
@@ -258,8 +285,9 @@ def test_bad_rows_error_or_skip(tmp_path):
 
 def test_unreadable_files(tmp_path):
     latin = tmp_path / "latin.jsonl"
-    latin.write_bytes(b'{"instruction": "ok", "response": "x"}\n'
-                      b'{"instruction": "caf\xe9", "response": "x"}\n')  # Latin-1, not UTF-8
+    latin.write_bytes(
+        b'{"instruction": "ok", "response": "x"}\n{"instruction": "caf\xe9", "response": "x"}\n'
+    )  # Latin-1, not UTF-8
     with pytest.raises(DataError, match=r"latin\.jsonl is not UTF-8 text \(undecodable byte at line 2\)"):
         read_rows(str(latin), "train")
     empty = tmp_path / "empty.jsonl"
@@ -281,8 +309,10 @@ def test_unreadable_files(tmp_path):
 
 def test_json_array_and_file_splits(tmp_path):
     train = tmp_path / "train.json"
-    train.write_text(json.dumps([{"instruction": f"q{i}", "response": f"a{i}", "source": "s" + str(i % 2)}
-                                 for i in range(40)]), encoding="utf-8")
+    train.write_text(
+        json.dumps([{"instruction": f"q{i}", "response": f"a{i}", "source": "s" + str(i % 2)} for i in range(40)]),
+        encoding="utf-8",
+    )
     test = _jsonl(tmp_path / "test.jsonl", [{"instruction": "q", "response": ""}])
     cfg = DataConfig(kind="files", train_files=(str(train),), test_files=(test,), validation_per_source=2)
     splits, report = build_splits_with_report(cfg, seed=0)
@@ -322,8 +352,10 @@ def _local_hub_dataset(tmp_path):
     repo = tmp_path / "user" / "mini-mix"
     (repo / "data").mkdir(parents=True)
     _jsonl(repo / "data" / "train.jsonl", [{"instruction": f"Echo {i}.", "response": str(i)} for i in range(3)])
-    _jsonl(repo / "data" / "test.jsonl", [{"instruction": "Echo 9.", "response": "9"},
-                                          {"instruction": "", "response": "empty"}])
+    _jsonl(
+        repo / "data" / "test.jsonl",
+        [{"instruction": "Echo 9.", "response": "9"}, {"instruction": "", "response": "empty"}],
+    )
     return str(repo)
 
 
@@ -342,9 +374,12 @@ def test_hub_entries_load_with_datasets_and_name_split_and_row(tmp_path):
     with pytest.raises(DataError, match=r"mini-mix split nosuch: could not load"):
         hub_rows({"path": repo, "split": "nosuch"})
 
-    cfg = DataConfig(kind="files", hub=({"path": repo, "split": "train", "source": "echo"},
-                                        {"path": repo, "split": "test", "use_for": "test"}),
-                     validation_per_source=1, bad_rows="skip")
+    cfg = DataConfig(
+        kind="files",
+        hub=({"path": repo, "split": "train", "source": "echo"}, {"path": repo, "split": "test", "use_for": "test"}),
+        validation_per_source=1,
+        bad_rows="skip",
+    )
     cfg.validate("data")
     splits, report = build_splits_with_report(cfg, seed=0)
     assert len(splits["train"]) + len(splits["validation"]) == 3 and len(splits["test"]) == 1
@@ -360,12 +395,15 @@ def test_uncached_hub_dataset_offline_is_a_clear_error(monkeypatch, tmp_path):
         hub_rows({"path": "nobody/no-such-dataset", "split": "train"})
 
 
-@pytest.mark.parametrize("entry,needle", [
-    ({"split": "train"}, r"data\.hub\[0\]\.path"),
-    ({"path": "a/b"}, r"data\.hub\[0\]\.split"),
-    ({"path": "a/b", "split": "train", "use_for": "eval"}, r"data\.hub\[0\]\.use_for"),
-    ({"path": "a/b", "split": "train", "revison": "x"}, r"data\.hub\[0\] must be a mapping with keys"),
-])
+@pytest.mark.parametrize(
+    "entry,needle",
+    [
+        ({"split": "train"}, r"data\.hub\[0\]\.path"),
+        ({"path": "a/b"}, r"data\.hub\[0\]\.split"),
+        ({"path": "a/b", "split": "train", "use_for": "eval"}, r"data\.hub\[0\]\.use_for"),
+        ({"path": "a/b", "split": "train", "revison": "x"}, r"data\.hub\[0\] must be a mapping with keys"),
+    ],
+)
 def test_bad_hub_entries_name_the_field(entry, needle):
     from elrea_ray.config import ConfigError
 

@@ -17,9 +17,14 @@ HANG_GUARD_S = 240  # generous: one tiny fit takes seconds; a DDP collective mis
 
 
 def _data_file(path, n=23):
-    rows = [{"example_id": f"ex-{i:02d}",
-             "prompt": json.dumps([{"role": "user", "content": "count " + " ".join(["a"] * (1 + i % 5))}]),
-             "response": " ".join(["b"] * (1 + (i * 7) % 4))} for i in range(n)]
+    rows = [
+        {
+            "example_id": f"ex-{i:02d}",
+            "prompt": json.dumps([{"role": "user", "content": "count " + " ".join(["a"] * (1 + i % 5))}]),
+            "response": " ".join(["b"] * (1 + (i * 7) % 4)),
+        }
+        for i in range(n)
+    ]
     pq.write_table(pa.Table.from_pylist(rows), path)
     return path
 
@@ -32,12 +37,27 @@ def _fit(tmp_path, name, workers, data_file, example_ids=None, init_adapter=None
     from elrea_ray.train import fit_adapter
 
     mc = ModelConfig(name_or_path="tiny-random-llama", lora_dropout=0.0, max_length=256)
-    tc = TrainConfig(num_workers=workers, epochs=2, lr=1e-3, batch_size=6, micro_batch_size=1,
-                     checkpoint_every_steps=100, logging_steps=2)
+    tc = TrainConfig(
+        num_workers=workers,
+        epochs=2,
+        lr=1e-3,
+        batch_size=6,
+        micro_batch_size=1,
+        checkpoint_every_steps=100,
+        logging_steps=2,
+    )
     out = tmp_path / name
-    loop = {"name": name, "seed": 0, "model": asdict(mc), "train": asdict(tc),
-            "data_file": str(data_file), "example_ids": example_ids, "init_adapter": init_adapter,
-            "out_dir": str(out), "save_epochs": False}
+    loop = {
+        "name": name,
+        "seed": 0,
+        "model": asdict(mc),
+        "train": asdict(tc),
+        "data_file": str(data_file),
+        "example_ids": example_ids,
+        "init_adapter": init_adapter,
+        "out_dir": str(out),
+        "save_epochs": False,
+    }
     result = {}
 
     def run():

@@ -83,8 +83,13 @@ def test_a_bundle_that_routes_by_a_router_it_lacks_is_refused(tmp_path):
     from elrea_ray.bundle import BundleError, load_bundle
 
     (tmp_path / "centroids.safetensors").write_bytes(b"")
-    bundle = {"format_version": 1, "adapters": {}, "epoch_checkpoints": [], "centroids": "centroids.safetensors",
-              "routing": {"method": "distilled"}}
+    bundle = {
+        "format_version": 1,
+        "adapters": {},
+        "epoch_checkpoints": [],
+        "centroids": "centroids.safetensors",
+        "routing": {"method": "distilled"},
+    }
     (tmp_path / "bundle.json").write_text(json.dumps(bundle))
     with pytest.raises(BundleError, match="routing.method is distilled but the bundle has no router"):
         load_bundle(tmp_path)

@@ -26,6 +26,7 @@ def route_with(w):
             if r.adapter is not None:
                 out[i] = np.eye(len(NAMES))[NAMES.index(r.adapter)]
         return out
+
     return route
 
 
@@ -44,10 +45,16 @@ def tok():
 
 @pytest.fixture(scope="module")
 def prompts(tok):
-    texts = ["What is 3 + 4?", "Spell this word backward: hello", "berry",
-             "How many times does the letter r appear in the text: berry?"]
-    return [tok.apply_chat_template([{"role": "user", "content": t}], add_generation_prompt=True)["input_ids"]
-            for t in texts]
+    texts = [
+        "What is 3 + 4?",
+        "Spell this word backward: hello",
+        "berry",
+        "How many times does the letter r appear in the text: berry?",
+    ]
+    return [
+        tok.apply_chat_template([{"role": "user", "content": t}], add_generation_prompt=True)["input_ids"]
+        for t in texts
+    ]
 
 
 def new_loop(model, tok, stop_ids=(), **kw):
@@ -85,8 +92,9 @@ def test_alone_equals_the_ensemble_decoder(model, tok, prompts):
         assert got.text == tok.decode(want, skip_special_tokens=True)
 
 
-@pytest.mark.parametrize("backend,w", [("stacked", W), ("stacked", np.array([0.0, 0.5, 0.7])),
-                                       ("peft", W)], ids=["dense", "sparse", "peft"])
+@pytest.mark.parametrize(
+    "backend,w", [("stacked", W), ("stacked", np.array([0.0, 0.5, 0.7])), ("peft", W)], ids=["dense", "sparse", "peft"]
+)
 def test_request_admitted_mid_decode_gets_its_solo_tokens(model, tok, prompts, backend, w):
     want = ensemble_generate(model, prompts[:3], NAMES, np.tile(w, (3, 1)), 10, None, tok.pad_token_id)
     loop = DecodeLoop(model, NAMES, tok, [], route=route_with(w), backend=backend)
@@ -136,10 +144,14 @@ def test_cancelled_row_stops_within_one_step_and_frees_its_slot(model, tok, prom
 def test_stop_string_ends_its_row_at_once_while_the_others_continue(model, tok, prompts):
     full = solo(model, tok, GenRequest(prompts[1], max_tokens=10))
     # a stop string that the text reaches after a few tokens
-    k = next(k for k in range(2, 8) if len(tok.decode(full.token_ids[:k], skip_special_tokens=True)) >
-             len(tok.decode(full.token_ids[:k - 1], skip_special_tokens=True)) + 1)
-    before = tok.decode(full.token_ids[:k - 1], skip_special_tokens=True)
-    stop = tok.decode(full.token_ids[:k], skip_special_tokens=True)[len(before):][:2]
+    k = next(
+        k
+        for k in range(2, 8)
+        if len(tok.decode(full.token_ids[:k], skip_special_tokens=True))
+        > len(tok.decode(full.token_ids[: k - 1], skip_special_tokens=True)) + 1
+    )
+    before = tok.decode(full.token_ids[: k - 1], skip_special_tokens=True)
+    stop = tok.decode(full.token_ids[:k], skip_special_tokens=True)[len(before) :][:2]
     assert stop and stop not in before
     loop = new_loop(model, tok)
     long, short = Recorder(), Recorder()
@@ -160,11 +172,17 @@ def test_stop_string_ends_its_row_at_once_while_the_others_continue(model, tok, 
 
 def test_bad_sampling_state_is_refused_or_confined_to_its_request(model, tok, prompts):
     loop = new_loop(model, tok)
-    for bad, field in [(dict(seed=2**64), "seed"), (dict(temperature=float("nan")), "temperature"),
-                       (dict(logit_bias={10**9: 1.0}), "logit_bias"), (dict(logit_bias={5: 1e9}), "logit_bias"),
-                       (dict(top_p=0.0), "top_p"), (dict(min_tokens=99, max_tokens=4), "min_tokens"),
-                       (dict(logprobs=21), "logprobs"), (dict(presence_penalty=3.0), "presence_penalty"),
-                       (dict(adapter="expert-99"), "adapter")]:
+    for bad, field in [
+        (dict(seed=2**64), "seed"),
+        (dict(temperature=float("nan")), "temperature"),
+        (dict(logit_bias={10**9: 1.0}), "logit_bias"),
+        (dict(logit_bias={5: 1e9}), "logit_bias"),
+        (dict(top_p=0.0), "top_p"),
+        (dict(min_tokens=99, max_tokens=4), "min_tokens"),
+        (dict(logprobs=21), "logprobs"),
+        (dict(presence_penalty=3.0), "presence_penalty"),
+        (dict(adapter="expert-99"), "adapter"),
+    ]:
         with pytest.raises(InvalidRequest) as e:
             loop.submit(GenRequest(prompts[0], **bad), Recorder())
         assert e.value.field == field
@@ -215,16 +233,22 @@ def test_penalties_and_logit_bias_follow_the_openai_formula(model, tok, prompts)
     pres, freq, bias = 0.7, 1.3, {7: 3.0, 11: -2.0}
 
     def process(row, produced):
-        counts = torch.bincount(torch.tensor(produced, dtype=torch.long), minlength=row.shape[0]).float() \
-            if produced else torch.zeros_like(row)
+        counts = (
+            torch.bincount(torch.tensor(produced, dtype=torch.long), minlength=row.shape[0]).float()
+            if produced
+            else torch.zeros_like(row)
+        )
         row = row - freq * counts - pres * (counts > 0).float()
         for t, v in bias.items():
             row[t] += v
         return row
 
     want, _ = reference(model, tok, prompts[0], 10, process)
-    got = solo(model, tok, GenRequest(prompts[0], max_tokens=10, presence_penalty=pres, frequency_penalty=freq,
-                                      logit_bias=bias))
+    got = solo(
+        model,
+        tok,
+        GenRequest(prompts[0], max_tokens=10, presence_penalty=pres, frequency_penalty=freq, logit_bias=bias),
+    )
     assert got.token_ids == want
     plain = solo(model, tok, GenRequest(prompts[0], max_tokens=10)).token_ids
     assert want != plain  # the controls changed the output
@@ -315,6 +339,5 @@ def test_top_p_keeps_the_nucleus(model, tok, prompts):
     greedy = solo(model, tok, GenRequest(prompts[0], max_tokens=6)).token_ids
     narrow = solo(model, tok, GenRequest(prompts[0], max_tokens=6, temperature=1.5, top_p=1e-6, seed=1))
     assert narrow.token_ids == greedy  # only the most likely token is left in the nucleus
-    wide = [solo(model, tok, GenRequest(prompts[0], max_tokens=6, temperature=1.5, seed=s)).token_ids
-            for s in range(3)]
+    wide = [solo(model, tok, GenRequest(prompts[0], max_tokens=6, temperature=1.5, seed=s)).token_ids for s in range(3)]
     assert len({tuple(w) for w in wide}) > 1  # different seeds, different samples

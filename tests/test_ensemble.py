@@ -47,10 +47,16 @@ def model(tmp_path_factory):
 @pytest.fixture(scope="module")
 def prompts():
     tok = load_tokenizer(CFG)
-    texts = ["What is 3 + 4?", "Spell this word backward: hello", "berry",
-             "How many times does the letter r appear in the text: berry? Solve 12 * 7 = 84."]
-    return [tok.apply_chat_template([{"role": "user", "content": t}], add_generation_prompt=True)["input_ids"]
-            for t in texts]
+    texts = [
+        "What is 3 + 4?",
+        "Spell this word backward: hello",
+        "berry",
+        "How many times does the letter r appear in the text: berry? Solve 12 * 7 = 84.",
+    ]
+    return [
+        tok.apply_chat_template([{"role": "user", "content": t}], add_generation_prompt=True)["input_ids"]
+        for t in texts
+    ]
 
 
 def hf_generate(model, prompts, adapter, eos, pad, new=NEW):
@@ -174,8 +180,10 @@ def test_stacked_path_equals_peft_mixed_batch(model, prompts, backbone):
     for _, a_cat, b_cat, _, a_grp, b_grp in stacked._layers:
         # every slot a real adapter: the grouped operands are views of the concatenations (no copy);
         # with the backbone's empty slot they are zero-padded copies
-        shares = (a_grp.untyped_storage().data_ptr() == a_cat.untyped_storage().data_ptr()
-                  and b_grp.untyped_storage().data_ptr() == b_cat.untyped_storage().data_ptr())
+        shares = (
+            a_grp.untyped_storage().data_ptr() == a_cat.untyped_storage().data_ptr()
+            and b_grp.untyped_storage().data_ptr() == b_cat.untyped_storage().data_ptr()
+        )
         assert shares == (not backbone)
     want, want_steps = recorded(model, prompts, names, w, "peft", eos)
     assert got == want
@@ -193,8 +201,7 @@ def test_zero_weight_expert_is_not_run_for_that_prompt(model, prompts):
     assert not model._elrea_stacked[tuple(NAMES)]._grouped[0]  # per-prompt rows: the masked layout
     for b, p in enumerate(prompts):
         keep = [a for a in range(len(NAMES)) if w[b, a] != 0]
-        alone = ensemble_generate(model, [p], [NAMES[a] for a in keep], w[b:b + 1, keep], NEW, 2, 0,
-                                  backend="peft")
+        alone = ensemble_generate(model, [p], [NAMES[a] for a in keep], w[b : b + 1, keep], NEW, 2, 0, backend="peft")
         assert got[b] == alone[0]
 
 
@@ -219,8 +226,7 @@ def test_stacked_forward_does_the_same_ops_whatever_the_number_of_adapters(model
             w = np.ones((2, len(names)))
             w[0, 0] = 0.0 if sparse else 1.0
             with CountLinear() as mode:
-                ensemble_generate(model, prompts[:2], names, w, 3, eos_token_id=None, pad_token_id=0,
-                                  backend="stacked")
+                ensemble_generate(model, prompts[:2], names, w, 3, eos_token_id=None, pad_token_id=0, backend="stacked")
             counts.append(mode.n)
         assert counts[0] == counts[1] > 0
 
@@ -233,13 +239,19 @@ def test_several_routings_share_the_prefill_and_equal_separate_calls(model, prom
     names = ["__base__", *NAMES]
     B = len(prompts)
     rng = np.random.default_rng(2)
-    sets = {"backbone": np.eye(len(names))[[0] * B], "base": np.eye(len(names))[[1] * B],
-            "dense": np.concatenate([np.zeros((B, 1)), rng.uniform(0.1, 1.5, (B, 3))], 1),
-            "sparse": np.array([[0, 0.6, 0.4, 0.0], [0, 0.0, 0.5, 0.5], [0, 1.0, 0, 0], [0, 0.2, 0.3, 0.5]])}
+    sets = {
+        "backbone": np.eye(len(names))[[0] * B],
+        "base": np.eye(len(names))[[1] * B],
+        "dense": np.concatenate([np.zeros((B, 1)), rng.uniform(0.1, 1.5, (B, 3))], 1),
+        "sparse": np.array([[0, 0.6, 0.4, 0.0], [0, 0.0, 0.5, 0.5], [0, 1.0, 0, 0], [0, 0.2, 0.3, 0.5]]),
+    }
     eos = [an_eos_mid_generation(model, prompts, 0), 2]
     seen = []
-    hook = model.get_base_model().get_decoder().embed_tokens.register_forward_hook(
-        lambda mod, args, out: seen.append(tuple(args[0].shape)))
+    hook = (
+        model.get_base_model()
+        .get_decoder()
+        .embed_tokens.register_forward_hook(lambda mod, args, out: seen.append(tuple(args[0].shape)))
+    )
     try:
         got = ensemble_generate_many(model, prompts, names, sets, NEW, eos, 0)
     finally:
@@ -265,8 +277,11 @@ def test_common_prompt_prefix_is_prefilled_once_per_adapter(model, prompts):
     w = np.random.default_rng(3).uniform(0.1, 1.5, size=(len(prompts), len(NAMES)))
     eos = [an_eos_mid_generation(model, prompts, 0), 2]
     calls: list[tuple] = []
-    hook = unwrap(model).get_input_embeddings().register_forward_pre_hook(
-        lambda _m, args: calls.append(tuple(args[0].shape)))
+    hook = (
+        unwrap(model)
+        .get_input_embeddings()
+        .register_forward_pre_hook(lambda _m, args: calls.append(tuple(args[0].shape)))
+    )
     seen = {}
     try:
         for share in (True, False):
@@ -277,8 +292,9 @@ def test_common_prompt_prefix_is_prefilled_once_per_adapter(model, prompts):
                 return mixed.argmax(-1)
 
             calls.clear()
-            tokens = ensemble_generate(model, prompts, NAMES, w, NEW, eos, 0, sampler=greedy,
-                                       backend="stacked", share_prefix=share)
+            tokens = ensemble_generate(
+                model, prompts, NAMES, w, NEW, eos, 0, sampler=greedy, backend="stacked", share_prefix=share
+            )
             seen[share] = (tokens, steps, list(calls))
     finally:
         hook.remove()
@@ -291,8 +307,11 @@ def test_common_prompt_prefix_is_prefilled_once_per_adapter(model, prompts):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
     # one prompt alone: nothing is shared (its whole prompt is already prefilled once per adapter)
     calls.clear()
-    hook = unwrap(model).get_input_embeddings().register_forward_pre_hook(
-        lambda _m, args: calls.append(tuple(args[0].shape)))
+    hook = (
+        unwrap(model)
+        .get_input_embeddings()
+        .register_forward_pre_hook(lambda _m, args: calls.append(tuple(args[0].shape)))
+    )
     try:
         ensemble_generate(model, prompts[:1], NAMES, w[:1], 2, None, 0, backend="stacked")
     finally:

@@ -20,13 +20,15 @@ def test_every_method_is_compared_with_m_q_base_and_the_compute_matched_control(
     continued[:10] = 1.0  # right on 10 more items, at most
     elrea = continued.copy()
     elrea[50:60] = 0.0
-    table = accuracy_table(sources, {"base": base.tolist(), "base_continued": continued.tolist(),
-                                     "elrea": elrea.tolist()}, resamples=200)
+    table = accuracy_table(
+        sources, {"base": base.tolist(), "base_continued": continued.tolist(), "elrea": elrea.tolist()}, resamples=200
+    )
     assert "vs_base" not in table["base"] and "vs_continued" not in table["base_continued"]
     assert np.isclose(table["elrea"]["vs_continued"]["diff"], elrea.mean() - continued.mean())
     assert np.isclose(table["base_continued"]["vs_base"]["diff"], continued.mean() - base.mean())
-    assert np.isclose(table["elrea"]["per_source"]["b"]["vs_continued"]["diff"],
-                      elrea[50:].mean() - continued[50:].mean())
+    assert np.isclose(
+        table["elrea"]["per_source"]["b"]["vs_continued"]["diff"], elrea[50:].mean() - continued[50:].mean()
+    )
     md = results_markdown(table)
     assert "| vs M+Q_base | vs continued |" in md.splitlines()[0]
     assert all(line.count("|") == md.splitlines()[0].count("|") for line in md.splitlines()[:5])
@@ -35,10 +37,12 @@ def test_every_method_is_compared_with_m_q_base_and_the_compute_matched_control(
 def test_specialisation_table_puts_each_expert_against_the_base_on_its_own_cluster():
     cluster_of = np.array([0, 0, 0, 0, 1, 1, 1, 2])  # cluster 3 gets no test item
     base = np.array([0, 0, 1, 1, 1, 1, 0, 0], float)
-    alone = {"expert-00": np.array([1, 1, 1, 0, 0, 0, 0, 1], float),  # 3/4 on its own cluster
-             "expert-01": np.array([0, 0, 0, 0, 0, 0, 1, 1], float),  # 1/3 on its own
-             "expert-02": np.array([0, 0, 0, 0, 0, 0, 0, 1], float),
-             "expert-03": np.zeros(8)}
+    alone = {
+        "expert-00": np.array([1, 1, 1, 0, 0, 0, 0, 1], float),  # 3/4 on its own cluster
+        "expert-01": np.array([0, 0, 0, 0, 0, 0, 1, 1], float),  # 1/3 on its own
+        "expert-02": np.array([0, 0, 0, 0, 0, 0, 0, 1], float),
+        "expert-03": np.zeros(8),
+    }
     spec = specialisation_table(cluster_of, alone, base)
     own = {o["expert"]: o for o in spec["own"]}
     assert own["expert-00"]["n"] == 4 and np.isclose(own["expert-00"]["diff"], 0.75 - 0.5)

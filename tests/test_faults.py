@@ -42,6 +42,7 @@ def _features(run_dir: Path, split: str) -> tuple[list[str], np.ndarray]:
 
 # -- item 1 (and 5): the driver SIGKILLed in stage 2 and in stage 4 --------------------------------
 
+
 def _tagged_pids(tag: str) -> list[int]:
     """Processes whose environment carries our tag: the driver and every Ray process it started."""
     needle = f"ELREA_FAULT_TAG={tag}".encode()
@@ -64,28 +65,44 @@ class Driver:
         self.run_dir, self.logs, self.tag = run_dir, logs, uuid.uuid4().hex
         self.tmp = tempfile.mkdtemp(prefix="elr", dir="/tmp")  # short: Ray's socket paths
         self.env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-        self.env.update({"PYTHONPATH": str(ROOT), "RAY_TMPDIR": self.tmp, "ELREA_FAULT_TAG": self.tag,
-                         "RAY_AUTH_MODE": "disabled", "HF_HUB_OFFLINE": "1"})
+        self.env.update(
+            {
+                "PYTHONPATH": str(ROOT),
+                "RAY_TMPDIR": self.tmp,
+                "ELREA_FAULT_TAG": self.tag,
+                "RAY_AUTH_MODE": "disabled",
+                "HF_HUB_OFFLINE": "1",
+            }
+        )
         self.n = 0
 
     @property
     def cmd(self) -> list[str]:
-        return [sys.executable, str(ROOT / "jobs" / "full_pipeline.py"), "--config", str(SMOKE),
-                "--run-dir", str(self.run_dir), "ray.address=local"]
+        return [
+            sys.executable,
+            str(ROOT / "jobs" / "full_pipeline.py"),
+            "--config",
+            str(SMOKE),
+            "--run-dir",
+            str(self.run_dir),
+            "ray.address=local",
+        ]
 
     def start(self) -> subprocess.Popen:
         self.n += 1
         self.log = self.logs / f"driver-{self.n}.log"
         with open(self.log, "w") as f:
-            return subprocess.Popen(self.cmd, stdout=f, stderr=subprocess.STDOUT, env=self.env, cwd=ROOT,
-                                    start_new_session=True)
+            return subprocess.Popen(
+                self.cmd, stdout=f, stderr=subprocess.STDOUT, env=self.env, cwd=ROOT, start_new_session=True
+            )
 
     def wait_for(self, proc: subprocess.Popen, what: str, pred, timeout: float = 300) -> None:
         t0 = time.time()
         while not pred():
             if proc.poll() is not None:
-                raise AssertionError(f"driver exited ({proc.returncode}) before {what}:\n"
-                                     + self.log.read_text()[-3000:])
+                raise AssertionError(
+                    f"driver exited ({proc.returncode}) before {what}:\n" + self.log.read_text()[-3000:]
+                )
             if time.time() - t0 > timeout:
                 raise AssertionError(f"timed out waiting for {what}:\n" + self.log.read_text()[-3000:])
             time.sleep(0.1)
@@ -144,8 +161,7 @@ def test_driver_killed_in_gradients_and_in_experts_resumes_to_identical_results(
         second = subprocess.run(drv.cmd, env=drv.env, cwd=ROOT, capture_output=True, text=True, timeout=120)
         refused_s = time.time() - t0
         assert second.returncode != 0 and f"is in use by pid {p.pid}" in second.stderr, second.stderr[-2000:]
-        _figure(f"second driver refused after {refused_s:.1f} s: "
-                + second.stderr.strip().splitlines()[-1][:200])
+        _figure(f"second driver refused after {refused_s:.1f} s: " + second.stderr.strip().splitlines()[-1][:200])
         partial = run_dir / "gradients.partial"
         drv.wait_for(p, "train shards written", lambda: any((partial / "train").glob("*.parquet")))
         left = drv.kill(p)
@@ -156,8 +172,11 @@ def test_driver_killed_in_gradients_and_in_experts_resumes_to_identical_results(
         # run 2: takes the stale lock over, redoes stage 2, killed in stage 4 after >= 1 expert
         p = drv.start()
         experts_partial = run_dir / "adapters" / "experts.partial"
-        drv.wait_for(p, "an expert finished",
-                     lambda: any((d / "adapter_config.json").exists() for d in experts_partial.glob("expert-*")))
+        drv.wait_for(
+            p,
+            "an expert finished",
+            lambda: any((d / "adapter_config.json").exists() for d in experts_partial.glob("expert-*")),
+        )
         done_before_kill = sorted(d.name for d in experts_partial.glob("expert-*"))
         left = drv.kill(p)
         assert run.completed_key("experts") is None and run.completed_key("clusters") is not None
@@ -191,13 +210,17 @@ def test_driver_killed_in_gradients_and_in_experts_resumes_to_identical_results(
     want = json.loads((smoke_run.root / "eval" / "metrics.json").read_text())
     assert got == want
     assert pq.read_table(run_dir / "eval" / "predictions.parquet").equals(
-        pq.read_table(smoke_run.root / "eval" / "predictions.parquet"))
-    _figure(f"resumed run: features of {sum(len(_features(run_dir, s)[0]) for s in SPLITS)} examples "
-            f"bit-identical, metrics.json equal; experts retrained {info['trained_now']}/{info['num_experts']}; "
-            f"stage seconds: " + ", ".join(f"{s} {m[s].get('seconds')}" for s in LATER))
+        pq.read_table(smoke_run.root / "eval" / "predictions.parquet")
+    )
+    _figure(
+        f"resumed run: features of {sum(len(_features(run_dir, s)[0]) for s in SPLITS)} examples "
+        f"bit-identical, metrics.json equal; experts retrained {info['trained_now']}/{info['num_experts']}; "
+        f"stage seconds: " + ", ".join(f"{s} {m[s].get('seconds')}" for s in LATER)
+    )
 
 
 # -- item 2: a Train worker crashes in stage 1 ---------------------------------------------------
+
 
 def test_train_worker_crash_resumes_from_the_last_checkpoint_with_the_same_loss(smoke_run, tmp_path):
     from safetensors.torch import load_file
@@ -215,10 +238,18 @@ def test_train_worker_crash_resumes_from_the_last_checkpoint_with_the_same_loss(
     # 3 s first: Ray Train V2's controller collects reported checkpoints when it polls the
     # workers (every 2 s, RAY_TRAIN_HEALTH_CHECK_INTERVAL_S), and one reported less than a poll
     # before a crash is lost (measured: the retry then started from step 0).
-    loop = {"name": "base", "seed": cfg.run.seed, "model": plain(cfg.model), "train": plain(tc),
-            "data_file": str(smoke_run.data_file("train")), "example_ids": None, "init_adapter": None,
-            "out_dir": str(out), "save_epochs": True,
-            "fault": {"after_step": 5, "rank": 0, "marker": str(marker), "wait_s": 3.0}}
+    loop = {
+        "name": "base",
+        "seed": cfg.run.seed,
+        "model": plain(cfg.model),
+        "train": plain(tc),
+        "data_file": str(smoke_run.data_file("train")),
+        "example_ids": None,
+        "init_adapter": None,
+        "out_dir": str(out),
+        "save_epochs": True,
+        "fault": {"after_step": 5, "rank": 0, "marker": str(marker), "wait_s": 3.0},
+    }
     result = fit_adapter("base-crash", loop, tc, tmp_path / "ray", 1, 1.0, False)
     clean = json.loads(smoke_run.manifest.read_text())["stages"]["base"]["info"]
     assert marker.read_text() == "5"  # the worker did die
@@ -233,13 +264,16 @@ def test_train_worker_crash_resumes_from_the_last_checkpoint_with_the_same_loss(
         assert a.keys() == b.keys()
         diffs.append(max(float((a[k] - b[k]).abs().max()) for k in a))
     assert max(diffs) <= 1e-6, diffs
-    _figure(f"train worker crash after step 5: resumed from step {result['resumed_from_step']}, "
-            f"final loss {result['final_loss']!r} vs clean {clean['final_loss']!r} "
-            f"(rel diff {abs(result['final_loss'] - clean['final_loss']) / abs(clean['final_loss']):.2e}); "
-            f"max |adapter diff| per epoch {diffs}")
+    _figure(
+        f"train worker crash after step 5: resumed from step {result['resumed_from_step']}, "
+        f"final loss {result['final_loss']!r} vs clean {clean['final_loss']!r} "
+        f"(rel diff {abs(result['final_loss'] - clean['final_loss']) / abs(clean['final_loss']):.2e}); "
+        f"max |adapter diff| per epoch {diffs}"
+    )
 
 
 # -- item 3: a gradient actor killed mid-stage ----------------------------------------------------
+
 
 def test_gradient_actor_killed_mid_stage_every_example_once(smoke_run, tmp_path):
     import ray
@@ -261,8 +295,11 @@ def test_gradient_actor_killed_mid_stage_every_example_once(smoke_run, tmp_path)
     def killer():
         while not done.is_set():
             try:
-                alive = [a for a in list_actors(address=gcs, filters=[("state", "=", "ALIVE")])
-                         if "FeatureMapper" in a.class_name and a.pid]
+                alive = [
+                    a
+                    for a in list_actors(address=gcs, filters=[("state", "=", "ALIVE")])
+                    if "FeatureMapper" in a.class_name and a.pid
+                ]
             except Exception as e:  # the state API can time out on a loaded machine: try again
                 errors.append(repr(e))
                 alive = []
@@ -295,23 +332,30 @@ def test_gradient_actor_killed_mid_stage_every_example_once(smoke_run, tmp_path)
         order = np.argsort(ids)
         ref_ids, ref = _features(smoke_run.root, split)
         assert [ids[i] for i in order] == ref_ids and np.array_equal(X[order], ref), split
-    _figure(f"gradient actor pid {killed[0][0]} SIGKILLed {killed[0][1]:.1f} s into a {seconds:.1f} s stage: "
-            f"{sum(info['rows'].values())} examples, each exactly once, features bit-identical to the clean run")
+    _figure(
+        f"gradient actor pid {killed[0][0]} SIGKILLed {killed[0][1]:.1f} s into a {seconds:.1f} s stage: "
+        f"{sum(info['rows'].values())} examples, each exactly once, features bit-identical to the clean run"
+    )
 
 
 # -- item 6: bad rows, switch error/skip, counts in the manifest -------------------------------------
 
+
 def _bad_files(tmp_path: Path) -> tuple[Path, Path]:
     good = [{"instruction": f"Add {i} and 1.", "response": str(i + 1)} for i in range(6)]
-    bad = [{"response": "no instruction"},                        # missing field
-           {"instruction": 7, "response": "x"},                   # wrong type
-           {"instruction": "Say it.", "response": "   "},         # empty text
-           {"instruction": "Repeat.", "response": "word " * 400}]  # longer than max_length=256
+    bad = [
+        {"response": "no instruction"},  # missing field
+        {"instruction": 7, "response": "x"},  # wrong type
+        {"instruction": "Say it.", "response": "   "},  # empty text
+        {"instruction": "Repeat.", "response": "word " * 400},
+    ]  # longer than max_length=256
     train = tmp_path / "mix.jsonl"
     train.write_text("".join(json.dumps(r) + "\n" for r in good + bad), encoding="utf-8")
     test = tmp_path / "exam.jsonl"
-    test.write_text("".join(json.dumps({"instruction": f"Add {i} and 2.", "response": str(i + 2)}) + "\n"
-                            for i in range(3)), encoding="utf-8")
+    test.write_text(
+        "".join(json.dumps({"instruction": f"Add {i} and 2.", "response": str(i + 2)}) + "\n" for i in range(3)),
+        encoding="utf-8",
+    )
     return train, test
 
 
@@ -324,12 +368,17 @@ def test_bad_rows_are_skipped_and_counted_in_the_manifest_or_named(tmp_path):
     from elrea_ray.stages.common import StageContext
 
     train, test = _bad_files(tmp_path)
-    files = ["data.kind=files", f"data.train_files=[{train}]", f"data.test_files=[{test}]",
-             "data.validation_per_source=1"]
+    files = [
+        "data.kind=files",
+        f"data.train_files=[{train}]",
+        f"data.test_files=[{test}]",
+        "data.validation_per_source=1",
+    ]
     cfg = smoke_config(tmp_path / "skip", *files, "data.bad_rows=skip")
     run = RunDir.at(cfg.run.run_dir)
-    run.run_stage("data", stage_keys(cfg)["data"], lambda out: data.run(StageContext(cfg, run, {}, out)),
-                  log=lambda s: None)
+    run.run_stage(
+        "data", stage_keys(cfg)["data"], lambda out: data.run(StageContext(cfg, run, {}, out)), log=lambda s: None
+    )
     counts = run.read_manifest()["stages"]["data"]["info"]["files"][str(train)]
     assert counts["read"] == 10 and counts["kept"] == 7
     assert counts["skipped"] == {"missing_field": 1, "wrong_type": 1, "empty_text": 1}
@@ -340,8 +389,9 @@ def test_bad_rows_are_skipped_and_counted_in_the_manifest_or_named(tmp_path):
         data.run(StageContext(cfg, None, {}, tmp_path))
     train.write_text("\n".join(train.read_text().splitlines()[:6] + train.read_text().splitlines()[9:]) + "\n")
     run = RunDir.at(cfg.run.run_dir)
-    run.run_stage("data", stage_keys(cfg)["data"], lambda out: data.run(StageContext(cfg, run, {}, out)),
-                  log=lambda s: None)
+    run.run_stage(
+        "data", stage_keys(cfg)["data"], lambda out: data.run(StageContext(cfg, run, {}, out)), log=lambda s: None
+    )
     with pytest.raises(DataError, match=r"mix\.jsonl, line 7: longer than model\.max_length=256 tokens"):
         check_lengths(cfg, run)
 
@@ -353,18 +403,30 @@ def test_smoke_manifest_records_too_long_counts(smoke_run):
 
 # -- item 7: infeasible resources --------------------------------------------------------------------
 
-@pytest.mark.parametrize("override,match", [
-    ("train.use_gpu=true",
-     r"stage base.*needs 1 GPUs \(1 x 1\) but the Ray cluster has 0 GPUs; set train\.use_gpu=false"),
-    ("gradients.use_gpu=true", r"stage gradients.*GPUs; set gradients\.use_gpu=false"),
-    ("train.num_workers=8", r"stage base.*needs 8 CPUs \(8 x 1; train\.num_workers, train\.cpus_per_worker\) "
-                            r"but the Ray cluster has 4 CPUs"),
-    ("eval.num_actors=5", r"stage eval.*needs 5 CPUs.*eval\.num_actors"),
-    # every CPU held by actors: the pool's read task could never start
-    ("gradients.num_actors=4", r"stage gradients.*needs 5 CPUs \(4 x 1; gradients\.num_actors, "
-                               r"gradients\.cpus_per_actor \+ 1 for Ray Data's read and write tasks\)"),
-    ("experts.cpus_per_worker=6", r"stage experts.*needs 6 CPUs"),
-])
+
+@pytest.mark.parametrize(
+    "override,match",
+    [
+        (
+            "train.use_gpu=true",
+            r"stage base.*needs 1 GPUs \(1 x 1\) but the Ray cluster has 0 GPUs; set train\.use_gpu=false",
+        ),
+        ("gradients.use_gpu=true", r"stage gradients.*GPUs; set gradients\.use_gpu=false"),
+        (
+            "train.num_workers=8",
+            r"stage base.*needs 8 CPUs \(8 x 1; train\.num_workers, train\.cpus_per_worker\) "
+            r"but the Ray cluster has 4 CPUs",
+        ),
+        ("eval.num_actors=5", r"stage eval.*needs 5 CPUs.*eval\.num_actors"),
+        # every CPU held by actors: the pool's read task could never start
+        (
+            "gradients.num_actors=4",
+            r"stage gradients.*needs 5 CPUs \(4 x 1; gradients\.num_actors, "
+            r"gradients\.cpus_per_actor \+ 1 for Ray Data's read and write tasks\)",
+        ),
+        ("experts.cpus_per_worker=6", r"stage experts.*needs 6 CPUs"),
+    ],
+)
 def test_infeasible_resources_fail_before_any_stage(ray_local, tmp_path, override, match):
     from elrea_ray.pipeline import run_pipeline
 

@@ -98,8 +98,8 @@ def adam_transform(g, state, names_shapes):
     m = torch.cat([state.exp_avg[n].reshape(-1) for n, _ in names_shapes])
     v = torch.cat([state.exp_avg_sq[n].reshape(-1) for n, _ in names_shapes])
     t = state.step + 1
-    m2 = (state.beta1 * m + (1 - state.beta1) * g) / (1 - state.beta1 ** t)
-    v2 = (state.beta2 * v + (1 - state.beta2) * g * g) / (1 - state.beta2 ** t)
+    m2 = (state.beta1 * m + (1 - state.beta1) * g) / (1 - state.beta1**t)
+    v2 = (state.beta2 * v + (1 - state.beta2) * g * g) / (1 - state.beta2**t)
     return m2 / (torch.sqrt(v2) + state.eps)
 
 
@@ -111,8 +111,7 @@ def extractor(trained):
 
 def some_instructions(n=7, seed=3):
     gen = torch.Generator().manual_seed(seed)
-    return [torch.randint(3, 500, (int(k),), generator=gen).tolist()
-            for k in torch.randint(2, 20, (n,), generator=gen)]
+    return [torch.randint(3, 500, (int(k),), generator=gen).tolist() for k in torch.randint(2, 20, (n,), generator=gen)]
 
 
 def test_features_are_unit_norm_and_deterministic(trained, extractor):
@@ -141,13 +140,17 @@ def test_response_tokens_do_not_change_the_feature(extractor):
     def encode(prompt, response):
         """The pipeline's split: instruction = the chat prompt up to the assistant turn."""
         instr = tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True)["input_ids"]
-        full = tok.apply_chat_template([{"role": "user", "content": prompt},
-                                        {"role": "assistant", "content": response}])["input_ids"]
+        full = tok.apply_chat_template(
+            [{"role": "user", "content": prompt}, {"role": "assistant", "content": response}]
+        )["input_ids"]
         assert full[: len(instr)] == instr
         return full, len(instr)
 
-    rows = [encode("What is 3 + 4?", "7"), encode("What is 3 + 4?", "The answer is 12 * 7 = 84."),
-            encode("Spell this word backward: hello", "olleh")]
+    rows = [
+        encode("What is 3 + 4?", "7"),
+        encode("What is 3 + 4?", "The answer is 12 * 7 = 84."),
+        encode("Spell this word backward: hello", "olleh"),
+    ]
     feats = extractor.features([ids[:n] for ids, n in rows])
     np.testing.assert_allclose(feats[0], feats[1], atol=1e-6)
     assert float(feats[0] @ feats[2]) < 0.99
@@ -247,16 +250,18 @@ def test_a_shared_model_gives_the_same_features_and_decodes_its_own_adapters(tra
 
     f1, f2 = trained["folders"]
     ensemble = load_adapters(CFG, {"base": str(f2), "expert-00": str(f1)})
-    shared = FeatureExtractor(CFG, [str(f1), str(f2)], [3.0, 1.0], "countsketch", d_proj=D_PROJ,
-                              batch_size=4, model=ensemble)
+    shared = FeatureExtractor(
+        CFG, [str(f1), str(f2)], [3.0, 1.0], "countsketch", d_proj=D_PROJ, batch_size=4, model=ensemble
+    )
     assert shared.model is ensemble and shared.layout == extractor.layout
     x = some_instructions()
     want = extractor.features(x)
     np.testing.assert_allclose(shared.features(x), want, rtol=0, atol=1e-6)
     w = np.array([[0.5, 0.5]] * 2)
     alone = load_adapters(CFG, {"base": str(f2), "expert-00": str(f1)})
-    assert ensemble_generate(ensemble, x[:2], ["base", "expert-00"], w, 4, None, 0) == \
-        ensemble_generate(alone, x[:2], ["base", "expert-00"], w, 4, None, 0)
+    assert ensemble_generate(ensemble, x[:2], ["base", "expert-00"], w, 4, None, 0) == ensemble_generate(
+        alone, x[:2], ["base", "expert-00"], w, 4, None, 0
+    )
     ensemble.set_adapter("base")  # whatever another caller left active
     np.testing.assert_allclose(shared.features(x), want, rtol=0, atol=1e-6)
     with pytest.raises(ValueError, match="already has an adapter"):
@@ -279,7 +284,7 @@ def test_stacked_copies_equal_one_pass_per_weight_set(trained):
     for e, f in enumerate((f1, f2)):
         alone = load_adapters(CFG, {"default": str(f)}, is_trainable=True).eval()
         want = per_example_grads(alone, ids, mask, labels)
-        rel = (stacked[e * 4:(e + 1) * 4] - want).norm(dim=1) / want.norm(dim=1)
+        rel = (stacked[e * 4 : (e + 1) * 4] - want).norm(dim=1) / want.norm(dim=1)
         assert (rel < 1e-5).all(), f"weights {e}: relative errors {rel.tolist()}"
     assert (stacked[:4] - stacked[4:]).abs().max() > 1e-4  # the two weight sets differ
     with pytest.raises(ValueError, match="copies must hold one"):
@@ -302,12 +307,15 @@ def write_bundle(root, cfg, folders, epoch_weights, d_proj, centroids):
     bundle = {
         "format_version": BUNDLE_FORMAT_VERSION,
         "model": dataclasses.asdict(cfg),
-        "adapters": {"base": rel(folders[-1]),
-                     **{f"expert-{c:02d}": rel(folders[c % len(folders)]) for c in range(len(centroids))}},
+        "adapters": {
+            "base": rel(folders[-1]),
+            **{f"expert-{c:02d}": rel(folders[c % len(folders)]) for c in range(len(centroids))},
+        },
         "epoch_checkpoints": [rel(f) for f in folders],
         "epoch_weights": list(epoch_weights),
-        "projector": ProjectorSpec(kind="countsketch", d_in=sum(int(np.prod(s)) for _, s in layout),
-                                   d_proj=d_proj).to_dict(),
+        "projector": ProjectorSpec(
+            kind="countsketch", d_in=sum(int(np.prod(s)) for _, s in layout), d_proj=d_proj
+        ).to_dict(),
         "parameter_layout": layout,
         "centroids": "centroids.safetensors",
         "num_clusters": len(centroids),
@@ -330,8 +338,9 @@ def test_engine_route_equals_a_plain_autograd_loop(tmp_path):
     _, folders, _ = train_epochs(tmp_path / "adapters", seed=4, cfg=cfg)
     assert json.loads((folders[0] / "adapter_config.json").read_text())["lora_dropout"] == 0.1
     weights = [3.0, 1.0]
-    prompts = [torch.randint(3, 500, (n,), generator=torch.Generator().manual_seed(n)).tolist()
-               for n in (7, 2, 19, 4, 12)]
+    prompts = [
+        torch.randint(3, 500, (n,), generator=torch.Generator().manual_seed(n)).tolist() for n in (7, 2, 19, 4, 12)
+    ]
 
     # The reference, one prompt and one epoch at a time.
     layout, per_epoch = None, []

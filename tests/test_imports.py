@@ -1,6 +1,7 @@
 """The package's shape: no import circles (function-level imports included), every module imports
 on its own, the maths modules need no Ray, the pipeline reads as a short sequence of stages and
 no function runs past a screenful."""
+
 import ast
 import subprocess
 import sys

@@ -18,21 +18,46 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def test_ray_job_submit_runs_the_smoke_pipeline(tmp_path):
     bindir = Path(sys.executable).parent
-    env = {**os.environ, "PATH": f"{bindir}:{os.environ['PATH']}", "RAY_AUTH_MODE": "disabled",
-           "HF_HUB_OFFLINE": "1"}
+    env = {**os.environ, "PATH": f"{bindir}:{os.environ['PATH']}", "RAY_AUTH_MODE": "disabled", "HF_HUB_OFFLINE": "1"}
     env.pop("RAY_ADDRESS", None)
     gcs, dash = free_port(), free_port()
     # Every port of its own: another Ray on this machine (the test session's) holds the defaults.
     ports = [*node_ports(), f"--ray-client-server-port={free_port()}"]
     temp = Path("/tmp") / f"ray-job-{os.getpid()}"  # short: Ray's socket paths have a length limit
-    subprocess.run([str(bindir / "ray"), "start", "--head", f"--port={gcs}", f"--dashboard-port={dash}",
-                    "--num-cpus=4", f"--temp-dir={temp}", "--disable-usage-stats", *ports],
-                   env=env, check=True, capture_output=True, timeout=120)
+    subprocess.run(
+        [
+            str(bindir / "ray"),
+            "start",
+            "--head",
+            f"--port={gcs}",
+            f"--dashboard-port={dash}",
+            "--num-cpus=4",
+            f"--temp-dir={temp}",
+            "--disable-usage-stats",
+            *ports,
+        ],
+        env=env,
+        check=True,
+        capture_output=True,
+        timeout=120,
+    )
     try:
         run_dir = tmp_path / "run"
-        cmd = [str(bindir / "ray"), "job", "submit", f"--address=http://127.0.0.1:{dash}", "--working-dir", ".",
-               "--", "python", "jobs/full_pipeline.py", "--config", "jobs/configs/smoke.yaml",
-               "--run-dir", str(run_dir)]
+        cmd = [
+            str(bindir / "ray"),
+            "job",
+            "submit",
+            f"--address=http://127.0.0.1:{dash}",
+            "--working-dir",
+            ".",
+            "--",
+            "python",
+            "jobs/full_pipeline.py",
+            "--config",
+            "jobs/configs/smoke.yaml",
+            "--run-dir",
+            str(run_dir),
+        ]
         job = submit(cmd, ROOT, env)
         assert job.returncode == 0, job.stdout[-3000:] + job.stderr[-3000:]
         assert "succeeded" in job.stdout + job.stderr

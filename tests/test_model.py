@@ -17,8 +17,7 @@ def test_tiny_model_has_lora_on_every_linear_layer():
 
 def test_tokenizer_has_chat_template_and_pad():
     tok = load_tokenizer(TINY)
-    text = tok.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False,
-                                   add_generation_prompt=True)
+    text = tok.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False, add_generation_prompt=True)
     assert text.endswith("<|im_start|>assistant\n") and "system" in text
     assert tok.pad_token_id is not None and tok.eos_token == "<|im_end|>"
 
@@ -47,10 +46,14 @@ def test_smollm2_loads_from_the_wheel_and_answers():
     tok = load_tokenizer(cfg)
     model = new_lora_model(cfg)
     assert sum(p.numel() for _, p in lora_parameters(model)) > 1_000_000
-    ids = tok.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}],
-                                  add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    ids = tok.apply_chat_template(
+        [{"role": "user", "content": "What is the capital of France?"}],
+        add_generation_prompt=True,
+        return_tensors="pt",
+        return_dict=True,
+    )
     out = model.generate(**ids, max_new_tokens=12, do_sample=False)
-    assert "Paris" in tok.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True)
+    assert "Paris" in tok.decode(out[0, ids["input_ids"].shape[1] :], skip_special_tokens=True)
 
 
 def test_response_loss_runs_the_head_only_where_a_response_token_is_predicted():
@@ -73,8 +76,9 @@ def test_response_loss_runs_the_head_only_where_a_response_token_is_predicted():
     sliced = response_cross_entropy(model, b)
     g_sliced = torch.autograd.grad(sliced, params)
     logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
-    full = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), b["labels"][:, 1:].flatten(),
-                                             ignore_index=-100, reduction="sum")
+    full = torch.nn.functional.cross_entropy(
+        logits[:, :-1].flatten(0, 1), b["labels"][:, 1:].flatten(), ignore_index=-100, reduction="sum"
+    )
     g_full = torch.autograd.grad(full, params)
     assert _HEAD_SLICING[type(model.get_base_model())] is True
     torch.testing.assert_close(sliced, full, rtol=1e-5, atol=1e-5)
@@ -101,14 +105,25 @@ def test_random_shapes_have_the_published_sizes_and_load_with_lora(tmp_path):
     assert round(sizes["smollm2-135m"] / 1e6, 1) == 134.5 and round(sizes["gemma-2b"] / 1e9, 3) == 2.506
     with pytest.raises(ValueError, match="unknown random model shape 'gemma-7b'; known: gemma-2b, smollm2-135m"):
         resolve_model_path("random:gemma-7b")
-    _build_random("gemma-2b", tmp_path, num_hidden_layers=1, hidden_size=64, intermediate_size=128,
-                  num_attention_heads=2, head_dim=32, vocab_size=1024)
+    _build_random(
+        "gemma-2b",
+        tmp_path,
+        num_hidden_layers=1,
+        hidden_size=64,
+        intermediate_size=128,
+        num_attention_heads=2,
+        head_dim=32,
+        vocab_size=1024,
+    )
     cfg = ModelConfig(name_or_path=str(tmp_path))
     model = new_lora_model(cfg)
     assert type(model.get_base_model()).__name__ == "GemmaForCausalLM"
-    ids = load_tokenizer(cfg).apply_chat_template([{"role": "user", "content": "What is 3 + 4?"}],
-                                                  add_generation_prompt=True, return_tensors="pt",
-                                                  return_dict=True)["input_ids"]
+    ids = load_tokenizer(cfg).apply_chat_template(
+        [{"role": "user", "content": "What is 3 + 4?"}],
+        add_generation_prompt=True,
+        return_tensors="pt",
+        return_dict=True,
+    )["input_ids"]
     loss = model(input_ids=ids, labels=ids).loss
     loss.backward()
     assert torch.isfinite(loss) and all(p.grad is not None for _, p in lora_parameters(model))

@@ -16,8 +16,9 @@ HAVE_GPU_STACK = torch.cuda.is_available() and importlib.util.find_spec("bitsand
 def test_4bit_maps_to_nf4_with_bf16_compute_on_the_workers_gpu(monkeypatch):
     # Only the presence check of bitsandbytes is bypassed; BitsAndBytesConfig is transformers' own.
     real = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec",
-                        lambda name, *a: object() if name == "bitsandbytes" else real(name, *a))
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: object() if name == "bitsandbytes" else real(name, *a)
+    )
     kw = quantization_kwargs(QLORA, torch.device("cuda", 1))
     q = kw["quantization_config"]
     assert q.load_in_4bit and not q.load_in_8bit

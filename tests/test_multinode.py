@@ -18,15 +18,33 @@ def test_smoke_pipeline_spreads_over_three_nodes(tmp_path, model_cache):
     run_dir = tmp_path / "run"
     temp = Path("/tmp") / f"ray-mn-{os.getpid()}"  # own temp dir (short: socket path limit)
     (temp / "ray").mkdir(parents=True, exist_ok=True)
-    env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
-           "RAY_AUTH_MODE": "disabled", "HF_HUB_OFFLINE": "1", "ELREA_CACHE": str(model_cache),
-           # `ray.init(address="auto")` elsewhere on this machine must not find this cluster
-           "RAY_TMPDIR": str(temp), "ELREA_RAY_TEMP": str(temp / "ray")}
+    env = {
+        **os.environ,
+        "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
+        "RAY_AUTH_MODE": "disabled",
+        "HF_HUB_OFFLINE": "1",
+        "ELREA_CACHE": str(model_cache),
+        # `ray.init(address="auto")` elsewhere on this machine must not find this cluster
+        "RAY_TMPDIR": str(temp),
+        "ELREA_RAY_TEMP": str(temp / "ray"),
+    }
     env.pop("RAY_ADDRESS", None)
     # Smaller than the smoke profile where it does not matter here: one base epoch, ELREA only.
-    proc = subprocess.run([sys.executable, str(ROOT / "tests" / "multinode_run.py"), str(run_dir),
-                           "train.epochs=1", "eval.methods=[elrea]", "eval.bootstrap=0"],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "tests" / "multinode_run.py"),
+            str(run_dir),
+            "train.epochs=1",
+            "eval.methods=[elrea]",
+            "eval.bootstrap=0",
+        ],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-4000:]
     line = next(ln for ln in proc.stdout.splitlines() if ln.startswith("MULTINODE "))

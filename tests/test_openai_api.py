@@ -66,18 +66,50 @@ def test_defaults_are_one_greedy_choice(engine):
     reqs, meta = chat(engine)
     (r,) = reqs
     assert (r.max_tokens, r.temperature, r.top_p, r.seed, r.stop, r.adapter) == (16, 0.0, 1.0, None, [], None)
-    assert (r.presence_penalty, r.frequency_penalty, r.logit_bias, r.min_tokens, r.ignore_eos, r.logprobs) == \
-        (0.0, 0.0, {}, 0, False, None)
-    assert meta == {"model": "elrea-run", "stream": False, "chat": True, "n": 1, "include_usage": False,
-                    "echo": None, "logprobs": None, "prompt_tokens": len(r.prompt_ids)}
+    assert (r.presence_penalty, r.frequency_penalty, r.logit_bias, r.min_tokens, r.ignore_eos, r.logprobs) == (
+        0.0,
+        0.0,
+        {},
+        0,
+        False,
+        None,
+    )
+    assert meta == {
+        "model": "elrea-run",
+        "stream": False,
+        "chat": True,
+        "n": 1,
+        "include_usage": False,
+        "echo": None,
+        "logprobs": None,
+        "prompt_tokens": len(r.prompt_ids),
+    }
 
 
 def test_sampling_fields_land_in_the_request(engine):
-    (r,), _ = chat(engine, max_completion_tokens=7, temperature=0.7, top_p=0.9, seed=5, stop="\n",
-                   presence_penalty=0.5, frequency_penalty=-1.5, logit_bias={"3": 100, "17": -100.0},
-                   min_tokens=2, ignore_eos=True, top_k=1, user="u-1", metadata={"k": "v"}, store=False,
-                   service_tier="auto", response_format={"type": "text"}, tools=[], tool_choice="none",
-                   parallel_tool_calls=False, modalities=["text"])
+    (r,), _ = chat(
+        engine,
+        max_completion_tokens=7,
+        temperature=0.7,
+        top_p=0.9,
+        seed=5,
+        stop="\n",
+        presence_penalty=0.5,
+        frequency_penalty=-1.5,
+        logit_bias={"3": 100, "17": -100.0},
+        min_tokens=2,
+        ignore_eos=True,
+        top_k=1,
+        user="u-1",
+        metadata={"k": "v"},
+        store=False,
+        service_tier="auto",
+        response_format={"type": "text"},
+        tools=[],
+        tool_choice="none",
+        parallel_tool_calls=False,
+        modalities=["text"],
+    )
     assert (r.max_tokens, r.temperature, r.top_p, r.seed, r.stop) == (7, 0.7, 0.9, 5, ["\n"])
     assert (r.presence_penalty, r.frequency_penalty, r.logit_bias) == (0.5, -1.5, {3: 100.0, 17: -100.0})
     assert (r.min_tokens, r.ignore_eos, r.top_k_experts) == (2, True, 1)
@@ -116,12 +148,20 @@ def test_streaming_options(engine):
 
 
 def test_content_parts_and_the_developer_role(engine):
-    parts = {"messages": [{"role": "developer", "content": "Be brief."},
-                          {"role": "user", "content": [{"type": "text", "text": "What is"},
-                                                       {"type": "text", "text": "2 + 3?"}], "name": "ann"}]}
+    parts = {
+        "messages": [
+            {"role": "developer", "content": "Be brief."},
+            {
+                "role": "user",
+                "content": [{"type": "text", "text": "What is"}, {"type": "text", "text": "2 + 3?"}],
+                "name": "ann",
+            },
+        ]
+    }
     reqs, _ = parse_request(parts, engine, chat=True)
-    plain = engine.encode_chat([{"role": "system", "content": "Be brief."},
-                                {"role": "user", "content": "What is\n2 + 3?"}])
+    plain = engine.encode_chat(
+        [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is\n2 + 3?"}]
+    )
     assert reqs[0].prompt_ids == plain
     image = {"type": "image_url", "image_url": {"url": "http://x/y.png"}}
     refused(engine, {"messages": [{"role": "user", "content": [image]}]}, True, "messages[0].content[0].type")
@@ -129,8 +169,12 @@ def test_content_parts_and_the_developer_role(engine):
     refused(engine, {"messages": [{"role": "tool", "content": "3"}]}, True, "messages[0].role")
     refused(engine, {"messages": [{"role": "robot", "content": "3"}]}, True, "messages[0].role")
     refused(engine, {"messages": [{"role": "user", "content": "hi", "mood": "x"}]}, True, "messages[0].mood")
-    refused(engine, {"messages": [{"role": "assistant", "content": None, "tool_calls": [{"id": "1"}]}]}, True,
-            "messages[0].tool_calls")
+    refused(
+        engine,
+        {"messages": [{"role": "assistant", "content": None, "tool_calls": [{"id": "1"}]}]},
+        True,
+        "messages[0].tool_calls",
+    )
     refused(engine, {"messages": [{"role": "user", "content": " "}]}, True, "messages")
     refused(engine, {"messages": []}, True, "messages")
 
@@ -143,24 +187,56 @@ def test_completions_continue_the_raw_prompt(engine):
     assert parse_request({"prompt": [5, 6, 7]}, engine, chat=False)[0][0].prompt_ids == [5, 6, 7]
     assert parse_request({"prompt": [[5, 6]]}, engine, chat=False)[0][0].prompt_ids == [5, 6]
     assert comp(engine, echo=True)[1]["echo"] == "2 + 3 ="
-    assert parse_request({"prompt": [5, 6], "echo": True}, engine, chat=False)[1]["echo"] == \
-        engine.tok.decode([5, 6])
+    assert parse_request({"prompt": [5, 6], "echo": True}, engine, chat=False)[1]["echo"] == engine.tok.decode([5, 6])
     refused(engine, {"prompt": ["a", "b"]}, False, "prompt")
     refused(engine, {"prompt": [5, 10**6]}, False, "prompt")
     refused(engine, {"prompt": ""}, False, "prompt")
     refused(engine, {"prompt": 3}, False, "prompt")
 
 
-@pytest.mark.parametrize("field,value", [
-    ("max_tokens", 0), ("max_tokens", 4097), ("max_tokens", "5"), ("max_tokens", True), ("max_tokens", 2.0),
-    ("temperature", -0.1), ("temperature", 2.5), ("temperature", "hot"),
-    ("top_p", 0), ("top_p", 1.5), ("seed", 2**63), ("seed", 2**64), ("seed", -1), ("seed", 1.5), ("seed", True),
-    ("n", 0), ("n", 9), ("n", "2"), ("presence_penalty", 2.5), ("frequency_penalty", -3),
-    ("logit_bias", {"abc": 1}), ("logit_bias", {"3": 101}), ("logit_bias", {"999999": 1}), ("logit_bias", [1]),
-    ("logit_bias", {"3": True}), ("min_tokens", -1), ("min_tokens", 17), ("ignore_eos", 1), ("stop", 3),
-    ("stop", ["a", "b", "c", "d", "e"]), ("top_k", 3), ("top_k", 0), ("user", 5), ("model", 5), ("adapter", 5),
-    ("metadata", {"k": 1}), ("service_tier", "flex"), ("parallel_tool_calls", "yes"),
-])
+@pytest.mark.parametrize(
+    "field,value",
+    [
+        ("max_tokens", 0),
+        ("max_tokens", 4097),
+        ("max_tokens", "5"),
+        ("max_tokens", True),
+        ("max_tokens", 2.0),
+        ("temperature", -0.1),
+        ("temperature", 2.5),
+        ("temperature", "hot"),
+        ("top_p", 0),
+        ("top_p", 1.5),
+        ("seed", 2**63),
+        ("seed", 2**64),
+        ("seed", -1),
+        ("seed", 1.5),
+        ("seed", True),
+        ("n", 0),
+        ("n", 9),
+        ("n", "2"),
+        ("presence_penalty", 2.5),
+        ("frequency_penalty", -3),
+        ("logit_bias", {"abc": 1}),
+        ("logit_bias", {"3": 101}),
+        ("logit_bias", {"999999": 1}),
+        ("logit_bias", [1]),
+        ("logit_bias", {"3": True}),
+        ("min_tokens", -1),
+        ("min_tokens", 17),
+        ("ignore_eos", 1),
+        ("stop", 3),
+        ("stop", ["a", "b", "c", "d", "e"]),
+        ("top_k", 3),
+        ("top_k", 0),
+        ("user", 5),
+        ("model", 5),
+        ("adapter", 5),
+        ("metadata", {"k": 1}),
+        ("service_tier", "flex"),
+        ("parallel_tool_calls", "yes"),
+    ],
+)
 def test_out_of_range_or_wrong_type_is_a_400_naming_the_field(engine, field, value):
     refused(engine, {**CHAT, field: value}, True, field)
 
@@ -177,17 +253,31 @@ def test_tiny_temperatures_decode_greedily(engine):
     assert chat(engine, temperature=0.01)[0][0].temperature == 0.01
 
 
-@pytest.mark.parametrize("field,value,is_chat", [
-    ("tools", [{"type": "function", "function": {"name": "f"}}], True), ("tool_choice", "auto", True),
-    ("functions", [{"name": "f"}], True), ("function_call", "auto", True),
-    ("response_format", {"type": "json_object"}, True),
-    ("response_format", {"type": "json_schema", "json_schema": {}}, True),
-    ("audio", {"voice": "x"}, True), ("modalities", ["text", "audio"], True), ("store", True, True),
-    ("prediction", {"type": "content", "content": "x"}, True), ("reasoning_effort", "low", True),
-    ("web_search_options", {}, True), ("suffix", "end", False), ("best_of", 3, False),
-    ("frobnicate", 1, True), ("echo", True, True), ("prompt", "x", True), ("messages", [], False),
-    ("top_logprobs", 2, False), ("max_completion_tokens", 3, False),
-])
+@pytest.mark.parametrize(
+    "field,value,is_chat",
+    [
+        ("tools", [{"type": "function", "function": {"name": "f"}}], True),
+        ("tool_choice", "auto", True),
+        ("functions", [{"name": "f"}], True),
+        ("function_call", "auto", True),
+        ("response_format", {"type": "json_object"}, True),
+        ("response_format", {"type": "json_schema", "json_schema": {}}, True),
+        ("audio", {"voice": "x"}, True),
+        ("modalities", ["text", "audio"], True),
+        ("store", True, True),
+        ("prediction", {"type": "content", "content": "x"}, True),
+        ("reasoning_effort", "low", True),
+        ("web_search_options", {}, True),
+        ("suffix", "end", False),
+        ("best_of", 3, False),
+        ("frobnicate", 1, True),
+        ("echo", True, True),
+        ("prompt", "x", True),
+        ("messages", [], False),
+        ("top_logprobs", 2, False),
+        ("max_completion_tokens", 3, False),
+    ],
+)
 def test_what_is_not_implemented_is_refused_by_name(engine, field, value, is_chat):
     body = {**(CHAT if is_chat else COMP), field: value}
     e = refused(engine, body, is_chat, field)
@@ -214,6 +304,7 @@ def test_bodies_that_are_not_objects_and_the_context_limit(engine):
 def test_cheap_checks_run_before_tokenising(engine):
     """check_request refuses a bad field without tokenising (a prompt that would fail to encode
     is not looked at)."""
+
     class NoTokenising(RequestEngine):
         def encode_text(self, prompt):
             raise AssertionError("tokenised")
@@ -226,8 +317,9 @@ def test_error_bodies_have_openai_types_and_codes_for_every_status():
     for status in (400, 401, 404, 405, 413, 415, 429, 500, 503, 504):
         err = error_body(status, "m", "p")["error"]
         assert set(err) == {"message", "type", "param", "code"} and err["message"] == "m"
-        assert err["type"] == ("server_error" if status >= 500 else "requests" if status == 429
-                               else "invalid_request_error")
+        assert err["type"] == (
+            "server_error" if status >= 500 else "requests" if status == 429 else "invalid_request_error"
+        )
     assert error_body(401, "m")["error"]["code"] == "invalid_api_key"
     assert error_body(429, "m")["error"]["code"] == "rate_limit_exceeded"
     assert error_body(404, "m", code="model_not_found")["error"]["code"] == "model_not_found"
@@ -237,8 +329,9 @@ def _result(tok, text, logprobs=None, finish="stop"):
     ids = list(tok(text, add_special_tokens=False)["input_ids"])
     lps = None
     if logprobs is not None:  # the chosen token and `logprobs` alternatives per step
-        lps = [{"token_id": t, "logprob": -0.5, "top": [[t, -0.5], [7, -1.5], [8, float("-inf")]][:logprobs]}
-               for t in ids]
+        lps = [
+            {"token_id": t, "logprob": -0.5, "top": [[t, -0.5], [7, -1.5], [8, float("-inf")]][:logprobs]} for t in ids
+        ]
     return GenResult(ids, text, finish, {"base_weight": 0.2, "expert_weights": {"expert-00": 1.0}}, lps)
 
 
@@ -295,7 +388,7 @@ def test_logprobs_asked_and_not_returned_is_a_500_not_a_silent_null(engine):
 
 
 def _events(chunks):
-    return [json.loads(c[len("data: "):]) for c in chunks if c != "data: [DONE]\n\n"]
+    return [json.loads(c[len("data: ") :]) for c in chunks if c != "data: [DONE]\n\n"]
 
 
 def test_stream_writer_interleaves_choices_and_ends_with_usage(engine):
@@ -303,8 +396,14 @@ def test_stream_writer_interleaves_choices_and_ends_with_usage(engine):
     _, meta = chat(engine, n=2, stream=True, stream_options={"include_usage": True}, logprobs=True)
     w = StreamWriter(meta, tok)
     a, b = _result(tok, "ab", 0), _result(tok, "c", 0)
-    chunks = [*w.start(), w.delta(1, "c", b.logprobs), w.delta(0, "ab"), w.finish(1, b), w.finish(0, a),
-              w.usage([a, b])]
+    chunks = [
+        *w.start(),
+        w.delta(1, "c", b.logprobs),
+        w.delta(0, "ab"),
+        w.finish(1, b),
+        w.finish(0, a),
+        w.usage([a, b]),
+    ]
     ev = _events(chunks)
     assert {e["id"] for e in ev} == {w.rid}
     assert [e["choices"][0]["delta"] for e in ev[:2]] == [{"role": "assistant", "content": ""}] * 2
@@ -323,7 +422,7 @@ def test_stream_writer_completions_echo_without_usage(engine):
     ev = _events([*w.start(), w.delta(0, " 5"), w.finish(0, _result(engine.tok, " 5"))])
     assert [e["choices"][0]["text"] for e in ev] == ["2 + 3 =", " 5", ""]
     assert w.usage([]) is None and "usage" not in ev[0]
-    err = json.loads(StreamWriter.error("boom")[len("data: "):])["error"]
+    err = json.loads(StreamWriter.error("boom")[len("data: ") :])["error"]
     assert err["type"] == "server_error" and err["message"] == "boom"
 
 
@@ -337,8 +436,11 @@ def server(smoke_run):
 
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
-    serve.run(build_app({"run_dir": str(smoke_run.root), "num_cpus": 0.5, "batch_wait_timeout_s": 0.05}),
-              name="protocol", route_prefix="/")
+    serve.run(
+        build_app({"run_dir": str(smoke_run.root), "num_cpus": 0.5, "batch_wait_timeout_s": 0.05}),
+        name="protocol",
+        route_prefix="/",
+    )
     yield f"http://127.0.0.1:{port}"
     serve.delete("protocol")
     serve.shutdown()
@@ -354,8 +456,12 @@ def client(server):
 def _post(server, path, body, **headers):
     import httpx
 
-    return httpx.post(server + path, content=body if isinstance(body, bytes) else json.dumps(body).encode(),
-                      headers={"content-type": "application/json", **headers}, timeout=60)
+    return httpx.post(
+        server + path,
+        content=body if isinstance(body, bytes) else json.dumps(body).encode(),
+        headers={"content-type": "application/json", **headers},
+        timeout=60,
+    )
 
 
 def _openai_error(r, status, param=None, code=None):
@@ -371,12 +477,24 @@ def _openai_error(r, status, param=None, code=None):
 @pytest.mark.slow
 def test_n_choices_with_the_openai_client(client):
     model = client.models.list().data[0].id
-    r = client.chat.completions.create(model=model, n=3, max_tokens=4, temperature=1.0, seed=1,
-                                       messages=[{"role": "user", "content": "What is 2 + 3?"}])
+    r = client.chat.completions.create(
+        model=model,
+        n=3,
+        max_tokens=4,
+        temperature=1.0,
+        seed=1,
+        messages=[{"role": "user", "content": "What is 2 + 3?"}],
+    )
     assert [c.index for c in r.choices] == [0, 1, 2]
     assert 3 <= r.usage.completion_tokens <= 12  # summed over the choices
-    same = client.chat.completions.create(model=model, n=3, max_tokens=4, temperature=1.0, seed=1,
-                                          messages=[{"role": "user", "content": "What is 2 + 3?"}])
+    same = client.chat.completions.create(
+        model=model,
+        n=3,
+        max_tokens=4,
+        temperature=1.0,
+        seed=1,
+        messages=[{"role": "user", "content": "What is 2 + 3?"}],
+    )
     assert [c.message.content for c in same.choices] == [c.message.content for c in r.choices]  # seed, seed+1, ...
     c = client.completions.create(model=model, prompt="3 * 4 =", n=2, max_tokens=3, echo=True)
     assert [x.index for x in c.choices] == [0, 1] and all(x.text.startswith("3 * 4 =") for x in c.choices)
@@ -388,8 +506,11 @@ def test_streamed_choices_and_the_usage_chunk(client):
     model = client.models.list().data[0].id
     msgs = [{"role": "user", "content": "Count the letters in apple."}]
     full = client.chat.completions.create(model=model, messages=msgs, max_tokens=5, n=2)
-    chunks = list(client.chat.completions.create(model=model, messages=msgs, max_tokens=5, n=2, stream=True,
-                                                 stream_options={"include_usage": True}))
+    chunks = list(
+        client.chat.completions.create(
+            model=model, messages=msgs, max_tokens=5, n=2, stream=True, stream_options={"include_usage": True}
+        )
+    )
     texts = ["", ""]
     for ch in chunks[:-1]:
         (choice,) = ch.choices
@@ -404,8 +525,13 @@ def test_streamed_choices_and_the_usage_chunk(client):
 @pytest.mark.slow
 def test_logprobs_over_http(client):
     model = client.models.list().data[0].id
-    r = client.chat.completions.create(model=model, max_tokens=3, logprobs=True, top_logprobs=2,
-                                       messages=[{"role": "user", "content": "What is 2 + 3?"}])
+    r = client.chat.completions.create(
+        model=model,
+        max_tokens=3,
+        logprobs=True,
+        top_logprobs=2,
+        messages=[{"role": "user", "content": "What is 2 + 3?"}],
+    )
     content = r.choices[0].logprobs.content
     assert len(content) == r.usage.completion_tokens and all(len(t.top_logprobs) == 2 for t in content)
     assert all(t.logprob <= 0 and t.top_logprobs[0].logprob >= t.top_logprobs[1].logprob for t in content)
@@ -417,8 +543,7 @@ def test_completions_continue_raw_text(client, smoke_run):
     from elrea_ray.model import load_tokenizer
 
     tok = load_tokenizer(ModelConfig(**json.loads(smoke_run.bundle.read_text())["model"]))
-    c = client.completions.create(model=client.models.list().data[0].id, prompt="Spell cat backward.",
-                                  max_tokens=2)
+    c = client.completions.create(model=client.models.list().data[0].id, prompt="Spell cat backward.", max_tokens=2)
     assert c.usage.prompt_tokens == len(tok("Spell cat backward.")["input_ids"])
 
 
@@ -434,14 +559,23 @@ def test_models_by_id(server, client):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("body,status,param", [
-    (b"{not json", 400, None), (b"[1, 2]", 400, None), (b'"hi"', 400, None), (b"[" * 100_000, 400, None),
-    (b'{"prompt": "hi", "temperature": NaN}', 400, None), (b'{"prompt": "hi", "\xff": 1}', 400, None),
-    ({"prompt": "hi", "seed": 2**64}, 400, "seed"), ({"prompt": "hi", "model": "gpt-9"}, 404, "model"),
-    ({"prompt": "hi", "model": "expert-00", "adapter": "base"}, 400, "adapter"),
-    ({"prompt": "hi", "n": 9}, 400, "n"), ({"prompt": "hi", "suffix": "x"}, 400, "suffix"),
-    ({"prompt": "hi", "frobnicate": 1}, 400, "frobnicate"),
-])
+@pytest.mark.parametrize(
+    "body,status,param",
+    [
+        (b"{not json", 400, None),
+        (b"[1, 2]", 400, None),
+        (b'"hi"', 400, None),
+        (b"[" * 100_000, 400, None),
+        (b'{"prompt": "hi", "temperature": NaN}', 400, None),
+        (b'{"prompt": "hi", "\xff": 1}', 400, None),
+        ({"prompt": "hi", "seed": 2**64}, 400, "seed"),
+        ({"prompt": "hi", "model": "gpt-9"}, 404, "model"),
+        ({"prompt": "hi", "model": "expert-00", "adapter": "base"}, 400, "adapter"),
+        ({"prompt": "hi", "n": 9}, 400, "n"),
+        ({"prompt": "hi", "suffix": "x"}, 400, "suffix"),
+        ({"prompt": "hi", "frobnicate": 1}, 400, "frobnicate"),
+    ],
+)
 def test_hostile_completion_bodies(server, body, status, param):
     _openai_error(_post(server, "/v1/completions", body), status, param)
 
@@ -450,13 +584,23 @@ def test_hostile_completion_bodies(server, body, status, param):
 def test_hostile_chat_bodies(server):
     msgs = [{"role": "user", "content": "hi"}]
     tool = {"type": "function", "function": {"name": "f", "parameters": {}}}
-    _openai_error(_post(server, "/v1/chat/completions", {"messages": msgs, "tools": [tool]}), 400, "tools",
-                  "unsupported_parameter")
-    _openai_error(_post(server, "/v1/chat/completions", {"messages": msgs, "response_format": {"type": "json_object"}}),
-                  400, "response_format")
+    _openai_error(
+        _post(server, "/v1/chat/completions", {"messages": msgs, "tools": [tool]}),
+        400,
+        "tools",
+        "unsupported_parameter",
+    )
+    _openai_error(
+        _post(server, "/v1/chat/completions", {"messages": msgs, "response_format": {"type": "json_object"}}),
+        400,
+        "response_format",
+    )
     image = [{"type": "image_url", "image_url": {"url": "http://x"}}]
-    _openai_error(_post(server, "/v1/chat/completions", {"messages": [{"role": "user", "content": image}]}),
-                  400, "messages[0].content[0].type")
+    _openai_error(
+        _post(server, "/v1/chat/completions", {"messages": [{"role": "user", "content": image}]}),
+        400,
+        "messages[0].content[0].type",
+    )
 
 
 @pytest.mark.slow
@@ -478,13 +622,19 @@ def test_content_type_and_size_are_checked_before_reading(server):
     # a cross-site HTML form can post only form or text bodies: refused, never run
     r = httpx.post(server + "/v1/completions", data={"prompt": "hi"}, timeout=30)
     _openai_error(r, 415)
-    _openai_error(httpx.post(server + "/v1/completions", content=b'{"prompt": "hi"}', timeout=30,
-                             headers={"content-type": "text/plain"}), 415)
+    _openai_error(
+        httpx.post(
+            server + "/v1/completions", content=b'{"prompt": "hi"}', timeout=30, headers={"content-type": "text/plain"}
+        ),
+        415,
+    )
     # a declared 2 GB body is answered at once, before a byte of it is sent
     u = urllib.parse.urlsplit(server)
     with socket.create_connection((u.hostname, u.port), timeout=30) as s:
-        s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-                  b"Content-Length: 2000000000\r\n\r\n")
+        s.sendall(
+            b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b"Content-Length: 2000000000\r\n\r\n"
+        )
         answer = b""
         while b"request_too_large" not in answer and (part := s.recv(65536)):
             answer += part
@@ -494,5 +644,9 @@ def test_content_type_and_size_are_checked_before_reading(server):
         for _ in range(300):
             yield b" " * 10_000
 
-    _openai_error(httpx.post(server + "/v1/completions", content=chunked(), timeout=60,
-                             headers={"content-type": "application/json"}), 413)
+    _openai_error(
+        httpx.post(
+            server + "/v1/completions", content=chunked(), timeout=60, headers={"content-type": "application/json"}
+        ),
+        413,
+    )

@@ -21,40 +21,71 @@ def test_smoke_run_writes_exactly_the_expected_artifacts(smoke_run):
     files = {f for f in _files(root) if not f.startswith("ray/")}
     report = json.loads((root / "clusters" / "report.json").read_text())
     C = report["num_clusters"]
-    expected = {"manifest.json", "config.yaml", "bundle.json",
-                "data/train.parquet", "data/validation.parquet", "data/test.parquet", "data/counts.json",
-                "clusters/centroids.safetensors", "clusters/assignments.parquet", "clusters/report.json",
-                "eval/predictions.parquet", "eval/metrics.json", "eval/results.md", "eval/weights.parquet",
-                "eval/report.md", "eval/report.html", "adapters/base/train_log.json"}
-    expected |= {f"eval/figures/{n}.png" for n in ("accuracy", "vs_base", "clusters_by_source", "feature_map",
-                                                   "routing_weights", "training_loss")}
+    expected = {
+        "manifest.json",
+        "config.yaml",
+        "bundle.json",
+        "data/train.parquet",
+        "data/validation.parquet",
+        "data/test.parquet",
+        "data/counts.json",
+        "clusters/centroids.safetensors",
+        "clusters/assignments.parquet",
+        "clusters/report.json",
+        "eval/predictions.parquet",
+        "eval/metrics.json",
+        "eval/results.md",
+        "eval/weights.parquet",
+        "eval/report.md",
+        "eval/report.html",
+        "adapters/base/train_log.json",
+    }
+    expected |= {
+        f"eval/figures/{n}.png"
+        for n in ("accuracy", "vs_base", "clusters_by_source", "feature_map", "routing_weights", "training_loss")
+    }
     for e in (1, 2):
-        expected |= {f"adapters/base/epoch-{e}/{n}" for n in
-                     ("adapter_config.json", "adapter_model.safetensors", "adam_state.safetensors",
-                      "optimizer_state.json", "parameter_layout.json")}
+        expected |= {
+            f"adapters/base/epoch-{e}/{n}"
+            for n in (
+                "adapter_config.json",
+                "adapter_model.safetensors",
+                "adam_state.safetensors",
+                "optimizer_state.json",
+                "parameter_layout.json",
+            )
+        }
     expected |= {f"adapters/base/final/{n}" for n in ("adapter_config.json", "adapter_model.safetensors")}
-    expected |= {f"adapters/experts/expert-{c:02d}/{n}" for c in range(C)
-                 for n in ("adapter_config.json", "adapter_model.safetensors", "train_log.json")}
+    expected |= {
+        f"adapters/experts/expert-{c:02d}/{n}"
+        for c in range(C)
+        for n in ("adapter_config.json", "adapter_model.safetensors", "train_log.json")
+    }
     # the compute-matched control (eval.methods has base_continued by default)
     expected |= {"adapters/baselines/baselines.json"}
-    expected |= {f"adapters/baselines/continued/{n}" for n in
-                 ("adapter_config.json", "adapter_model.safetensors", "train_log.json")}
-    stage_markers = {f"{d}/_COMPLETE" for d in ("data", "adapters/base", "gradients", "clusters",
-                                                  "adapters/experts", "adapters/baselines", "eval")}
+    expected |= {
+        f"adapters/baselines/continued/{n}"
+        for n in ("adapter_config.json", "adapter_model.safetensors", "train_log.json")
+    }
+    stage_markers = {
+        f"{d}/_COMPLETE"
+        for d in ("data", "adapters/base", "gradients", "clusters", "adapters/experts", "adapters/baselines", "eval")
+    }
     # experiment tracking (tensorboard by default): one marker per logged item and stage key, and
     # one folder of event files per adapter and for the evaluation
     keys = json.loads((root / "manifest.json").read_text())["keys"]
     experts = [f"experts-expert-{c:02d}" for c in range(C)]
-    expected |= {f"tracking/logged/tensorboard-train-base-{keys['base']}",
-                 f"tracking/logged/tensorboard-eval-{keys['eval']}"}
+    expected |= {
+        f"tracking/logged/tensorboard-train-base-{keys['base']}",
+        f"tracking/logged/tensorboard-eval-{keys['eval']}",
+    }
     expected |= {f"tracking/logged/tensorboard-train-{e}-{keys['experts']}" for e in experts}
     expected |= {f"tracking/logged/tensorboard-train-baselines-continued-{keys['baselines']}"}
     events = {f for f in files if f.startswith("tracking/tensorboard/")}
     assert {f.split("/")[2] for f in events} == {"base", "eval", *experts, "baselines-continued"}
     assert all(f.split("/")[3].startswith("events.out.tfevents.") for f in events)
     expected |= events
-    got = {f for f in files if "README.md" not in f
-           and not (f.startswith("gradients/") and f != "gradients/_COMPLETE")}
+    got = {f for f in files if "README.md" not in f and not (f.startswith("gradients/") and f != "gradients/_COMPLETE")}
     assert expected | stage_markers <= got, sorted((expected | stage_markers) - got)
     extra = got - expected - stage_markers
     assert not extra, sorted(extra)
@@ -118,9 +149,16 @@ def test_read_features_in_a_given_order_names_what_does_not_match(tmp_path):
     from elrea_ray.stages.gradients import read_features
 
     X = np.arange(12, dtype=np.float32).reshape(3, 4)
-    pq.write_table(pa.table({"example_id": ["b", "c", "a"], "source": ["s1", "s2", "s3"],
-                             "feature": pa.FixedSizeListArray.from_arrays(pa.array(X.reshape(-1)), 4)}),
-                   tmp_path / "part-0.parquet")
+    pq.write_table(
+        pa.table(
+            {
+                "example_id": ["b", "c", "a"],
+                "source": ["s1", "s2", "s3"],
+                "feature": pa.FixedSizeListArray.from_arrays(pa.array(X.reshape(-1)), 4),
+            }
+        ),
+        tmp_path / "part-0.parquet",
+    )
     ids, sources, got = read_features(tmp_path, order=["a", "b", "c"])
     assert ids == ["a", "b", "c"] and sources == ["s3", "s1", "s2"] and np.array_equal(got, X[[2, 0, 1]])
     with pytest.raises(ArtifactError, match="3 rows .* for 4 examples; missing e.g. d"):
@@ -168,7 +206,7 @@ def test_base_continued_takes_as_many_optimiser_steps_as_the_experts_together(sm
     assert steps > per_epoch  # more than one pass over the mix, so the repeat-and-cut path ran
     # rows seen: whole epochs, then the first batches of the next epoch's order (seed + epoch)
     # (batch sizes depend only on n and the batch: every batch is full but an epoch's last)
-    rest = length_bucketed_batches([0] * n, 8, seed=0)[:steps - per_epoch]
+    rest = length_bucketed_batches([0] * n, 8, seed=0)[: steps - per_epoch]
     assert cont["examples_seen"] == n + sum(len(b) for b in rest)
     info = json.loads((smoke_run.stage_dir("baselines") / "baselines.json").read_text())
     assert info["continued"]["steps"] == steps == info["continued"]["continued_steps"]
@@ -185,7 +223,8 @@ def test_bundle_lists_everything_serving_needs(smoke_run):
         assert (smoke_run.root / p).exists(), p
     assert b["projector"]["kind"] == "countsketch" and b["projector"]["d_proj"] == 512
     assert b["parameter_layout"] and b["projector"]["d_in"] == sum(
-        int(__import__("math").prod(s)) for _, s in b["parameter_layout"])
+        int(__import__("math").prod(s)) for _, s in b["parameter_layout"]
+    )
 
 
 def test_rerun_skips_finished_stages(smoke_run):
@@ -212,8 +251,15 @@ def test_resource_settings_do_not_change_stage_keys(tmp_path):
     from elrea_ray.pipeline import stage_keys
 
     a = stage_keys(smoke_config(tmp_path))
-    b = stage_keys(smoke_config(tmp_path, "train.cpus_per_worker=2", "gradients.num_actors=2",
-                                "experts.max_concurrent=1", "eval.cpus_per_actor=0.5"))
+    b = stage_keys(
+        smoke_config(
+            tmp_path,
+            "train.cpus_per_worker=2",
+            "gradients.num_actors=2",
+            "experts.max_concurrent=1",
+            "eval.cpus_per_actor=0.5",
+        )
+    )
     assert a == b
     c = stage_keys(smoke_config(tmp_path, "gradients.d_proj=256"))
     assert [s for s in a if a[s] != c[s]] == ["gradients", "clusters", "experts", "baselines", "eval"]
@@ -252,12 +298,18 @@ def test_distilled_router_trains_evaluates_reports_and_serves(copy_of_smoke):
 
     lines = []
     methods = ",".join((*METHODS, "elrea_distilled"))
-    run = run_pipeline(smoke_config(copy_of_smoke, "routing.method=distilled", f"eval.methods=[{methods}]"),
-                       log=lines.append)
+    run = run_pipeline(
+        smoke_config(copy_of_smoke, "routing.method=distilled", f"eval.methods=[{methods}]"), log=lines.append
+    )
     assert {ln.split("]")[0].strip("[") for ln in lines if "running (key" in ln} == {"router", "eval"}
     folder = run.stage_dir("router")
-    assert {p.name for p in folder.iterdir()} == {"router.json", "router.safetensors", "weights.parquet",
-                                                  "router_eval.json", "_COMPLETE"}
+    assert {p.name for p in folder.iterdir()} == {
+        "router.json",
+        "router.safetensors",
+        "weights.parquet",
+        "router_eval.json",
+        "_COMPLETE",
+    }
     ev = json.loads((folder / "router_eval.json").read_text())
     n_test = pq.read_metadata(run.data_file("test")).num_rows
     assert ev["train"]["n"] == pq.read_metadata(run.data_file("train")).num_rows and ev["test"]["n"] == n_test
@@ -268,8 +320,10 @@ def test_distilled_router_trains_evaluates_reports_and_serves(copy_of_smoke):
     np.testing.assert_array_equal(eval_w["elrea_distilled"], stage_w["distilled"])  # smoke: top_k unset
     np.testing.assert_allclose(stage_w["gradient"], eval_w["elrea"], atol=1e-9)
     metrics = json.loads((run.stage_dir("eval") / "metrics.json").read_text())
-    assert metrics["methods"]["elrea_distilled"]["micro"]["n"] == n_test and "vs_base" in metrics["methods"][
-        "elrea_distilled"]
+    assert (
+        metrics["methods"]["elrea_distilled"]["micro"]["n"] == n_test
+        and "vs_base" in metrics["methods"]["elrea_distilled"]
+    )
     assert set(metrics["distilled_vs_elrea"]) == {"diff", "ci"}
     assert "| ELREA, distilled router |" in (run.stage_dir("eval") / "results.md").read_text()
     report = (run.stage_dir("eval") / "report.md").read_text()
@@ -300,5 +354,6 @@ def test_distilled_router_trains_evaluates_reports_and_serves(copy_of_smoke):
     out = export_run(copy_of_smoke, copy_of_smoke.parent / "export")  # the PEFT export carries the router
     assert json.loads((out / "routing" / "routing.json").read_text())["router"] == "routing/router"
     again = DistilledRouter.load(out / "routing" / "router").predict(
-        pooled_hidden_states(base, ids, engine.tok.pad_token_id))
+        pooled_hidden_states(base, ids, engine.tok.pad_token_id)
+    )
     np.testing.assert_array_equal(again[0], ew)

@@ -12,10 +12,14 @@ class FakeClock:
 
 
 def test_a_line_names_the_stage_the_count_the_share_and_the_time():
-    assert progress_line("gradients", 320, 480, "examples featurised", 41.2) == \
-        "[gradients] 320/480 examples featurised (67%), 41 s"
-    assert progress_line("experts", 37, 64, "steps", 41, ("2/4 experts done",)) == \
-        "[experts] 37/64 steps (58%), 2/4 experts done, 41 s"
+    assert (
+        progress_line("gradients", 320, 480, "examples featurised", 41.2)
+        == "[gradients] 320/480 examples featurised (67%), 41 s"
+    )
+    assert (
+        progress_line("experts", 37, 64, "steps", 41, ("2/4 experts done",))
+        == "[experts] 37/64 steps (58%), 2/4 experts done, 41 s"
+    )
     assert progress_line("base", 3, None, "steps", 5) == "[base] 3 steps, 5 s"
     # 100% only when complete; a count past its total (a redone block) is shown as the total
     assert progress_line("eval", 999, 1000, "items decoded", 1) == "[eval] 999/1000 items decoded (99%), 1 s"
@@ -39,9 +43,11 @@ def test_at_most_one_line_every_interval_plus_one_when_complete():
     c.update(480, 480)  # complete: shown at once
     clock.t = 140
     c.update(480, 480)  # the same line is never shown twice
-    assert lines == ["[gradients] 128/480 examples featurised (27%), 10 s",
-                     "[gradients] 160/480 examples featurised (33%), 21 s",
-                     "[gradients] 480/480 examples featurised (100%), 22 s"]
+    assert lines == [
+        "[gradients] 128/480 examples featurised (27%), 10 s",
+        "[gradients] 160/480 examples featurised (33%), 21 s",
+        "[gradients] 480/480 examples featurised (100%), 22 s",
+    ]
 
 
 def test_a_counter_shows_a_changed_extra_and_a_stalled_count_once_per_interval():
@@ -53,8 +59,10 @@ def test_a_counter_shows_a_changed_extra_and_a_stalled_count_once_per_interval()
     c.update(0, 64, "0/4 experts done")  # the same state again: not repeated
     clock.t = 131
     c.update(16, 64, "1/4 experts done")
-    assert lines == ["[experts] 0/64 steps (0%), 0/4 experts done, 12 s",
-                     "[experts] 16/64 steps (25%), 1/4 experts done, 31 s"]
+    assert lines == [
+        "[experts] 0/64 steps (0%), 0/4 experts done, 12 s",
+        "[experts] 16/64 steps (25%), 1/4 experts done, 31 s",
+    ]
 
 
 def test_progress_off_prints_nothing_and_starts_no_actor():
@@ -80,9 +88,11 @@ def test_training_lines_sum_the_runs_steps_and_count_finished_runs():
         clock.t = 122
         show({"expert-00": (3, 3), "expert-01": (1, 2)})
         show({"expert-00": (3, 3), "expert-01": (2, 2)})
-    assert lines == ["[experts] 2 steps, 1/3 experts done, 11 s",
-                     "[experts] 4/5 steps (80%), 2/3 experts done, 22 s",
-                     "[experts] 5/5 steps (100%), 3/3 experts done, 22 s"]
+    assert lines == [
+        "[experts] 2 steps, 1/3 experts done, 11 s",
+        "[experts] 4/5 steps (80%), 2/3 experts done, 22 s",
+        "[experts] 5/5 steps (100%), 3/3 experts done, 22 s",
+    ]
 
 
 def _capture_show(shown: list):

@@ -102,7 +102,7 @@ def test_countsketch_tables_are_linear_in_d_for_a_huge_gradient():
     # D x d_proj would be 4.1e11 entries (1.6 TB as float32); the tables are 8 bytes per coordinate.
     spec = ProjectorSpec("countsketch", d_in=50_000_000, d_proj=8192)
     proj = make_projector(spec)
-    (buckets, signs), = proj.tables
+    ((buckets, signs),) = proj.tables
     assert buckets.numel() * buckets.element_size() + signs.numel() * signs.element_size() == 8 * spec.d_in
     assert int(buckets.min()) >= 0 and int(buckets.max()) < 8192
     counts = torch.bincount(buckets[:1_000_000].long(), minlength=8192).double()
@@ -165,8 +165,10 @@ def test_cpu_and_cuda_give_the_same_projection(kind):
             assert torch.equal(b0, b1.cpu()) and torch.equal(s0, s1.cpu())
     else:
         p_cpu, p_gpu = make_projector(spec, "cpu"), make_projector(spec, "cuda")
-        assert torch.equal(p_cpu.signs(1000, 1100, 0, 1024, torch.device("cpu")),
-                           p_gpu.signs(1000, 1100, 0, 1024, torch.device("cuda")).cpu())
+        assert torch.equal(
+            p_cpu.signs(1000, 1100, 0, 1024, torch.device("cpu")),
+            p_gpu.signs(1000, 1100, 0, 1024, torch.device("cuda")).cpu(),
+        )
 
 
 @pytest.mark.parametrize("kind", KINDS)

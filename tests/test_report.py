@@ -111,8 +111,9 @@ def test_eval_mapper_moe_merge_one_hot_equals_base_and_top_k_weights(smoke_run):
     A = len(adapters)
     onehot = np.zeros((len(test), A))
     onehot[:, 0] = 1.0
-    batch = {k: np.array([r[k] for r in test], dtype=object) for k in
-             ("example_id", "source", "prompt", "answer", "meta")}
+    batch = {
+        k: np.array([r[k] for r in test], dtype=object) for k in ("example_id", "source", "prompt", "answer", "meta")
+    }
     batch["w_moe_merge"] = onehot
     out = m(batch)
     assert list(out["pred_moe_merge"]) == list(out["pred_base"])
@@ -184,8 +185,10 @@ def test_seeds_run_in_their_own_folders_and_pool_from_predictions(smoke_run, cop
     # Seed 7 plays a run whose ELREA got every item right: the pooled table reads the predictions.
     preds = pq.read_table(copy_of_smoke / "eval" / "predictions.parquet")
     ones = pa.array(np.ones(preds.num_rows))
-    pq.write_table(preds.set_column(preds.column_names.index("score_elrea"), "score_elrea", ones),
-                   copy_of_smoke / "eval" / "predictions.parquet")
+    pq.write_table(
+        preds.set_column(preds.column_names.index("score_elrea"), "score_elrea", ones),
+        copy_of_smoke / "eval" / "predictions.parquet",
+    )
     out = write_pooled(cfg, {0: smoke_run, 7: RunDir.at(copy_of_smoke)})
     pooled = json.loads((out.parent / "pooled.json").read_text())
     assert pooled["seeds"] == [0, 7] and out.read_text().startswith("# ELREA over 2 seeds (0, 7)")

@@ -1,5 +1,6 @@
 """The repository speaks only of itself: no machine paths, a README a user can read, links that
 resolve."""
+
 import re
 import subprocess
 from pathlib import Path
@@ -13,8 +14,13 @@ MACHINE_PATH = re.compile(r"(?<![\w.])/(work|root|home/(?!ray/)\w+)/|(?<![\w.])/
 def tracked_text_files() -> list[Path]:
     out = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True, check=True).stdout
     files = [ROOT / f for f in out.splitlines()]
-    return [f for f in files if f.suffix in {".py", ".md", ".yaml", ".yml", ".sh", ".toml", ".cfg", ""}
-            and f.is_file() and f.name != "test_repository.py"]
+    return [
+        f
+        for f in files
+        if f.suffix in {".py", ".md", ".yaml", ".yml", ".sh", ".toml", ".cfg", ""}
+        and f.is_file()
+        and f.name != "test_repository.py"
+    ]
 
 
 def test_no_file_names_a_machine_path():
@@ -32,11 +38,21 @@ def test_no_file_names_a_machine_path():
 
 def test_pattern_catches_machine_paths():
     # built from parts, so this file does not itself hold the paths it looks for
-    for bad in ("/".join(["", "work", "main", "runs"]), 'default="/' + 'root/x"', "OUT=/" + "tmp/out",
-                "/".join(["", "home", "alice", "data"])):
+    for bad in (
+        "/".join(["", "work", "main", "runs"]),
+        'default="/' + 'root/x"',
+        "OUT=/" + "tmp/out",
+        "/".join(["", "home", "alice", "data"]),
+    ):
         assert MACHINE_PATH.search(bad), bad
-    for fine in ("runs/default", "s3://b/run", "$TMPDIR/x", "docs/method.md", "/mnt/shared/runs",
-                 "/home/ray/elrea-ray"):
+    for fine in (
+        "runs/default",
+        "s3://b/run",
+        "$TMPDIR/x",
+        "docs/method.md",
+        "/mnt/shared/runs",
+        "/home/ray/elrea-ray",
+    ):
         assert not MACHINE_PATH.search(fine), fine
 
 
@@ -55,6 +71,10 @@ def test_readme_is_short_and_its_links_resolve():
 def test_no_file_points_at_design_notes_outside_the_repository():
     # the design notes and the research notes beside them (notes/<topic>.md) live outside the repository
     outside = re.compile(r"\b(DESIGN|STYLE)\.md\b|(?<![\w/.])notes/[\w.-]+\.md\b")
-    hits = [f"{f.relative_to(ROOT)}:{n}" for f in tracked_text_files()
-            for n, line in enumerate(f.read_text(errors="replace").splitlines(), 1) if outside.search(line)]
+    hits = [
+        f"{f.relative_to(ROOT)}:{n}"
+        for f in tracked_text_files()
+        for n, line in enumerate(f.read_text(errors="replace").splitlines(), 1)
+        if outside.search(line)
+    ]
     assert not hits, hits

@@ -40,11 +40,17 @@ def test_gpus_per_worker_is_validated_and_stays_out_of_stage_keys(tmp_path):
     assert a == stage_keys(load_config(SMOKE, ["experts.gpus_per_worker=0.25", "experts.max_concurrent=4"]))
 
 
-@pytest.mark.parametrize("override,needle", [({"cpus_per_worker": 64.0}, "CPU"),
-                                             ({"use_gpu": True}, "GPU")])
+@pytest.mark.parametrize("override,needle", [({"cpus_per_worker": 64.0}, "CPU"), ({"use_gpu": True}, "GPU")])
 def test_infeasible_expert_trainer_fails_before_any_starts(ray_local, tmp_path, override, needle):
-    ok = {"run_name": "ok", "loop_cfg": {}, "tc": TrainConfig(), "storage": tmp_path, "num_workers": 1,
-          "cpus_per_worker": 1.0, "use_gpu": False}
+    ok = {
+        "run_name": "ok",
+        "loop_cfg": {},
+        "tc": TrainConfig(),
+        "storage": tmp_path,
+        "num_workers": 1,
+        "cpus_per_worker": 1.0,
+        "use_gpu": False,
+    }
     bad = {**ok, "run_name": "expert-bad", **override}
     # The feasible job would fail inside training (empty loop config) if it were started at all.
     with pytest.raises(RuntimeError, match=rf"expert-bad: needs .*{needle}"):
@@ -52,6 +58,7 @@ def test_infeasible_expert_trainer_fails_before_any_starts(ray_local, tmp_path, 
 
 
 # -- autoscaler-aware feasibility (elrea_ray.resources) --------------------------------------------
+
 
 def test_a_bundle_no_node_type_could_hold_is_impossible():
     from elrea_ray.resources import impossible
@@ -63,8 +70,10 @@ def test_a_bundle_no_node_type_could_hold_is_impossible():
     assert "single node" in msg and "GPU 1" in msg
     msg = impossible(5, {"CPU": 1.0, "GPU": 1.0}, head, gpu_type, "train")  # 5 GPUs, at most 4 nodes
     assert "needs 5 GPUs" in msg and "has 4 GPUs" in msg
-    assert impossible(1, {"CPU": 1.0, "GPU": 1.0}, head, [{"resources": {"CPU": 8.0}, "max_count": -1}],
-                      "train") is not None  # no GPU node type at all
+    assert (
+        impossible(1, {"CPU": 1.0, "GPU": 1.0}, head, [{"resources": {"CPU": 8.0}, "max_count": -1}], "train")
+        is not None
+    )  # no GPU node type at all
 
 
 def test_unlimited_and_zero_count_node_types():
@@ -95,8 +104,9 @@ def test_impossible_request_on_an_autoscaling_cluster_fails_at_once(ray_local):
 
     types = [{"resources": {"CPU": 4.0, "GPU": 8.0}, "max_count": 2}]
     with pytest.raises(RuntimeError, match=r"stage experts .*64 GPU.*autoscaler node types: CPU 4, GPU 8 x2"):
-        check_resources(1, {"CPU": 1.0, "GPU": 64.0}, "stage experts (Ray Train)", "experts",
-                        wait_s=600, node_types=types)
+        check_resources(
+            1, {"CPU": 1.0, "GPU": 64.0}, "stage experts (Ray Train)", "experts", wait_s=600, node_types=types
+        )
 
 
 def test_a_stage_waits_a_bounded_time_for_nodes_it_asked_for(ray_local, capsys):
@@ -105,8 +115,9 @@ def test_a_stage_waits_a_bounded_time_for_nodes_it_asked_for(ray_local, capsys):
     # A node type that could hold the request, but the local Ray has no autoscaler to start it.
     types = [{"resources": {"CPU": 64.0}, "max_count": 1}]
     with pytest.raises(RuntimeError, match=r"waited 2 s \(ray.resource_wait_s\)"):
-        check_resources(1, {"CPU": 64.0}, "stage base (Ray Train)", "train", wait_s=2, report_every_s=1,
-                        node_types=types)
+        check_resources(
+            1, {"CPU": 64.0}, "stage base (Ray Train)", "train", wait_s=2, report_every_s=1, node_types=types
+        )
     out = capsys.readouterr().out
     assert "waiting up to 2 s for the autoscaler" in out
 
@@ -135,8 +146,9 @@ def test_concurrent_stages_ask_for_the_union_and_withdraw_when_done(ray_local):
 
     def expert(cpus: float) -> None:
         try:
-            with resources_for(1, {"CPU": cpus}, f"training expert-{cpus:g}", wait_s=6, report_every_s=10,
-                               node_types=types):
+            with resources_for(
+                1, {"CPU": cpus}, f"training expert-{cpus:g}", wait_s=6, report_every_s=10, node_types=types
+            ):
                 pass
         except RuntimeError as e:
             errors.append(e)
@@ -162,8 +174,7 @@ def test_a_request_is_held_while_its_block_runs_and_withdrawn_after(ray_local):
 
     # A request the live nodes already hold asks the autoscaler for nothing.
     have = ray.cluster_resources()["CPU"]
-    with resources_for(1, {"CPU": have}, "training base",
-                       node_types=[{"resources": {"CPU": 64.0}, "max_count": 1}]):
+    with resources_for(1, {"CPU": have}, "training base", node_types=[{"resources": {"CPU": 64.0}, "max_count": 1}]):
         assert outstanding_demand() == []
     # A demand stays published for the whole block (the job placing its workers), then goes.
     with autoscaler_demand([{"CPU": 2.0}, {"CPU": 2.0}]):

@@ -70,8 +70,12 @@ def test_rows_are_independent_and_weights_sum_to_one():
 
 @pytest.mark.parametrize(
     "kwargs, name",
-    [({"temperature": 0.0}, "temperature"), ({"temperature": -1.0}, "temperature"),
-     ({"top_k": 0}, "top_k"), ({"top_k": 4}, "top_k")],
+    [
+        ({"temperature": 0.0}, "temperature"),
+        ({"temperature": -1.0}, "temperature"),
+        ({"top_k": 0}, "top_k"),
+        ({"top_k": 4}, "top_k"),
+    ],
 )
 def test_bad_arguments_name_themselves(kwargs, name):
     with pytest.raises(ValueError, match=name):

@@ -29,15 +29,20 @@ def s3():
 
 
 def uri(endpoint: str, bucket: str, path: str = "") -> str:
-    return (f"s3://testing:testing@{bucket}/{path}?endpoint_override={endpoint}"
-            "&scheme=http&region=us-east-1")
+    return f"s3://testing:testing@{bucket}/{path}?endpoint_override={endpoint}&scheme=http&region=us-east-1"
 
 
 @pytest.fixture
 def bucket(s3):
     name = f"b-{uuid.uuid4().hex[:8]}"
-    pafs.S3FileSystem(access_key="testing", secret_key="testing", endpoint_override=s3, scheme="http",
-                      region="us-east-1", allow_bucket_creation=True).create_dir(name)
+    pafs.S3FileSystem(
+        access_key="testing",
+        secret_key="testing",
+        endpoint_override=s3,
+        scheme="http",
+        region="us-east-1",
+        allow_bucket_creation=True,
+    ).create_dir(name)
     return name
 
 
@@ -190,12 +195,22 @@ def test_pipeline_on_s3_resumes_from_the_object_store(ray_local, s3, bucket, tmp
     keys = stage_keys(cfg)
     for stage in STAGES:
         assert run.remote_key(stage) == keys[stage], stage
-    for name in ("manifest.json", "bundle.json", "config.yaml", "eval/metrics.json", "eval/report.html",
-                 "adapters/experts/expert-00/adapter_config.json", "adapters/base/epoch-2/adam_state.safetensors"):
+    for name in (
+        "manifest.json",
+        "bundle.json",
+        "config.yaml",
+        "eval/metrics.json",
+        "eval/report.html",
+        "adapters/experts/expert-00/adapter_config.json",
+        "adapters/base/epoch-2/adam_state.safetensors",
+    ):
         assert storage.exists(storage.join(remote, name)), name
     fs, path = storage.filesystem(remote)
-    names = sorted(i.path[len(path) + 1:] for i in fs.get_file_info(pafs.FileSelector(path, recursive=True))
-                   if i.type == pafs.FileType.File)
+    names = sorted(
+        i.path[len(path) + 1 :]
+        for i in fs.get_file_info(pafs.FileSelector(path, recursive=True))
+        if i.type == pafs.FileType.File
+    )
     assert not [n for n in names if ".partial" in n or ".writing" in n], "partials left behind"
     assert any(n.startswith("ray/base-") for n in names)  # Ray Train checkpointed into S3 too
     assert "run.lock" not in names  # the advisory lock is released

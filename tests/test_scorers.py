@@ -23,32 +23,42 @@ def _jsonl(path, records):
     return str(path)
 
 
-@pytest.mark.parametrize("pred, gold", [
-    ("\\frac{1}{2}", "\\dfrac12"),
-    ("1/2", "\\frac{1}{2}"),
-    ("0.5", "\\frac{1}{2}"),
-    ("\\tfrac{3}{4}", "3/4"),
-    ("\\left( 3, 4 \\right)", "(3,4)"),
-    ("5 \\text{ cm}", "5"),
-    ("12 inches", "12"),
-    ("90^\\circ", "90"),
-    ("50\\%", "50"),
-    ("x = 7", "7"),
-    ("12.0", "12"),
-    ("1,000", "1000"),
-    ("\\sqrt3", "\\sqrt{3}"),
-    ("\\$18.90", "18.90"),
-    ("\\frac{6}{8}", "\\frac{3}{4}"),
-    (".5", "\\frac12"),
-    ("\\frac {2} {3}", "\\frac{2}{3}"),
-])
+@pytest.mark.parametrize(
+    "pred, gold",
+    [
+        ("\\frac{1}{2}", "\\dfrac12"),
+        ("1/2", "\\frac{1}{2}"),
+        ("0.5", "\\frac{1}{2}"),
+        ("\\tfrac{3}{4}", "3/4"),
+        ("\\left( 3, 4 \\right)", "(3,4)"),
+        ("5 \\text{ cm}", "5"),
+        ("12 inches", "12"),
+        ("90^\\circ", "90"),
+        ("50\\%", "50"),
+        ("x = 7", "7"),
+        ("12.0", "12"),
+        ("1,000", "1000"),
+        ("\\sqrt3", "\\sqrt{3}"),
+        ("\\$18.90", "18.90"),
+        ("\\frac{6}{8}", "\\frac{3}{4}"),
+        (".5", "\\frac12"),
+        ("\\frac {2} {3}", "\\frac{2}{3}"),
+    ],
+)
 def test_math_normalisation_accepts_equivalent_spellings(pred, gold):
     assert math_equal(pred, gold), (normalize_math(pred), normalize_math(gold))
 
 
-@pytest.mark.parametrize("pred, gold", [
-    ("\\frac{1}{3}", "\\frac{1}{2}"), ("13", "12"), ("(3,5)", "(3,4)"), ("", "0"), ("\\sqrt{2}", "2"),
-])
+@pytest.mark.parametrize(
+    "pred, gold",
+    [
+        ("\\frac{1}{3}", "\\frac{1}{2}"),
+        ("13", "12"),
+        ("(3,5)", "(3,4)"),
+        ("", "0"),
+        ("\\sqrt{2}", "2"),
+    ],
+)
 def test_math_normalisation_keeps_different_answers_apart(pred, gold):
     assert not math_equal(pred, gold)
 
@@ -61,10 +71,13 @@ def test_last_boxed_balances_braces_and_takes_the_last():
 
 
 def test_math_file_is_scored_on_the_boxed_answer(tmp_path):
-    f = _jsonl(tmp_path / "math_test.jsonl", [
-        {"problem": "What is 1/2 + 1/4?", "solution": "We add: $\\boxed{\\dfrac{3}{4}}$."},
-        {"problem": "Half of 1?", "solution": "It is $\\boxed{0.5}$"},
-    ])
+    f = _jsonl(
+        tmp_path / "math_test.jsonl",
+        [
+            {"problem": "What is 1/2 + 1/4?", "solution": "We add: $\\boxed{\\dfrac{3}{4}}$."},
+            {"problem": "Half of 1?", "solution": "It is $\\boxed{0.5}$"},
+        ],
+    )
     rows, _ = read_rows(f, "test")
     assert rows[0]["answer"] == "\\dfrac{3}{4}" and json.loads(rows[0]["meta"])["benchmark"] == "math"
     assert score(rows[0], "Adding gives \\boxed{3/4}.") == 1.0
@@ -75,8 +88,9 @@ def test_math_file_is_scored_on_the_boxed_answer(tmp_path):
 
 def test_gsm8k_and_svamp_are_value_predictions(tmp_path):
     g = _jsonl(tmp_path / "gsm8k.jsonl", [{"question": "Clips?", "answer": "48 + 24 = 72\n#### 1,072"}])
-    s = _jsonl(tmp_path / "svamp.jsonl", [{"Body": "Jack had 8 pens.", "Question": "He lost 3. How many?",
-                                           "Answer": 5.0}])
+    s = _jsonl(
+        tmp_path / "svamp.jsonl", [{"Body": "Jack had 8 pens.", "Question": "He lost 3. How many?", "Answer": 5.0}]
+    )
     grow, srow = read_rows(g, "test")[0][0], read_rows(s, "test")[0][0]
     assert json.loads(grow["meta"])["benchmark"] == "gsm8k" and grow["answer"] == "1,072"
     assert score(grow, "She sold 48 then 24, in all 1072 clips.") == 1.0  # the last number
@@ -90,9 +104,17 @@ def test_gsm8k_and_svamp_are_value_predictions(tmp_path):
 
 
 def test_mathqa_value_or_letter(tmp_path):
-    f = _jsonl(tmp_path / "mathqa.jsonl", [{
-        "Problem": "a train runs 20 km in 0.5 h ; speed ?", "Rationale": "20 / 0.5 = 40",
-        "options": "a ) 38 , b ) 40 km / h , c ) 30 , d ) 42.5 , e ) none", "correct": "b"}])
+    f = _jsonl(
+        tmp_path / "mathqa.jsonl",
+        [
+            {
+                "Problem": "a train runs 20 km in 0.5 h ; speed ?",
+                "Rationale": "20 / 0.5 = 40",
+                "options": "a ) 38 , b ) 40 km / h , c ) 30 , d ) 42.5 , e ) none",
+                "correct": "b",
+            }
+        ],
+    )
     row = read_rows(f, "test")[0][0]
     assert parse_mathqa_options("a ) 38 , b ) 27.675 , c ) 30") == ["38", "27.675", "30"]
     assert row["answer"] == "40 km / h" and json.loads(row["meta"])["choices"][3] == "42.5"
@@ -104,10 +126,13 @@ def test_mathqa_value_or_letter(tmp_path):
 
 
 def test_mmlu_letter_or_choice_text(tmp_path):
-    f = _jsonl(tmp_path / "mmlu.jsonl", [
-        {"question": "Capital of France?", "choices": ["Berlin", "Paris", "Rome", "Madrid"], "answer": 1},
-        {"question": "2 + 2?", "choices": ["3", "4", "5", "22"], "answer": "B"},
-    ])
+    f = _jsonl(
+        tmp_path / "mmlu.jsonl",
+        [
+            {"question": "Capital of France?", "choices": ["Berlin", "Paris", "Rome", "Madrid"], "answer": 1},
+            {"question": "2 + 2?", "choices": ["3", "4", "5", "22"], "answer": "B"},
+        ],
+    )
     r0, r1 = read_rows(f, "test")[0]
     assert r0["answer"] == "B" and "B. Paris" in json.loads(r0["prompt"])[0]["content"]
     for reply in ("B", "(B)", "B. Paris", "The answer is b.", "Answer: B", "Paris", "paris."):
@@ -130,10 +155,13 @@ def test_mmlu_row_with_a_bad_answer_is_named(tmp_path):
 
 
 def test_bbh_exact_match(tmp_path):
-    f = _jsonl(tmp_path / "bbh.jsonl", [
-        {"input": "not ( True ) and ( True ) is", "target": "False"},
-        {"input": "Which option? Options: (A) x (B) y", "target": "(B)"},
-    ])
+    f = _jsonl(
+        tmp_path / "bbh.jsonl",
+        [
+            {"input": "not ( True ) and ( True ) is", "target": "False"},
+            {"input": "Which option? Options: (A) x (B) y", "target": "(B)"},
+        ],
+    )
     r0, r1 = read_rows(f, "test")[0]
     assert json.loads(r0["meta"])["benchmark"] == "bbh"
     assert score(r0, "False") == 1.0 and score(r0, "false.") == 1.0
@@ -143,16 +171,24 @@ def test_bbh_exact_match(tmp_path):
 
 
 def test_less_messages_and_per_source_benchmark_from_config(tmp_path):
-    train = _jsonl(tmp_path / "less_train.jsonl", [
-        {"messages": [{"role": "user", "content": f"Say {i}"}, {"role": "assistant", "content": str(i)}]}
-        for i in range(12)])
-    less = _jsonl(tmp_path / "less_test.jsonl", [
-        {"messages": [{"role": "user", "content": "Say 3"}, {"role": "assistant", "content": "3"}],
-         "source": "less"}])
-    other = _jsonl(tmp_path / "other_test.jsonl", [
-        {"prompt": "Half?", "completion": "\\boxed{\\frac12}", "source": "mathy"},
-        {"prompt": "Pick", "completion": "(A)", "source": "bb", "benchmark": "bbh"},
-    ])
+    train = _jsonl(
+        tmp_path / "less_train.jsonl",
+        [
+            {"messages": [{"role": "user", "content": f"Say {i}"}, {"role": "assistant", "content": str(i)}]}
+            for i in range(12)
+        ],
+    )
+    less = _jsonl(
+        tmp_path / "less_test.jsonl",
+        [{"messages": [{"role": "user", "content": "Say 3"}, {"role": "assistant", "content": "3"}], "source": "less"}],
+    )
+    other = _jsonl(
+        tmp_path / "other_test.jsonl",
+        [
+            {"prompt": "Half?", "completion": "\\boxed{\\frac12}", "source": "mathy"},
+            {"prompt": "Pick", "completion": "(A)", "source": "bb", "benchmark": "bbh"},
+        ],
+    )
     cfg = DataConfig(kind="files", train_files=(train,), test_files=(less, other), benchmarks={"mathy": "math"})
     rows = {r["source"]: r for r in build_splits(cfg, seed=0)["test"]}
     assert json.loads(rows["less"]["meta"])["benchmark"] == "less"

@@ -23,8 +23,11 @@ def server(smoke_run):
 
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
-    serve.run(build_app({"run_dir": str(smoke_run.root), "num_cpus": 0.5, "max_batch_size": 8,
-                         "batch_wait_timeout_s": 0.2}), name="elrea", route_prefix="/")
+    serve.run(
+        build_app({"run_dir": str(smoke_run.root), "num_cpus": 0.5, "max_batch_size": 8, "batch_wait_timeout_s": 0.2}),
+        name="elrea",
+        route_prefix="/",
+    )
     yield f"http://127.0.0.1:{port}"
     serve.delete("elrea")
     serve.shutdown()
@@ -44,13 +47,13 @@ def test_models_lists_ensemble_and_adapters(client, smoke_run):
 
 
 def test_chat_and_completion_with_openai_client(client):
-    r = client.chat.completions.create(model=client.models.list().data[0].id, max_tokens=4,
-                                       messages=[{"role": "user", "content": "What is 2 + 3?"}])
+    r = client.chat.completions.create(
+        model=client.models.list().data[0].id, max_tokens=4, messages=[{"role": "user", "content": "What is 2 + 3?"}]
+    )
     assert r.choices[0].message.role == "assistant" and r.usage.completion_tokens <= 4
     routing = r.model_extra["routing"]
     assert abs(sum(routing["expert_weights"].values()) - 1.0) < 1e-6 and 0 <= routing["base_weight"] <= 2
-    c = client.completions.create(model=client.models.list().data[0].id, prompt="Spell cat backward.",
-                                  max_tokens=3)
+    c = client.completions.create(model=client.models.list().data[0].id, prompt="Spell cat backward.", max_tokens=3)
     assert c.usage.prompt_tokens > 0 and c.choices[0].finish_reason in ("stop", "length")
 
 
@@ -58,11 +61,14 @@ def test_streaming_equals_non_streaming(client):
     model = client.models.list().data[0].id
     msgs = [{"role": "user", "content": "Count the letters in apple."}]
     full = client.chat.completions.create(model=model, messages=msgs, max_tokens=5)
-    parts = [c.choices[0].delta.content or "" for c in
-             client.chat.completions.create(model=model, messages=msgs, max_tokens=5, stream=True)]
+    parts = [
+        c.choices[0].delta.content or ""
+        for c in client.chat.completions.create(model=model, messages=msgs, max_tokens=5, stream=True)
+    ]
     assert "".join(parts) == full.choices[0].message.content
-    text = "".join(c.choices[0].text for c in
-                   client.completions.create(model=model, prompt="3 * 4 =", max_tokens=4, stream=True))
+    text = "".join(
+        c.choices[0].text for c in client.completions.create(model=model, prompt="3 * 4 =", max_tokens=4, stream=True)
+    )
     assert text == client.completions.create(model=model, prompt="3 * 4 =", max_tokens=4).choices[0].text
 
 
@@ -81,14 +87,19 @@ def test_routing_equals_the_library_and_forcing_base_equals_base_adapter(client,
     tok = load_tokenizer(mc)
     msgs = [{"role": "user", "content": "What is 7 + 1 + 2?"}]
     ids = tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"]
-    fx = FeatureExtractor(mc, [str(smoke_run.root / p) for p in b["epoch_checkpoints"]], b["epoch_weights"],
-                          ProjectorSpec.from_dict(b["projector"]))
+    fx = FeatureExtractor(
+        mc,
+        [str(smoke_run.root / p) for p in b["epoch_checkpoints"]],
+        b["epoch_weights"],
+        ProjectorSpec.from_dict(b["projector"]),
+    )
     ew, bw = route(fx.features([ids]), load_file(str(smoke_run.root / b["centroids"]))["centroids"])
     r = client.chat.completions.create(model=client.models.list().data[0].id, messages=msgs, max_tokens=3)
     got = r.model_extra["routing"]
     assert got["base_weight"] == pytest.approx(float(bw[0]), abs=1e-5)
     assert [got["expert_weights"][f"expert-{c:02d}"] for c in range(ew.shape[1])] == pytest.approx(
-        ew[0].tolist(), abs=1e-5)
+        ew[0].tolist(), abs=1e-5
+    )
 
     forced = client.chat.completions.create(model="base", messages=msgs, max_tokens=4)
     model = load_adapters(mc, {"base": str(smoke_run.root / b["adapters"]["base"])})
@@ -117,9 +128,15 @@ def test_concurrent_streams_are_decoded_in_one_batch(client, server):
     model = client.models.list().data[0].id
 
     def one(i):
-        chunks = list(client.chat.completions.create(
-            model=model, max_tokens=4, stream=True, stream_options={"include_usage": True},
-            messages=[{"role": "user", "content": f"What is {i} + {i}?"}]))
+        chunks = list(
+            client.chat.completions.create(
+                model=model,
+                max_tokens=4,
+                stream=True,
+                stream_options={"include_usage": True},
+                messages=[{"role": "user", "content": f"What is {i} + {i}?"}],
+            )
+        )
         last = chunks[-2]  # the choice's last chunk; then the usage chunk
         text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
         return text, last.choices[0].finish_reason, chunks[-1].usage, last.model_extra["routing"]
@@ -141,8 +158,13 @@ def _long_body(server, need=60):
     else a hot seeded sampling of the tiny random model that happens to avoid end-of-turn tokens."""
     best = (-1, -1)
     for seed in range(24):
-        body = {"prompt": "Write a long story.", "max_tokens": 200, "ignore_eos": True, "temperature": 2.0,
-                "seed": seed}
+        body = {
+            "prompt": "Write a long story.",
+            "max_tokens": 200,
+            "ignore_eos": True,
+            "temperature": 2.0,
+            "seed": seed,
+        }
         n = httpx.post(server + "/v1/completions", json=body, timeout=120).json()["usage"]["completion_tokens"]
         best = max(best, (n, seed))
         if n >= need:
@@ -165,8 +187,15 @@ def test_a_stream_ends_before_the_long_request_it_is_batched_with(client, server
     with ThreadPoolExecutor(1) as ex:
         long = ex.submit(httpx.post, server + "/v1/completions", json=body, timeout=120)
         _wait_for(lambda: stats()["running"] >= 1, "the long request to start decoding")
-        chunks = list(client.completions.create(model=client.models.list().data[0].id, prompt="Hi there.",
-                                                max_tokens=2, stream=True, stream_options={"include_usage": True}))
+        chunks = list(
+            client.completions.create(
+                model=client.models.list().data[0].id,
+                prompt="Hi there.",
+                max_tokens=2,
+                stream=True,
+                stream_options={"include_usage": True},
+            )
+        )
         assert chunks[-2].choices[0].finish_reason in ("stop", "length") and chunks[-1].usage.completion_tokens <= 2
         assert not long.done() and stats()["running"] == 1  # the stream left; the long request decodes on
         r = long.result()
@@ -178,8 +207,19 @@ def test_client_disconnect_frees_its_slot_and_its_row(smoke_run, server):
 
     from serve_apps.elrea_app import build_app
 
-    serve.run(build_app({"run_dir": str(smoke_run.root), "num_cpus": 0.25, "max_inflight": 1,
-                         "max_batch_size": 1, "batch_wait_timeout_s": 0.0}), name="one", route_prefix="/one")
+    serve.run(
+        build_app(
+            {
+                "run_dir": str(smoke_run.root),
+                "num_cpus": 0.25,
+                "max_inflight": 1,
+                "max_batch_size": 1,
+                "batch_wait_timeout_s": 0.0,
+            }
+        ),
+        name="one",
+        route_prefix="/one",
+    )
     u = server + "/one"
     stats = lambda: httpx.get(u + "/v1/stats").json()  # noqa: E731
     try:
@@ -190,8 +230,10 @@ def test_client_disconnect_frees_its_slot_and_its_row(smoke_run, server):
             before = stats()
             with socket.create_connection(("127.0.0.1", int(u.split(":")[-1].split("/")[0]))) as sock:
                 data = json.dumps({**body, "stream": stream}).encode()
-                sock.sendall(b"POST /one/v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\n"
-                             b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n" % len(data) + data)
+                sock.sendall(
+                    b"POST /one/v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                    b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n" % len(data) + data
+                )
                 _wait_for(lambda: stats()["running"] == 1, "the request to decode")
             # the client left mid-decode (the socket is closed)
             _wait_for(lambda: stats()["inflight"] == 0 and stats()["running"] == 0, "the slot to be freed")
@@ -213,8 +255,14 @@ def test_stats_and_prometheus_metrics_read_the_decode_loop(server):
     assert s["tokens_generated"] >= 60 and s["requests_finished"] > 0 and s["queued"] == 0
     assert sum(s["expert_selections"].values()) == s["requests_admitted"]
     port = ray.nodes()[0]["MetricsExportPort"]
-    wanted = ["elrea_generated_tokens", "elrea_running_batch_size", "elrea_queue_length",
-              "elrea_time_to_first_token_s", "elrea_routing_s", "elrea_expert_selections"]
+    wanted = [
+        "elrea_generated_tokens",
+        "elrea_running_batch_size",
+        "elrea_queue_length",
+        "elrea_time_to_first_token_s",
+        "elrea_routing_s",
+        "elrea_expert_selections",
+    ]
 
     def exported():
         text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
@@ -223,17 +271,20 @@ def test_stats_and_prometheus_metrics_read_the_decode_loop(server):
     _wait_for(exported, "the replica's metrics in Ray's Prometheus export", timeout=60)
 
 
-@pytest.mark.parametrize("body,status,param", [
-    (b"{not json", 400, None),
-    (json.dumps({"prompt": ""}).encode(), 400, "prompt"),
-    (json.dumps({"prompt": 3}).encode(), 400, "prompt"),
-    (json.dumps({"prompt": "hi", "max_tokens": 0}).encode(), 400, "max_tokens"),
-    (json.dumps({"prompt": "hi", "max_tokens": "5"}).encode(), 400, "max_tokens"),
-    (json.dumps({"prompt": "hi", "model": "gpt-9"}).encode(), 404, "model"),
-    (json.dumps({"prompt": "hi", "adapter": "expert-99"}).encode(), 404, "adapter"),
-    (json.dumps({"prompt": "hi", "temperature": 5}).encode(), 400, "temperature"),
-    (json.dumps({"prompt": "hi " * 400}).encode(), 400, "prompt"),
-])
+@pytest.mark.parametrize(
+    "body,status,param",
+    [
+        (b"{not json", 400, None),
+        (json.dumps({"prompt": ""}).encode(), 400, "prompt"),
+        (json.dumps({"prompt": 3}).encode(), 400, "prompt"),
+        (json.dumps({"prompt": "hi", "max_tokens": 0}).encode(), 400, "max_tokens"),
+        (json.dumps({"prompt": "hi", "max_tokens": "5"}).encode(), 400, "max_tokens"),
+        (json.dumps({"prompt": "hi", "model": "gpt-9"}).encode(), 404, "model"),
+        (json.dumps({"prompt": "hi", "adapter": "expert-99"}).encode(), 404, "adapter"),
+        (json.dumps({"prompt": "hi", "temperature": 5}).encode(), 400, "temperature"),
+        (json.dumps({"prompt": "hi " * 400}).encode(), 400, "prompt"),
+    ],
+)
 def test_bad_requests_get_openai_style_4xx(server, body, status, param):
     r = httpx.post(server + "/v1/completions", content=body, headers={"content-type": "application/json"})
     assert r.status_code == status
@@ -244,9 +295,30 @@ def test_bad_requests_get_openai_style_4xx(server, body, status, param):
 def test_fuzzed_bodies_never_500(server):
     rng = random.Random(0)
     values = [None, True, -1, 0, 10**12, 1.5, "", "x" * 50, [], [1, 2], {}, {"a": 1}, ["hi"], "\u0000\ud7ff"]
-    keys = ["prompt", "messages", "max_tokens", "temperature", "top_p", "stop", "model", "adapter", "top_k",
-            "seed", "stream", "n", "logit_bias", "stream_options", "min_tokens", "ignore_eos", "echo",
-            "presence_penalty", "response_format", "tools", "user", "best_of"]
+    keys = [
+        "prompt",
+        "messages",
+        "max_tokens",
+        "temperature",
+        "top_p",
+        "stop",
+        "model",
+        "adapter",
+        "top_k",
+        "seed",
+        "stream",
+        "n",
+        "logit_bias",
+        "stream_options",
+        "min_tokens",
+        "ignore_eos",
+        "echo",
+        "presence_penalty",
+        "response_format",
+        "tools",
+        "user",
+        "best_of",
+    ]
     codes = []
     with httpx.Client(timeout=60) as http:
         for i in range(500):
@@ -271,8 +343,11 @@ def test_api_key_guards_every_route_but_health(smoke_run, server, tmp_path):
 
     key_file = tmp_path / "api-key"
     key_file.write_text("s3cret\n")
-    serve.run(build_app({"run_dir": str(smoke_run.root), "num_cpus": 0.25, "api_key_file": str(key_file)}),
-              name="secure", route_prefix="/secure")
+    serve.run(
+        build_app({"run_dir": str(smoke_run.root), "num_cpus": 0.25, "api_key_file": str(key_file)}),
+        name="secure",
+        route_prefix="/secure",
+    )
     u = server + "/secure"
     try:
         assert httpx.get(u + "/health").status_code == 200
@@ -294,13 +369,24 @@ def test_overload_gets_429_with_retry_after_and_the_rest_succeed(smoke_run, serv
 
     from serve_apps.elrea_app import build_app
 
-    serve.run(build_app({"run_dir": str(smoke_run.root), "num_cpus": 0.25, "max_inflight": 2,
-                         "max_batch_size": 2, "batch_wait_timeout_s": 0.2}), name="small", route_prefix="/small")
+    serve.run(
+        build_app(
+            {
+                "run_dir": str(smoke_run.root),
+                "num_cpus": 0.25,
+                "max_inflight": 2,
+                "max_batch_size": 2,
+                "batch_wait_timeout_s": 0.2,
+            }
+        ),
+        name="small",
+        route_prefix="/small",
+    )
     u = server + "/small"
     try:
+
         def one(i):
-            return httpx.post(u + "/v1/completions", json={"prompt": f"What is {i} + 2?", "max_tokens": 8},
-                              timeout=120)
+            return httpx.post(u + "/v1/completions", json={"prompt": f"What is {i} + 2?", "max_tokens": 8}, timeout=120)
 
         with ThreadPoolExecutor(12) as ex:
             responses = list(ex.map(one, range(12)))

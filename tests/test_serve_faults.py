@@ -29,8 +29,11 @@ def _replicas(app: str) -> list:
 
     # the address: this session's cluster, even when another Ray runs on the machine
     gcs = ray.get_runtime_context().gcs_address
-    return [a for a in list_actors(address=gcs, filters=[("state", "=", "ALIVE")])
-            if a.class_name == f"ServeReplica:{app}:ELREAServer"]
+    return [
+        a
+        for a in list_actors(address=gcs, filters=[("state", "=", "ALIVE")])
+        if a.class_name == f"ServeReplica:{app}:ELREAServer"
+    ]
 
 
 def _running(app: str) -> int:
@@ -50,9 +53,20 @@ def server(smoke_run):
 
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
-    serve.run(build_app({"run_dir": str(smoke_run.root), "num_replicas": 2, "num_cpus": 0.25,
-                         "max_ongoing_requests": 8, "max_batch_size": 8, "batch_wait_timeout_s": 0.05}),
-              name=APP, route_prefix="/ft")
+    serve.run(
+        build_app(
+            {
+                "run_dir": str(smoke_run.root),
+                "num_replicas": 2,
+                "num_cpus": 0.25,
+                "max_ongoing_requests": 8,
+                "max_batch_size": 8,
+                "batch_wait_timeout_s": 0.05,
+            }
+        ),
+        name=APP,
+        route_prefix="/ft",
+    )
     yield f"http://127.0.0.1:{port}"
     serve.shutdown()
 
@@ -102,9 +116,11 @@ def test_replica_killed_under_32_clients_loses_at_most_1_percent_and_comes_back(
     back_s = time.time() - t_kill
     failed = state["failed"]
     rate = len(failed) / N
-    _figure(f"replica SIGKILLed after {state['kill_at']} of {N} requests ({CLIENTS} clients, "
-            f"{load_s:.1f} s): {len(failed)} failed ({rate:.2%}; codes {sorted(set(map(str, failed)))}), "
-            f"replacement RUNNING {back_s:.1f} s after the kill")
+    _figure(
+        f"replica SIGKILLed after {state['kill_at']} of {N} requests ({CLIENTS} clients, "
+        f"{load_s:.1f} s): {len(failed)} failed ({rate:.2%}; codes {sorted(set(map(str, failed)))}), "
+        f"replacement RUNNING {back_s:.1f} s after the kill"
+    )
     assert state["ok"] + len(failed) == N
     assert rate <= 0.01
     r = httpx.post(server + "/ft/v1/completions", json={"prompt": "hi", "max_tokens": 2}, timeout=60)
@@ -128,8 +144,10 @@ def test_graceful_shutdown_finishes_requests_in_flight(server):
         deleted_s = time.time() - t0
         codes = [f.result().status_code for f in futs]
     late = httpx.post(url, json={"prompt": "hi", "max_tokens": 2}, timeout=30).status_code
-    _figure(f"serve.delete with {n} requests in flight: codes {sorted(set(codes))} "
-            f"({codes.count(200)}/{n} 200), delete took {deleted_s:.1f} s; a request after it got {late}")
+    _figure(
+        f"serve.delete with {n} requests in flight: codes {sorted(set(codes))} "
+        f"({codes.count(200)}/{n} 200), delete took {deleted_s:.1f} s; a request after it got {late}"
+    )
     assert codes == [200] * n
     assert late == 404
 
@@ -141,9 +159,13 @@ def test_request_over_its_timeout_gets_504_not_a_hang(server, smoke_run):
 
     # A lone request waits batch_wait_timeout_s (0.5 s) for company before decoding starts, so it
     # is always over a 0.05 s timeout.
-    serve.run(build_app({"run_dir": str(smoke_run.root), "num_cpus": 0.25, "request_timeout_s": 0.05,
-                         "batch_wait_timeout_s": 0.5}),
-              name="slow", route_prefix="/slow")
+    serve.run(
+        build_app(
+            {"run_dir": str(smoke_run.root), "num_cpus": 0.25, "request_timeout_s": 0.05, "batch_wait_timeout_s": 0.5}
+        ),
+        name="slow",
+        route_prefix="/slow",
+    )
     try:
         t0 = time.time()
         r = httpx.post(server + "/slow/v1/completions", json={"prompt": "hi", "max_tokens": 200}, timeout=60)
@@ -152,9 +174,10 @@ def test_request_over_its_timeout_gets_504_not_a_hang(server, smoke_run):
         assert r.status_code in (408, 504) and r.json()["error"]["code"] == "timeout"
         assert took < 10
         # a stream has sent its status line: it ends with an error event of the same shape, then [DONE]
-        events = httpx.post(server + "/slow/v1/completions", timeout=60,
-                            json={"prompt": "hi", "max_tokens": 200, "stream": True}).text.split("\n\n")
-        err = json.loads([e for e in events if '"error"' in e][0][len("data: "):])["error"]
+        events = httpx.post(
+            server + "/slow/v1/completions", timeout=60, json={"prompt": "hi", "max_tokens": 200, "stream": True}
+        ).text.split("\n\n")
+        err = json.loads([e for e in events if '"error"' in e][0][len("data: ") :])["error"]
         assert err["code"] == "timeout" and err["type"] == "server_error" and events[-2] == "data: [DONE]"
         assert httpx.get(server + "/slow/health", timeout=10).status_code == 200  # the replica lives
     finally:

@@ -19,11 +19,13 @@ from elrea_ray.pipeline import stage_keys
 
 
 def test_grid_points_and_trial_configs(tmp_path):
-    cfg = load_config(SMOKE, ["sweep.initial_clusters=[2,4]", "sweep.temperature=[0.5,1,2]",
-                              "sweep.top_k=[1,null]"])
+    cfg = load_config(SMOKE, ["sweep.initial_clusters=[2,4]", "sweep.temperature=[0.5,1,2]", "sweep.top_k=[1,null]"])
     points = sweep.grid_points(cfg)
-    assert len(points) == 12 and points[1] == {"clustering.initial_clusters": 2, "routing.temperature": 0.5,
-                                               "routing.top_k": None}
+    assert len(points) == 12 and points[1] == {
+        "clustering.initial_clusters": 2,
+        "routing.temperature": 0.5,
+        "routing.top_k": None,
+    }
     trial = sweep.with_params(cfg.to_dict(), points[-1])
     assert (trial.clustering.initial_clusters, trial.routing.temperature, trial.routing.top_k) == (4, 2.0, None)
 
@@ -32,8 +34,10 @@ def test_only_stage_1_2_settings_change_the_shared_upstream_key(tmp_path):
     cfg = load_config(SMOKE)
     base = cfg.to_dict()
     key = lambda p: stage_keys(sweep.with_params(base, p))  # noqa: E731
-    a, b = key({"routing.temperature": 0.5}), key({"routing.temperature": 2.0, "clustering.initial_clusters": 5,
-                                                   "experts.lr": 1e-4})
+    a, b = (
+        key({"routing.temperature": 0.5}),
+        key({"routing.temperature": 2.0, "clustering.initial_clusters": 5, "experts.lr": 1e-4}),
+    )
     assert a["gradients"] == b["gradients"] and a["experts"] != b["experts"]
     assert key({"train.lr": 1e-4})["gradients"] != a["gradients"]
 
@@ -111,8 +115,9 @@ def test_sweep_reuses_shared_stages_and_its_best_config_runs(smoke_run, tmp_path
     assert sorted(r["built"] for r in rows) == ["clusters,experts,validation", "validation"]
     assert all(r["upstream_dir"] == str(up) for r in rows)
     after = json.loads((up / "manifest.json").read_text())["stages"]
-    assert {s: after[s]["started"] for s in ("data", "base", "gradients")} == \
-           {s: before[s]["started"] for s in ("data", "base", "gradients")}
+    assert {s: after[s]["started"] for s in ("data", "base", "gradients")} == {
+        s: before[s]["started"] for s in ("data", "base", "gradients")
+    }
     for r in rows:
         assert 0.0 <= r["objective"] <= 1.0 and r["validation_n"] == 12  # 4 sources x 3 validation
         m = json.loads((Path(r["trial_dir"]) / "validation" / "metrics.json").read_text())
@@ -136,8 +141,9 @@ def test_sweep_reuses_shared_stages_and_its_best_config_runs(smoke_run, tmp_path
 
 
 def test_seed_from_run_fills_matching_levels_and_refuses_a_foreign_run(smoke_run, tmp_path):
-    cfg = load_config(SMOKE, [f"sweep.dir={tmp_path / 'sweep'}", "sweep.initial_clusters=[]",
-                              "sweep.temperature=[0.5,2.0]"])
+    cfg = load_config(
+        SMOKE, [f"sweep.dir={tmp_path / 'sweep'}", "sweep.initial_clusters=[]", "sweep.temperature=[0.5,2.0]"]
+    )
     keys = stage_keys(cfg)
     seeded = sweep.seed_from_run(cfg, smoke_run.root, log=lambda s: None)
     up, ex = RunDir.at(seeded[0]), RunDir.at(seeded[1])

@@ -7,14 +7,23 @@ import pytest
 
 from elrea_ray.tracking import Tracker
 
-LOG = {"name": "base", "steps_per_epoch": 3, "total_steps": 6,
-       "log": [{"loss": 2.0 - 0.25 * s, "step": s, "epoch": 1 + (s > 3), "lr": 1e-3 * (6 - s) / 6}
-               for s in range(1, 7)]}
+LOG = {
+    "name": "base",
+    "steps_per_epoch": 3,
+    "total_steps": 6,
+    "log": [{"loss": 2.0 - 0.25 * s, "step": s, "epoch": 1 + (s > 3), "lr": 1e-3 * (6 - s) / 6} for s in range(1, 7)],
+}
 # eval/metrics.json's shape
-METRICS = {"methods": {
-    "elrea": {"micro": {"acc": 0.4, "n": 20, "ci": [0.2, 0.6]}, "vs_base": {"diff": 0.05, "ci": [-0.1, 0.2]},
-              "per_source": {"sums": {"acc": 0.5, "n": 10}, "words": {"acc": 0.3, "n": 10}}},
-    "mq_base": {"micro": {"acc": 0.35, "n": 20, "ci": [0.15, 0.55]}}}}
+METRICS = {
+    "methods": {
+        "elrea": {
+            "micro": {"acc": 0.4, "n": 20, "ci": [0.2, 0.6]},
+            "vs_base": {"diff": 0.05, "ci": [-0.1, 0.2]},
+            "per_source": {"sums": {"acc": 0.5, "n": 10}, "words": {"acc": 0.3, "n": 10}},
+        },
+        "mq_base": {"micro": {"acc": 0.35, "n": 20, "ci": [0.15, 0.55]}},
+    }
+}
 
 
 @pytest.fixture()
@@ -39,8 +48,8 @@ def _scalars(folder) -> dict[str, list[tuple[int, float]]]:
     for f in sorted(folder.glob("events.out.tfevents.*")):
         data, i = f.read_bytes(), 0
         while i < len(data):
-            (n,) = struct.unpack("<Q", data[i:i + 8])
-            event = Event.FromString(data[i + 12:i + 12 + n])
+            (n,) = struct.unpack("<Q", data[i : i + 8])
+            event = Event.FromString(data[i + 12 : i + 12 + n])
             i += 12 + n + 4
             for v in event.summary.value:
                 if v.HasField("simple_value"):
@@ -79,8 +88,8 @@ def _wandb_records(folder) -> list[dict]:
             if left < 7:  # a block's tail too short for a chunk header is padding
                 i += left
                 continue
-            _, n, kind = struct.unpack("<IHB", data[i:i + 7])
-            pending += data[i + 7:i + 7 + n]
+            _, n, kind = struct.unpack("<IHB", data[i : i + 7])
+            pending += data[i + 7 : i + 7 + n]
             i += 7 + n
             if kind in (1, 4):
                 records.append(pb.Record.FromString(pending))
@@ -92,11 +101,13 @@ def _wandb_records(folder) -> list[dict]:
                 run.update(name=r.run.display_name, group=r.run.run_group)
                 run["config"].update({c.key: json.loads(c.value_json) for c in r.run.config.update})
             elif kind == "history":
-                run["history"].append({(i.key or "/".join(i.nested_key)): json.loads(i.value_json)
-                                       for i in r.history.item})
+                run["history"].append(
+                    {(i.key or "/".join(i.nested_key)): json.loads(i.value_json) for i in r.history.item}
+                )
             elif kind == "summary":
-                run["summary"].update({(i.key or "/".join(i.nested_key)): json.loads(i.value_json)
-                                       for i in r.summary.update})
+                run["summary"].update(
+                    {(i.key or "/".join(i.nested_key)): json.loads(i.value_json) for i in r.summary.update}
+                )
             elif kind == "artifact":
                 run["artifacts"].append((r.artifact.type, sorted(e.path for e in r.artifact.manifest.contents)))
         runs.append(run)
@@ -133,7 +144,8 @@ def test_mlflow_runs_read_back_with_losses_and_the_eval_table(run, tmp_path, mon
     t.log_training("base", {"train": {"lr": 1e-3, "epochs": 2}}, run / "adapters" / "base" / "train_log.json")
     # a second Tracker (a resumed driver) logs into the same parent run
     Tracker("mlflow", run, "run-a", uri=uri, project="elrea-test").log_eval(
-        run / "eval" / "metrics.json", [run / "eval" / "results.md"])
+        run / "eval" / "metrics.json", [run / "eval" / "results.md"]
+    )
     mlflow.set_tracking_uri(uri)
     runs = mlflow.search_runs(experiment_names=["elrea-test"])
     by_name = {r["tags.mlflow.runName"]: r for _, r in runs.iterrows()}
@@ -173,8 +185,9 @@ def test_a_run_with_mlflow_logs_every_adapter_and_the_eval_table(copy_of_smoke, 
     monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
     uri = (tmp_path / "mlruns").as_uri()
     # every stage is finished in the copy (tracking is in no stage key): the run only logs them
-    run_pipeline(smoke_config(copy_of_smoke, "tracking.backend=mlflow", f"tracking.uri={uri}",
-                              "tracking.project=elrea-smoke"))
+    run_pipeline(
+        smoke_config(copy_of_smoke, "tracking.backend=mlflow", f"tracking.uri={uri}", "tracking.project=elrea-smoke")
+    )
     mlflow.set_tracking_uri(uri)
     runs = mlflow.search_runs(experiment_names=["elrea-smoke"])
     names = set(runs["tags.mlflow.runName"])

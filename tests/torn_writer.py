@@ -29,10 +29,11 @@ def _gate(fn, torn=False):
                     f.write(data[: len(data) // 2])
             elif torn == "tree":  # shutil.rmtree(folder): delete only the last half of its files
                 files = sorted(p for p in Path(a[0]).rglob("*") if p.is_file())
-                for p in files[len(files) // 2:]:
+                for p in files[len(files) // 2 :]:
                     os.remove(p)
             os._exit(137)
         return fn(*a, **kw)
+
     return wrapped
 
 
@@ -52,6 +53,7 @@ def build(stage, key):
         for i in range(3):
             (out / f"part-{i}.txt").write_text(content(stage, key, i))
         return {"parts": 3}
+
     return f
 
 

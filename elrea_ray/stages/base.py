@@ -21,8 +21,9 @@ def check_lengths(cfg: Config, run: RunDir) -> dict:
 def job(ctx: StageContext) -> dict:
     """The base adapter's training job: the whole train split, every epoch saved."""
     cfg = ctx.cfg
-    return adapter_job(cfg, ctx.run, f"base-{ctx.keys['base']}", "base", cfg.run.seed, cfg.train, None, None,
-                       ctx.out, save_epochs=True)
+    return adapter_job(
+        cfg, ctx.run, f"base-{ctx.keys['base']}", "base", cfg.run.seed, cfg.train, None, None, ctx.out, save_epochs=True
+    )
 
 
 def run(ctx: StageContext) -> dict:

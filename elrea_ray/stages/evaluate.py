@@ -42,8 +42,9 @@ class EvalMapper:
     """Ray Data callable: the backbone with all C+1 adapters loaded once per actor; decodes every
     method for a batch of test prompts (ensembles as ONE batched forward with a KV cache)."""
 
-    def __init__(self, model_cfg: dict, adapters: dict[str, str], methods: list[str], max_new_tokens: int,
-                 use_gpu: bool):
+    def __init__(
+        self, model_cfg: dict, adapters: dict[str, str], methods: list[str], max_new_tokens: int, use_gpu: bool
+    ):
         import torch
 
         from elrea_ray.config import ModelConfig
@@ -68,8 +69,9 @@ class EvalMapper:
         prompts = [instruction_ids(self.tok, p, self.mc.max_length) for p in batch["prompt"]]
         eos, pad = stop_ids(self.tok), self.tok.pad_token_id
         out = {"example_id": batch["example_id"], "source": batch["source"]}
-        rows = [{"answer": a, "meta": m, "source": s} for a, m, s in
-                zip(batch["answer"], batch["meta"], batch["source"])]
+        rows = [
+            {"answer": a, "meta": m, "source": s} for a, m, s in zip(batch["answer"], batch["meta"], batch["source"])
+        ]
         # Every method but MoE merging decodes in ONE call over [backbone, adapters...]: the
         # methods share each (prompt, adapter) prefill (ensemble_generate_many).
         names = [BACKBONE, *self.names]
@@ -81,15 +83,23 @@ class EvalMapper:
             if method in ("backbone", "base"):
                 w[:, names.index(BACKBONE if method == "backbone" else "base")] = 1.0
             elif method.startswith(ALONE):  # one adapter alone (the specialisation table)
-                w[:, names.index(method[len(ALONE):])] = 1.0
+                w[:, names.index(method[len(ALONE) :])] = 1.0
             else:
                 w[:, 1:] = np.stack([np.asarray(x, dtype=np.float64) for x in batch[f"w_{method}"]])
             sets[method] = w
         gens = {}
         for cols, group in _share_groups(sets):  # methods over nested adapter sets decode together
-            gens.update(ensemble_generate_many(self.model, prompts, [names[a] for a in cols],
-                                               {m: sets[m][:, cols] for m in group},
-                                               self.max_new_tokens, eos, pad))
+            gens.update(
+                ensemble_generate_many(
+                    self.model,
+                    prompts,
+                    [names[a] for a in cols],
+                    {m: sets[m][:, cols] for m in group},
+                    self.max_new_tokens,
+                    eos,
+                    pad,
+                )
+            )
         for method in self.methods:
             if method == "moe_merge":
                 gen = self._merged_generate(prompts, batch["w_moe_merge"], eos, pad)
@@ -114,9 +124,13 @@ class EvalMapper:
         return gen
 
 
-def routing_weights(cfg: Config, run: RunDir, features: np.ndarray,
-                    methods: tuple[str, ...] = ("elrea", "uniform", "top1"),
-                    distilled: np.ndarray | None = None) -> dict[str, np.ndarray]:
+def routing_weights(
+    cfg: Config,
+    run: RunDir,
+    features: np.ndarray,
+    methods: tuple[str, ...] = ("elrea", "uniform", "top1"),
+    distilled: np.ndarray | None = None,
+) -> dict[str, np.ndarray]:
     """[N, 1 + C] weight matrices (column 0 = base adapter) for every weighted method asked for:
     elrea (routing.top_k as configured), uniform, top<k> (k capped at C: top-all is ELREA),
     moe_merge (the ELREA weights, merged into one adapter per prompt) and elrea_distilled (the
@@ -144,15 +158,24 @@ def routing_weights(cfg: Config, run: RunDir, features: np.ndarray,
         out["moe_merge"] = out["elrea"]
     if "elrea_distilled" in methods:
         if distilled is None or distilled.shape != (N, 1 + C):
-            raise ArtifactError(f"eval method elrea_distilled needs the router stage's weights of the {N} items "
-                                f"over 1 + {C} adapters, got {None if distilled is None else distilled.shape}")
+            raise ArtifactError(
+                f"eval method elrea_distilled needs the router stage's weights of the {N} items "
+                f"over 1 + {C} adapters, got {None if distilled is None else distilled.shape}"
+            )
         ek, bk = sparsify(distilled[:, 1:], distilled[:, 0], top_k=rc.top_k, min_weight=rc.min_weight)
         out["elrea_distilled"] = np.concatenate([bk[:, None], ek], axis=1)
     return out
 
 
-def decode_split(ec, model_cfg: dict, adapters: dict[str, str], rows: list[dict],
-                 weights: dict[str, np.ndarray], methods: list[str], done: Callable[[int], None] | None = None):
+def decode_split(
+    ec,
+    model_cfg: dict,
+    adapters: dict[str, str],
+    rows: list[dict],
+    weights: dict[str, np.ndarray],
+    methods: list[str],
+    done: Callable[[int], None] | None = None,
+):
     """Decode and score `methods` on data rows over an EvalMapper actor pool (evaluation on the
     test split, sweep trials on the validation split). weights: [len(rows), n] per weighted
     method over `adapters` in order (column 0 = base). Returns the predictions DataFrame in row
@@ -168,11 +191,20 @@ def decode_split(ec, model_cfg: dict, adapters: dict[str, str], rows: list[dict]
             item[f"w_{m}"] = w[i].tolist()
         items.append(item)
     preds = ray.data.from_items(items).map_batches(
-        EvalMapper, batch_size=ec.batch_size, batch_format="numpy",
-        fn_constructor_kwargs={"model_cfg": model_cfg, "adapters": adapters, "methods": methods,
-                               "max_new_tokens": ec.max_new_tokens, "use_gpu": ec.use_gpu},
-        compute=ray.data.ActorPoolStrategy(size=ec.num_actors), num_cpus=ec.cpus_per_actor,
-        num_gpus=1 if ec.use_gpu else 0)
+        EvalMapper,
+        batch_size=ec.batch_size,
+        batch_format="numpy",
+        fn_constructor_kwargs={
+            "model_cfg": model_cfg,
+            "adapters": adapters,
+            "methods": methods,
+            "max_new_tokens": ec.max_new_tokens,
+            "use_gpu": ec.use_gpu,
+        },
+        compute=ray.data.ActorPoolStrategy(size=ec.num_actors),
+        num_cpus=ec.cpus_per_actor,
+        num_gpus=1 if ec.use_gpu else 0,
+    )
     parts = []
     for part in preds.iter_batches(batch_size=None, batch_format="pandas"):  # one per output block
         parts.append(part)
@@ -182,8 +214,9 @@ def decode_split(ec, model_cfg: dict, adapters: dict[str, str], rows: list[dict]
     return preds.set_index("example_id").loc[[r["example_id"] for r in rows]].reset_index()
 
 
-def _weights(cfg: Config, run: RunDir, test: list[dict], adapters: dict[str, str]
-             ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+def _weights(
+    cfg: Config, run: RunDir, test: list[dict], adapters: dict[str, str]
+) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
     """(weights, wide): every weighted method's weights as routed ([N, 1 + C] over base and the
     experts; a trained baseline's over its own adapters), and the same over ALL adapters loaded
     (`adapters`, extended here with the trained baselines'; 0 = not run)."""
@@ -228,26 +261,35 @@ def _metrics(cfg: Config, run: RunDir, preds, weights: dict[str, np.ndarray], te
     from elrea_ray.stages import baselines
 
     ec = cfg.eval
-    table = accuracy_table(preds["source"].tolist(), {m: preds[f"score_{m}"].tolist() for m in ec.methods},
-                           resamples=ec.bootstrap, seed=cfg.run.seed)
+    table = accuracy_table(
+        preds["source"].tolist(),
+        {m: preds[f"score_{m}"].tolist() for m in ec.methods},
+        resamples=ec.bootstrap,
+        seed=cfg.run.seed,
+    )
     assignments = pq.read_table(run.clusters_file("assignments.parquet"))
-    majority = majority_source(np.asarray(assignments.column("cluster").to_pylist()),
-                               assignments.column("source").to_pylist())
+    majority = majority_source(
+        np.asarray(assignments.column("cluster").to_pylist()), assignments.column("source").to_pylist()
+    )
     routing = own_source_routing_rate(weights["elrea"][:, 1:], [r["source"] for r in test], majority)
     clusters = json.loads(run.clusters_file("report.json").read_text())
-    metrics = {"methods": table, "own_source_routing": routing,
-               "clusters": {k: clusters.get(k) for k in ("num_clusters", "sizes", "nmi", "ari", "purity")},
-               "cluster_majority_source": {str(k): v for k, v in majority.items()},
-               "mean_base_weight": float(weights["elrea"][:, 0].mean()),
-               "routing_spread": routing_spread(weights["elrea"])}
-    alone = {c[len("score_" + ALONE):]: preds[c].to_numpy() for c in preds.columns
-             if c.startswith("score_" + ALONE)}
+    metrics = {
+        "methods": table,
+        "own_source_routing": routing,
+        "clusters": {k: clusters.get(k) for k in ("num_clusters", "sizes", "nmi", "ari", "purity")},
+        "cluster_majority_source": {str(k): v for k, v in majority.items()},
+        "mean_base_weight": float(weights["elrea"][:, 0].mean()),
+        "routing_spread": routing_spread(weights["elrea"]),
+    }
+    alone = {c[len("score_" + ALONE) :]: preds[c].to_numpy() for c in preds.columns if c.startswith("score_" + ALONE)}
     if alone:
-        metrics["specialisation"] = specialisation_table(weights["elrea"][:, 1:].argmax(1), alone,
-                                                         preds["score_base"].to_numpy())
+        metrics["specialisation"] = specialisation_table(
+            weights["elrea"][:, 1:].argmax(1), alone, preds["score_base"].to_numpy()
+        )
     if "elrea" in ec.methods and "elrea_distilled" in ec.methods:  # the two routers, item by item
-        d, lo, hi = paired_bootstrap(preds["score_elrea_distilled"].to_numpy(), preds["score_elrea"].to_numpy(),
-                                     ec.bootstrap, cfg.run.seed)
+        d, lo, hi = paired_bootstrap(
+            preds["score_elrea_distilled"].to_numpy(), preds["score_elrea"].to_numpy(), ec.bootstrap, cfg.run.seed
+        )
         metrics["distilled_vs_elrea"] = {"diff": d, "ci": (lo, hi)}
     if baselines.trained_baselines(cfg):
         info = baselines.read_info(run)
@@ -275,8 +317,15 @@ def run(ctx: StageContext) -> dict:
     wanted = cfg.eval.specialisation and "base" in cfg.eval.methods
     alone = [ALONE + n for n in bundle["adapters"] if n != "base"] if wanted else []
     counter = ctx.progress.counter("eval", "items decoded")
-    preds = decode_split(cfg.eval, bundle["model"], adapters, test, wide, list(cfg.eval.methods) + alone,
-                         done=lambda n: counter.update(n, len(test)))
+    preds = decode_split(
+        cfg.eval,
+        bundle["model"],
+        adapters,
+        test,
+        wide,
+        list(cfg.eval.methods) + alone,
+        done=lambda n: counter.update(n, len(test)),
+    )
     pq.write_table(pa.Table.from_pandas(preds, preserve_index=False), out / "predictions.parquet")
     metrics = _metrics(cfg, run_dir, preds, weights, test)
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
@@ -284,5 +333,7 @@ def run(ctx: StageContext) -> dict:
     (out / "results.md").write_text("# ELREA evaluation (test split)\n\n" + md)
     write_report(run_dir, out)
     table = metrics["methods"]
-    return {"micro": {m: table[m]["micro"]["acc"] for m in table},
-            "own_source_routing": metrics["own_source_routing"]["rate"]}
+    return {
+        "micro": {m: table[m]["micro"]["acc"] for m in table},
+        "own_source_routing": metrics["own_source_routing"]["rate"],
+    }

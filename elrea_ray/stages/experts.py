@@ -19,9 +19,20 @@ def jobs(ctx: StageContext, assignments: list[dict]) -> list[dict]:
         if (folder / "adapter_config.json").exists():
             continue  # finished before an interruption
         members = [r["example_id"] for r in assignments if r["cluster"] == c]
-        out.append(adapter_job(cfg, run, f"expert-{ctx.keys['experts']}-{c:02d}", f"expert-{c:02d}",
-                               cfg.run.seed + 1 + c, tc, members, init, folder,
-                               gpus_per_worker=cfg.experts.gpus_per_worker))
+        out.append(
+            adapter_job(
+                cfg,
+                run,
+                f"expert-{ctx.keys['experts']}-{c:02d}",
+                f"expert-{c:02d}",
+                cfg.run.seed + 1 + c,
+                tc,
+                members,
+                init,
+                folder,
+                gpus_per_worker=cfg.experts.gpus_per_worker,
+            )
+        )
     return out
 
 
@@ -38,5 +49,4 @@ def run(ctx: StageContext) -> dict:
     with ctx.progress.training("experts", planned, "experts", runs_before=C - len(todo)) as tally:
         results = fit_many(todo, ctx.cfg.experts.max_concurrent, tally)
     ctx.run.sync_down(ctx.out)  # each expert's rank 0 wrote its adapter into the remote partial
-    return {"num_experts": C, "trained_now": len(todo),
-            "final_loss": [r.get("final_loss") for r in results]}
+    return {"num_experts": C, "trained_now": len(todo), "final_loss": [r.get("final_loss") for r in results]}

@@ -37,8 +37,9 @@ def epoch_weights(cfg: Config, run: RunDir) -> list[float]:
             return [1.0] * cfg.train.epochs
         return [load_adam_state(run.base_epoch(e)).mean_lr for e in range(1, cfg.train.epochs + 1)]
     if len(g.epoch_weights) != cfg.train.epochs:
-        raise ValueError(f"gradients.epoch_weights has {len(g.epoch_weights)} values but train.epochs "
-                         f"is {cfg.train.epochs}")
+        raise ValueError(
+            f"gradients.epoch_weights has {len(g.epoch_weights)} values but train.epochs is {cfg.train.epochs}"
+        )
     return list(g.epoch_weights)
 
 
@@ -75,9 +76,19 @@ def shard_rows(d_proj: int, block_rows: int) -> int:
 class FeatureMapper:
     """Ray Data callable: one model copy per actor; prompt rows in, unit-norm features out."""
 
-    def __init__(self, model_cfg: dict, checkpoints: list[str], weights: list[float], kind: str,
-                 d_proj: int, seed: int, batch_size: int, use_gpu: bool, threads: int | None = None,
-                 tally=None):
+    def __init__(
+        self,
+        model_cfg: dict,
+        checkpoints: list[str],
+        weights: list[float],
+        kind: str,
+        d_proj: int,
+        seed: int,
+        batch_size: int,
+        use_gpu: bool,
+        threads: int | None = None,
+        tally=None,
+    ):
         import torch
 
         if threads:
@@ -92,8 +103,9 @@ class FeatureMapper:
         self.tok = load_tokenizer(self.mc)
         device = "cuda" if use_gpu and torch.cuda.is_available() else "cpu"
         checkpoints = [str(localize(c)) for c in checkpoints]
-        self.fx = FeatureExtractor(self.mc, checkpoints, weights, kind, d_proj, seed, device=device,
-                                   batch_size=batch_size)
+        self.fx = FeatureExtractor(
+            self.mc, checkpoints, weights, kind, d_proj, seed, device=device, batch_size=batch_size
+        )
         self.calls = 0
         self.tally = tally  # the driver's progress counter (elrea_ray.progress.Progress.counting)
 
@@ -110,9 +122,13 @@ class FeatureMapper:
         if self.calls % TRIM_EVERY == 0:
             release_freed_memory()
         tell(self.tally, "add", "done", len(ids), wait=True)  # a round trip per batch: nothing next to a backward
-        return pa.table({
-            "example_id": batch.column("example_id"), "source": batch.column("source"),
-            "feature": pa.FixedSizeListArray.from_arrays(pa.array(feats.reshape(-1)), d)})
+        return pa.table(
+            {
+                "example_id": batch.column("example_id"),
+                "source": batch.column("source"),
+                "feature": pa.FixedSizeListArray.from_arrays(pa.array(feats.reshape(-1)), d),
+            }
+        )
 
 
 def _reproducibility(cfg: Config) -> dict:
@@ -120,9 +136,13 @@ def _reproducibility(cfg: Config) -> dict:
     are reduced in a different order otherwise); the manifest records both."""
     g = cfg.gradients
     map_batch = g.batch_size * 4
-    return {"batch_size": g.batch_size, "map_batch_size": map_batch,
-            "block_rows": map_batch * BATCHES_PER_BLOCK, "torch_threads": max(1, int(g.cpus_per_actor)),
-            "use_gpu": g.use_gpu}
+    return {
+        "batch_size": g.batch_size,
+        "map_batch_size": map_batch,
+        "block_rows": map_batch * BATCHES_PER_BLOCK,
+        "torch_threads": max(1, int(g.cpus_per_actor)),
+        "use_gpu": g.use_gpu,
+    }
 
 
 def _feature_dataset(ctx: StageContext, split: str, weights: list[float], rep: dict, tally=None):
@@ -144,13 +164,25 @@ def _feature_dataset(ctx: StageContext, split: str, weights: list[float], rep: d
     ds = ds.repartition(target_num_rows_per_block=rep["block_rows"], strict=True)
     ckpts = [run.ref(run.base_epoch(e)) for e in range(1, cfg.train.epochs + 1)]
     return ds.map_batches(
-        FeatureMapper, batch_format="pyarrow", batch_size=rep["map_batch_size"],
-        fn_constructor_kwargs={"model_cfg": plain(cfg.model), "checkpoints": ckpts,
-                               "weights": weights, "kind": g.projector, "d_proj": g.d_proj,
-                               "seed": g.projector_seed, "batch_size": g.batch_size,
-                               "use_gpu": g.use_gpu, "threads": rep["torch_threads"], "tally": tally},
+        FeatureMapper,
+        batch_format="pyarrow",
+        batch_size=rep["map_batch_size"],
+        fn_constructor_kwargs={
+            "model_cfg": plain(cfg.model),
+            "checkpoints": ckpts,
+            "weights": weights,
+            "kind": g.projector,
+            "d_proj": g.d_proj,
+            "seed": g.projector_seed,
+            "batch_size": g.batch_size,
+            "use_gpu": g.use_gpu,
+            "threads": rep["torch_threads"],
+            "tally": tally,
+        },
         compute=ray.data.ActorPoolStrategy(size=g.num_actors),
-        num_cpus=g.cpus_per_actor, num_gpus=1 if g.use_gpu else 0)
+        num_cpus=g.cpus_per_actor,
+        num_gpus=1 if g.use_gpu else 0,
+    )
 
 
 def _write_split(ctx: StageContext, feats, split: str, block_rows: int) -> None:
@@ -180,13 +212,17 @@ def run(ctx: StageContext) -> dict:
 
     weights = epoch_weights(ctx.cfg, ctx.run)
     rep = _reproducibility(ctx.cfg)
-    info = {"epoch_weights": weights, "rows": {s: pq.read_metadata(ctx.run.data_file(s)).num_rows for s in SPLITS},
-            "reproducibility": rep}
+    info = {
+        "epoch_weights": weights,
+        "rows": {s: pq.read_metadata(ctx.run.data_file(s)).num_rows for s in SPLITS},
+        "reproducibility": rep,
+    }
     # Splits with no rows, or written in full before an interruption, have nothing to do.
     todo = [s for s in SPLITS if info["rows"][s] and not (ctx.out / s).exists()]
     total = sum(info["rows"].values())
-    with ctx.progress.counting("gradients", "examples featurised", total,
-                               start=total - sum(info["rows"][s] for s in todo)) as tally:
+    with ctx.progress.counting(
+        "gradients", "examples featurised", total, start=total - sum(info["rows"][s] for s in todo)
+    ) as tally:
         for split in todo:
             _write_split(ctx, _feature_dataset(ctx, split, weights, rep, tally), split, rep["block_rows"])
     return info
@@ -209,8 +245,10 @@ def read_features(folder: Path, order: list[str] | None = None) -> tuple[list[st
     at = {e: i for i, e in enumerate(ids)}
     missing = [e for e in order if e not in at]
     if missing or len(at) != len(ids) or len(ids) != len(order):
-        raise ArtifactError(f"gradient features {folder} do not match the data: {len(ids)} rows "
-                            f"({len(ids) - len(at)} duplicated ids) for {len(order)} examples"
-                            + (f"; missing e.g. {missing[0]}" if missing else ""))
+        raise ArtifactError(
+            f"gradient features {folder} do not match the data: {len(ids)} rows "
+            f"({len(ids) - len(at)} duplicated ids) for {len(order)} examples"
+            + (f"; missing e.g. {missing[0]}" if missing else "")
+        )
     rows = [at[e] for e in order]
     return list(order), [sources[i] for i in rows], X[rows]

@@ -55,8 +55,10 @@ def gradient_weights(folder: Path, ids: list[str], centroids: np.ndarray, temper
     for batch_ids, _, X in feature_batches(folder):
         pos = [at.get(e, -1) for e in batch_ids]
         if min(pos) < 0:
-            raise ArtifactError(f"gradient features {folder} do not match the data: example id "
-                                f"{batch_ids[pos.index(-1)]!r} is not in the data file")
+            raise ArtifactError(
+                f"gradient features {folder} do not match the data: example id "
+                f"{batch_ids[pos.index(-1)]!r} is not in the data file"
+            )
         out[pos, 1:], out[pos, 0] = route(X, centroids, temperature=temperature)
     if np.isnan(out).any():
         missing = ids[int(np.argmax(np.isnan(out).any(1)))]
@@ -71,8 +73,17 @@ def _gradient_seconds(model, cfg: dict, ids: list[list[int]], centroids: np.ndar
     from elrea_ray.routing import route
 
     g = cfg["gradients"]
-    fx = FeatureExtractor(ModelConfig(**cfg["model"]), cfg["checkpoints"], cfg["epoch_weights"], g["projector"],
-                          g["d_proj"], g["projector_seed"], device=device, batch_size=g["batch_size"], model=model)
+    fx = FeatureExtractor(
+        ModelConfig(**cfg["model"]),
+        cfg["checkpoints"],
+        cfg["epoch_weights"],
+        g["projector"],
+        g["d_proj"],
+        g["projector_seed"],
+        device=device,
+        batch_size=g["batch_size"],
+        model=model,
+    )
     fx.features(ids[:1])  # warm-up, as the hidden states' pass is warmed up by the training prompts
     t0 = time.perf_counter()
     route(fx.features(ids), centroids, temperature=cfg["temperature"])
@@ -100,24 +111,42 @@ def distill(cfg: dict, prompts: dict[str, list[str]], targets: np.ndarray, centr
     ids = {s: [instruction_ids(tok, p, mc.max_length) for p in ps] for s, ps in prompts.items()}
     batch = cfg["gradients"]["batch_size"]
     h_train = pooled_hidden_states(model, ids["train"], tok.pad_token_id, batch)
-    router = fit_router(h_train, targets[:, 1:], targets[:, 0], hidden=cfg["hidden"], epochs=cfg["epochs"],
-                        seed=cfg["seed"])
+    router = fit_router(
+        h_train, targets[:, 1:], targets[:, 0], hidden=cfg["hidden"], epochs=cfg["epochs"], seed=cfg["seed"]
+    )
     t0 = time.perf_counter()
-    predicted = {"train": router.predict(h_train),
-                 "test": router.predict(pooled_hidden_states(model, ids["test"], tok.pad_token_id, batch))}
+    predicted = {
+        "train": router.predict(h_train),
+        "test": router.predict(pooled_hidden_states(model, ids["test"], tok.pad_token_id, batch)),
+    }
     distilled_s = (time.perf_counter() - t0) / max(1, len(ids["test"]))
-    gradient_s = _gradient_seconds(model, {**cfg, "checkpoints": [str(localize(c)) for c in cfg["checkpoints"]]},
-                                   ids["test"][:COST_ROWS], centroids, device) if ids["test"] else float("nan")
-    return {"router": router, "seconds_per_prompt": {"gradient": gradient_s, "distilled": distilled_s},
-            **{s: np.concatenate([b[:, None], e], axis=1) for s, (e, b) in predicted.items()}}
+    gradient_s = (
+        _gradient_seconds(
+            model,
+            {**cfg, "checkpoints": [str(localize(c)) for c in cfg["checkpoints"]]},
+            ids["test"][:COST_ROWS],
+            centroids,
+            device,
+        )
+        if ids["test"]
+        else float("nan")
+    )
+    return {
+        "router": router,
+        "seconds_per_prompt": {"gradient": gradient_s, "distilled": distilled_s},
+        **{s: np.concatenate([b[:, None], e], axis=1) for s, (e, b) in predicted.items()},
+    }
 
 
 def agreement(gradient: np.ndarray, distilled: np.ndarray) -> dict:
     """How closely the distilled weights follow the gradient ones ([N, 1 + C] each, column 0 = base)."""
     from elrea_ray.distill import top1_agreement
 
-    return {"n": len(gradient), "top1_agreement": top1_agreement(gradient[:, 1:], distilled[:, 1:]),
-            "mean_abs_base_diff": float(np.abs(gradient[:, 0] - distilled[:, 0]).mean())}
+    return {
+        "n": len(gradient),
+        "top1_agreement": top1_agreement(gradient[:, 1:], distilled[:, 1:]),
+        "mean_abs_base_diff": float(np.abs(gradient[:, 0] - distilled[:, 0]).mean()),
+    }
 
 
 def run(ctx: StageContext) -> dict:
@@ -131,24 +160,42 @@ def run(ctx: StageContext) -> dict:
 
     cfg, run_dir, out = ctx.cfg, ctx.run, ctx.out
     rc, g = cfg.routing, cfg.gradients
-    rows = {s: pq.read_table(run_dir.data_file(s), columns=["example_id", "source", "prompt"]).to_pylist()
-            for s in ("train", "test")}
+    rows = {
+        s: pq.read_table(run_dir.data_file(s), columns=["example_id", "source", "prompt"]).to_pylist()
+        for s in ("train", "test")
+    }
     centroids = load_file(str(run_dir.clusters_file("centroids.safetensors")))["centroids"]
-    target = {s: gradient_weights(run_dir.gradient_dir(s), [r["example_id"] for r in rows[s]], centroids,
-                                  rc.temperature) for s in rows}
-    job = {"model": plain(cfg.model), "adapter": run_dir.ref(run_dir.base_epoch(cfg.train.epochs)),
-           "checkpoints": [run_dir.ref(run_dir.base_epoch(e)) for e in range(1, cfg.train.epochs + 1)],
-           "epoch_weights": epoch_weights(cfg, run_dir), "gradients": plain(g), "temperature": rc.temperature,
-           "hidden": rc.distill_hidden, "epochs": rc.distill_epochs, "seed": cfg.run.seed,
-           "use_gpu": g.use_gpu, "threads": max(1, int(g.cpus_per_actor))}
+    target = {
+        s: gradient_weights(run_dir.gradient_dir(s), [r["example_id"] for r in rows[s]], centroids, rc.temperature)
+        for s in rows
+    }
+    job = {
+        "model": plain(cfg.model),
+        "adapter": run_dir.ref(run_dir.base_epoch(cfg.train.epochs)),
+        "checkpoints": [run_dir.ref(run_dir.base_epoch(e)) for e in range(1, cfg.train.epochs + 1)],
+        "epoch_weights": epoch_weights(cfg, run_dir),
+        "gradients": plain(g),
+        "temperature": rc.temperature,
+        "hidden": rc.distill_hidden,
+        "epochs": rc.distill_epochs,
+        "seed": cfg.run.seed,
+        "use_gpu": g.use_gpu,
+        "threads": max(1, int(g.cpus_per_actor)),
+    }
     # Where the gradient features ran: the same model, device and resources (checked before stage 0).
     task = ray.remote(num_cpus=g.cpus_per_actor, num_gpus=1 if g.use_gpu else 0)(distill)
     got = ray.get(task.remote(job, {s: [r["prompt"] for r in rows[s]] for s in rows}, target["train"], centroids))
     got["router"].save(out)
     write_weights(out / "weights.parquet", rows["test"], {"gradient": target["test"], "distilled": got["test"]})
-    report = {"num_experts": int(len(centroids)), "hidden": rc.distill_hidden, "epochs": rc.distill_epochs,
-              "goal_top1_agreement": GOAL_AGREEMENT, "train": agreement(target["train"], got["train"]),
-              "test": agreement(target["test"], got["test"]), "seconds_per_prompt": got["seconds_per_prompt"],
-              "cost_rows": {"gradient": min(COST_ROWS, len(rows["test"])), "distilled": len(rows["test"])}}
+    report = {
+        "num_experts": int(len(centroids)),
+        "hidden": rc.distill_hidden,
+        "epochs": rc.distill_epochs,
+        "goal_top1_agreement": GOAL_AGREEMENT,
+        "train": agreement(target["train"], got["train"]),
+        "test": agreement(target["test"], got["test"]),
+        "seconds_per_prompt": got["seconds_per_prompt"],
+        "cost_rows": {"gradient": min(COST_ROWS, len(rows["test"])), "distilled": len(rows["test"])},
+    }
     (out / "router_eval.json").write_text(json.dumps(report, indent=2))
     return {s: report[s]["top1_agreement"] for s in ("train", "test")}
