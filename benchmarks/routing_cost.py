@@ -43,24 +43,17 @@ from torch.profiler import record_function
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.prompts import QUESTIONS  # noqa: E402
 from elrea_ray.checkpoints import parameter_layout, save_epoch_checkpoint  # noqa: E402
 from elrea_ray.config import ModelConfig, RoutingConfig  # noqa: E402
 from elrea_ray.model import load_tokenizer, lora_parameters, new_lora_model  # noqa: E402
 
 PARTS = ("forward", "backward", "outer", "precondition", "project", "swap")
 
-# Prompts in the style of the default data's families (46-58 tokens with the chat template) and
-# of the longer ones (word_sorting ~120, number_sorting ~220), so a batch mixes lengths as
-# served traffic does.
-SHORT = [
-    "What is {a} + {b} - 7? Answer with the number only.",
-    "Solve the following multiplication: {a} * {b}. Give only the result.",
-    "Spell this word backward (example: sun -> nus): garden{a}",
-    'How many times does the letter "r" appear in the text: "berry {a} farmers rarely rest"?',
-]
-
 
 def make_prompts(n: int, seed: int) -> list[list[dict]]:
+    """One in four is a long sorting prompt (~120-220 tokens), the others the default families'
+    (benchmarks/prompts.py), so a batch mixes lengths as served traffic does."""
     rng = random.Random(seed)
     out = []
     for i in range(n):
@@ -69,7 +62,7 @@ def make_prompts(n: int, seed: int) -> list[list[dict]]:
             nums = ", ".join(str(rng.randint(-999, 999)) for _ in range(k))
             text = f"Sort these numbers in ascending order and list them separated by commas: {nums}"
         else:
-            text = SHORT[i % len(SHORT)].format(a=rng.randint(10, 999), b=rng.randint(2, 99))
+            text = QUESTIONS[i % len(QUESTIONS)].format(a=rng.randint(10, 999), b=rng.randint(2, 99))
         out.append([{"role": "user", "content": text}])
     return out
 

@@ -1,6 +1,8 @@
 """Load on the Ray Serve app: requests/s, p50/p99 latency and time to first token at 1, 8 and
-32 concurrent clients, for the routed ensemble and for the same app serving the base adapter
-alone ("adapter": "base"), in one run, against one replica on a local Ray.
+32 concurrent clients, in one run on one bundle and a private local Ray, for three contenders:
+the gradient-routed ensemble, the same app serving the base adapter alone ("adapter": "base"),
+and, when the run trained a distilled router, a second app on the bundle with
+`routing_method: distilled` (its own replica; only one contender is loaded at a time).
 
     python benchmarks/serve_load.py --run-dir runs/default          # a finished pipeline run
     python benchmarks/serve_load.py --run-dir runs/smoke --workload short
@@ -11,13 +13,14 @@ contender decodes 64 tokens and decoding dominates, as in chat use). Every reque
 streaming chat completion over real HTTP with its own prompt; latency is measured at the client
 from send to the last event, time to first token to the first content event. After each level
 the server's own split of its time (routing, the rest of admission, decoding steps) is printed.
-Lines such as `ensemble vs base short c=8: 2.10x` give the ensemble's mean latency over the base
-adapter's (time ratio), for scripts to read.
+Lines such as `ensemble vs base short c=8: 2.10x` (and `distilled vs base ...`) give a routed
+contender's mean latency over the base adapter's (time ratio), for scripts to read.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import socket
 import statistics
@@ -29,12 +32,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-QUESTIONS = [
-    "What is {a} + {b} - 7? Answer with the number only.",
-    "Solve the following multiplication: {a} * {b}. Give only the result.",
-    "Spell this word backward (example: sun -> nus): garden{a}",
-    'How many times does the letter "r" appear in the text: "berry {a} farmers rarely rest"?',
-]
+from benchmarks.prompts import QUESTIONS  # noqa: E402
 
 
 def free_port() -> int:
@@ -52,8 +50,6 @@ WORKLOADS = {"short": {"max_tokens": 16}, "long": {"max_tokens": 64, "ignore_eos
 
 
 def load(url: str, concurrency: int, n: int, extra: dict, adapter: str | None) -> dict:
-    import json
-
     import httpx
 
     def one(i: int) -> tuple[int, float, float]:
@@ -118,46 +114,56 @@ def main() -> None:
 
     from serve_apps.elrea_app import build_app
 
-    ray.init(num_cpus=args.num_cpus, log_to_driver=False)
+    ray.init(address="local", num_cpus=args.num_cpus, log_to_driver=False)
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
-    serve.run(
-        build_app(
-            {
-                "run_dir": str(Path(args.run_dir).resolve()),
-                "num_cpus": 1,
-                "num_gpus": 1 if args.device == "cuda" else 0,
-                "max_batch_size": args.max_batch_size,
-                "max_inflight": 64,
-                "max_ongoing_requests": 64,
-                "request_timeout_s": 600,
-            }
-        ),
-        name="elrea",
-        route_prefix="/",
-    )
+    run_dir = Path(args.run_dir).resolve()
     url = f"http://127.0.0.1:{port}"
-    stats = lambda: httpx.get(url + "/v1/stats").json()  # noqa: E731
-    load(url, 1, 2, WORKLOADS["short"], None)  # warm-up (first-call allocations, routing model)
-    print(f"run {args.run_dir}, max batch {args.max_batch_size}, one replica, {args.num_cpus} CPUs")
+    # Contender -> (app URL, adapter field). The distilled router is a second app on the same
+    # bundle (its own replica and engine), when the run trained one.
+    apps = {"elrea": ("/", None)}
+    if "router" in json.loads((run_dir / "bundle.json").read_text()):
+        apps["elrea-distilled"] = ("/distilled", "distilled")
+    for name, (prefix, method) in apps.items():
+        app_args = {
+            "run_dir": str(run_dir),
+            "num_cpus": 1,
+            "num_gpus": 1 if args.device == "cuda" else 0,
+            "max_batch_size": args.max_batch_size,
+            "max_inflight": 64,
+            "max_ongoing_requests": 64,
+            "request_timeout_s": 600,
+            "routing_method": method,
+        }
+        serve.run(build_app(app_args), name=name, route_prefix=prefix)
+    contenders = {"ensemble": (url, None), "base": (url, "base")}
+    if "elrea-distilled" in apps:
+        contenders["distilled"] = (url + "/distilled", None)
+    else:
+        print("no distilled router in this run (routing.method=distilled trains one); its contender is left out")
+    for c_url, _ in contenders.values():
+        load(c_url, 1, 2, WORKLOADS["short"], None)  # warm-up (first-call allocations, routing model)
+    print(f"run {args.run_dir}, max batch {args.max_batch_size}, one replica per app, {args.num_cpus} CPUs")
     workloads = ["short", "long"] if args.workload == "both" else [args.workload]
     figures: dict[tuple[str, str, int], dict] = {}
     for w in workloads:
         for c in args.concurrency:
             n = args.requests or max(8, 2 * c)
-            for mode, adapter in (("ensemble", None), ("base", "base")):
-                before = stats()
-                f = figures[w, mode, c] = load(url, c, n, WORKLOADS[w], adapter)
+            for mode, (c_url, adapter) in contenders.items():
+                before = httpx.get(c_url + "/v1/stats").json()
+                f = figures[w, mode, c] = load(c_url, c, n, WORKLOADS[w], adapter)
                 print(
                     f"{mode} {w} c={c}: {f['rps']:.2f} req/s, p50 {f['p50']:.2f} s, p99 {f['p99']:.2f} s, "
                     f"first token p50 {f['ttft_p50']:.2f} s ({f['ok']}/{f['n']} ok); server: "
-                    f"{_split(before, stats())}"
+                    f"{_split(before, httpx.get(c_url + '/v1/stats').json())}"
                 )
-            ratio = figures[w, "ensemble", c]["mean"] / figures[w, "base", c]["mean"]
-            print(f"ensemble vs base {w} c={c}: {ratio:.2f}x")
-    s = stats()
+            for mode in contenders:
+                if mode != "base":
+                    ratio = figures[w, mode, c]["mean"] / figures[w, "base", c]["mean"]
+                    print(f"{mode} vs base {w} c={c}: {ratio:.2f}x")
+    s = httpx.get(url + "/v1/stats").json()
     print(
-        f"server: {s['requests_admitted']} requests, {s['steps']} decoding steps, "
+        f"server (elrea app): {s['requests_admitted']} requests, {s['steps']} decoding steps, "
         f"{s['tokens_generated']} tokens, largest running batch {s['max_running_seen']}"
     )
     serve.shutdown()

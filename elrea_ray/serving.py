@@ -17,10 +17,15 @@ if TYPE_CHECKING:
     from elrea_ray.decoding import Handle
 
 
+ROUTING_METHODS = ("gradient", "distilled")
+
+
 class Engine:
     """One backbone with the C+1 adapters, the gradient-feature extractor and the centroids."""
 
-    def __init__(self, run_dir: str | Path, device: str = "cpu"):
+    def __init__(self, run_dir: str | Path, device: str = "cpu", routing_method: str | None = None):
+        """routing_method: gradient or distilled, overriding the bundle's routing.method (a
+        distilled router must be in the bundle); None: the bundle's."""
         from safetensors.numpy import load_file
 
         from elrea_ray.config import ModelConfig
@@ -54,7 +59,16 @@ class Engine:
                 "epoch checkpoints' LoRA parameters; the bundle and adapters are out of step"
             )
         self.centroids = load_file(str(self.root / b["centroids"]))["centroids"]
-        self.routing = b["routing"]
+        self.routing = dict(b["routing"])
+        if routing_method is not None:
+            if routing_method not in ROUTING_METHODS:
+                raise BundleError(f"routing_method must be one of {', '.join(ROUTING_METHODS)}, got {routing_method!r}")
+            if routing_method == "distilled" and "router" not in b:
+                raise BundleError(
+                    f"bundle {self.root / 'bundle.json'}: routing_method=distilled, but the run trained no "
+                    "distilled router (rerun jobs/full_pipeline.py with routing.method=distilled)"
+                )
+            self.routing["method"] = routing_method
         self.router = None  # routing.method=distilled: the head on the prompt's pooled hidden state
         if self.routing.get("method", "gradient") == "distilled":
             from elrea_ray.distill import DistilledRouter

@@ -26,6 +26,7 @@ import os
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Literal
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -78,6 +79,9 @@ class AppArgs(BaseModel):
     # requests arriving together share it (and their common prompt prefix); 0: start at once.
     batch_wait_timeout_s: float = 0.02
     request_timeout_s: float = 120.0  # beyond: 504
+    # gradient | distilled: overrides the bundle's routing.method (distilled needs the run's
+    # distilled router); None: the bundle's. Two apps on one bundle can serve both routers.
+    routing_method: Literal["gradient", "distilled"] | None = None
 
     @model_validator(mode="before")
     @classmethod
@@ -212,7 +216,11 @@ class ELREAServer:
 
         self.args = AppArgs(**args)
         self.api_key = api_key(self.args)
-        self.engine = Engine(self.args.run_dir, device="cuda" if self.args.num_gpus > 0 else "cpu")
+        self.engine = Engine(
+            self.args.run_dir,
+            device="cuda" if self.args.num_gpus > 0 else "cpu",
+            routing_method=self.args.routing_method,
+        )
         self.engine.loop.max_batch_size = self.args.max_batch_size
         self.engine.loop.admission_wait_s = self.args.batch_wait_timeout_s
         self.engine.loop.start()

@@ -287,6 +287,7 @@ def test_distilled_router_trains_evaluates_reports_and_serves(copy_of_smoke):
     import numpy as np
 
     from elrea_ray.artifacts import RunDir
+    from elrea_ray.bundle import BundleError
     from elrea_ray.data import instruction_ids
     from elrea_ray.decoding import GenRequest
     from elrea_ray.distill import DistilledRouter, pooled_hidden_states
@@ -348,6 +349,12 @@ def test_distilled_router_trains_evaluates_reports_and_serves(copy_of_smoke):
     forced = engine._weights([GenRequest(prompt_ids=ids[0], adapter="expert-00"), GenRequest(prompt_ids=ids[0])])
     assert forced[0].tolist() == [0.0, 1.0] + [0.0] * (forced.shape[1] - 2)  # a forced adapter, as before
     np.testing.assert_allclose(forced[1], served[0], atol=1e-5)  # alone vs in a batch: to rounding
+    # the app's routing_method overrides the bundle's: gradient routing on the same bundle
+    by_gradient = Engine(RunDir.at(copy_of_smoke).root, routing_method="gradient")
+    assert by_gradient.router is None
+    np.testing.assert_allclose(by_gradient.route(ids, [None] * len(ids)), stage_w["gradient"], atol=1e-5)
+    with pytest.raises(BundleError, match="routing_method must be one of gradient, distilled, got 'knn'"):
+        Engine(RunDir.at(copy_of_smoke).root, routing_method="knn")
 
     from elrea_ray.export import export_run
 
