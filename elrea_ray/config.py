@@ -198,6 +198,13 @@ class DataConfig(Section):
     tasks: tuple[str, ...] = ()
     shots: int = 0  # few-shot examples (from the training rows) before each query, as BIG-bench's n-shot
     bigbench_archive: str = ""  # a local bigbench-1.0.0.tar.gz to read instead of fetching it
+    # Few-shot evaluation prompts (the paper: BBH 3-shot, MMLU 5-shot): {key: k}, a validation or
+    # test row whose source (or else whose benchmark, e.g. bbh, mmlu) is a key, or any row when the
+    # key is "*", is preceded by k solved examples of its own source as earlier chat turns. The
+    # examples come from shot_files (read with data.format; e.g. MMLU's dev split or BBH's
+    # prompts) when given, else from the training rows. Training rows stay zero-shot.
+    eval_shots: dict[str, int] = field(default_factory=dict)
+    shot_files: tuple[str, ...] = ()
 
     def validate(self, p: str) -> None:
         _check(
@@ -218,6 +225,14 @@ class DataConfig(Section):
             for n in ("train_per_source", "validation_per_source", "test_per_source"):
                 _check(getattr(self, n) >= 1, f"{p}.{n}", ">= 1", getattr(self, n))
         _check(0 <= self.shots <= 5, f"{p}.shots", "an integer in [0, 5]", self.shots)
+        for key, k in self.eval_shots.items():
+            _check(0 <= k <= 10, f"{p}.eval_shots[{key}]", "an integer in [0, 10]", k)
+        _check(
+            not self.shot_files or self.kind == "files",
+            f"{p}.shot_files",
+            "empty unless data.kind is files",
+            list(self.shot_files),
+        )
         if self.kind == "bigbench":
             _check(len(self.tasks) >= 1, f"{p}.tasks", "a non-empty list of BIG-bench task names", self.tasks)
             for t in self.tasks:

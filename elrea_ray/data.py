@@ -713,11 +713,64 @@ def build_splits_with_report(cfg: DataConfig, seed: int) -> tuple[dict[str, list
         raise DataError(f"unknown data kind {cfg.kind!r}; use reasoning_gym, files or bigbench")
     if not splits["train"]:
         raise DataError("the training split is empty (every row was skipped or no file had rows)")
+    if cfg.eval_shots:
+        pool = splits["train"]
+        if cfg.shot_files:
+            pool = [r for f in cfg.shot_files for r in read_rows(f, "train", cfg.format, "error", None)[0]]
+        splits = with_eval_shots(splits, cfg.eval_shots, pool, seed)
+        report["eval_shots"] = dict(cfg.eval_shots)
     ids = [r["example_id"] for s in SPLITS for r in splits[s]]
     if len(set(ids)) != len(ids):
         raise DataError("example ids are not unique across the splits; give the files distinct names")
     report["rows"] = {s: _count_by_source(splits[s]) for s in SPLITS}
     return splits, report
+
+
+def _shots_for(row: dict, eval_shots: dict[str, int]) -> int:
+    """How many solved examples precede `row`: by its source, else its benchmark, else "*"."""
+    if row["source"] in eval_shots:
+        return eval_shots[row["source"]]
+    benchmark = json.loads(row["meta"] or "{}").get("benchmark")
+    return eval_shots.get(benchmark, eval_shots.get("*", 0))
+
+
+def with_eval_shots(
+    splits: dict[str, list[dict]], eval_shots: dict[str, int], pool: list[dict], seed: int
+) -> dict[str, list[dict]]:
+    """The splits with few-shot validation and test prompts: each row gets `_shots_for` solved
+    examples of its own source from `pool` as earlier (user, assistant) turns after any system
+    message, as a chat model is few-shot prompted. A row's examples are drawn by a generator
+    seeded with the run seed and its id, so they do not depend on the other rows; their ids go
+    to its meta ("shots"). Training rows are unchanged."""
+    by_source: dict[str, list[dict]] = {}
+    for r in pool:
+        by_source.setdefault(r["source"], []).append(r)
+    out = {"train": splits["train"]}
+    for split in ("validation", "test"):
+        out[split] = []
+        for row in splits[split]:
+            k = _shots_for(row, eval_shots)
+            if not k:
+                out[split].append(row)
+                continue
+            candidates = [r for r in by_source.get(row["source"], []) if r["example_id"] != row["example_id"]]
+            if len(candidates) < k:
+                raise DataError(
+                    f"data.eval_shots: {split} row {row['example_id']} (source {row['source']!r}) wants {k} "
+                    f"solved examples of its source, but only {len(candidates)} are there to draw from "
+                    "(the training rows, or data.shot_files when given)"
+                )
+            picks = random.Random(f"{seed}:{row['example_id']}").sample(candidates, k)
+            messages = json.loads(row["prompt"])
+            system = messages[:1] if messages[0]["role"] == "system" else []
+            turns = []
+            for s in picks:
+                turns += [m for m in json.loads(s["prompt"]) if m["role"] != "system"]
+                turns.append({"role": "assistant", "content": s["response"]})
+            meta = {**json.loads(row["meta"] or "{}"), "shots": [s["example_id"] for s in picks]}
+            prompt = json.dumps(system + turns + messages[len(system) :], ensure_ascii=False)
+            out[split].append({**row, "prompt": prompt, "meta": json.dumps(meta, ensure_ascii=False)})
+    return out
 
 
 def _with_benchmark(row: dict, benchmarks: dict[str, str]) -> dict:

@@ -32,7 +32,8 @@ def stage_keys(cfg: Config) -> dict[str, str]:
     seed = cfg.run.seed
     data_cfg = plain(cfg.data)
     del data_cfg["bigbench_archive"]  # where the archive lies, not what it holds
-    for name, unset in (("benchmarks", {}), ("tasks", []), ("shots", 0)):
+    unset_fields = (("benchmarks", {}), ("tasks", []), ("shots", 0), ("eval_shots", {}), ("shot_files", []))
+    for name, unset in unset_fields:
         if data_cfg[name] == unset:  # left out when unset: the data key then does not depend on them
             del data_cfg[name]
     k["data"] = stage_key("data", {"data": data_cfg, "seed": seed}, [])

@@ -409,3 +409,66 @@ def test_bad_hub_entries_name_the_field(entry, needle):
 
     with pytest.raises(ConfigError, match=needle):
         DataConfig(kind="files", hub=(entry,), test_files=("t.jsonl",)).validate("data")
+
+
+def test_eval_shots_prefix_solved_examples_of_the_same_source(tmp_path):
+    """data.eval_shots: validation and test prompts get k solved training examples of their own
+    source as earlier chat turns (after the system message); training rows stay as they were;
+    the draw is per row and seeded, so a row's shots do not depend on the rest of the split."""
+    rows = [{"instruction": f"q{i}", "response": f"a{i}", "source": "s" + str(i % 2)} for i in range(40)]
+    train = _jsonl(tmp_path / "train.jsonl", rows)
+    test = _jsonl(tmp_path / "test.jsonl", [{"instruction": f"t{i}", "response": "", "source": "s1"} for i in range(3)])
+    plain_cfg = DataConfig(kind="files", train_files=(train,), test_files=(test,), system_prompt="Be brief.")
+    cfg = DataConfig(**{**plain_cfg.__dict__, "eval_shots": {"*": 2}})
+    zero, shot = build_splits(plain_cfg, seed=0), build_splits(cfg, seed=0)
+    assert shot["train"] == zero["train"]
+    by_prompt = {json.loads(r["prompt"])[-1]["content"]: r for r in shot["train"]}
+    for z, r in zip(zero["test"] + zero["validation"], shot["test"] + shot["validation"]):
+        m = json.loads(r["prompt"])
+        assert [x["role"] for x in m] == ["system", "user", "assistant", "user", "assistant", "user"]
+        assert m[0] == {"role": "system", "content": "Be brief."} and m[-1] == json.loads(z["prompt"])[-1]
+        ids = json.loads(r["meta"])["shots"]
+        for j, sid in enumerate(ids):
+            example = by_prompt[m[1 + 2 * j]["content"]]
+            assert example["example_id"] == sid and example["source"] == r["source"]
+            assert m[2 + 2 * j]["content"] == example["response"]
+        assert {k: v for k, v in r.items() if k not in ("prompt", "meta")} == {
+            k: v for k, v in z.items() if k not in ("prompt", "meta")
+        }
+    (tmp_path / "alone").mkdir()
+    alone = _jsonl(tmp_path / "alone" / "test.jsonl", [{"instruction": "t0", "response": "", "source": "s1"}])
+    first = build_splits(DataConfig(**{**cfg.__dict__, "test_files": (alone,)}), seed=0)["test"][0]
+    assert first["prompt"] == shot["test"][0]["prompt"]  # the same row draws the same shots alone
+    assert [json.loads(r["meta"])["shots"] for r in build_splits(cfg, seed=0)["test"]] == [
+        json.loads(r["meta"])["shots"] for r in shot["test"]
+    ]
+    assert [json.loads(r["meta"])["shots"] for r in build_splits(cfg, seed=1)["test"]] != [
+        json.loads(r["meta"])["shots"] for r in shot["test"]
+    ]
+
+
+def test_eval_shots_by_benchmark_from_shot_files_and_too_few_named(tmp_path):
+    """Keys name a source or a benchmark (an MMLU-format file is 5-shot, the rest 0-shot); the
+    shots come from data.shot_files when given; a source with too few examples is named."""
+    train = _jsonl(tmp_path / "mix.jsonl", [{"instruction": f"q{i}", "response": f"a{i}"} for i in range(20)])
+    mmlu = [{"question": f"m{i}?", "choices": ["x", "y"], "answer": "A", "source": "algebra"} for i in range(3)]
+    dev = [{"question": f"d{i}?", "choices": ["x", "y"], "answer": "B", "source": "algebra"} for i in range(6)]
+    test = _jsonl(tmp_path / "mmlu_test.jsonl", mmlu)
+    shots = _jsonl(tmp_path / "mmlu_dev.jsonl", dev)
+    other = _jsonl(tmp_path / "plain_test.jsonl", [{"instruction": "p", "response": "r", "source": "mix"}])
+    cfg = DataConfig(
+        kind="files", train_files=(train,), test_files=(test, other), eval_shots={"mmlu": 5}, shot_files=(shots,)
+    )
+    split = build_splits(cfg, seed=0)["test"]
+    mm = [r for r in split if r["source"] == "algebra"]
+    assert len(mm) == 3 and all(len(json.loads(r["meta"])["shots"]) == 5 for r in mm)
+    assert all(s.startswith("train-mmlu_dev-") for r in mm for s in json.loads(r["meta"])["shots"])
+    assert all("B" in t["content"] for t in json.loads(mm[0]["prompt"]) if t["role"] == "assistant")
+    (plain,) = [r for r in split if r["source"] == "mix"]
+    assert "shots" not in json.loads(plain["meta"]) and len(json.loads(plain["prompt"])) <= 2
+    with pytest.raises(DataError, match=r"source 'algebra'\) wants 7 solved examples of its source, but only 6"):
+        build_splits(DataConfig(**{**cfg.__dict__, "eval_shots": {"algebra": 7}}), seed=0)
+    with pytest.raises(Exception, match=r"data.eval_shots\[mmlu\]"):
+        DataConfig(kind="files", test_files=(test,), eval_shots={"mmlu": 11}).validate("data")
+    with pytest.raises(Exception, match="data.shot_files"):
+        DataConfig(shot_files=(shots,), eval_shots={"*": 1}).validate("data")
