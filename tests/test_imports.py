@@ -159,3 +159,15 @@ def test_no_function_is_longer_than_a_screen():
                 if n > MAX_FUNCTION_LINES:
                     long.append(f"{path.relative_to(ROOT)}:{node.lineno} {node.name} ({n} lines)")
     assert not long, "functions over %d lines: %s" % (MAX_FUNCTION_LINES, ", ".join(long))
+
+
+def test_public_stage_functions_are_typed():
+    """Every public function of a stage module names the types of its arguments and result."""
+    untyped = []
+    for path in sorted((PACKAGE / "stages").glob("*.py")):
+        for node in ast.parse(path.read_text()).body:
+            if isinstance(node, ast.FunctionDef) and not node.name.startswith("_"):
+                args = [a.arg for a in node.args.args + node.args.kwonlyargs if a.annotation is None]
+                if args or node.returns is None:
+                    untyped.append(f"{path.name}:{node.name} (untyped: {args or 'result'})")
+    assert not untyped, ", ".join(untyped)

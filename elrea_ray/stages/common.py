@@ -7,7 +7,7 @@ import dataclasses
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 from elrea_ray.artifacts import RunDir
 from elrea_ray.config import DISTILL_FIELDS, Config, TrainConfig
@@ -47,12 +47,12 @@ class StageContext:
         return dataclasses.replace(self, out=out)
 
 
-def plain(x) -> dict:
+def plain(x: Any) -> dict:
     """A config dataclass as JSON-plain dicts and lists (tuples become lists)."""
     return json.loads(json.dumps(dataclasses.asdict(x)))
 
 
-def config_slice(x) -> dict:
+def config_slice(x: Any) -> dict:
     """The part of a config section that decides what a stage computes (see EXECUTION_ONLY)."""
     return {k: v for k, v in plain(x).items() if k not in EXECUTION_ONLY}
 

@@ -8,13 +8,16 @@ predictions.parquet, metrics.json, results.md and the report (elrea_ray/report.p
 from __future__ import annotations
 
 import json
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 
 from elrea_ray.artifacts import ArtifactError, RunDir
-from elrea_ray.config import Config
+from elrea_ray.config import Config, EvalConfig
 from elrea_ray.stages.common import StageContext
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 
 def _share_groups(sets: dict[str, np.ndarray]) -> list[tuple[list[int], list[str]]]:
@@ -168,14 +171,14 @@ def routing_weights(
 
 
 def decode_split(
-    ec,
+    ec: EvalConfig,
     model_cfg: dict,
     adapters: dict[str, str],
     rows: list[dict],
     weights: dict[str, np.ndarray],
     methods: list[str],
     done: Callable[[int], None] | None = None,
-):
+) -> pd.DataFrame:
     """Decode and score `methods` on data rows over an EvalMapper actor pool (evaluation on the
     test split, sweep trials on the validation split). weights: [len(rows), n] per weighted
     method over `adapters` in order (column 0 = base). Returns the predictions DataFrame in row
