@@ -1,8 +1,8 @@
 """Load on the Ray Serve app: requests/s, p50/p99 latency and time to first token at 1, 8 and
 32 concurrent clients, in one run on one bundle and a private local Ray, for three contenders:
 the gradient-routed ensemble, the same app serving the base adapter alone ("adapter": "base"),
-and, when the run trained a distilled router, a second app on the bundle with
-`routing_method: distilled` (its own replica; only one contender is loaded at a time).
+and, when the run trained a distilled router, the app redeployed on the same bundle with
+`routing_method: distilled` (one replica, one app at a time).
 
     python benchmarks/serve_load.py --run-dir runs/default          # a finished pipeline run
     python benchmarks/serve_load.py --run-dir runs/smoke --workload short
@@ -119,12 +119,18 @@ def main() -> None:
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     run_dir = Path(args.run_dir).resolve()
     url = f"http://127.0.0.1:{port}"
-    # Contender -> (app URL, adapter field). The distilled router is a second app on the same
-    # bundle (its own replica and engine), when the run trained one.
-    apps = {"elrea": ("/", None)}
+    # routing method of the app -> its contenders (name, adapter field). The base adapter is the
+    # gradient app with "adapter": "base" (no routing); the distilled router, when the run trained
+    # one, is the same bundle redeployed with routing_method=distilled. One app is up at a time.
+    apps = {"gradient": [("ensemble", None), ("base", "base")]}
     if "router" in json.loads((run_dir / "bundle.json").read_text()):
-        apps["elrea-distilled"] = ("/distilled", "distilled")
-    for name, (prefix, method) in apps.items():
+        apps["distilled"] = [("distilled", None)]
+    else:
+        print("no distilled router in this run (routing.method=distilled trains one); its contender is left out")
+    print(f"run {args.run_dir}, max batch {args.max_batch_size}, one replica, {args.num_cpus} CPUs")
+    workloads = ["short", "long"] if args.workload == "both" else [args.workload]
+    figures: dict[tuple[str, str, int], dict] = {}
+    for method, contenders in apps.items():
         app_args = {
             "run_dir": str(run_dir),
             "num_cpus": 1,
@@ -135,37 +141,31 @@ def main() -> None:
             "request_timeout_s": 600,
             "routing_method": method,
         }
-        serve.run(build_app(app_args), name=name, route_prefix=prefix)
-    contenders = {"ensemble": (url, None), "base": (url, "base")}
-    if "elrea-distilled" in apps:
-        contenders["distilled"] = (url + "/distilled", None)
-    else:
-        print("no distilled router in this run (routing.method=distilled trains one); its contender is left out")
-    for c_url, _ in contenders.values():
-        load(c_url, 1, 2, WORKLOADS["short"], None)  # warm-up (first-call allocations, routing model)
-    print(f"run {args.run_dir}, max batch {args.max_batch_size}, one replica per app, {args.num_cpus} CPUs")
-    workloads = ["short", "long"] if args.workload == "both" else [args.workload]
-    figures: dict[tuple[str, str, int], dict] = {}
+        serve.run(build_app(app_args), name="elrea", route_prefix="/")
+        load(url, 1, 2, WORKLOADS["short"], None)  # warm-up (first-call allocations, routing model)
+        for w in workloads:
+            for c in args.concurrency:
+                n = args.requests or max(8, 2 * c)
+                for mode, adapter in contenders:
+                    before = httpx.get(url + "/v1/stats").json()
+                    f = figures[w, mode, c] = load(url, c, n, WORKLOADS[w], adapter)
+                    print(
+                        f"{mode} {w} c={c}: {f['rps']:.2f} req/s, p50 {f['p50']:.2f} s, p99 {f['p99']:.2f} s, "
+                        f"first token p50 {f['ttft_p50']:.2f} s ({f['ok']}/{f['n']} ok); server: "
+                        f"{_split(before, httpx.get(url + '/v1/stats').json())}"
+                    )
+        s = httpx.get(url + "/v1/stats").json()
+        print(
+            f"server ({method} routing): {s['requests_admitted']} requests, {s['steps']} decoding steps, "
+            f"{s['tokens_generated']} tokens, largest running batch {s['max_running_seen']}"
+        )
+        serve.delete("elrea")
     for w in workloads:
         for c in args.concurrency:
-            n = args.requests or max(8, 2 * c)
-            for mode, (c_url, adapter) in contenders.items():
-                before = httpx.get(c_url + "/v1/stats").json()
-                f = figures[w, mode, c] = load(c_url, c, n, WORKLOADS[w], adapter)
-                print(
-                    f"{mode} {w} c={c}: {f['rps']:.2f} req/s, p50 {f['p50']:.2f} s, p99 {f['p99']:.2f} s, "
-                    f"first token p50 {f['ttft_p50']:.2f} s ({f['ok']}/{f['n']} ok); server: "
-                    f"{_split(before, httpx.get(c_url + '/v1/stats').json())}"
-                )
-            for mode in contenders:
-                if mode != "base":
+            for mode in ("ensemble", "distilled"):
+                if (w, mode, c) in figures:
                     ratio = figures[w, mode, c]["mean"] / figures[w, "base", c]["mean"]
                     print(f"{mode} vs base {w} c={c}: {ratio:.2f}x")
-    s = httpx.get(url + "/v1/stats").json()
-    print(
-        f"server (elrea app): {s['requests_admitted']} requests, {s['steps']} decoding steps, "
-        f"{s['tokens_generated']} tokens, largest running batch {s['max_running_seen']}"
-    )
     serve.shutdown()
     ray.shutdown()
 

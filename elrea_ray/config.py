@@ -228,6 +228,12 @@ class DataConfig(Section):
         for key, k in self.eval_shots.items():
             _check(0 <= k <= 10, f"{p}.eval_shots[{key}]", "an integer in [0, 10]", k)
         _check(
+            not (self.kind == "bigbench" and self.shots and self.eval_shots),
+            f"{p}.eval_shots",
+            "unset when data.shots already puts BIG-bench's examples in every prompt",
+            dict(self.eval_shots),
+        )
+        _check(
             not self.shot_files or self.kind == "files",
             f"{p}.shot_files",
             "empty unless data.kind is files",

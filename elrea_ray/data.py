@@ -714,9 +714,10 @@ def build_splits_with_report(cfg: DataConfig, seed: int) -> tuple[dict[str, list
     if not splits["train"]:
         raise DataError("the training split is empty (every row was skipped or no file had rows)")
     if cfg.eval_shots:
-        pool = splits["train"]
-        if cfg.shot_files:
-            pool = [r for f in cfg.shot_files for r in read_rows(f, "train", cfg.format, "error", None)[0]]
+        # shot_files first; a source they do not cover draws from its training rows
+        pool = [r for f in cfg.shot_files for r in read_rows(f, "train", cfg.format, "error", None)[0]]
+        covered = {r["source"] for r in pool}
+        pool += [r for r in splits["train"] if r["source"] not in covered]
         splits = with_eval_shots(splits, cfg.eval_shots, pool, seed)
         report["eval_shots"] = dict(cfg.eval_shots)
     ids = [r["example_id"] for s in SPLITS for r in splits[s]]
@@ -738,13 +739,13 @@ def with_eval_shots(
     splits: dict[str, list[dict]], eval_shots: dict[str, int], pool: list[dict], seed: int
 ) -> dict[str, list[dict]]:
     """The splits with few-shot validation and test prompts: each row gets `_shots_for` solved
-    examples of its own source from `pool` as earlier (user, assistant) turns after any system
-    message, as a chat model is few-shot prompted. A row's examples are drawn by a generator
-    seeded with the run seed and its id, so they do not depend on the other rows; their ids go
-    to its meta ("shots"). Training rows are unchanged."""
-    by_source: dict[str, list[dict]] = {}
+    examples of its own source from `pool` (never one asking its own question) as earlier
+    (user, assistant) turns after any system message, as a chat model is few-shot prompted. A
+    row's examples are drawn by a generator seeded with the run seed and its id, so they do not
+    depend on the other rows; their ids go to its meta ("shots"). Training rows are unchanged."""
+    by_source: dict[str, list[tuple[str, dict]]] = {}  # source -> [(its question, row)]
     for r in pool:
-        by_source.setdefault(r["source"], []).append(r)
+        by_source.setdefault(r["source"], []).append((json.loads(r["prompt"])[-1]["content"], r))
     out = {"train": splits["train"]}
     for split in ("validation", "test"):
         out[split] = []
@@ -753,15 +754,15 @@ def with_eval_shots(
             if not k:
                 out[split].append(row)
                 continue
-            candidates = [r for r in by_source.get(row["source"], []) if r["example_id"] != row["example_id"]]
+            messages = json.loads(row["prompt"])
+            candidates = [r for q, r in by_source.get(row["source"], []) if q != messages[-1]["content"]]
             if len(candidates) < k:
                 raise DataError(
                     f"data.eval_shots: {split} row {row['example_id']} (source {row['source']!r}) wants {k} "
                     f"solved examples of its source, but only {len(candidates)} are there to draw from "
-                    "(the training rows, or data.shot_files when given)"
+                    "(the rows of data.shot_files for that source, else its training rows)"
                 )
             picks = random.Random(f"{seed}:{row['example_id']}").sample(candidates, k)
-            messages = json.loads(row["prompt"])
             system = messages[:1] if messages[0]["role"] == "system" else []
             turns = []
             for s in picks:

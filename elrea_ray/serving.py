@@ -35,6 +35,14 @@ class Engine:
 
         self.root, self.bundle = load_bundle(run_dir)
         b = self.bundle
+        if routing_method is not None:  # checked before the model loads
+            if routing_method not in ROUTING_METHODS:
+                raise BundleError(f"routing_method must be one of {', '.join(ROUTING_METHODS)}, got {routing_method!r}")
+            if routing_method == "distilled" and "router" not in b:
+                raise BundleError(
+                    f"bundle {self.root / 'bundle.json'}: routing_method=distilled, but the run trained no "
+                    "distilled router (rerun jobs/full_pipeline.py with routing.method=distilled)"
+                )
         self.model_cfg = ModelConfig(**b["model"])
         self.tok = load_tokenizer(self.model_cfg)
         spec = ProjectorSpec.from_dict(b["projector"])
@@ -61,13 +69,6 @@ class Engine:
         self.centroids = load_file(str(self.root / b["centroids"]))["centroids"]
         self.routing = dict(b["routing"])
         if routing_method is not None:
-            if routing_method not in ROUTING_METHODS:
-                raise BundleError(f"routing_method must be one of {', '.join(ROUTING_METHODS)}, got {routing_method!r}")
-            if routing_method == "distilled" and "router" not in b:
-                raise BundleError(
-                    f"bundle {self.root / 'bundle.json'}: routing_method=distilled, but the run trained no "
-                    "distilled router (rerun jobs/full_pipeline.py with routing.method=distilled)"
-                )
             self.routing["method"] = routing_method
         self.router = None  # routing.method=distilled: the head on the prompt's pooled hidden state
         if self.routing.get("method", "gradient") == "distilled":

@@ -436,9 +436,11 @@ def test_eval_shots_prefix_solved_examples_of_the_same_source(tmp_path):
             k: v for k, v in z.items() if k not in ("prompt", "meta")
         }
     (tmp_path / "alone").mkdir()
-    alone = _jsonl(tmp_path / "alone" / "test.jsonl", [{"instruction": "t0", "response": "", "source": "s1"}])
-    first = build_splits(DataConfig(**{**cfg.__dict__, "test_files": (alone,)}), seed=0)["test"][0]
-    assert first["prompt"] == shot["test"][0]["prompt"]  # the same row draws the same shots alone
+    lone = [{"instruction": "x", "response": "", "source": "s1"}, {"instruction": "y", "response": "", "source": "s1"}]
+    lone.append({"instruction": "t2", "response": "", "source": "s1"})
+    alone = _jsonl(tmp_path / "alone" / "test.jsonl", lone)
+    last = build_splits(DataConfig(**{**cfg.__dict__, "test_files": (alone,)}), seed=0)["test"][2]
+    assert last["prompt"] == shot["test"][2]["prompt"]  # the same row draws the same shots beside other rows
     assert [json.loads(r["meta"])["shots"] for r in build_splits(cfg, seed=0)["test"]] == [
         json.loads(r["meta"])["shots"] for r in shot["test"]
     ]
@@ -466,9 +468,17 @@ def test_eval_shots_by_benchmark_from_shot_files_and_too_few_named(tmp_path):
     assert all("B" in t["content"] for t in json.loads(mm[0]["prompt"]) if t["role"] == "assistant")
     (plain,) = [r for r in split if r["source"] == "mix"]
     assert "shots" not in json.loads(plain["meta"]) and len(json.loads(plain["prompt"])) <= 2
+    same = [{"instruction": f"q{i}", "response": f"a{i}", "source": "s"} for i in range(3)]
+    same = _jsonl(tmp_path / "same.jsonl", same)
+    asked = build_splits(DataConfig(kind="files", train_files=(same,), test_files=(same,), eval_shots={"*": 2}), 0)
+    for r in asked["test"]:  # the test rows ask the training questions: never their own as a shot
+        m = json.loads(r["prompt"])
+        assert m[-1]["content"] not in [t["content"] for t in m[:-1]]
     with pytest.raises(DataError, match=r"source 'algebra'\) wants 7 solved examples of its source, but only 6"):
         build_splits(DataConfig(**{**cfg.__dict__, "eval_shots": {"algebra": 7}}), seed=0)
     with pytest.raises(Exception, match=r"data.eval_shots\[mmlu\]"):
         DataConfig(kind="files", test_files=(test,), eval_shots={"mmlu": 11}).validate("data")
+    with pytest.raises(Exception, match="data.eval_shots"):
+        DataConfig(kind="bigbench", tasks=("navigate",), shots=2, eval_shots={"*": 1}).validate("data")
     with pytest.raises(Exception, match="data.shot_files"):
         DataConfig(shot_files=(shots,), eval_shots={"*": 1}).validate("data")
