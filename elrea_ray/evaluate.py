@@ -138,6 +138,35 @@ def pooled_table(runs: dict[int, dict[str, list[float]]], resamples: int = 1000,
     return out
 
 
+def pooled_by_source(runs: dict[int, dict[str, list[float]]], sources: dict[int, list[str]]) -> dict:
+    """{source: {"n": items over all seeds, method: pooled accuracy}}: where each method wins or
+    loses, the mean over every seed's items of that source (the seeds' own test items)."""
+    seeds = sorted(runs)
+    methods = [m for m in runs[seeds[0]] if all(m in runs[s] for s in seeds)]
+    out: dict = {}
+    for src in sorted({x for s in seeds for x in sources[s]}):
+        rows = {s: [i for i, x in enumerate(sources[s]) if x == src] for s in seeds}
+        entry: dict = {"n": sum(len(r) for r in rows.values())}
+        for m in methods:
+            entry[m] = float(np.mean([runs[s][m][i] for s in seeds for i in rows[s]]))
+        out[src] = entry
+    return out
+
+
+def pooled_by_source_markdown(table: dict) -> str:
+    """One row per source, one column per method (pooled accuracy, %)."""
+    if not table:
+        return ""
+    methods = [k for k in next(iter(table.values())) if k != "n"]
+    lines = [
+        "| source | n | " + " | ".join(method_title(m) for m in methods) + " |",
+        "|---|---|" + "---|" * len(methods),
+    ]
+    for src, e in table.items():
+        lines.append(f"| {src} | {e['n']} | " + " | ".join(_pct(e[m]) for m in methods) + " |")
+    return "\n".join(lines) + "\n\nAccuracy in % over every seed's test items of the source.\n"
+
+
 def pooled_markdown(table: dict) -> str:
     """The pooled table: a column per seed's accuracy, the pooled accuracy with its interval and the
     differences from M+Q_base and from the compute-matched control."""

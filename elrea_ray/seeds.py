@@ -49,24 +49,28 @@ def write_pooled(cfg: Config, runs: dict[int, RunDir]) -> Path:
     """pooled.json and pooled.md beside the seeds' run directories, from their predictions."""
     import pyarrow.parquet as pq
 
-    from elrea_ray.evaluate import pooled_markdown, pooled_table
+    from elrea_ray.evaluate import pooled_by_source, pooled_by_source_markdown, pooled_markdown, pooled_table
 
-    scores = {}
+    scores, sources = {}, {}
     for seed, run in runs.items():
         t = pq.read_table(run.eval_file("predictions.parquet")).to_pydict()
         scores[seed] = {m: t[f"score_{m}"] for m in cfg.eval.methods if f"score_{m}" in t}
+        sources[seed] = t["source"]
     table = pooled_table(scores, resamples=cfg.eval.bootstrap, seed=cfg.run.seed)
+    by_source = pooled_by_source(scores, sources)
     parent = RunDir.at(cfg.run.run_dir, cfg.run.local_dir)
     parent.root.mkdir(parents=True, exist_ok=True)
     md = (
         f"# ELREA over {len(runs)} seeds ({', '.join(map(str, runs))})\n\n"
         + pooled_markdown(table)
+        + "\n## Per source\n\n"
+        + pooled_by_source_markdown(by_source)
         + "\nEach seed's own report: "
         + ", ".join(f"`seed-{s}/eval/report.md`" for s in runs)
         + ".\n"
     )
     for name, text in (
-        ("pooled.json", json.dumps({"seeds": list(runs), "methods": table}, indent=2)),
+        ("pooled.json", json.dumps({"seeds": list(runs), "methods": table, "by_source": by_source}, indent=2)),
         ("pooled.md", md),
     ):
         (parent.root / name).write_text(text)

@@ -65,7 +65,7 @@ def test_routing_spread_is_zero_for_one_hot_routing_and_one_for_uniform():
 
 
 def test_pooled_table_pools_seeds_with_paired_two_level_intervals():
-    from elrea_ray.evaluate import pooled_markdown, pooled_table
+    from elrea_ray.evaluate import pooled_by_source, pooled_by_source_markdown, pooled_markdown, pooled_table
 
     rng = np.random.default_rng(1)
     runs = {}
@@ -84,5 +84,14 @@ def test_pooled_table_pools_seeds_with_paired_two_level_intervals():
     assert t["base_continued"]["vs_base"] == {"diff": 0.0, "ci": (0.0, 0.0)}  # identical: paired
     md = pooled_markdown(t)
     assert md.splitlines()[0] == "| method | seed 0 | seed 1 | seed 2 | pooled (n=210) | vs M+Q_base | vs continued |"
+    sources = {s: ["a" if i % 3 else "b" for i in range(len(runs[s]["base"]))] for s in runs}
+    by = pooled_by_source(runs, sources)
+    for src in ("a", "b"):
+        items = [(s, i) for s in runs for i, x in enumerate(sources[s]) if x == src]
+        assert by[src]["n"] == len(items)
+        assert np.isclose(by[src]["elrea"], np.mean([runs[s]["elrea"][i] for s, i in items]))
+    assert by["a"]["n"] + by["b"]["n"] == 210
+    header = "| source | n | M+Q_base | ELREA | M+Q_base continued (compute-matched) |"
+    assert pooled_by_source_markdown(by).splitlines()[0] == header
     runs[1].pop("elrea")
     assert "elrea" not in pooled_table(runs, resamples=0)  # not in every seed

@@ -197,3 +197,5 @@ def test_seeds_run_in_their_own_folders_and_pool_from_predictions(smoke_run, cop
     assert e["per_seed"] == {"0": base0, "7": 1.0}
     assert np.isclose(e["pooled"]["acc"], (base0 + 1.0) / 2)
     assert "vs_continued" in e and "| seed 0 | seed 7 |" in out.read_text()
+    n_items = sum(v["n"] for v in pooled["by_source"].values())
+    assert n_items == 2 * preds.num_rows and "## Per source" in out.read_text()
